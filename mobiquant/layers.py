@@ -1,0 +1,185 @@
+"""The elastic linear layer and its per-token router (MoBiRoute).
+
+A token routed to ``k`` slices gets ``y = x @ W_k^T + b``. The PyTorch path groups tokens by slice
+count and runs one dense product per group with ``W_k`` rebuilt from the bit planes (cached per ``k``
+while the weights do not change); on CUDA tensors the NVRTC kernels of ``mobiquant.kernels`` take
+over unless ``MOBIQUANT_KERNELS=off``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, WORD_BITS, SlicedWeight
+
+# Thresholds stand in for "always on" / "always off" with finite numbers so tables serialise to JSON.
+ALWAYS_ON = -1.0e9
+ALWAYS_OFF = 1.0e9
+
+
+class MoBiRouter(nn.Module):
+    """Two-layer MLP giving one logit per residual slice (slice 1 is always on).
+
+    The token activation is RMS-normalised first (no parameters) so the router sees the direction of
+    ``x``, not its scale, which varies by orders of magnitude across layers.
+    """
+
+    def __init__(self, in_features: int, num_slices: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_slices - 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype)))).float()
+
+
+def gate_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Nested gate scores: slice ``e`` can be on only if slices ``2..e-1`` are, so use the prefix minimum."""
+    return torch.cummin(logits, dim=-1).values
+
+
+def slices_from_scores(scores: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Slice count per token (1 + number of residual gates whose nested score exceeds ``threshold``)."""
+    return 1 + (scores > threshold).sum(dim=-1)
+
+
+class MoBiLinear(nn.Module):
+    """A linear layer stored as MoBiSlice bit planes, run at a per-token slice count."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_slices: int = 4,
+        group_size: int = 128,
+        bias: bool = False,
+        router_hidden: int | None = 32,
+        threshold_grid: int = 121,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_slices, self.group_size = num_slices, group_size
+        self.compute_dtype = dtype
+        groups = in_features // group_size
+        self.register_buffer(
+            "planes", torch.zeros(BITS_PER_SLICE * num_slices, out_features, in_features // WORD_BITS, dtype=torch.int32)
+        )
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=PARAM_DTYPE))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=PARAM_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.router = MoBiRouter(in_features, num_slices, router_hidden) if router_hidden and num_slices > 1 else None
+        # Row i: the logit threshold giving average bits threshold_bits[i] on calibration data.
+        self.register_buffer("threshold_bits", torch.linspace(2.0, 2.0 * num_slices, threshold_grid))
+        self.register_buffer("thresholds", torch.full((threshold_grid,), ALWAYS_OFF))
+        self.uniform_slices: int | None = num_slices
+        self.threshold: float = ALWAYS_OFF
+        self.bit_meter: BitMeter | None = None
+        self._dense: dict[int, torch.Tensor] = {}
+        self._register_load_state_dict_pre_hook(self._drop_cache)
+
+    @property
+    def stored_slices(self) -> int:
+        """Slices held in memory (fewer than ``num_slices`` after loading with ``max_slices``)."""
+        return self.planes.shape[0] // BITS_PER_SLICE
+
+    def sliced_weight(self) -> SlicedWeight:
+        return SlicedWeight(self.planes, self.scale, self.zero, self.group_size)
+
+    def load_sliced(self, sliced: SlicedWeight, bias: torch.Tensor | None = None) -> None:
+        """Take the planes and group parameters of ``sliced`` (and the bias, if the layer has one)."""
+        self.planes = sliced.planes.clone()
+        self.scale = sliced.scale.to(PARAM_DTYPE).clone()
+        self.zero = sliced.zero.to(PARAM_DTYPE).clone()
+        if bias is not None:
+            self.bias = bias.detach().to(self.compute_dtype).clone()
+        self._dense.clear()
+
+    def keep_slices(self, max_slices: int) -> None:
+        """Drop every slice after the first ``max_slices`` from memory."""
+        if not 1 <= max_slices <= self.stored_slices:
+            raise ValueError(f"max_slices must be in 1..{self.stored_slices}, got {max_slices}")
+        self.planes = self.planes[: BITS_PER_SLICE * max_slices].contiguous()
+        if self.uniform_slices is not None:
+            self.uniform_slices = min(self.uniform_slices, max_slices)
+        self._dense.clear()
+
+    def dense_weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """``W_k`` as a dense matrix, cached while the stored planes are unchanged."""
+        cached = self._dense.get(k)
+        if cached is None or cached.dtype != dtype or cached.device != self.planes.device:
+            cached = self.sliced_weight().dequantize(k, dtype)
+            self._dense[k] = cached
+        return cached
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
+        if self.uniform_slices is not None or self.router is None:
+            k = self.uniform_slices or self.stored_slices
+            return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
+        counts = slices_from_scores(gate_scores(self.router(x)), self.threshold)
+        return counts.clamp(max=self.stored_slices)
+
+    def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
+        if slices is None:
+            slices = self.route(x)
+        elif isinstance(slices, int):
+            slices = torch.full(x.shape[:-1], slices, dtype=torch.long, device=x.device)
+        if int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
+            raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
+        if self.bit_meter is not None:
+            self.bit_meter.add(slices, self.in_features * self.out_features)
+        flat_x = x.reshape(-1, self.in_features)
+        flat_k = slices.reshape(-1)
+        out = _grouped_product(self, flat_x, flat_k)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, slices={self.stored_slices}/"
+            f"{self.num_slices}, group_size={self.group_size}, router={self.router is not None}"
+        )
+
+    def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
+        self._dense.clear()
+
+
+def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+    """``x[t] @ W_{slices[t]}^T`` for every token, one dense product per distinct slice count."""
+    if x.is_cuda:
+        from mobiquant import kernels
+
+        if kernels.enabled():
+            return kernels.elastic_linear(x, layer.planes, layer.scale, layer.zero, slices, layer.group_size)
+    present = torch.unique(slices).tolist()
+    if len(present) == 1:
+        return x @ layer.dense_weight(present[0], x.dtype).T
+    out = x.new_empty(x.shape[0], layer.out_features)
+    for k in present:
+        rows = (slices == k).nonzero(as_tuple=True)[0]
+        out[rows] = x[rows] @ layer.dense_weight(k, x.dtype).T
+    return out
+
+
+class BitMeter:
+    """Counts the average bits actually used: 2 x slices per token, weighted by each layer's size."""
+
+    def __init__(self) -> None:
+        self.weighted_slices = 0.0
+        self.weighted_tokens = 0.0
+
+    def add(self, slices: torch.Tensor, layer_params: int) -> None:
+        self.weighted_slices += float(slices.sum()) * layer_params
+        self.weighted_tokens += float(slices.numel()) * layer_params
+
+    @property
+    def avg_bits(self) -> float:
+        if not self.weighted_tokens:
+            raise ValueError("no token has passed through a MoBiQuant layer yet")
+        return BITS_PER_SLICE * self.weighted_slices / self.weighted_tokens

@@ -1,0 +1,213 @@
+"""MoBiSlice: a weight as 2-bit residual slices sharing one scale and zero per group.
+
+Notation follows METHOD.md. For a group with scale ``s`` and zero ``z`` (in base-slice code units),
+``u = W / s + z`` and the code at ``k`` slices is ``c_k = clamp(floor(u * 4^(k-1)), 0, 4^k - 1)``.
+Because multiplying by a power of four is exact in floating point, ``c_(k-1) == c_k >> 2`` holds
+bit for bit: dropping slices truncates, it never re-rounds. Dequantisation takes the midpoint of the
+remaining interval, ``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)``.
+
+Packed layout (the contract with the CUDA kernels and the checkpoint format):
+
+* ``planes``: int32 ``[2K, out_features, in_features // 32]``. Plane ``p`` holds bit ``2K-1-p`` of
+  the full code ``c_K`` (most significant first), so slice ``e`` is planes ``2(e-1)`` (its high bit)
+  and ``2e-1`` (its low bit), and ``c_k`` is read from the first ``2k`` planes alone. Bit ``j`` of word
+  ``w`` in row ``r`` belongs to input column ``32 * w + j``.
+* ``scale``, ``zero``: float16 ``[out_features, in_features // group_size]``.
+
+Storage is therefore ``2K`` bits per weight for the codes plus ``32 / group_size`` bits for the
+group parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS_PER_SLICE = 2
+WORD_BITS = 32
+PARAM_DTYPE = torch.float16
+# Smallest scale relative to the group's largest magnitude. It keeps the zero point of a group whose
+# values are all equal (range zero) finite in float16: |z| <= 4 / 2**-12 = 2**14 < 65504.
+_MIN_RELATIVE_SCALE = 2.0**-12
+# Smallest positive float16 subnormal: scales never underflow to zero when stored.
+_MIN_SCALE = 2.0**-24
+
+
+class SliceShapeError(ValueError):
+    """A weight whose shape cannot be sliced with the requested group size."""
+
+
+def check_slicing_shape(in_features: int, group_size: int) -> None:
+    """Raise a clear error unless ``in_features`` splits into whole groups of whole words."""
+    if group_size <= 0 or group_size % WORD_BITS:
+        raise SliceShapeError(f"group_size must be a positive multiple of {WORD_BITS}, got {group_size}")
+    if in_features % group_size:
+        raise SliceShapeError(
+            f"input size {in_features} is not a multiple of group_size {group_size}; "
+            f"choose a group size that divides it (e.g. {_largest_dividing_group(in_features)})"
+        )
+
+
+def _largest_dividing_group(in_features: int) -> int | str:
+    for candidate in (128, 64, 32):
+        if in_features % candidate == 0:
+            return candidate
+    return "none available: the input size is not a multiple of 32"
+
+
+def group_min_max(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group minimum and maximum, each ``[out, in // group_size]``."""
+    out_features, in_features = weight.shape
+    grouped = weight.reshape(out_features, in_features // group_size, group_size)
+    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+
+
+def scale_zero_from_range(w_min: torch.Tensor, w_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero that map ``[w_min, w_max]`` onto the base-slice range ``[0, 4)``.
+
+    Differentiable in ``w_min`` and ``w_max`` (used by learnable clipping). The scale has a floor so
+    that constant groups stay finite; see ``_MIN_RELATIVE_SCALE``.
+    """
+    magnitude = torch.maximum(w_max.abs(), w_min.abs()).detach()
+    floor = torch.clamp(magnitude * _MIN_RELATIVE_SCALE, min=_MIN_SCALE)
+    scale = torch.maximum((w_max - w_min) / 4.0, floor)
+    zero = -w_min / scale
+    return scale, zero
+
+
+def round_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group parameters exactly as stored (float16), returned in float32."""
+    return scale.to(PARAM_DTYPE).float(), zero.to(PARAM_DTYPE).float()
+
+
+def _expand(group_param: torch.Tensor, group_size: int) -> torch.Tensor:
+    return group_param.repeat_interleave(group_size, dim=-1)
+
+
+def full_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """Integer codes ``c_K`` (int64) of ``weight`` for the given group parameters."""
+    group_size = weight.shape[1] // scale.shape[1]
+    s = _expand(scale.double(), group_size)
+    z = _expand(zero.double(), group_size)
+    u = weight.double() / s + z
+    levels = 4**num_slices
+    return torch.clamp(torch.floor(u * (levels // 4)), 0, levels - 1).to(torch.int64)
+
+
+def pack_codes(codes: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """Bit planes (int32 ``[2K, out, in // 32]``) of codes ``c_K``, most significant bit first."""
+    out_features, in_features = codes.shape
+    total_bits = BITS_PER_SLICE * num_slices
+    shifts = torch.arange(total_bits - 1, -1, -1, device=codes.device)
+    bits = (codes.unsqueeze(0) >> shifts.view(-1, 1, 1)) & 1
+    bits = bits.reshape(total_bits, out_features, in_features // WORD_BITS, WORD_BITS)
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=codes.device) << torch.arange(
+        WORD_BITS, device=codes.device
+    )
+    words = (bits * weights).sum(dim=-1)
+    # Two's complement wrap so bit 31 fits a signed int32 word.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_codes(planes: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """Codes ``c_k`` (int64 ``[out, in]``) from the first ``2k`` bit planes."""
+    total_bits = BITS_PER_SLICE * num_slices
+    if planes.shape[0] < total_bits:
+        raise ValueError(f"{num_slices} slices need {total_bits} bit planes, only {planes.shape[0]} are held")
+    used = planes[:total_bits].to(torch.int64) & 0xFFFFFFFF
+    bit_index = torch.arange(WORD_BITS, device=planes.device)
+    bits = (used.unsqueeze(-1) >> bit_index) & 1
+    bits = bits.reshape(total_bits, planes.shape[1], planes.shape[2] * WORD_BITS)
+    place = torch.ones(total_bits, dtype=torch.int64, device=planes.device) << torch.arange(
+        total_bits - 1, -1, -1, device=planes.device
+    )
+    return (bits * place.view(-1, 1, 1)).sum(dim=0)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_slices: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)`` for codes at ``k = num_slices``."""
+    group_size = codes.shape[1] // scale.shape[1]
+    step = 1.0 / 4 ** (num_slices - 1)
+    s = _expand(scale.float(), group_size)
+    z = _expand(zero.float(), group_size)
+    return (s * ((codes.float() + 0.5) * step - z)).to(dtype)
+
+
+@dataclass
+class SlicedWeight:
+    """A weight in MoBiSlice form: bit planes plus one scale and zero per group."""
+
+    planes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def num_slices(self) -> int:
+        return self.planes.shape[0] // BITS_PER_SLICE
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.planes.shape[1], self.planes.shape[2] * WORD_BITS
+
+    def codes(self, k: int) -> torch.Tensor:
+        """Integer codes ``c_k`` at ``k`` slices (int64, ``[out, in]``)."""
+        self._check_k(k)
+        return unpack_codes(self.planes, k)
+
+    def slice_codes(self, e: int) -> torch.Tensor:
+        """The 2-bit values ``q_e = c_e - 4 c_(e-1)`` stored by slice ``e``."""
+        self._check_k(e)
+        return self.codes(e) & 3
+
+    def dequantize(self, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight at ``k`` slices (``2k`` bits)."""
+        return dequantize_codes(self.codes(k), self.scale, self.zero, k, dtype)
+
+    def truncate(self, max_slices: int) -> SlicedWeight:
+        """The same weight keeping only its first ``max_slices`` slices."""
+        self._check_k(max_slices)
+        return SlicedWeight(self.planes[: BITS_PER_SLICE * max_slices].clone(), self.scale, self.zero, self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.scale, self.zero))
+
+    def bits_per_weight(self) -> float:
+        out_features, in_features = self.shape
+        return 8.0 * self.nbytes() / (out_features * in_features)
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_slices:
+            raise ValueError(f"slice count must be in 1..{self.num_slices}, got {k}")
+
+
+def slice_weight(
+    weight: torch.Tensor,
+    group_size: int = 128,
+    num_slices: int = 4,
+    clip: tuple[torch.Tensor, torch.Tensor] | float | None = None,
+) -> SlicedWeight:
+    """Slice ``weight`` (``[out, in]``) into ``num_slices`` 2-bit residual slices.
+
+    ``clip`` shrinks each group's range before the scale is fitted, as learnable weight clipping does:
+    a float applies one factor in (0, 1] to both ends; a pair ``(upper, lower)`` of ``[out, in // group]``
+    tensors of factors applies per group (``max' = upper * max``, ``min' = lower * min``).
+    """
+    if weight.dim() != 2:
+        raise SliceShapeError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be at least 1, got {num_slices}")
+    check_slicing_shape(weight.shape[1], group_size)
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf values")
+    w_min, w_max = group_min_max(weight.float(), group_size)
+    if clip is not None:
+        upper, lower = (clip, clip) if isinstance(clip, float) else clip
+        w_max, w_min = w_max * upper, w_min * lower
+    scale, zero = round_params(*scale_zero_from_range(w_min, w_max))
+    codes = full_codes(weight, scale, zero, num_slices)
+    return SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE), group_size)
