@@ -66,9 +66,8 @@ class MoBiLinear(nn.Module):
         self.num_slices, self.group_size = num_slices, group_size
         self.compute_dtype = dtype
         groups = in_features // group_size
-        self.register_buffer(
-            "planes", torch.zeros(BITS_PER_SLICE * num_slices, out_features, in_features // WORD_BITS, dtype=torch.int32)
-        )
+        plane_shape = (BITS_PER_SLICE * num_slices, out_features, in_features // WORD_BITS)
+        self.register_buffer("planes", torch.zeros(plane_shape, dtype=torch.int32))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=PARAM_DTYPE))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=PARAM_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)

@@ -1,0 +1,133 @@
+"""Run-time precision: uniform slice counts, routed average-bit budgets, and measuring the bits used.
+
+Each router gives a token nested gate scores (prefix minima of its logits), and slice ``e`` is on for
+the token where its score exceeds the layer's threshold. The threshold table of a layer lists, for a
+grid of average bit-widths, the threshold that gives that average on calibration data:
+``count(scores > theta) = tokens * (bits / 2 - 1)`` is a quantile of the scores, so the table is exact
+on the data it was built from. ``set_precision(model, avg_bits=x)`` interpolates every layer's table
+at ``x``; each layer then runs at about ``x`` bits, and so does the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, BitMeter, MoBiLinear, gate_scores
+from mobiquant.slicing import BITS_PER_SLICE
+
+
+def mobi_layers(model: nn.Module) -> list[MoBiLinear]:
+    layers = [m for m in model.modules() if isinstance(m, MoBiLinear)]
+    if not layers:
+        raise ValueError("the model has no MoBiQuant layers (is it a MoBiQuant checkpoint?)")
+    return layers
+
+
+def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
+    """The threshold at which the nested scores ``[tokens, K-1]`` give ``bits`` average bits."""
+    tokens = scores.shape[0]
+    ordered = torch.sort(scores.flatten().double(), descending=True).values
+    wanted = round(tokens * (bits / BITS_PER_SLICE - 1))
+    if wanted <= 0:
+        return ALWAYS_OFF
+    if wanted >= ordered.numel():
+        return ALWAYS_ON
+    return float((ordered[wanted - 1] + ordered[wanted]) / 2)
+
+
+def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, batch_size: int = 1) -> None:
+    """Fill every routed layer's threshold table from the router scores on ``samples``.
+
+    The model runs at its full stored precision while the scores are collected, the setting closest to
+    the full-precision activations the routers were trained on.
+    """
+    layers = [layer for layer in mobi_layers(model) if layer.router is not None]
+    if not layers:
+        raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
+    collected: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
+
+    def hook(layer: MoBiLinear, args: tuple) -> None:
+        x = args[0].reshape(-1, layer.in_features)
+        collected[id(layer)].append(gate_scores(layer.router(x)).detach().cpu())
+
+    previous = [layer.uniform_slices for layer in layers]
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        set_precision(model, slices=max(layer.stored_slices for layer in layers))
+        with torch.no_grad():
+            for start in range(0, len(samples), batch_size):
+                model(samples[start : start + batch_size].to(_device(model)), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, slices in zip(layers, previous, strict=True):
+            layer.uniform_slices = slices
+    for layer in layers:
+        scores = torch.cat(collected[id(layer)])
+        table = [threshold_for_bits(scores, float(bits)) for bits in layer.threshold_bits]
+        layer.thresholds = torch.tensor(table, dtype=torch.float32, device=layer.thresholds.device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _interpolate(layer: MoBiLinear, avg_bits: float) -> float:
+    bits = layer.threshold_bits.double().cpu()
+    table = layer.thresholds.double().cpu()
+    position = torch.searchsorted(bits, torch.tensor([avg_bits], dtype=torch.float64)).item()
+    if position == 0:
+        return float(table[0])
+    if position >= len(bits):
+        return float(table[-1])
+    low, high = bits[position - 1], bits[position]
+    weight = (avg_bits - low) / (high - low)
+    left, right = table[position - 1], table[position]
+    # The ends of a table are sentinels: interpolating toward one would give an absurd threshold.
+    if abs(left) >= ALWAYS_OFF or abs(right) >= ALWAYS_OFF:
+        return float(left if weight < 0.5 else right)
+    return float(left + weight * (right - left))
+
+
+def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int | None = None) -> None:
+    """Run ``model`` at ``slices`` slices for every token, or routed at ``avg_bits`` average bits.
+
+    No recalibration: routed budgets move along the threshold tables stored in the checkpoint.
+    """
+    if (avg_bits is None) == (slices is None):
+        raise ValueError("give exactly one of avg_bits= or slices=")
+    layers = mobi_layers(model)
+    if slices is not None:
+        for layer in layers:
+            if not 1 <= slices <= layer.stored_slices:
+                raise ValueError(f"slices must be in 1..{layer.stored_slices} (slices held in memory), got {slices}")
+            layer.uniform_slices = slices
+        return
+    top = BITS_PER_SLICE * max(layer.num_slices for layer in layers)
+    if not BITS_PER_SLICE <= avg_bits <= top:
+        raise ValueError(f"avg_bits must be in [{BITS_PER_SLICE}, {top}], got {avg_bits}")
+    for layer in layers:
+        if layer.router is None:
+            raise ValueError("this checkpoint has no routers: use set_precision(model, slices=k)")
+        if float(layer.thresholds.max()) >= ALWAYS_OFF and float(layer.thresholds.min()) >= ALWAYS_OFF:
+            raise ValueError("the router thresholds were never calibrated (run calibrate_thresholds)")
+        layer.threshold = _interpolate(layer, avg_bits)
+        layer.uniform_slices = None
+
+
+@contextmanager
+def track_bits(model: nn.Module) -> Iterator[BitMeter]:
+    """Measure the average bits actually used by the tokens that pass through ``model`` inside the block."""
+    meter = BitMeter()
+    layers = mobi_layers(model)
+    for layer in layers:
+        layer.bit_meter = meter
+    try:
+        yield meter
+    finally:
+        for layer in layers:
+            layer.bit_meter = None
