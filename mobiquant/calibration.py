@@ -270,10 +270,10 @@ def _train_stage(
 ) -> None:
     epochs = config.epochs_stage1 if stage == "stage1" else config.epochs_stage2
     routed = stage == "stage2" and config.routed
-    fixed_slices = 1 if config.target_bits is None else int(config.target_bits // 2)
-    if stage == "stage2" and not routed and config.target_bits is None:
-        # No router to train: stage 2 of a router-less elastic model spreads clipping over every slice count.
-        fixed_slices = 0
+    # Stage 1 fits slice 1 alone; stage 2 draws a slice count per step (0 means draw); a control uses one.
+    fixed_slices = 1 if stage == "stage1" else 0
+    if config.target_bits is not None:
+        fixed_slices = int(config.target_bits // 2)
     clip_params = [p for m in trainables.values() for p in (m.upper_logit, m.lower_logit)]
     groups = [{"params": clip_params, "lr": config.lr_clip, "weight_decay": 0.0}]
     if routed:
@@ -298,14 +298,17 @@ def _train_stage(
             fraction = step / max(total_steps - 1, 1)
             temperature = config.temperature_start * (config.temperature_end / config.temperature_start) ** fraction
             slices = fixed_slices or int(torch.randint(1, config.num_slices + 1, (1,), generator=generator))
+            # Routed steps alternate with uniform steps at a random slice count, so the shared clipping
+            # stays fitted to every uniform precision while the routers learn which tokens need more.
+            routing_step = routed and step % 2 == 0
             for module in trainables.values():
                 module.temperature = temperature
                 module.uniform_slices = slices
-                module.routing = routed
+                module.routing = routing_step
             out = run_block(block, inputs[idx], block_kwargs)
             loss = F.mse_loss(out, targets[idx])
             total = loss
-            if routed:
+            if routing_step:
                 target_bits = 2.0 + (2.0 * config.num_slices - 2.0) * float(torch.rand((), generator=generator))
                 weighted = sum(m.expected_slices * layer_params[name] for name, m in trainables.items())
                 bits = 2.0 * weighted / total_params

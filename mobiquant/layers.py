@@ -58,7 +58,7 @@ class MoBiLinear(nn.Module):
         group_size: int = 128,
         bias: bool = False,
         router_hidden: int | None = 32,
-        threshold_grid: int = 121,
+        threshold_grid: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -72,9 +72,11 @@ class MoBiLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=PARAM_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.router = MoBiRouter(in_features, num_slices, router_hidden) if router_hidden and num_slices > 1 else None
-        # Row i: the logit threshold giving average bits threshold_bits[i] on calibration data.
-        self.register_buffer("threshold_bits", torch.linspace(2.0, 2.0 * num_slices, threshold_grid))
-        self.register_buffer("thresholds", torch.full((threshold_grid,), ALWAYS_OFF))
+        # Row i: the logit threshold giving average bits threshold_bits[i] on calibration data; the grid
+        # is 0.5 bits apart by default (each point costs one pass over the calibration set).
+        points = threshold_grid or 4 * num_slices - 3
+        self.register_buffer("threshold_bits", torch.linspace(2.0, 2.0 * num_slices, points, dtype=torch.float32))
+        self.register_buffer("thresholds", torch.full((points,), ALWAYS_OFF, dtype=torch.float32))
         self.uniform_slices: int | None = num_slices
         self.threshold: float = ALWAYS_OFF
         self.bit_meter: BitMeter | None = None

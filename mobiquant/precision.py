@@ -4,7 +4,8 @@ Each router gives a token nested gate scores (prefix minima of its logits), and 
 the token where its score exceeds the layer's threshold. The threshold table of a layer lists, for a
 grid of average bit-widths, the threshold that gives that average on calibration data:
 ``count(scores > theta) = tokens * (bits / 2 - 1)`` is a quantile of the scores, so the table is exact
-on the data it was built from. ``set_precision(model, avg_bits=x)`` interpolates every layer's table
+on the data it was built from, at every grid point (0.5 bits apart) and interpolated between them.
+``set_precision(model, avg_bits=x)`` interpolates every layer's table
 at ``x``; each layer then runs at about ``x`` bits, and so does the whole model.
 """
 
@@ -39,37 +40,42 @@ def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
     return float((ordered[wanted - 1] + ordered[wanted]) / 2)
 
 
-def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, batch_size: int = 1) -> None:
-    """Fill every routed layer's threshold table from the router scores on ``samples``.
+def calibrate_thresholds(model: nn.Module, samples: torch.Tensor) -> None:
+    """Fill every routed layer's threshold table so each grid budget is met exactly on ``samples``.
 
-    The model runs at its full stored precision while the scores are collected, the setting closest to
-    the full-precision activations the routers were trained on.
+    For each grid budget the calibration set runs once, as one batch; a hook sets each layer's
+    threshold from its own scores just before the layer computes, so every layer sees inputs produced
+    by upstream layers already routed at that budget.
     """
     layers = [layer for layer in mobi_layers(model) if layer.router is not None]
     if not layers:
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
-    collected: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
+    grid = layers[0].threshold_bits.double().cpu()
+    tables = {id(layer): [ALWAYS_OFF] * len(grid) for layer in layers}
+    for index, bits in enumerate(grid.tolist()):
+        if bits <= BITS_PER_SLICE or bits >= grid[-1]:
+            tables_value = ALWAYS_OFF if bits <= BITS_PER_SLICE else ALWAYS_ON
+            for layer in layers:
+                tables[id(layer)][index] = tables_value
+            continue
 
-    def hook(layer: MoBiLinear, args: tuple) -> None:
-        x = args[0].reshape(-1, layer.in_features)
-        collected[id(layer)].append(gate_scores(layer.router(x)).detach().cpu())
+        def hook(layer: MoBiLinear, args: tuple, index: int = index, bits: float = bits) -> None:
+            scores = gate_scores(layer.router(args[0].reshape(-1, layer.in_features)))
+            layer.threshold = threshold_for_bits(scores, bits)
+            tables[id(layer)][index] = layer.threshold
 
-    previous = [layer.uniform_slices for layer in layers]
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    try:
-        set_precision(model, slices=max(layer.stored_slices for layer in layers))
-        with torch.no_grad():
-            for start in range(0, len(samples), batch_size):
-                model(samples[start : start + batch_size].to(_device(model)), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer, slices in zip(layers, previous, strict=True):
-            layer.uniform_slices = slices
+        handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+        try:
+            for layer in layers:
+                layer.uniform_slices = None
+            with torch.no_grad():
+                model(samples.to(_device(model)), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
     for layer in layers:
-        scores = torch.cat(collected[id(layer)])
-        table = [threshold_for_bits(scores, float(bits)) for bits in layer.threshold_bits]
-        layer.thresholds = torch.tensor(table, dtype=torch.float32, device=layer.thresholds.device)
+        layer.thresholds = torch.tensor(tables[id(layer)], dtype=torch.float32, device=layer.thresholds.device)
+        layer.uniform_slices = layer.stored_slices
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -209,5 +209,8 @@ def slice_weight(
         upper, lower = (clip, clip) if isinstance(clip, float) else clip
         w_max, w_min = w_max * upper, w_min * lower
     scale, zero = round_params(*scale_zero_from_range(w_min, w_max))
+    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        largest = float(weight.abs().max())
+        raise ValueError(f"weight values up to {largest:.3g} overflow the float16 group scale (|range| / 4 <= 65504)")
     codes = full_codes(weight, scale, zero, num_slices)
     return SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE), group_size)

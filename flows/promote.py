@@ -1,0 +1,67 @@
+"""The ``promote`` flow: a reviewer's decision that publishes a candidate on ``main``.
+
+Review happens in MLflow (the run's report, plot, gate table and file hashes); promotion is an explicit
+run of this flow naming the reviewer, so no public release happens without a person. It checks the
+staged files against the sha256 record in MLflow, commits them to ``main``, tags ``v<version>``, makes
+the repo public if configured, and moves the MLflow alias ``champion`` to the version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from registry.release import promote_release
+from registry.tracking import CANDIDATE
+
+
+@flow(name="promote", log_prints=True)
+def promote(
+    registered_model_name: str,
+    reviewer: str,
+    version: str | None = None,
+    alias: str = CANDIDATE,
+    mlflow_uri: str = "sqlite:///mlflow.db",
+) -> dict[str, str]:
+    """Publish ``version`` (or the version holding ``alias``) of ``registered_model_name`` to ``main``."""
+    if not reviewer.strip():
+        raise ValueError("promotion needs the reviewer's name")
+    result = promote_release(mlflow_uri, registered_model_name, version=version, alias=alias, reviewer=reviewer)
+    get_run_logger().info(
+        "%s version %s published to %s@main as %s (commit %s), alias champion",
+        registered_model_name,
+        result["version"],
+        result["repo_id"],
+        result["tag"],
+        result["commit"],
+    )
+    create_markdown_artifact(
+        key="promotion",
+        markdown=(
+            f"# Promoted {registered_model_name} v{result['version']}\n\n"
+            f"Reviewer: {reviewer}\n\nRepo `{result['repo_id']}` main commit `{result['commit']}`, "
+            f"tag `{result['tag']}`\n"
+        ),
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.promote NAME --reviewer WHO``: the same flow, started from a shell."""
+    parser = argparse.ArgumentParser(description="Promote a reviewed MoBiQuant candidate to main.")
+    parser.add_argument("registered_model_name")
+    parser.add_argument("--reviewer", required=True)
+    parser.add_argument("--version")
+    parser.add_argument("--alias", default=CANDIDATE)
+    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
+    args = parser.parse_args(argv)
+    result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
+    print(f"published {result['repo_id']}@main commit {result['commit']} (tag {result['tag']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+// MoBiQuant prefill kernel: a grouped GEMM y[t] = x[t] @ W_{k_t}^T for routed batches, on tensor cores.
+//
+// Memory layout (the contract of mobiquant/slicing.py; see decode.cu for the full description)
+//   x       [tokens, in]        fp16 or bf16, row-major, 16-byte aligned rows
+//   planes  [2K, out, in/32]    u32 bit planes, MSB first: c_k is read from planes 0..2k-1 alone
+//   scale,  [out, in/group]     fp16 group parameters
+//   zero
+//   order   [tokens]            int32: token indices sorted by slice count (a stable argsort)
+//   offsets [K+1]               int32: tokens with k slices are order[offsets[k-1] : offsets[k]]
+//   y       [tokens, out]       same dtype as x; every element is written exactly once
+//
+// Grouping. After routing, the tokens are permuted so that equal-precision tokens are contiguous
+// (`order`); each precision group is one product, as in the paper. A token tile never mixes two
+// precisions: blockIdx.y enumerates the tiles of group 1, then of group 2, and so on, so the grid
+// needs at most ceil(tokens / BM) + K - 1 tiles and the host never has to read the group sizes back
+// (blocks beyond the last tile exit at once). The base slice (planes 0-1) is read by every tile; the
+// residual slices only by the tiles of the tokens that use them.
+//
+// Block tile: BM = 128 tokens x BN = 128 output rows, stepping over the input in BK = 32 columns,
+// i.e. one u32 word per plane and row, which always lies inside one scale group.
+//   * Gathered A: the x rows of the tile's tokens are copied with 16-byte cp.async into shared memory
+//     through `order` (zero-filled past the group's last token), 3 stages deep so that global loads of
+//     chunk i+2 overlap the math of chunk i.
+//   * B: the tile's 2k plane words per row are copied (cp.async, 3 stages) next to it. Each thread then
+//     rebuilds 16 weights of one row: the first 2k planes are shifted and added into the code c_k
+//     (four columns per register, append_slice), turned into floats and mapped through the group's
+//     scale and zero (W = a * c_k + b in fp32), and stored as fp16/bf16 into a [BN][BK] tile.
+//     Dequantising once per block tile reuses every weight for 128 tokens.
+//   * 8 warps as 2 (tokens) x 4 (outputs); each warp computes 64 x 32 outputs as 4 x 4
+//     mma.m16n8k16 tiles with fp32 accumulators, fragments loaded with ldmatrix. Shared rows are
+//     padded from 32 to 40 elements (80 bytes) so that the eight 16-byte rows read by one ldmatrix
+//     phase fall in distinct banks.
+//   * Epilogue: each accumulator pair is converted and stored to y at the token's original row, so the
+//     inverse permutation is free.
+//
+// Binary MMA on the bit planes (the paper's alternative) is not used: it needs the activations
+// quantised to bit planes too, and the dequantised fp16 tiles keep the product exact up to one
+// rounding of each weight.
+#include "common.cuh"
+
+#define BM 128
+#define BN 128
+#define BK 32
+#define STAGES 3
+#define PREFILL_THREADS 256
+#define SROW 40  // padded shared-memory row length in 16-bit elements (see the bank note above)
+
+struct PrefillSmem {
+    u16 x[STAGES][BM][SROW];
+    u32 planes[STAGES][MAX_PLANES][BN];
+    u16 w[BN][SROW];
+    int token[BM];
+};
+// Keep in sync with PREFILL_SMEM_BYTES in kernels/_launch.py (the host asks for this much dynamic smem).
+static_assert(sizeof(PrefillSmem) == 53760, "prefill shared memory size changed");
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(p));
+    return address;
+}
+
+// 16-byte asynchronous copy; src_bytes = 0 zero-fills the destination without reading `src`.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u32* __restrict__ planes,
+                                             const u16* __restrict__ scale, const u16* __restrict__ zero,
+                                             const int* __restrict__ order, const int* __restrict__ offsets,
+                                             u16* __restrict__ y, int out_features, int in_features,
+                                             int num_slices, int group_size) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    PrefillSmem& sm = *reinterpret_cast<PrefillSmem*>(smem_raw);
+
+    // Which precision group and which tokens of it this block handles.
+    int tile = blockIdx.y;
+    int level = 0, first = 0, rows = 0;
+    for (int e = 1; e <= num_slices; ++e) {
+        const int n = offsets[e] - offsets[e - 1];
+        const int tiles = (n + BM - 1) / BM;
+        if (tile < tiles) {
+            level = e;
+            first = offsets[e - 1] + tile * BM;
+            rows = min(BM, n - tile * BM);
+            break;
+        }
+        tile -= tiles;
+    }
+    if (level == 0) return;  // the grid over-provisions tiles; the same for the whole block
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int n0 = blockIdx.x * BN;
+    const int words = in_features / 32;
+    const int groups = in_features / group_size;
+    const int nplanes = 2 * level;
+    const int chunks = in_features / BK;
+
+    for (int i = tid; i < BM; i += PREFILL_THREADS) sm.token[i] = i < rows ? order[first + i] : -1;
+    __syncthreads();
+
+    auto load_stage = [&](int stage, int chunk) {
+        for (int i = tid; i < BM * (BK / 8); i += PREFILL_THREADS) {
+            const int r = i / (BK / 8);
+            const int part = i % (BK / 8);
+            const int token = sm.token[r];
+            const u16* src = token >= 0 ? x + (size_t)token * in_features + chunk * BK + part * 8 : x;
+            cp_async16(&sm.x[stage][r][part * 8], src, token >= 0 ? 16 : 0);
+        }
+        for (int i = tid; i < nplanes * BN; i += PREFILL_THREADS) {
+            const int p = i / BN;
+            const int r = i % BN;
+            const int row = n0 + r;
+            const bool ok = row < out_features;
+            const u32* src = ok ? planes + ((size_t)p * out_features + row) * words + chunk : planes;
+            cp_async4(&sm.planes[stage][p][r], src, ok ? 4 : 0);
+        }
+    };
+
+    // Thread tid rebuilds columns {4h..4h+3} + {0, 8, 16, 24} of row tid / 2, where h = tid % 2.
+    // The dequantising thread's row is fixed; its group parameters are fetched one chunk ahead (plain
+    // loads into registers) so that their latency hides behind the mma of the current chunk.
+    const int dq_row = n0 + tid / 2;
+    const bool dq_row_ok = dq_row < out_features;
+    auto load_params = [&](int chunk, u16& s, u16& z) {
+        const size_t at = (size_t)dq_row * groups + chunk * BK / group_size;
+        s = dq_row_ok ? scale[at] : (u16)0;
+        z = dq_row_ok ? zero[at] : (u16)0;
+    };
+
+    auto dequantize = [&](int stage, u16 s, u16 z) {
+        const int r = tid / 2;
+        const int h = tid % 2;
+        u32* dst = reinterpret_cast<u32*>(&sm.w[r][0]);
+        if (!dq_row_ok) {
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                dst[(4 * h + 8 * b) / 2] = 0u;
+                dst[(4 * h + 8 * b) / 2 + 1] = 0u;
+            }
+            return;
+        }
+        const GroupAffine ga = group_affine(s, z, level);
+        u32 codes[4] = {0u, 0u, 0u, 0u};
+        for (int e = 0; e < level; ++e) {
+            const u32 hi = sm.planes[stage][2 * e][r];
+            const u32 lo = sm.planes[stage][2 * e + 1][r];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) codes[q] = append_slice(codes[q], hi, lo, 4 * h + q);
+        }
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+#pragma unroll
+            for (int pair = 0; pair < 2; ++pair) {
+                const float w0 = fmaf(byte_to_float(codes[2 * pair], b), ga.a, ga.b);
+                const float w1 = fmaf(byte_to_float(codes[2 * pair + 1], b), ga.a, ga.b);
+                dst[(4 * h + 2 * pair + 8 * b) / 2] = T::pack(w0, w1);
+            }
+        }
+    };
+
+    const int warp_m = warp / 4;  // 64-token slice of the tile
+    const int warp_n = warp % 4;  // 32-output slice of the tile
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
+
+    // Prologue: STAGES-1 chunks in flight. Empty commit groups keep the wait count uniform at the tail.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    u16 s_next, z_next;
+    load_params(0, s_next, z_next);
+
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int stage = chunk % STAGES;
+        const u16 s_cur = s_next, z_cur = z_next;
+        if (chunk + 1 < chunks) load_params(chunk + 1, s_next, z_next);
+        cp_async_wait<STAGES - 2>();
+        // After this barrier chunk `chunk` is in shared memory for every thread, and every warp has
+        // finished the mma of the previous chunk, so its stage and the weight tile may be overwritten.
+        __syncthreads();
+        const int next = chunk + STAGES - 1;
+        if (next < chunks) load_stage(next % STAGES, next);
+        cp_async_commit();
+        dequantize(stage, s_cur, z_cur);
+        __syncthreads();
+
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            u32 a[4][4];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                ldmatrix_x4(a[mi], &sm.x[stage][warp_m * 64 + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
+            u32 b[4][2];
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                u32 t[4];
+                ldmatrix_x4(t, &sm.w[warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8][kk + ((lane / 8) % 2) * 8]);
+                b[2 * nj][0] = t[0];
+                b[2 * nj][1] = t[1];
+                b[2 * nj + 1][0] = t[2];
+                b[2 * nj + 1][1] = t[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) T::mma(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Accumulator c0,c1 is (token g, outputs 2t, 2t+1) of the m16n8 tile, c2,c3 the same 8 rows below,
+    // with g = lane / 4 and t = lane % 4.
+    const bool paired_stores = (out_features % 2) == 0;  // u32 stores need 4-byte aligned rows
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int col = n0 + warp_n * 32 + ni * 8 + 2 * (lane % 4);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int token = sm.token[warp_m * 64 + mi * 16 + lane / 4 + half * 8];
+                if (token < 0) continue;
+                const float v0 = acc[mi][ni][2 * half];
+                const float v1 = acc[mi][ni][2 * half + 1];
+                u16* dst = y + (size_t)token * out_features + col;
+                if (paired_stores && col + 1 < out_features) {
+                    *reinterpret_cast<u32*>(dst) = T::pack(v0, v1);
+                } else {
+                    if (col < out_features) dst[0] = T::from_float(v0);
+                    if (col + 1 < out_features) dst[1] = T::from_float(v1);
+                }
+            }
+        }
+    }
+}
+
+#define PREFILL_KERNEL(NAME, TYPE)                                                                           \
+    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)                                            \
+        NAME(const u16* __restrict__ x, const u32* __restrict__ planes, const u16* __restrict__ scale,       \
+             const u16* __restrict__ zero, const int* __restrict__ order, const int* __restrict__ offsets,   \
+             u16* __restrict__ y, int out_features, int in_features, int num_slices, int group_size) {       \
+        prefill_impl<TYPE>(x, planes, scale, zero, order, offsets, y, out_features, in_features, num_slices, \
+                           group_size);                                                                      \
+    }
+
+PREFILL_KERNEL(mbq_prefill_f16, F16)
+PREFILL_KERNEL(mbq_prefill_bf16, BF16)

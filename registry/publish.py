@@ -1,0 +1,247 @@
+"""Publishing a checkpoint: one commit on a staging branch, then, after a human review, on ``main``.
+
+Two targets with the same two operations:
+
+* :class:`LocalRepoTarget` (the embedded default): ``<root>/<owner>/<name>/<branch>/`` holds the files
+  of each branch exactly as a Hub repo would, ``<root>/<owner>/<name>/refs.json`` the commit id of each
+  branch and tag. A commit is written beside the branch and renamed into place, so a reader sees the
+  old files or the new ones, never a mix.
+* :class:`HubRepoTarget`: the Hugging Face Hub through ``huggingface_hub``. The repo is created private
+  (unless configured), every file goes in one ``create_commit`` (atomic on the Hub), and transient
+  failures (5xx, 429, connection errors) are retried with exponential backoff.
+
+The Hub token is never passed around: ``HfApi`` reads ``HF_TOKEN`` or the credential store itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+
+from registry.hashing import manifest_digest, sha256_file, tree_manifest
+from registry.params import PublishTarget
+
+MAIN = "main"
+T = TypeVar("T")
+
+
+class PublishError(RuntimeError):
+    """Publishing failed; the target branch is unchanged."""
+
+
+class RepoTarget(Protocol):
+    repo_id: str
+
+    def stage(self, folder: Path, message: str) -> str:
+        """Commit every file of ``folder`` to the staging branch in one commit; return the commit id."""
+        ...
+
+    def promote(self, staged_commit: str, expected: dict[str, str], tag: str) -> str:
+        """Put the staged commit's files on ``main`` (checked against ``expected``), tag it; return main's commit."""
+        ...
+
+    def branch_manifest(self, branch: str) -> dict[str, str]:
+        """``{path: sha256}`` of a branch (empty when it does not exist)."""
+        ...
+
+
+def _check_manifest(actual: dict[str, str], expected: dict[str, str], what: str) -> None:
+    if actual != expected:
+        changed = sorted(set(actual) ^ set(expected) | {p for p in actual if expected.get(p) != actual[p]})
+        raise PublishError(f"{what} does not match the validated files (differs in: {', '.join(changed[:5])})")
+
+
+class LocalRepoTarget:
+    """A folder laid out like a Hub repo, one sub-folder per branch."""
+
+    def __init__(self, root: str | Path, repo_id: str, staging_branch: str = "staging") -> None:
+        self.repo_id = repo_id
+        self.path = Path(root).expanduser().resolve() / repo_id
+        self.staging_branch = staging_branch
+
+    def _refs(self) -> dict[str, dict[str, str]]:
+        refs_file = self.path / "refs.json"
+        if refs_file.exists():
+            return json.loads(refs_file.read_text())
+        return {"branches": {}, "tags": {}}
+
+    def _write_refs(self, refs: dict[str, dict[str, str]]) -> None:
+        tmp = self.path / f".refs-{uuid.uuid4().hex}.json"
+        tmp.write_text(json.dumps(refs, indent=2, sort_keys=True))
+        os.replace(tmp, self.path / "refs.json")
+
+    def _commit(self, source: Path, branch: str) -> str:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".incoming-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(source, tmp)
+            manifest = tree_manifest(tmp)
+            commit = manifest_digest(manifest)
+            target = self.path / branch
+            retired = self.path / f".retired-{uuid.uuid4().hex}"
+            if target.exists():
+                os.replace(target, retired)
+            os.replace(tmp, target)
+        except OSError as error:
+            raise PublishError(f"could not write {self.path / branch}: {error}") from error
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+        refs = self._refs()
+        refs["branches"][branch] = commit
+        self._write_refs(refs)
+        return commit
+
+    def stage(self, folder: Path, message: str) -> str:
+        return self._commit(folder, self.staging_branch)
+
+    def promote(self, staged_commit: str, expected: dict[str, str], tag: str) -> str:
+        refs = self._refs()
+        if refs["branches"].get(self.staging_branch) != staged_commit:
+            raise PublishError(
+                f"{self.repo_id}@{self.staging_branch} is at {refs['branches'].get(self.staging_branch)}, "
+                f"not the reviewed commit {staged_commit}"
+            )
+        staging = self.path / self.staging_branch
+        _check_manifest(tree_manifest(staging), expected, f"{self.repo_id}@{self.staging_branch}")
+        commit = self._commit(staging, MAIN)
+        refs = self._refs()
+        refs["tags"][tag] = commit
+        self._write_refs(refs)
+        return commit
+
+    def branch_manifest(self, branch: str) -> dict[str, str]:
+        folder = self.path / branch
+        return tree_manifest(folder) if folder.is_dir() else {}
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        return status is None or status >= 500 or status == 429
+    return isinstance(error, httpx2.TransportError)
+
+
+def with_backoff(call: Callable[[], T], *, attempts: int = 4, base_delay: float = 1.0, what: str = "request") -> T:
+    """Run ``call``, retrying transient Hub failures with exponential backoff; raise PublishError at the end."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except (HfHubHTTPError, httpx2.TransportError) as error:
+            if not _transient(error):
+                raise PublishError(f"{what} refused by the Hub: {error}") from error
+            if attempt == attempts:
+                raise PublishError(f"{what} failed after {attempts} attempts: {error}") from error
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+class HubRepoTarget:
+    """A Hugging Face Hub model repo (or any server speaking its API, e.g. the tests' local one)."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        private: bool = True,
+        staging_branch: str = "staging",
+        endpoint: str | None = None,
+        public_on_promotion: bool = False,
+        attempts: int = 4,
+        base_delay: float = 1.0,
+    ) -> None:
+        self.repo_id = repo_id
+        self.private = private
+        self.staging_branch = staging_branch
+        self.public_on_promotion = public_on_promotion
+        self.api = HfApi(endpoint=endpoint)
+        self.attempts, self.base_delay = attempts, base_delay
+
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        return with_backoff(call, attempts=self.attempts, base_delay=self.base_delay, what=what)
+
+    def check_access(self) -> str:
+        """The user the token belongs to; fails early (before any heavy work) without a usable token."""
+        try:
+            who = self._retry(lambda: self.api.whoami(), "whoami")
+        except PublishError as error:
+            raise PublishError(
+                f"the Hub at {self.api.endpoint} does not accept the token from HF_TOKEN or the credential store "
+                f"({error.__cause__.__class__.__name__}); log in with `hf auth login` or set HF_TOKEN"
+            ) from error
+        return who["name"]
+
+    def _files(self, revision: str) -> list[str]:
+        return self._retry(lambda: self.api.list_repo_files(self.repo_id, revision=revision), f"listing {revision}")
+
+    def stage(self, folder: Path, message: str) -> str:
+        self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private, exist_ok=True), "create repo")
+        self._retry(
+            lambda: self.api.create_branch(self.repo_id, branch=self.staging_branch, exist_ok=True), "create branch"
+        )
+        local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        stale = set(self._files(self.staging_branch)) - set(local) - {".gitattributes"}
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in local]
+        operations += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(stale)]
+        info = self._retry(
+            lambda: self.api.create_commit(
+                self.repo_id, operations, commit_message=message, revision=self.staging_branch
+            ),
+            f"commit to {self.repo_id}@{self.staging_branch}",
+        )
+        return info.oid
+
+    def promote(self, staged_commit: str, expected: dict[str, str], tag: str) -> str:
+        with tempfile.TemporaryDirectory(prefix="mobiquant-promote-") as tmp:
+            folder = Path(
+                self._retry(
+                    lambda: snapshot_download(
+                        self.repo_id, revision=staged_commit, local_dir=tmp, endpoint=self.api.endpoint
+                    ),
+                    f"download of {self.repo_id}@{staged_commit}",
+                )
+            )
+            got = {rel: sha256_file(folder / rel) for rel in expected if (folder / rel).is_file()}
+            _check_manifest(got, expected, f"{self.repo_id}@{staged_commit}")
+            stale = set(self._files(MAIN)) - set(expected) - {".gitattributes"}
+            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in expected]
+            operations += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(stale)]
+            info = self._retry(
+                lambda: self.api.create_commit(
+                    self.repo_id, operations, commit_message=f"Promote {tag} (staged {staged_commit})", revision=MAIN
+                ),
+                f"commit to {self.repo_id}@main",
+            )
+        self._retry(lambda: self.api.create_tag(self.repo_id, tag=tag, revision=info.oid, exist_ok=True), "tag")
+        if self.public_on_promotion:
+            self._retry(lambda: self.api.update_repo_settings(self.repo_id, private=False), "make public")
+        return info.oid
+
+    def branch_manifest(self, branch: str) -> dict[str, str]:
+        with tempfile.TemporaryDirectory(prefix="mobiquant-manifest-") as tmp:
+            folder = snapshot_download(self.repo_id, revision=branch, local_dir=tmp, endpoint=self.api.endpoint)
+            manifest = tree_manifest(folder)
+        return {k: v for k, v in manifest.items() if k != ".gitattributes" and not k.startswith(".cache/")}
+
+
+def target_for(publish: PublishTarget, repo_id: str) -> LocalRepoTarget | HubRepoTarget:
+    if publish.kind == "hub":
+        return HubRepoTarget(
+            repo_id,
+            private=publish.private,
+            staging_branch=publish.staging_branch,
+            endpoint=publish.endpoint,
+            public_on_promotion=publish.public_on_promotion,
+        )
+    return LocalRepoTarget(publish.root, repo_id, staging_branch=publish.staging_branch)

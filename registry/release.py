@@ -1,0 +1,202 @@
+"""From a validated checkpoint to a reviewed release: the report bundle, MLflow records, staging, promotion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from registry import tracking
+from registry.gate import GateCheck
+from registry.hashing import tree_manifest
+from registry.params import CompressParams, PublishTarget
+from registry.publish import PublishError, target_for
+from registry.report import PLOT_NAME, markdown_report, model_card, plot_ppl_vs_bits, stage_table
+
+MANIFEST_ARTIFACT = "sha256.json"
+
+
+def build_bundle(
+    run_dir: Path,
+    *,
+    params: CompressParams,
+    source: dict[str, Any],
+    checkpoint_dir: Path,
+    validation: dict[str, Any],
+    checks: list[GateCheck],
+    passed: bool,
+    stages: dict[str, dict[str, float]],
+    wall_seconds: float,
+    blocks: list[dict[str, Any]],
+    kernels: dict[str, Any],
+) -> dict[str, Any]:
+    """Write ``report/`` (for people and MLflow) and ``publish/`` (exactly the files a release holds)."""
+    report_dir, publish_dir = run_dir / "report", run_dir / "publish"
+    for folder in (report_dir, publish_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    report_dir.mkdir(parents=True)
+    # Hard links: the release folder costs no extra disk and cannot drift from the validated checkpoint.
+    shutil.copytree(checkpoint_dir, publish_dir, copy_function=os.link)
+    plot_ppl_vs_bits(validation, publish_dir / PLOT_NAME)
+    shutil.copyfile(publish_dir / PLOT_NAME, report_dir / PLOT_NAME)
+    quant_config = json.loads((checkpoint_dir / "config.json").read_text()).get("quantization_config", {})
+    repo_id = params.default_repo_id()
+    card = model_card(
+        repo_id=repo_id,
+        base_model=source.get("base_model"),
+        license_id=source.get("license"),
+        validation=validation,
+        config=quant_config or {"num_slices": params.num_slices, "group_size": params.group_size},
+        files=tree_manifest(publish_dir),
+    )
+    (publish_dir / "README.md").write_text(card)
+    files = tree_manifest(publish_dir)
+    stages_md, overhead = stage_table(stages, wall_seconds)
+    report = markdown_report(
+        title=f"MoBiQuant compression of {source['source']}",
+        source=source,
+        config=params.model_dump(mode="json", exclude={"gate", "publish"}),
+        validation=validation,
+        checks=checks,
+        passed=passed,
+        stages_md=stages_md,
+        files=files,
+        extra={"publish target": f"{params.publish.kind} {repo_id}"},
+    )
+    (report_dir / "report.md").write_text(report)
+    (report_dir / "quantization_config.json").write_text(json.dumps(quant_config, indent=2))
+    (report_dir / MANIFEST_ARTIFACT).write_text(json.dumps(files, indent=2))
+    (report_dir / "validation.json").write_text(json.dumps(validation, indent=2))
+    (report_dir / "gate.json").write_text(json.dumps([c.to_dict() for c in checks], indent=2))
+    (report_dir / "blocks.json").write_text(json.dumps(blocks, indent=2))
+    (report_dir / "kernels.json").write_text(json.dumps(kernels, indent=2))
+    return {
+        "report_dir": str(report_dir),
+        "report_path": str(report_dir / "report.md"),
+        "publish_dir": str(publish_dir),
+        "files": files,
+        "repo_id": repo_id,
+        "overhead": overhead,
+        "report_md": report,
+    }
+
+
+def metrics_of(validation: dict[str, Any], stages: dict[str, dict[str, float]], overhead: float) -> dict[str, float]:
+    metrics = {"ppl_fp": validation["fp"]["ppl"], "orchestration_overhead": overhead}
+    for row in validation["budgets"]:
+        metrics[f"ppl_budget_{row['target_bits']:g}"] = row["ppl"]
+        metrics[f"avg_bits_budget_{row['target_bits']:g}"] = row["avg_bits"]
+    for row in validation["uniform"]:
+        metrics[f"ppl_uniform_{row['slices']}"] = row["ppl"]
+    for row in validation["rtn"]:
+        metrics[f"ppl_rtn_{row['bits']}"] = row["ppl"]
+    for name, times in stages.items():
+        metrics[f"seconds_{name}"] = times["wall"]
+    return {k.replace(".", "_"): v for k, v in metrics.items()}
+
+
+def record(
+    params: CompressParams,
+    *,
+    source: dict[str, Any],
+    bundle: dict[str, Any],
+    validation: dict[str, Any],
+    checks: list[GateCheck],
+    passed: bool,
+    stages: dict[str, dict[str, float]],
+    blocks: list[dict[str, Any]],
+    checkpoint_dir: Path,
+    run_name: str,
+) -> dict[str, str | None]:
+    """The MLflow run, and for a passing run a registered version (alias set only once staged)."""
+    step_metrics = {}
+    for block in blocks:
+        for stage_name, curve in block.get("losses", {}).items():
+            step_metrics[f"loss_block_{block['block']:03d}_{stage_name}"] = curve
+    tags = {
+        "source": source["source"],
+        "source_sha": source["sha"],
+        "source_kind": source["kind"],
+        "gate": "passed" if passed else "failed",
+    }
+    run_id = tracking.log_run(
+        params.mlflow_uri,
+        experiment=f"mobiquant/{params.source_name()}",
+        run_name=run_name,
+        params=params.model_dump(mode="json"),
+        metrics=metrics_of(validation, stages, bundle["overhead"]),
+        step_metrics=step_metrics,
+        artifacts_dir=Path(bundle["report_dir"]),
+        tags=tags,
+    )
+    if not passed:
+        return {"run_id": run_id, "version": None}
+    target = params.publish
+    version_tags = {
+        **tags,
+        "gate_results": json.dumps({c.name: round(c.value, 6) for c in checks}),
+        "publish.kind": target.kind,
+        "publish.repo_id": bundle["repo_id"],
+        "publish.root": str(Path(target.root).expanduser().resolve()),
+        "publish.endpoint": target.endpoint or "",
+        "publish.staging_branch": target.staging_branch,
+        "publish.public_on_promotion": str(target.public_on_promotion).lower(),
+        "publish_status": "pending",
+    }
+    version = tracking.register_version(
+        params.mlflow_uri, params.model_name(), run_id, Path(checkpoint_dir).resolve().as_uri(), version_tags
+    )
+    return {"run_id": run_id, "version": version}
+
+
+def stage_release(params: CompressParams, bundle: dict[str, Any], version: str, message: str) -> str:
+    """One commit of the release files on the staging branch; the version becomes the ``candidate``."""
+    name = params.model_name()
+    target = target_for(params.publish, bundle["repo_id"])
+    try:
+        commit = target.stage(Path(bundle["publish_dir"]), message)
+    except PublishError as error:
+        tracking.tag_version(
+            params.mlflow_uri, name, version, {"publish_status": "failed", "publish_error": str(error)}
+        )
+        raise
+    tracking.tag_version(
+        params.mlflow_uri, name, version, {"publish_status": "staged", "publish.staged_commit": commit}
+    )
+    tracking.set_alias(params.mlflow_uri, name, tracking.CANDIDATE, version)
+    return commit
+
+
+def promote_release(
+    mlflow_uri: str, name: str, *, version: str | None, alias: str | None, reviewer: str
+) -> dict[str, str]:
+    """A reviewer's decision: the staged files go to ``main`` (checked against MLflow's sha256 record)."""
+    record_ = tracking.get_version(mlflow_uri, name, version=version, alias=alias)
+    tags = record_.tags
+    if tags.get("gate") != "passed" or tags.get("publish_status") not in ("staged", "published"):
+        raise PublishError(
+            f"{name} version {record_.version} cannot be promoted: gate={tags.get('gate')}, "
+            f"publish_status={tags.get('publish_status')}"
+        )
+    expected = json.loads(tracking.run_artifact(mlflow_uri, record_.run_id, MANIFEST_ARTIFACT).read_text())
+    target_params = PublishTarget(
+        kind=tags["publish.kind"],
+        root=tags["publish.root"],
+        repo_id=tags["publish.repo_id"],
+        endpoint=tags.get("publish.endpoint") or None,
+        staging_branch=tags["publish.staging_branch"],
+        public_on_promotion=tags.get("publish.public_on_promotion") == "true",
+    )
+    target = target_for(target_params, tags["publish.repo_id"])
+    tag = f"v{record_.version}"
+    commit = target.promote(tags["publish.staged_commit"], expected, tag)
+    tracking.tag_version(
+        mlflow_uri,
+        name,
+        str(record_.version),
+        {"publish_status": "published", "publish.main_commit": commit, "promoted_by": reviewer},
+    )
+    tracking.set_alias(mlflow_uri, name, tracking.CHAMPION, str(record_.version))
+    return {"version": str(record_.version), "commit": commit, "tag": tag, "repo_id": tags["publish.repo_id"]}

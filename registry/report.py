@@ -1,0 +1,191 @@
+"""The human-facing outputs of a run: the perplexity-against-bits plot, the markdown report, the model card."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# Workers and CI have no display; the Agg backend writes PNG files without one.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after use("Agg"): the backend is fixed at import
+from huggingface_hub import ModelCard, ModelCardData
+
+from registry.gate import GateCheck
+
+PLOT_NAME = "ppl_vs_bits.png"
+
+
+def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:
+    """Routed, uniform and RTN perplexity against average bits, full precision as a line."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    routed = sorted((r["avg_bits"], r["ppl"]) for r in validation["budgets"])
+    uniform = sorted((r["avg_bits"], r["ppl"]) for r in validation.get("uniform", []))
+    rtn = sorted((float(r["bits"]), r["ppl"]) for r in validation.get("rtn", []))
+    for points, label, style in (
+        (routed, "MoBiQuant routed", "o-"),
+        (uniform, "MoBiQuant uniform", "s--"),
+        (rtn, "RTN", "x:"),
+    ):
+        finite = [(b, p) for b, p in points if math.isfinite(p)]
+        if finite:
+            ax.plot(*zip(*finite, strict=True), style, label=label)
+    ax.axhline(validation["fp"]["ppl"], color="grey", linewidth=1, label="full precision")
+    ax.set_xlabel("average bits per weight")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_path)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out
+
+
+def ppl_table(validation: dict[str, Any]) -> str:
+    """Markdown table: one row per setting, perplexity and measured average bits."""
+    rows = ["| setting | average bits | perplexity |", "|---|---|---|"]
+    rows.append(f"| full precision | 16 | {validation['fp']['ppl']:.3f} |")
+    for r in validation.get("uniform", []):
+        rows.append(f"| uniform {r['slices']} slice(s) | {r['avg_bits']:.2f} | {r['ppl']:.3f} |")
+    for r in validation["budgets"]:
+        rows.append(f"| routed, budget {r['target_bits']:g} | {r['avg_bits']:.2f} | {r['ppl']:.3f} |")
+    for r in validation.get("rtn", []):
+        rows.append(f"| RTN {r['bits']}-bit | {float(r['bits']):.2f} | {r['ppl']:.3f} |")
+    return "\n".join(rows)
+
+
+def gate_table(checks: list[GateCheck]) -> str:
+    rows = ["| check | value | limit | result |", "|---|---|---|---|"]
+    rows += [f"| {c.name} | {c.value:.4g} | {c.limit:.4g} | {'pass' if c.passed else 'FAIL'} |" for c in checks]
+    return "\n".join(rows)
+
+
+def stage_table(stages: dict[str, dict[str, float]], wall_seconds: float) -> tuple[str, float]:
+    """Stage times and the share of the run spent outside the plain functions (orchestration, tracking).
+
+    ``stages`` maps a stage to ``{"wall": seconds seen by the flow, "work": seconds inside the function}``.
+    The calibration stage's work is the span from its first block start to its last block end, so
+    parallel blocks are not counted twice.
+    """
+    rows = ["| stage | wall s | work s |", "|---|---|---|"]
+    work = 0.0
+    for name, times in stages.items():
+        rows.append(f"| {name} | {times['wall']:.2f} | {times['work']:.2f} |")
+        work += times["work"]
+    overhead = max(0.0, wall_seconds - work) / wall_seconds if wall_seconds > 0 else 0.0
+    rows.append(f"| **total** | {wall_seconds:.2f} | {work:.2f} |")
+    rows.append(f"\nOrchestration and tracking overhead: {100 * overhead:.1f}% of the run's wall time.")
+    return "\n".join(rows), overhead
+
+
+def markdown_report(
+    *,
+    title: str,
+    source: dict[str, Any],
+    config: dict[str, Any],
+    validation: dict[str, Any],
+    checks: list[GateCheck],
+    passed: bool,
+    stages_md: str,
+    files: dict[str, str],
+    extra: dict[str, str] | None = None,
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"**Gate: {'PASSED' if passed else 'FAILED'}**",
+        "",
+        f"Source: `{source['source']}` ({source['kind']}), sha `{source['sha']}`",
+        "",
+        "## Perplexity",
+        "",
+        ppl_table(validation),
+        "",
+        f"![perplexity against bits]({PLOT_NAME})",
+        "",
+        "## Gate",
+        "",
+        gate_table(checks),
+        "",
+        "## Stage times",
+        "",
+        stages_md,
+        "",
+        "## Parameters",
+        "",
+        "| option | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in sorted(config.items())],
+        "",
+        "## Files (sha256)",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+        *[f"| {path} | `{digest}` |" for path, digest in sorted(files.items())],
+    ]
+    for key, value in (extra or {}).items():
+        lines += ["", f"**{key}**: {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(
+    *,
+    repo_id: str,
+    base_model: str | None,
+    license_id: str | None,
+    validation: dict[str, Any],
+    config: dict[str, Any],
+    files: dict[str, str],
+) -> str:
+    """The README.md of the published repo: metadata for the Hub, the perplexity table and plot, usage."""
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
+        license=license_id or "other",
+        library_name="transformers",
+        tags=["mobiquant", "quantized", "any-precision", "elastic-precision", f"{config['num_slices']}-slices"],
+        pipeline_tag="text-generation",
+    )
+    budgets = ", ".join(f"{r['target_bits']:g}" for r in validation["budgets"])
+    body = f"""
+# {repo_id.split("/", 1)[1]}
+
+A MoBiQuant elastic any-precision checkpoint{
+        f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
+    }: one set of
+weights that runs at any average precision between 2 and {2 * config["num_slices"]} bits, chosen per token by
+a router in every quantized linear layer ({config["num_slices"]} slices of 2 bits, group size
+{config["group_size"]}).
+
+## Usage
+
+```python
+import mobiquant  # registers the MoBiQuant quantizer with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+mobiquant.set_precision(model, avg_bits=3.0)  # or slices=k for uniform precision
+inputs = tokenizer("To be, or not to be", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+```
+
+## Perplexity
+
+Validated budgets (average bits): {budgets}.
+
+{ppl_table(validation)}
+
+![perplexity against bits]({PLOT_NAME})
+
+## Files
+
+| file | sha256 |
+|---|---|
+""" + "\n".join(f"| {path} | `{digest}` |" for path, digest in sorted(files.items()))
+    # ModelCard parses the front matter back, so malformed metadata fails here and not on the Hub.
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}\n").content

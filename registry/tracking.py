@@ -1,0 +1,131 @@
+"""MLflow: one experiment per source model, one run per compression, a registered version per passing run.
+
+Aliases carry the review state: ``candidate`` (passed the gate, staged, waiting for a reviewer) and
+``champion`` (promoted by a reviewer, published on ``main``). Version tags record the source repo and
+sha, the gate results, the staged and published commits and the publish status.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+# Keys whose values must never be recorded, whatever a caller passes in.
+_SECRET_KEY = re.compile(r"token|secret|password|credential|api[_-]?key", re.IGNORECASE)
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server or database cannot be used."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not the client's minutes of retries) when MLflow cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except httpx.HTTPError as error:
+            raise TrackingUnavailableError(f"MLflow at {uri} is unreachable: {error}") from error
+        if response.status_code != 200:
+            raise TrackingUnavailableError(f"MLflow at {uri} answered /health with HTTP {response.status_code}")
+        return
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise TrackingUnavailableError(f"MLflow database folder {parent} does not exist")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        raise TrackingUnavailableError(f"MLflow at {uri} cannot be used: {error}") from error
+
+
+def public_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested parameters to MLflow params, dropping anything named like a secret."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if _SECRET_KEY.search(name):
+            continue
+        if isinstance(value, dict):
+            flat.update(public_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def log_run(
+    uri: str,
+    *,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    step_metrics: dict[str, list[float]],
+    artifacts_dir: Path,
+    tags: dict[str, str],
+) -> str:
+    """Record a finished run in one go and return its id."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        for key, value in public_params(params).items():
+            client.log_param(run_id, key, value[:6000])
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
+        for key, values in step_metrics.items():
+            for step, value in enumerate(values):
+                client.log_metric(run_id, key, float(value), step=step)
+        client.log_artifacts(run_id, str(artifacts_dir))
+    except MlflowException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
+    """A new version of registered model ``name`` for ``run_id``; returns the version number."""
+    client = MlflowClient(uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="MoBiQuant elastic any-precision checkpoints")
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def tag_version(uri: str, name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(uri).set_registered_model_alias(name, alias, version)
+
+
+def get_version(uri: str, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+    """A version by number or alias, with a clear error when it does not exist."""
+    client = MlflowClient(uri)
+    try:
+        if version is not None:
+            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias or CANDIDATE)
+    except MlflowException as error:
+        what = f"version {version}" if version is not None else f"alias {alias or CANDIDATE!r}"
+        raise LookupError(f"registered model {name!r} has no {what} in {uri}") from error
+
+
+def run_artifact(uri: str, run_id: str, path: str) -> Path:
+    """Download one artifact of a run to a local temporary path."""
+    return Path(MlflowClient(uri).download_artifacts(run_id, path))

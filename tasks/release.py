@@ -1,0 +1,94 @@
+"""Tasks from a checkpoint to a reviewed release: validate, report (MLflow + Prefect artifacts), publish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from registry import release, stages
+from registry.gate import GateCheck, evaluate_gate, gate_passed
+from registry.params import CompressParams
+
+
+@task(name="validate")
+def validate(
+    model_dir: str, checkpoint_dir: str, params: CompressParams, out_path: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """Measure every setting, then apply the gate; returns (validation, checks, passed)."""
+    validation = stages.validate(
+        Path(model_dir),
+        Path(checkpoint_dir),
+        evaluation_data=params.evaluation_data,
+        eval_seqlen=params.eval_seqlen,
+        eval_max_windows=params.eval_max_windows,
+        budgets=params.budgets_to_validate(),
+        num_slices=params.num_slices,
+        group_size=params.group_size,
+        out_path=Path(out_path),
+    )
+    checks = evaluate_gate(validation, params.gate)
+    return validation, [c.to_dict() for c in checks], gate_passed(checks)
+
+
+@task(name="report")
+def report(
+    params: CompressParams,
+    run_dir: str,
+    run_name: str,
+    source: dict[str, Any],
+    checkpoint_dir: str,
+    validation: dict[str, Any],
+    checks: list[dict[str, Any]],
+    passed: bool,
+    stage_times: dict[str, dict[str, float]],
+    wall_seconds: float,
+    blocks: list[dict[str, Any]],
+    kernels: dict[str, Any],
+) -> dict[str, Any]:
+    """Report bundle, MLflow run (and version when passed), Prefect table and markdown artifacts."""
+    gate_checks = [GateCheck(**c) for c in checks]
+    bundle = release.build_bundle(
+        Path(run_dir),
+        params=params,
+        source=source,
+        checkpoint_dir=Path(checkpoint_dir),
+        validation=validation,
+        checks=gate_checks,
+        passed=passed,
+        stages=stage_times,
+        wall_seconds=wall_seconds,
+        blocks=blocks,
+        kernels=kernels,
+    )
+    recorded = release.record(
+        params,
+        source=source,
+        bundle=bundle,
+        validation=validation,
+        checks=gate_checks,
+        passed=passed,
+        stages=stage_times,
+        blocks=blocks,
+        checkpoint_dir=Path(checkpoint_dir),
+        run_name=run_name,
+    )
+    create_table_artifact(
+        key="gate-results",
+        table=[{**c, "value": round(c["value"], 6), "limit": round(c["limit"], 6)} for c in checks],
+        description=f"Quality gate of {source['source']}: {'passed' if passed else 'FAILED'}",
+    )
+    create_markdown_artifact(
+        key="compression-report",
+        markdown=bundle["report_md"] + f"\n\nMLflow run `{recorded['run_id']}`, version {recorded['version']}\n",
+        description=f"MoBiQuant report for {source['source']}",
+    )
+    return {k: v for k, v in bundle.items() if k != "report_md"} | recorded
+
+
+@task(name="publish")
+def publish(params: CompressParams, bundle: dict[str, Any], version: str, message: str) -> str:
+    """Stage the release (one commit on the staging branch); errors after the publisher's own retries."""
+    return release.stage_release(params, bundle, version, message)

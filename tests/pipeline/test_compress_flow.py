@@ -1,0 +1,120 @@
+"""The compress and promote flows end to end on a tiny random Llama, on Prefect's ephemeral server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+from flows.compress import compress
+from flows.promote import promote
+from registry.gate import GateFailedError
+from registry.hashing import tree_manifest
+from tests.pipeline.conftest import HUB_TOKEN, scan_for, tiny_params
+from tests.pipeline.hub_server import HubServer
+
+
+async def _artifact_keys() -> set[str]:
+    async with get_client() as client:
+        return {a.key for a in await client.read_artifacts() if a.key}
+
+
+async def _flow_logs(flow_run_id: str) -> str:
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_compress_stages_a_candidate_and_promotion_publishes_it(
+    tiny_model: Path, tmp_path: Path, prefect_env: Path
+) -> None:
+    params = tiny_params(tiny_model, tmp_path)
+    summary = compress(**params)
+
+    checkpoint = Path(summary["checkpoint"])
+    assert (checkpoint / "config.json").is_file()
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["quant_method"] == "mobiquant"
+    staging = tmp_path / "published" / summary["repo_id"] / "staging"
+    card = (staging / "README.md").read_text()
+    assert "base_model_relation" not in card.split("---")[1]  # a local source has no hub base model
+    assert "import mobiquant" in card and "ppl_vs_bits.png" in card
+    assert not (tmp_path / "published" / summary["repo_id"] / "main").exists()
+
+    uri = params["mlflow_uri"]
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
+    assert version.tags["gate"] == "passed" and version.tags["publish_status"] == "staged"
+    assert version.tags["source_sha"] and version.tags["source"] == str(tiny_model)
+    run = client.get_run(version.run_id)
+    assert "ppl_fp" in run.data.metrics and "ppl_budget_4" in run.data.metrics
+    assert any(k.startswith("loss_block_000_") for k in run.data.metrics)
+    assert not any("token" in k.lower() for k in run.data.params)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "ppl_vs_bits.png", "quantization_config.json", "sha256.json"} <= artifacts
+    recorded = json.loads(Path(client.download_artifacts(run.info.run_id, "sha256.json")).read_text())
+    assert recorded == tree_manifest(staging)
+
+    assert {"calibration-progress", "gate-results", "compression-report"} <= asyncio.run(_artifact_keys())
+
+    result = promote(summary["registered_model"], reviewer="alice", mlflow_uri=uri)
+    assert tree_manifest(tmp_path / "published" / summary["repo_id"] / "main") == recorded
+    champion = client.get_model_version_by_alias(summary["registered_model"], "champion")
+    assert champion.version == version.version and champion.tags["promoted_by"] == "alice"
+    assert result["tag"] == f"v{version.version}"
+
+
+def test_failed_gate_publishes_nothing_and_keeps_the_report(
+    tiny_model: Path, tmp_path: Path, prefect_env: Path
+) -> None:
+    params = tiny_params(tiny_model, tmp_path, gate={"max_bits_error": 0.0, "routed_not_worse_than_rtn": False})
+    with pytest.raises(GateFailedError, match="quality gate failed: bits@") as info:
+        compress(**params)
+    report = Path(str(info.value).rsplit("report: ", 1)[1].rstrip(")"))
+    assert "Gate: FAILED" in report.read_text()
+    assert not (tmp_path / "published").exists()
+    client = MlflowClient(params["mlflow_uri"])
+    assert client.search_registered_models() == []
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.tags["gate"] for r in runs] == ["failed"]
+
+
+def test_hub_source_and_target_never_record_the_token(
+    tiny_model: Path, tmp_path: Path, prefect_env: Path, hub: HubServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    hub.state.add_folder("tester/tiny-llama", tiny_model, card_data={"license": "apache-2.0"}, private=True)
+    params = tiny_params(
+        tiny_model,
+        tmp_path,
+        model="tester/tiny-llama",
+        publish={"kind": "hub", "repo_id": "tester/tiny-llama-mobiquant", "endpoint": hub.url},
+    )
+    summary = compress(**params)
+    repo = hub.state.repos["tester/tiny-llama-mobiquant"]
+    assert repo.private
+    staged = repo.commits[repo.branches["staging"]].files
+    card = staged["README.md"].decode()
+    assert "base_model: tester/tiny-llama" in card and "base_model_relation: quantized" in card
+    assert "license: apache-2.0" in card
+    assert repo.branches["main"] != repo.branches["staging"]
+    assert set(staged) - {".gitattributes"} == set(tree_manifest(Path(summary["checkpoint"]).parent / "publish"))
+
+    # The planted token appears nowhere: files written, MLflow's database, published files, logs, output.
+    assert scan_for(tmp_path, HUB_TOKEN) == []
+    assert not [path for path, data in staged.items() if HUB_TOKEN.encode() in data]
+
+    async def all_logs() -> str:
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            texts = [await _flow_logs(str(r.id)) for r in runs]
+            artifacts = await client.read_artifacts()
+        return "\n".join(texts) + "\n".join(str(a.data) for a in artifacts)
+
+    assert HUB_TOKEN not in asyncio.run(all_logs())
+    out, err = capfd.readouterr()
+    assert HUB_TOKEN not in out + err
+    assert summary["version"] == "1"

@@ -1,0 +1,68 @@
+"""Publishing with the real huggingface_hub client against the local Hub API server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from registry.hashing import tree_manifest
+from registry.publish import HubRepoTarget, PublishError
+from tests.pipeline.hub_server import HubServer
+
+
+def _release(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\x01" * 4096)
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\ncard\n")
+    return folder
+
+
+def test_stage_is_one_private_commit_and_promotion_tags_main(hub: HubServer, tmp_path: Path) -> None:
+    files = _release(tmp_path / "release")
+    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, public_on_promotion=True, base_delay=0.01)
+    assert target.check_access() == "tester"
+    commit = target.stage(files, "stage")
+    repo = hub.state.repos["tester/tiny-mobiquant"]
+    assert repo.private
+    assert set(repo.commits[repo.branches["main"]].files) == {".gitattributes"}
+    assert repo.commits[commit].parent is not None
+    assert set(repo.commits[commit].files) - {".gitattributes"} == set(tree_manifest(files))
+    commits_posted = [p for m, p in hub.state.requests if m == "POST" and "/commit/" in p]
+    assert len(commits_posted) == 1
+
+    main = target.promote(commit, tree_manifest(files), "v1")
+    refs = HfApi(endpoint=hub.url).list_repo_refs("tester/tiny-mobiquant")
+    assert {t.name: t.target_commit for t in refs.tags} == {"v1": main}
+    assert target.branch_manifest("main") == tree_manifest(files)
+    assert not repo.private
+
+
+def test_transient_failures_are_retried(hub: HubServer, tmp_path: Path) -> None:
+    target = HubRepoTarget("tester/retry", endpoint=hub.url, base_delay=0.01)
+    hub.state.fail(r"/commit/staging$", status=503, times=2)
+    commit = target.stage(_release(tmp_path / "release"), "stage")
+    assert hub.state.repos["tester/retry"].branches["staging"] == commit
+
+
+def test_persistent_failure_leaves_the_branch_untouched_and_a_retry_publishes(hub: HubServer, tmp_path: Path) -> None:
+    files = _release(tmp_path / "release")
+    target = HubRepoTarget("tester/down", endpoint=hub.url, attempts=3, base_delay=0.01)
+    hub.state.fail(r"/commit/staging$", status=500, times=3)
+    with pytest.raises(PublishError, match="failed after 3 attempts"):
+        target.stage(files, "stage")
+    repo = hub.state.repos["tester/down"]
+    assert repo.branches["staging"] == repo.branches["main"]
+    commit = target.stage(files, "stage again")
+    assert set(repo.commits[commit].files) - {".gitattributes"} == set(tree_manifest(files))
+
+
+def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    target = HubRepoTarget("tester/x", endpoint=hub.url, base_delay=0.01)
+    with pytest.raises(PublishError, match="does not accept the token") as info:
+        target.check_access()
+    assert "hf_wrong" not in str(info.value)
+    assert "tester/x" not in hub.state.repos

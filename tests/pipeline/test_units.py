@@ -1,0 +1,94 @@
+"""Parameters, the gate and the local publish target: plain code, no Prefect, no model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from registry.gate import evaluate_gate, failure_message, gate_passed
+from registry.hashing import tree_manifest
+from registry.params import CompressParams, GateThresholds
+from registry.publish import LocalRepoTarget, PublishError
+
+VALIDATION = {
+    "fp": {"ppl": 10.0},
+    "budgets": [
+        {"target_bits": 3.0, "avg_bits": 3.02, "ppl": 12.0},
+        {"target_bits": 4.0, "avg_bits": 4.01, "ppl": 10.4},
+    ],
+    "uniform": [{"slices": 2, "avg_bits": 4.0, "ppl": 10.6}],
+    "rtn": [{"bits": 3, "ppl": 13.0}, {"bits": 4, "ppl": 10.5}],
+}
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"budgets": [1.5]}, "outside [2, 8]"),
+        ({"budgets": [9.0]}, "outside [2, 8]"),
+        ({"num_slices": 2, "budgets": [5.0]}, "outside [2, 4]"),
+        ({"model": "./no/such/folder"}, "neither an existing folder"),
+        ({"samples": 0}, "greater than or equal to 1"),
+        ({"mode": "diagonal"}, "'parallel' or 'sequential'"),
+        ({"publish": {"kind": "hub", "repo_id": "no-slash"}}, "owner/name"),
+        ({"publish": {"staging_branch": "main"}}, "other than 'main'"),
+        ({"publish": {"token": "hf_x"}}, "Extra inputs are not permitted"),
+        ({"kernel_archs": ["ampere"]}, "sm_80"),
+    ],
+)
+def test_invalid_parameters_name_the_problem(override: dict, fragment: str) -> None:
+    with pytest.raises(ValidationError, match=None) as info:
+        CompressParams(**{"model": "org/model", **override})
+    assert fragment in str(info.value)
+
+
+def test_defaults_are_valid_and_derive_names() -> None:
+    params = CompressParams(model="HuggingFaceTB/SmolLM2-135M")
+    assert params.default_repo_id() == "HuggingFaceTB/SmolLM2-135M-mobiquant"
+    assert params.model_name() == "mobiquant-SmolLM2-135M"
+    assert params.budgets_to_validate() == [2.5, 3.0, 4.0, 6.0]
+
+
+def test_gate_passes_and_fails_on_each_rule() -> None:
+    assert gate_passed(evaluate_gate(VALIDATION, GateThresholds()))
+    tight = GateThresholds(max_ratio_to_fp={4.0: 1.01})
+    checks = evaluate_gate(VALIDATION, tight)
+    assert not gate_passed(checks)
+    assert "ppl/fp@4" in failure_message(checks)
+    worse = json.loads(json.dumps(VALIDATION))
+    worse["budgets"][0]["ppl"] = 14.0
+    assert [c.name for c in evaluate_gate(worse, GateThresholds()) if not c.passed] == ["routed/rtn@3"]
+    off = json.loads(json.dumps(VALIDATION))
+    off["budgets"][1]["avg_bits"] = 4.6
+    assert [c.name for c in evaluate_gate(off, GateThresholds()) if not c.passed] == ["bits@4"]
+    missing = GateThresholds(max_ratio_to_fp={6.0: 1.05})
+    assert not gate_passed(evaluate_gate(VALIDATION, missing))
+
+
+def _release(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_text(text)
+    (folder / "README.md").write_text("card")
+    return folder
+
+
+def test_local_target_stages_then_promotes_checked_files(tmp_path: Path) -> None:
+    target = LocalRepoTarget(tmp_path / "pub", "org/m-mobiquant")
+    files = _release(tmp_path / "v1", "weights-1")
+    commit = target.stage(files, "v1")
+    assert target.branch_manifest("main") == {}
+    expected = tree_manifest(files)
+    with pytest.raises(PublishError, match="does not match"):
+        target.promote(commit, {**expected, "model.safetensors": "0" * 64}, "v1")
+    assert target.branch_manifest("main") == {}
+    target.promote(commit, expected, "v1")
+    assert target.branch_manifest("main") == expected
+    refs = json.loads((tmp_path / "pub/org/m-mobiquant/refs.json").read_text())
+    assert refs["tags"]["v1"] == refs["branches"]["main"]
+    target.stage(_release(tmp_path / "v2", "weights-2"), "v2")
+    with pytest.raises(PublishError, match="not the reviewed commit"):
+        target.promote(commit, expected, "v1-again")
+    assert not [p for p in (tmp_path / "pub/org/m-mobiquant").iterdir() if p.name.startswith(".")]

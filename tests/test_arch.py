@@ -1,0 +1,73 @@
+"""Architectures as data, on tiny random models of each family (Llama, Mistral, Qwen2, OPT)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config
+
+from mobiquant.arch import UnsupportedArchitectureError, architecture_for
+from mobiquant.checkpoint import mobi_layers
+from mobiquant.layers import MoBiLinear
+from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_description_finds_every_block_and_linear(family: str) -> None:
+    model = tiny_model(family)
+    arch = architecture_for(model.config.model_type)
+    blocks = arch.block_list(model)
+    assert isinstance(blocks, nn.ModuleList)
+    assert len(blocks) == model.config.num_hidden_layers
+    state = model.state_dict()
+    for index, block in enumerate(blocks):
+        linears = arch.quantized_linears(block)
+        # Every linear of a block is quantized: none is left behind at full precision by mistake.
+        in_block = {name for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+        assert set(linears) == in_block
+        for name, linear in linears.items():
+            assert isinstance(linear, nn.Linear)
+            assert torch.equal(state[f"{arch.block_prefix(index)}{name}.weight"], linear.weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaced_model_runs_the_dequantized_weights(family: str) -> None:
+    """At k slices, the model with MoBiLinear layers equals the original model with each weight replaced by W_k."""
+    model = tiny_model(family, seed=1)
+    reference = copy.deepcopy(model)
+    quantized = quantize_tiny(model, seed=1)
+    arch = architecture_for(quantized.config.model_type)
+    layers = mobi_layers(quantized)
+    assert len(layers) == len(arch.linears) * quantized.config.num_hidden_layers
+    ids = torch.randint(0, VOCAB, (2, 11))
+    for k in range(1, SLICES + 1):
+        for i, block in enumerate(arch.block_list(reference)):
+            for name, linear in arch.quantized_linears(block).items():
+                layer = layers[f"{arch.block_prefix(i)}{name}"]
+                assert (layer.bias is None) == (linear.bias is None)
+                with torch.no_grad():
+                    linear.weight.copy_(layer.sliced_weight().dequantize(k))
+        set_uniform(quantized, k)
+        torch.testing.assert_close(logits(quantized, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_precision_changes_the_output(family: str) -> None:
+    quantized = quantize_tiny(tiny_model(family, seed=2), seed=2)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    set_uniform(quantized, 1)
+    low = logits(quantized, ids)
+    set_uniform(quantized, SLICES)
+    high = logits(quantized, ids)
+    assert not torch.allclose(low, high)
+    assert all(isinstance(m, MoBiLinear) for m in mobi_layers(quantized).values())
+
+
+def test_unsupported_family_is_a_clear_error() -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'"):
+        architecture_for(GPT2Config().model_type)

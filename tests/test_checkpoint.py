@@ -1,0 +1,259 @@
+"""The elastic checkpoint: safetensors folder, transformers loading, max_slices, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import mobiquant.checkpoint as checkpoint
+from mobiquant.checkpoint import (
+    LOAD_GUARD,
+    CheckpointError,
+    load_checkpoint,
+    mobi_layers,
+    save_checkpoint,
+)
+from mobiquant.layers import MoBiLinear
+from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
+
+
+def saved(tmp_path: Path, family: str = "llama", seed: int = 0, **kwargs: object) -> tuple[torch.nn.Module, Path]:
+    model = quantize_tiny(tiny_model(family, seed=seed), seed=seed)
+    return model, save_checkpoint(model, tmp_path / f"{family}-ckpt", **kwargs)
+
+
+def test_folder_holds_safetensors_and_the_quantization_config(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, extra_config={"calibration": {"seed": 7}})
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "mobiquant"
+    assert quant["format"] == "bitplanes-msb-int32-v1"
+    assert (quant["num_slices"], quant["group_size"], quant["router_hidden"]) == (SLICES, 32, 16)
+    assert quant["linears"] == list(checkpoint.architecture_for("llama").linears)
+    assert len(quant["threshold_bits"]) == 4 * SLICES - 3
+    assert quant["calibration"] == {"seed": 7}
+    assert config["transformers_weights"] == LOAD_GUARD
+    layer = mobi_layers(model)["model.layers.1.mlp.down_proj"]
+    with safe_open(out / "model.safetensors", framework="pt") as handle:
+        keys = set(handle.keys())
+        assert torch.equal(handle.get_tensor("model.layers.1.mlp.down_proj.planes"), layer.planes)
+        assert torch.equal(handle.get_tensor("model.layers.1.mlp.down_proj.thresholds"), layer.thresholds)
+    prefix = "model.layers.0.self_attn.q_proj."
+    assert {k.removeprefix(prefix) for k in keys if k.startswith(prefix)} == {
+        "planes", "scale", "zero", "threshold_bits", "thresholds",
+        "router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias",
+    }  # fmt: skip
+    # The tied output head is stored once, as the embeddings.
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_round_trip_gives_identical_logits(tmp_path: Path, family: str) -> None:
+    model, out = saved(tmp_path, family, seed=3)
+    loaded = load_checkpoint(out)
+    assert len(mobi_layers(loaded)) == len(mobi_layers(model))
+    ids = torch.randint(0, VOCAB, (2, 13))
+    for setting in [1, 2, 3, 4, None]:
+        set_uniform(model, setting, threshold=0.3)
+        set_uniform(loaded, setting, threshold=0.3)
+        assert torch.equal(logits(model, ids), logits(loaded, ids)), setting
+    for name, layer in mobi_layers(model).items():
+        twin = mobi_layers(loaded)[name]
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, twin.state_dict()[key]), f"{name}.{key}"
+
+
+def test_from_pretrained_after_import_loads_and_generates(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=4)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, MoBiLinear)
+    assert loaded.config.quantization_config.num_slices == SLICES
+    ids = torch.randint(3, VOCAB, (1, 6))
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+    generated = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 11)
+    assert torch.equal(generated, expected)
+
+
+def test_resaving_a_loaded_checkpoint_keeps_everything(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=5, extra_config={"source": {"sha": "abc"}})
+    again = save_checkpoint(load_checkpoint(out), tmp_path / "again")
+    reloaded = load_checkpoint(again)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    set_uniform(model, None, threshold=-0.2)
+    set_uniform(reloaded, None, threshold=-0.2)
+    assert torch.equal(logits(model, ids), logits(reloaded, ids))
+    first = json.loads((out / "config.json").read_text())
+    second = json.loads((again / "config.json").read_text())
+    assert first["quantization_config"] == second["quantization_config"]
+    assert second["transformers_weights"] == LOAD_GUARD
+
+
+def test_loading_without_import_fails_clearly(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=6)
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, LlamaForCausalLM\n"
+        "for cls in (AutoModelForCausalLM, LlamaForCausalLM):\n"
+        "    try:\n"
+        "        cls.from_pretrained(sys.argv[1])\n"
+        "    except ValueError as error:\n"
+        "        print('FAILED', error)\n"
+        "    else:\n"
+        "        print('LOADED')\n"
+        "assert 'mobiquant' not in sys.modules\n"
+        "import mobiquant\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(type(model.model.layers[0].mlp.up_proj).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines[:2]:
+        assert line.startswith("FAILED") and "pip install mobiquant and `import mobiquant` before loading" in line
+    # The package import alone is enough for transformers to load the checkpoint.
+    assert lines[2] == "MoBiLinear"
+
+
+def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, out = saved(tmp_path, seed=7)
+    full = load_checkpoint(out)
+    requested: list[object] = []
+    real_safe_open = checkpoint.safe_open
+
+    class Spy:
+        """Records how each bit-plane tensor is indexed when read."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.handle = real_safe_open(*args, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self.inner.keys()
+
+        def get_slice(self, key: str) -> object:
+            lazy = self.inner.get_slice(key)
+
+            class Slice:
+                def get_dtype(self) -> str:
+                    return lazy.get_dtype()
+
+                def get_shape(self) -> list[int]:
+                    return lazy.get_shape()
+
+                def __getitem__(self, index: object) -> torch.Tensor:
+                    requested.append(index)
+                    return lazy[index]
+
+            return Slice()
+
+    monkeypatch.setattr(checkpoint, "safe_open", Spy)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    for m in (1, 2, 3):
+        requested.clear()
+        partial = load_checkpoint(out, max_slices=m)
+        layers = mobi_layers(partial)
+        assert requested == [slice(None, 2 * m)] * len(layers)
+        assert all(layer.planes.shape[0] == 2 * m and layer.stored_slices == m for layer in layers.values())
+        for k in range(1, m + 1):
+            set_uniform(full, k)
+            set_uniform(partial, k)
+            assert torch.equal(logits(full, ids), logits(partial, ids))
+        set_uniform(partial, m + 1)
+        with pytest.raises(ValueError, match="slice counts"):
+            logits(partial, ids)
+        # Routed tokens asking for more slices than are held get the most held.
+        set_uniform(partial, None, threshold=-1e6)
+        set_uniform(full, m)
+        assert torch.equal(logits(full, ids), logits(partial, ids))
+    with pytest.raises(CheckpointError, match=r"max_slices must be in 1\.\.4"):
+        load_checkpoint(out, max_slices=5)
+    with pytest.raises(CheckpointError, match="max_slices"):
+        save_checkpoint(load_checkpoint(out, max_slices=2), tmp_path / "partial")
+
+
+def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=8, max_shard_size=40_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    loaded = load_checkpoint(out, max_slices=3)
+    set_uniform(model, 3)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+
+
+def test_bfloat16_load_keeps_exact_group_parameters_and_thresholds(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=9)
+    loaded = load_checkpoint(out, dtype=torch.bfloat16)
+    for name, layer in mobi_layers(loaded).items():
+        source = mobi_layers(model)[name]
+        assert layer.thresholds.dtype == torch.float32 and torch.equal(layer.thresholds, source.thresholds)
+        assert layer.scale.dtype == torch.float16 and torch.equal(layer.scale, source.scale)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.isfinite(logits(loaded, torch.randint(0, VOCAB, (1, 5))).float()).all()
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantize_tiny(tiny_model("llama", seed=10), seed=10)
+    target = tmp_path / "out"
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    # The weights are written, then the failure strikes while the folder is flushed.
+    monkeypatch.setattr(checkpoint, "_fsync_tree", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, target)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    save_checkpoint(model, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = quantize_tiny(tiny_model("llama", seed=11), seed=11)
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(other, target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_existing_folders_are_protected(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=12)
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_checkpoint(model, out)
+    other = quantize_tiny(tiny_model("llama", seed=13), seed=13)
+    save_checkpoint(other, out, overwrite=True)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(logits(load_checkpoint(out), ids), logits(other, ids))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_checkpoint(other, empty)
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_plain_models_and_other_folders_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no MoBiLinear"):
+        save_checkpoint(tiny_model("llama"), tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    tiny_model("llama").save_pretrained(tmp_path / "fp")
+    with pytest.raises(CheckpointError, match="not a MoBiQuant checkpoint"):
+        load_checkpoint(tmp_path / "fp")

@@ -1,0 +1,285 @@
+"""The ``mobiquant`` command on a tiny random Llama with a byte-level tokenizer (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mobiquant import cli
+from mobiquant.arch import architecture_for
+from mobiquant.checkpoint import load_checkpoint, replace_linears, save_checkpoint
+from mobiquant.data import calibration_samples, evaluation_tokens
+from mobiquant.evaluation import perplexity
+from mobiquant.layers import MoBiLinear
+from mobiquant.precision import calibrate_thresholds, set_precision
+from mobiquant.slicing import slice_weight
+
+TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}." for i in range(80))
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (ByteLevel alphabet, no merges): a real, savable fast tokenizer."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
+    """A MoBiQuant checkpoint built by hand: slices from ``slice_weight``, random routers, calibrated thresholds."""
+    model, tokenizer = tiny_llama(), byte_tokenizer()
+    arch = architecture_for("llama")
+    dense = {
+        (i, name): linear.weight.detach().clone()
+        for i, block in enumerate(arch.block_list(model))
+        for name, linear in arch.quantized_linears(block).items()
+    }
+    replace_linears(model, arch, num_slices=4, group_size=32, router_hidden=8)
+    for i, block in enumerate(arch.block_list(model)):
+        for name, layer in arch.quantized_linears(block).items():
+            layer.load_sliced(slice_weight(dense[(i, name)], group_size=32, num_slices=4))
+    calibrate_thresholds(model, calibration_samples(tokenizer, str(text_file), 4, 64, seed=0))
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-mobiquant"
+    save_checkpoint(model, out, tokenizer)
+    return out
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_usage(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    return int(exc.value.code or 0), capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- argument handling -------------------------------------------------------------------------------------------
+
+
+def test_help_and_usage_errors(capsys: pytest.CaptureFixture) -> None:
+    code, _ = run_usage(capsys, "--help")
+    assert code == 0
+    code, err = run_usage(capsys)
+    assert code == 2 and "required" in one_line(err)
+    code, err = run_usage(capsys, "quantize", "some/model")
+    assert code == 2 and "-o/--output" in one_line(err)
+    code, err = run_usage(capsys, "eval", "dir", "--uniform", "one,two")
+    assert code == 2 and "comma-separated integers" in one_line(err)
+    code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--epochs", "1,2,3")
+    assert code == 2 and "STAGE1,STAGE2" in one_line(err)
+    code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--mode", "diagonal")
+    assert code == 2 and "invalid choice" in one_line(err)
+    code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--samples", "0")
+    assert code == 2 and "positive integer" in one_line(err)
+
+
+def test_epochs_accepts_one_or_two_values() -> None:
+    assert cli._epochs("3") == (3, 3)
+    assert cli._epochs("1,4") == (1, 4)
+
+
+def test_missing_checkpoint_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "info", str(tmp_path / "nowhere"))
+    assert code == 1 and out == "" and "no checkpoint directory" in one_line(err)
+    code, _, err = run(capsys, "eval", str(tmp_path))
+    assert code == 1 and "has no config.json" in one_line(err)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run(capsys, "info", str(tmp_path))
+    assert code == 1 and "not a MoBiQuant checkpoint" in one_line(err)
+
+
+def test_quantize_refuses_non_empty_output_before_loading(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run(capsys, "quantize", "no/such/model", "-o", str(out))
+    assert code == 1 and "not empty (use --force" in one_line(err)
+    code, _, err = run(capsys, "quantize", "./no/such/model", "-o", str(tmp_path / "new"))
+    assert code == 1 and "no such file or folder" in one_line(err)
+    code, _, err = run(capsys, "quantize", "m", "-o", str(tmp_path / "missing" / "out"))
+    assert code == 1 and "parent folder" in one_line(err)
+
+
+# --- eval and info on a hand-built checkpoint ----------------------------------------------------------------
+
+
+def test_eval_uniform_and_routed_json(capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path) -> None:
+    code, out, err = run(
+        capsys, "eval", str(checkpoint), "--data", str(text_file), "--uniform", "1,4", "--avg-bits", "3",
+        "--seqlen", "64", "--max-windows", "3", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["seqlen"] == 64 and report["windows"] == 3
+    rows = report["results"]
+    assert [(r["mode"], r["target"]) for r in rows] == [("uniform", 1), ("uniform", 4), ("routed", 3.0)]
+    assert rows[0]["avg_bits"] == 2.0 and rows[1]["avg_bits"] == 8.0
+    assert 2.0 < rows[2]["avg_bits"] < 8.0
+
+    model = load_checkpoint(checkpoint)
+    tokens = evaluation_tokens(byte_tokenizer(), str(text_file))
+    for row, kwargs in zip(rows, [{"slices": 1}, {"slices": 4}, {"avg_bits": 3.0}], strict=True):
+        set_precision(model, **kwargs)
+        expected = perplexity(model, tokens, seqlen=64, max_windows=3, progress=False)
+        assert row["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert rows[0]["perplexity"] > rows[1]["perplexity"]
+
+
+def test_eval_table_defaults_to_every_slice_count(
+    capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path
+) -> None:
+    code, out, err = run(
+        capsys, "eval", str(checkpoint), "--data", str(text_file), "--seqlen", "128", "--max-windows", "1"
+    )
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert "1 windows of 128 tokens" in lines[0]
+    assert [line.split()[:3] for line in lines[2:]] == [
+        ["uniform", "1", "slice"], ["uniform", "2", "slices"], ["uniform", "3", "slices"], ["uniform", "4", "slices"]
+    ]  # fmt: skip
+    assert [float(line.split()[3]) for line in lines[2:]] == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_eval_bad_settings_are_one_line(capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path) -> None:
+    base = ("eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "1")
+    code, _, err = run(capsys, *base, "--uniform", "5")
+    assert code == 1 and "--uniform 5: slice counts must be in 1..4" in one_line(err)
+    code, _, err = run(capsys, *base, "--max-slices", "2", "--uniform", "3")
+    assert code == 1 and "--uniform 3: slice counts must be in 1..2" in one_line(err)
+    code, _, err = run(capsys, *base, "--avg-bits", "9")
+    assert code == 1 and "average bits must be in [2, 8]" in one_line(err)
+    code, _, err = run(capsys, *base, "--max-slices", "5")
+    assert code == 1 and "the checkpoint has 4 slices" in one_line(err)
+    code, _, err = run(capsys, "eval", str(checkpoint), "--data", "nonexistent/corpus.txt")
+    assert code == 1 and "no such file or folder" in one_line(err)
+    code, _, err = run(capsys, "eval", str(checkpoint), "--data", "wikitext2:dev")
+    assert code == 1 and "unknown split" in one_line(err)
+
+
+def test_eval_max_slices(capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path) -> None:
+    code, out, err = run(
+        capsys, "eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "1",
+        "--max-slices", "2", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert [r["avg_bits"] for r in json.loads(out)["results"]] == [2.0, 4.0]
+
+
+def test_info(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
+    code, out, err = run(capsys, "info", str(checkpoint), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_slices"] == 4 and summary["group_size"] == 32 and summary["router_hidden"] == 8
+    assert summary["blocks"] == 2 and summary["quantized_layers"] == 14
+    assert summary["thresholds_calibrated"] is True
+    # 4 slices x 2 bits of codes, plus a float16 scale and zero per group of 32 weights.
+    assert summary["code_bits_per_weight"] == 8.0
+    assert summary["group_bits_per_weight"] == pytest.approx(32 / 32)
+    assert summary["bytes_per_weight"] == pytest.approx(9 / 8)
+    assert summary["layers"]["mlp.down_proj"] == {"in": 128, "out": 64, "count": 2}
+    code, out, err = run(capsys, "info", str(checkpoint))
+    assert code == 0, err
+    assert "bytes/weight  1.1250" in out and "self_attn.q_proj" in out and "4 (2/4/6/8 bits)" in out
+
+
+# --- quantize end to end --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+QUICK = ("--samples", "2", "--seqlen", "32", "--epochs", "1,1", "--router-hidden", "4", "--slices", "3")
+
+
+def test_quantize_writes_a_checkpoint(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    out = tmp_path / "ckpt"
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(out), "--data", str(text_file), *QUICK)
+    assert code == 0, err
+    assert "group size 64" in err, "the automatic group size is the largest of 128/64/32 that fits"
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["num_slices"] == 3 and quant["group_size"] == 64
+    assert quant["calibration_data"] == {"source": str(text_file), "samples": 2, "seqlen": 32}
+    assert quant["source_model"]["kind"] == "local"
+    assert not (tmp_path / ".ckpt.mobiquant-work").exists()
+    model = load_checkpoint(out)
+    assert sum(isinstance(m, MoBiLinear) for m in model.modules()) == 14
+
+
+def test_failed_quantize_leaves_no_output(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    import mobiquant.calibration
+
+    work_dirs: list[Path] = []
+
+    def broken(_model: object, _samples: object, _config: object, work_dir: Path, **_kwargs: object) -> None:
+        work_dirs.append(Path(work_dir))
+        raise ValueError("calibration diverged")
+
+    monkeypatch.setattr(mobiquant.calibration, "quantize_model", broken)
+    out = tmp_path / "ckpt"
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(out), "--data", str(text_file), *QUICK)
+    assert code == 1 and err.strip().splitlines()[-1] == "mobiquant quantize: error: calibration diverged"
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.") and "work" not in p.name] == []
+    # The resumable work folder is per source model, beside the output.
+    assert work_dirs[0].parent == tmp_path / ".ckpt.mobiquant-work" and len(work_dirs[0].name) == 16
+
+
+def test_quantize_reports_too_little_text(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    code, _, err = run(
+        capsys, "quantize", str(model_folder), "-o", str(tmp_path / "c"), "--data", str(text_file),
+        "--samples", "1000", "--seqlen", "64",
+    )  # fmt: skip
+    assert code == 1 and "fewer than 1000 samples x 64" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,191 @@
+"""The elastic linear layer, run-time precision and block-wise calibration, on tiny random models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import mobiquant.calibration as calibration
+from mobiquant.calibration import CalibrationConfig, quantize_model
+from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, MoBiLinear
+from mobiquant.precision import mobi_layers, set_precision, threshold_for_bits, track_bits
+from mobiquant.slicing import slice_weight
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                       max_position_embeddings=64, word_embed_proj_dim=64)
+    return OPTForCausalLM(config).eval()
+
+
+FAST = {"group_size": 32, "epochs_stage1": 1, "epochs_stage2": 2, "batch_size": 2}
+
+
+def test_each_token_gets_its_own_precision_float64() -> None:
+    weight, bias = torch.randn(40, 96), torch.randn(40)
+    sliced = slice_weight(weight, group_size=32, num_slices=4)
+    layer = MoBiLinear(96, 40, 4, 32, bias=True)
+    layer.load_sliced(sliced, bias)
+    x = torch.randn(3, 7, 96)
+    slices = torch.randint(1, 5, (3, 7))
+    out = layer(x, slices)
+    for i in range(3):
+        for t in range(7):
+            k = int(slices[i, t])
+            expected = x[i, t].double() @ sliced.dequantize(k, torch.float64).T + bias.double()
+            torch.testing.assert_close(out[i, t].double(), expected, rtol=1e-5, atol=1e-5)
+    layer.uniform_slices = 3
+    torch.testing.assert_close(layer(x), x @ sliced.dequantize(3).T + bias)
+
+
+def test_keep_slices_drops_planes_and_keeps_lower_precisions() -> None:
+    layer = MoBiLinear(64, 16, 4, 32, router_hidden=None)
+    layer.load_sliced(slice_weight(torch.randn(16, 64), group_size=32))
+    x = torch.randn(5, 64)
+    before = layer(x, 2)
+    layer.keep_slices(2)
+    assert layer.planes.shape[0] == 4
+    torch.testing.assert_close(layer(x, 2), before)
+    with pytest.raises(ValueError, match="slice counts"):
+        layer(x, 3)
+
+
+def test_threshold_gives_exact_count_on_its_data() -> None:
+    scores = torch.cummin(torch.randn(1000, 3), dim=-1).values
+    for bits in (2.5, 3.0, 4.4, 7.9):
+        theta = threshold_for_bits(scores, bits)
+        mean_slices = 1 + (scores > theta).sum(dim=-1).double().mean()
+        # Nested scores tie within a token (a prefix minimum repeats), and tied gates switch together:
+        # one token's K-1 gates at most, i.e. 2 (K - 1) / tokens bits.
+        assert float(2 * mean_slices) == pytest.approx(bits, abs=2 * 3 / 1000)
+    assert threshold_for_bits(scores, 2.0) == ALWAYS_OFF
+    assert threshold_for_bits(scores, 8.0) == ALWAYS_ON
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, torch.Tensor, torch.Tensor]:
+    model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
+    samples = torch.randint(0, 96, (8, 32))
+    reference = model(samples).logits
+    quantized = quantize_model(model, samples, CalibrationConfig(**FAST), tmp_path_factory.mktemp("w"),
+                               progress=False)
+    return quantized, samples, reference
+
+
+def test_set_precision_hits_budget_on_calibration_data(calibrated: tuple) -> None:
+    model, samples, _ = calibrated
+    for bits in (2.5, 3.0, 4.0, 5.5, 7.0):
+        set_precision(model, avg_bits=bits)
+        with track_bits(model) as meter:
+            model(samples)
+        assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+
+
+def test_uniform_precision_error_shrinks_with_slices(calibrated: tuple) -> None:
+    model, samples, reference = calibrated
+    errors = []
+    for k in range(1, 5):
+        set_precision(model, slices=k)
+        with track_bits(model) as meter:
+            errors.append(float((model(samples).logits - reference).pow(2).mean()))
+        assert meter.avg_bits == 2 * k
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_bad_precision_requests_are_refused(calibrated: tuple) -> None:
+    model, _, _ = calibrated
+    with pytest.raises(ValueError, match="avg_bits must be in"):
+        set_precision(model, avg_bits=9.0)
+    with pytest.raises(ValueError, match="slices must be in"):
+        set_precision(model, slices=5)
+    with pytest.raises(ValueError, match="exactly one"):
+        set_precision(model)
+
+
+def test_learned_clipping_beats_min_max_slicing_on_its_block() -> None:
+    model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
+    samples = torch.randint(0, 96, (8, 32))
+    inputs, block_kwargs = calibration.capture_inputs(model, samples)
+    arch = calibration.architecture_for("llama")
+    block = arch.block_list(model)[1]
+    targets = calibration._batched_outputs(block, inputs[1], block_kwargs, 4)
+    config = CalibrationConfig(group_size=32, epochs_stage1=4, epochs_stage2=0, batch_size=2, target_bits=2.0)
+    result = calibration.calibrate_block(block, inputs[1], block_kwargs, arch, config, progress=False)
+    plain = {}
+    for name, linear in arch.quantized_linears(block).items():
+        layer = MoBiLinear(linear.in_features, linear.out_features, 4, 32, router_hidden=None)
+        layer.load_sliced(slice_weight(linear.weight.detach(), group_size=32))
+        plain.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    errors = {}
+    for label, state in (("learned", result.state), ("min-max", plain)):
+        quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, state, config)
+        for layer in mobi_layers(quantized):
+            layer.uniform_slices = 1
+        outputs = calibration._batched_outputs(quantized, inputs[1], block_kwargs, 4)
+        errors[label] = float((outputs - targets).pow(2).mean())
+    assert errors["learned"] < errors["min-max"]
+
+
+def test_calibration_is_deterministic_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = torch.randint(0, 96, (4, 32))
+    config = CalibrationConfig(**FAST)
+    first = quantize_model(tiny_llama(3), samples, config, tmp_path / "a", progress=False)
+    second = quantize_model(tiny_llama(3), samples, config, tmp_path / "b", progress=False)
+    for left, right in zip(mobi_layers(first), mobi_layers(second), strict=True):
+        for key, tensor in left.state_dict().items():
+            assert torch.equal(tensor, right.state_dict()[key]), key
+
+    (tmp_path / "a" / "blocks" / "block_0001.safetensors").unlink()
+    calibrated_blocks = []
+    original = calibration.calibrate_block
+
+    def counting(*args: object, **kwargs: object) -> calibration.BlockResult:
+        calibrated_blocks.append(kwargs.get("block_index", args[6] if len(args) > 6 else None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate_block", counting)
+    resumed = quantize_model(tiny_llama(3), samples, config, tmp_path / "a", progress=False)
+    assert calibrated_blocks == [1]
+    assert torch.equal(load_file(str(tmp_path / "a" / "blocks" / "block_0001.safetensors"))["mlp.up_proj.planes"],
+                       load_file(str(tmp_path / "b" / "blocks" / "block_0001.safetensors"))["mlp.up_proj.planes"])
+    assert all(torch.equal(a.planes, b.planes) for a, b in zip(mobi_layers(resumed), mobi_layers(second), strict=True))
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_opt])
+def test_both_modes_on_both_families(tmp_path: Path, mode: str, build: object) -> None:
+    model = build(seed=int(torch.randint(0, 10_000, ())))
+    samples = torch.randint(4, 96, (4, 32))
+    reference = model(samples).logits
+    quantized = quantize_model(model, samples, CalibrationConfig(**FAST, mode=mode), tmp_path, progress=False)
+    assert len(mobi_layers(quantized)) == 2 * len(calibration.architecture_for(model.config.model_type).linears)
+    set_precision(quantized, slices=4)
+    top = float((quantized(samples).logits - reference).pow(2).mean())
+    set_precision(quantized, slices=1)
+    bottom = float((quantized(samples).logits - reference).pow(2).mean())
+    assert top < bottom
+
+
+def test_shapes_are_checked_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a multiple of group_size 128"):
+        quantize_model(tiny_llama(0), torch.randint(0, 96, (2, 16)), CalibrationConfig(group_size=128), tmp_path)
+    assert not (tmp_path / "capture").exists()
+
+
+def test_invalid_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        CalibrationConfig(mode="diagonal")
+    with pytest.raises(ValueError, match="target_bits"):
+        CalibrationConfig(target_bits=3.0)
+    with pytest.raises(ValueError, match="unknown calibration options"):
+        CalibrationConfig.from_dict({"epochs": 3})

@@ -1,0 +1,100 @@
+"""Tiny random causal LMs of every supported family, and MoBiQuant versions of them, built in a test."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from mobiquant.arch import architecture_for
+from mobiquant.checkpoint import mobi_layers, replace_linears
+from mobiquant.slicing import slice_weight
+
+VOCAB = 128
+GROUP = 32
+SLICES = 4
+ROUTER = 16
+
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    if family == "llama":
+        return LlamaConfig(**_DECODER, tie_word_embeddings=True)
+    if family == "mistral":
+        return MistralConfig(**_DECODER, sliding_window=None)
+    if family == "qwen2":
+        # Qwen2 has biases on q/k/v but not on o_proj: a check that bias presence is kept per layer.
+        return Qwen2Config(**_DECODER)
+    if family == "opt":
+        return OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    # Random init leaves biases at zero; give them values so a dropped bias would show in the outputs.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    return model
+
+
+def quantize_tiny(model: PreTrainedModel, seed: int = 0, router_hidden: int | None = ROUTER) -> PreTrainedModel:
+    """Replace the model's quantized linears by MoBiLinear layers holding their sliced weights, with random routers
+    and a random (increasing) threshold table, so that every stored tensor matters."""
+    arch = architecture_for(model.config.model_type)
+    originals = {
+        f"{arch.block_prefix(i)}{name}": (linear.weight.detach().clone(), linear.bias)
+        for i, block in enumerate(arch.block_list(model))
+        for name, linear in arch.quantized_linears(block).items()
+    }
+    replace_linears(model, arch, SLICES, GROUP, router_hidden)
+    gen = torch.Generator().manual_seed(seed)
+    for name, layer in mobi_layers(model).items():
+        weight, bias = originals[name]
+        layer.load_sliced(slice_weight(weight, GROUP, SLICES), bias)
+        if layer.router is not None:
+            with torch.no_grad():
+                for param in layer.router.parameters():
+                    param.copy_(torch.randn(param.shape, generator=gen))
+        layer.thresholds = torch.sort(torch.randn(layer.thresholds.shape, generator=gen)).values
+    return model.eval()
+
+
+def set_uniform(model: nn.Module, slices: int | None, threshold: float = 0.0) -> None:
+    """Every layer at ``slices`` slices, or routed with logit threshold ``threshold`` when ``slices`` is None."""
+    for layer in mobi_layers(model).values():
+        layer.uniform_slices = slices
+        layer.threshold = threshold
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
