@@ -64,13 +64,13 @@ def top_overlap(error_a: torch.Tensor, error_b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--epochs-stage1", type=int, default=1)
-    parser.add_argument("--epochs-stage2", type=int, default=2)
+    parser.add_argument("--epochs-stage2", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "mobiquant" / "bench-quality")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))

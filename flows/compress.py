@@ -23,8 +23,9 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from registry import tracking
 from registry.gate import GateCheck, GateFailedError, failure_message
-from registry.params import CompressParams, GateThresholds, PublishTarget, RunnerKind
+from registry.params import CompressParams, GateThresholds, PublishTarget, RunnerKind, parse_params
 from registry.publish import HubRepoTarget, target_for
+from registry.stages import file_lock
 from tasks import calibration, release
 
 
@@ -34,21 +35,28 @@ class PreflightError(RuntimeError):
 
 def preflight(params: CompressParams) -> None:
     """Reach MLflow, the Prefect API and the publish target before any download or calibration."""
+    # The Prefect API first: checking it writes nothing, while a first MLflow check creates a sqlite database.
+    check_prefect_api()
     try:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
         raise PreflightError(str(error)) from error
-    api_url = PREFECT_API_URL.value()
-    if api_url:
-        try:
-            response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
-        except httpx.HTTPError as error:
-            raise PreflightError(f"the Prefect API at {api_url} is unreachable: {error}") from error
-        if response.status_code != 200:
-            raise PreflightError(f"the Prefect API at {api_url} answered /health with HTTP {response.status_code}")
     target = target_for(params.publish, params.default_repo_id())
     if isinstance(target, HubRepoTarget):
         target.check_access()
+
+
+def check_prefect_api() -> None:
+    """Fail in seconds when the configured Prefect API does not answer (no API configured: ephemeral server)."""
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        return
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5)
+    except httpx.HTTPError as error:
+        raise PreflightError(f"the Prefect API at {api_url} is unreachable: {error}") from error
+    if response.status_code != 200:
+        raise PreflightError(f"the Prefect API at {api_url} answered /health with HTTP {response.status_code}")
 
 
 def task_runner_for(params: CompressParams) -> TaskRunner:
@@ -158,7 +166,7 @@ def compress(
     """Compress ``model`` into one elastic MoBiQuant checkpoint and stage it for review."""
     wall_start = time.perf_counter()
     given = {k: v for k, v in locals().items() if v is not None and k != "wall_start"}
-    params = CompressParams(**given)
+    params = parse_params(given)
     logger = get_run_logger()
     preflight(params)
 
@@ -197,60 +205,64 @@ def compress(
     logger.info("%d blocks calibrated (%d reused from an earlier run)", len(blocks), len(blocks) - len(fresh))
 
     run_dir = work / "runs" / f"{source['sha'][:16]}-{digest}"
-    started = time.perf_counter()
-    assembled = calibration.assemble(source["path"], [b["path"] for b in blocks], config, str(run_dir / "assembled"))
-    _timed(stage_times, "assemble", started, assembled["seconds"])
-    started = time.perf_counter()
-    checkpoint = calibration.thresholds(assembled["path"], captured["samples_path"], str(run_dir / "checkpoint"))
-    _timed(stage_times, "thresholds", started, checkpoint["seconds"])
-    started = time.perf_counter()
-    kernels = calibration.compile_kernels(params.kernel_archs, str(run_dir / "kernels"))
-    _timed(stage_times, "kernels", started, kernels["seconds"])
-    started = time.perf_counter()
-    validation, checks, passed = release.validate(
-        source["path"], checkpoint["path"], params, str(run_dir / "validation.json")
-    )
-    _timed(stage_times, "validate", started, validation["seconds"])
+    # Two runs of the same model and configuration share run_dir (same sha, same config hash): the second
+    # waits here, then redoes the cheap steps from the blocks the first left, instead of mixing files with it.
+    with file_lock(run_dir.parent / f"{run_dir.name}.lock"):
+        started = time.perf_counter()
+        block_paths = [b["path"] for b in blocks]
+        assembled = calibration.assemble(source["path"], block_paths, config, str(run_dir / "assembled"))
+        _timed(stage_times, "assemble", started, assembled["seconds"])
+        started = time.perf_counter()
+        checkpoint = calibration.thresholds(assembled["path"], captured["samples_path"], str(run_dir / "checkpoint"))
+        _timed(stage_times, "thresholds", started, checkpoint["seconds"])
+        started = time.perf_counter()
+        kernels = calibration.compile_kernels(params.kernel_archs, str(run_dir / "kernels"))
+        _timed(stage_times, "kernels", started, kernels["seconds"])
+        started = time.perf_counter()
+        validation, checks, passed = release.validate(
+            source["path"], checkpoint["path"], params, str(run_dir / "validation.json")
+        )
+        _timed(stage_times, "validate", started, validation["seconds"])
 
-    run_name = flow_run.get_name() or f"compress-{source['sha'][:8]}"
-    outcome = release.report(
-        params,
-        str(run_dir),
-        run_name,
-        source,
-        checkpoint["path"],
-        validation,
-        checks,
-        passed,
-        stage_times,
-        time.perf_counter() - wall_start,
-        blocks,
-        kernels,
-    )
-    summary = {
-        "checkpoint": checkpoint["path"],
-        "report": outcome["report_path"],
-        "mlflow_uri": params.mlflow_uri,
-        "mlflow_run_id": outcome["run_id"],
-        "registered_model": params.model_name(),
-        "version": outcome["version"],
-        "gate_passed": passed,
-        "repo_id": outcome["repo_id"],
-    }
-    if not passed:
-        message = failure_message([GateCheck(**c) for c in checks])
-        logger.error("%s; report: %s", message, outcome["report_path"])
-        raise GateFailedError(f"{message} (report: {outcome['report_path']})")
-    commit = release.publish(
-        params, outcome, outcome["version"], f"MoBiQuant {params.source_name()} from {source['sha'][:12]}"
-    )
-    summary["staged_commit"] = commit
-    logger.info(
-        "staged %s@%s (commit %s); MLflow %s version %s is the candidate",
-        outcome["repo_id"],
-        params.publish.staging_branch,
-        commit,
-        params.model_name(),
-        outcome["version"],
-    )
-    return summary
+        run_name = flow_run.get_name() or f"compress-{source['sha'][:8]}"
+        outcome = release.report(
+            params,
+            str(run_dir),
+            run_name,
+            source,
+            checkpoint["path"],
+            validation,
+            checks,
+            passed,
+            stage_times,
+            time.perf_counter() - wall_start,
+            blocks,
+            kernels,
+        )
+        summary = {
+            "checkpoint": checkpoint["path"],
+            "report": outcome["report_path"],
+            "mlflow_uri": params.mlflow_uri,
+            "mlflow_run_id": outcome["run_id"],
+            "registered_model": params.model_name(),
+            "version": outcome["version"],
+            "gate_passed": passed,
+            "repo_id": outcome["repo_id"],
+        }
+        if not passed:
+            message = failure_message([GateCheck(**c) for c in checks])
+            logger.error("%s; report: %s", message, outcome["report_path"])
+            raise GateFailedError(f"{message} (report: {outcome['report_path']})")
+        commit = release.publish(
+            params, outcome, outcome["version"], f"MoBiQuant {params.source_name()} from {source['sha'][:12]}"
+        )
+        summary["staged_commit"] = commit
+        logger.info(
+            "staged %s@%s (commit %s); MLflow %s version %s is the candidate",
+            outcome["repo_id"],
+            params.publish.staging_branch,
+            commit,
+            params.model_name(),
+            outcome["version"],
+        )
+        return summary

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from registry.params import CompressParams
+from registry.params import InvalidParametersError, parse_params
+from registry.publish import PublishError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     params.update({k: v for k, v in overrides.items() if v is not None})
     params.update(work_dir=args.work_dir, mlflow_uri=args.mlflow_uri)
     params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
-    CompressParams(**params)  # one clear validation error before Prefect starts
-
     # No API URL configured: run on Prefect's ephemeral in-process server.
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    from flows.compress import compress
+    from flows.compress import PreflightError, compress, preflight
 
+    # Parameters and services are checked before Prefect starts a run: one line and exit status 1 when not usable.
+    try:
+        preflight(parse_params(params))
+    except (InvalidParametersError, PreflightError, PublishError) as error:
+        print(f"mobiquant demo: error: {error}", file=sys.stderr)
+        return 1
     summary = compress(**params)
     db = summary["mlflow_uri"]
     print()

@@ -51,8 +51,8 @@ class CalibrationConfig:
     num_slices: int = 4
     group_size: int = 128
     router_hidden: int = 32
-    epochs_stage1: int = 2
-    epochs_stage2: int = 3
+    epochs_stage1: int = 1
+    epochs_stage2: int = 1
     batch_size: int = 4
     lr_clip: float = 5e-3
     lr_router: float = 2e-3
@@ -437,7 +437,8 @@ def quantized_input_path(capture_dir: Path, index: int, digest: str) -> Path:
     return Path(capture_dir) / f"block_{index:04d}.quantized-{digest}.safetensors"
 
 
-def capture_block_inputs(model: nn.Module, samples: torch.Tensor, capture_dir: Path) -> dict[str, Any]:
+def capture_block_inputs(model: nn.Module, samples: torch.Tensor, capture_dir: Path,
+                         model_key: str = "") -> dict[str, Any]:
     """Write every block's full-precision inputs and the block arguments under ``capture_dir``.
 
     Returns the manifest (also written as ``manifest.json``). A capture whose manifest matches the
@@ -448,7 +449,7 @@ def capture_block_inputs(model: nn.Module, samples: torch.Tensor, capture_dir: P
     manifest_path = capture_dir / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("samples_sha256") == samples_sha:
+        if manifest.get("samples_sha256") == samples_sha and manifest.get("model", "") == model_key:
             return manifest
     inputs, block_kwargs = capture_inputs(model, samples)
     capture_dir.mkdir(parents=True, exist_ok=True)
@@ -458,8 +459,8 @@ def capture_block_inputs(model: nn.Module, samples: torch.Tensor, capture_dir: P
         _atomic_save({"hidden": hidden.contiguous()}, path, {"block": str(index)})
         files[path.name] = file_sha256(path)
     save_block_kwargs(block_kwargs, capture_dir / "kwargs.safetensors")
-    manifest = {"num_blocks": len(inputs), "samples_sha256": samples_sha, "shape": list(inputs[0].shape),
-                "files": files}
+    manifest = {"num_blocks": len(inputs), "samples_sha256": samples_sha, "model": model_key,
+                "shape": list(inputs[0].shape), "files": files}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -489,13 +490,24 @@ def load_block(model_dir: Path, index: int) -> tuple[nn.Module, Architecture]:
     return block, arch
 
 
-def result_is_complete(out_path: Path, config: CalibrationConfig, block_index: int) -> bool:
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's configuration and of every weight it will quantize (part of the resume key)."""
+    arch, blocks = _model_blocks(model)
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for block in blocks:
+        for linear in arch.quantized_linears(block).values():
+            digest.update(linear.weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def result_is_complete(out_path: Path, config: CalibrationConfig, block_index: int, model_key: str = "") -> bool:
+    """Whether ``out_path`` holds block ``block_index`` calibrated with ``config`` from model ``model_key``."""
     if not Path(out_path).exists():
         return False
     with safe_open(str(out_path), "pt") as handle:
         meta = handle.metadata() or {}
     return (meta.get("format") == RESULT_FORMAT and meta.get("config_digest") == config.digest()
-            and meta.get("block") == str(block_index))
+            and meta.get("block") == str(block_index) and meta.get("model", "") == model_key)
 
 
 def read_result_report(out_path: Path) -> dict[str, Any]:
@@ -505,8 +517,10 @@ def read_result_report(out_path: Path) -> dict[str, Any]:
             "path": str(out_path), "sha256": file_sha256(Path(out_path))}
 
 
-def save_block_result(result: BlockResult, out_path: Path, config: CalibrationConfig, block_index: int) -> None:
+def save_block_result(result: BlockResult, out_path: Path, config: CalibrationConfig, block_index: int,
+                      model_key: str = "") -> None:
     metadata = {"format": RESULT_FORMAT, "config_digest": config.digest(), "block": str(block_index),
+                "model": model_key,
                 "losses": json.dumps(result.losses), "seconds": f"{result.seconds:.3f}",
                 "config": json.dumps(config.to_dict(), sort_keys=True)}
     _atomic_save(result.state, Path(out_path), metadata)
@@ -633,15 +647,16 @@ def quantize_model(
 
     check_model_shapes(model, config.group_size)
     arch, blocks = _model_blocks(model)
+    model_key = model_fingerprint(model)
     work_dir = Path(work_dir)
     capture_dir = work_dir / "capture"
-    capture_block_inputs(model, samples, capture_dir)
+    capture_block_inputs(model, samples, capture_dir, model_key)
     block_kwargs = load_block_kwargs(capture_dir / "kwargs.safetensors")
     results: dict[int, dict[str, torch.Tensor]] = {}
     bar = tqdm(total=len(blocks), desc="calibrating blocks", disable=not progress)
     for index, block in enumerate(blocks):
         out_path = work_dir / "blocks" / f"block_{index:04d}.safetensors"
-        if not result_is_complete(out_path, config, index):
+        if not result_is_complete(out_path, config, index, model_key):
             fp_inputs = load_file(str(fp_input_path(capture_dir, index)))["hidden"]
             inputs, targets = fp_inputs, None
             if config.mode == "sequential" and index > 0:
@@ -651,7 +666,7 @@ def quantize_model(
             if config.mode == "sequential":
                 _propagate(block, arch, result.state, config, inputs, block_kwargs,
                            quantized_input_path(capture_dir, index + 1, config.digest()))
-            save_block_result(result, out_path, config, index)
+            save_block_result(result, out_path, config, index, model_key)
         elif config.mode == "sequential" and not quantized_input_path(capture_dir, index + 1, config.digest()).exists():
             fp_or_quantized = (fp_input_path(capture_dir, 0) if index == 0
                                else quantized_input_path(capture_dir, index, config.digest()))

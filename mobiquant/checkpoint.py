@@ -362,7 +362,11 @@ def _fsync_dir(folder: Path) -> None:
 def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, str(folder / filename), metadata={"format": "pt"})
+        try:
+            save_file({name: tensors[name] for name in names}, str(folder / filename), metadata={"format": "pt"})
+        except SafetensorError as error:
+            # safetensors reports a failed write (full disk, file size limit) as its own error, not as OSError.
+            raise CheckpointError(f"could not write {filename}: {error}") from error
     if split.is_sharded:
         index = {"metadata": {**split.metadata, "format": FORMAT}, "weight_map": split.tensor_to_filename}
         (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

