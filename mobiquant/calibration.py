@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -396,7 +396,7 @@ def save_block_kwargs(block_kwargs: dict[str, Any], path: Path) -> None:
             layout[name] = {"value": value}
         else:
             raise TypeError(f"cannot store block argument {name!r} of type {type(value).__name__}")
-    save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
+    _save_safetensors(tensors, Path(path), {"layout": json.dumps(layout)})
 
 
 def load_block_kwargs(path: Path) -> dict[str, Any]:
@@ -422,10 +422,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` with its write failures (disk full, size limit) raised as one clear ``OSError``."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        path.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {error}") from error
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
+    _save_safetensors(tensors, partial, metadata)
     partial.replace(path)
 
 

@@ -40,25 +40,6 @@ def test_stage_is_one_private_commit_and_promotion_tags_main(hub: HubServer, tmp
     assert not repo.private
 
 
-def test_transient_failures_are_retried(hub: HubServer, tmp_path: Path) -> None:
-    target = HubRepoTarget("tester/retry", endpoint=hub.url, base_delay=0.01)
-    hub.state.fail(r"/commit/staging$", status=503, times=2)
-    commit = target.stage(_release(tmp_path / "release"), "stage")
-    assert hub.state.repos["tester/retry"].branches["staging"] == commit
-
-
-def test_persistent_failure_leaves_the_branch_untouched_and_a_retry_publishes(hub: HubServer, tmp_path: Path) -> None:
-    files = _release(tmp_path / "release")
-    target = HubRepoTarget("tester/down", endpoint=hub.url, attempts=3, base_delay=0.01)
-    hub.state.fail(r"/commit/staging$", status=500, times=3)
-    with pytest.raises(PublishError, match="failed after 3 attempts"):
-        target.stage(files, "stage")
-    repo = hub.state.repos["tester/down"]
-    assert repo.branches["staging"] == repo.branches["main"]
-    commit = target.stage(files, "stage again")
-    assert set(repo.commits[commit].files) - {".gitattributes"} == set(tree_manifest(files))
-
-
 def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     target = HubRepoTarget("tester/x", endpoint=hub.url, base_delay=0.01)

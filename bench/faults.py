@@ -1,0 +1,171 @@
+"""Run the fault, bad-input and security tests (tests/faults) and print what each case showed.
+
+    python bench/faults.py [-k EXPR]
+
+Each row is one case: what is expected, what was observed (pass, or the first line of the failure),
+and the data lost. The tests themselves assert that nothing was lost or half-written (no partial
+checkpoint, branch unchanged, finished blocks kept), so "none" is reported only for a passing case.
+Exit status 0 when every case passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Test function name (without parameters) -> (case, expected behaviour).
+CASES: dict[str, tuple[str, str]] = {
+    "test_killed_run_recomputes_only_unfinished_blocks_and_matches_an_uninterrupted_run": (
+        "SIGKILL during calibration, rerun",
+        "only unfinished blocks recomputed; tensor sha256 = uninterrupted run",
+    ),
+    "test_transient_fault_is_retried_with_backoff": (
+        "Hub {param} twice during commit",
+        "retried with backoff (0.05 s, 0.1 s), then one clean commit",
+    ),
+    "test_persistent_fault_leaves_the_branch_untouched": (
+        "Hub {param} on every attempt",
+        "PublishError after 3 attempts; staging branch unchanged",
+    ),
+    "test_flow_fails_clearly_tags_the_version_and_a_later_run_publishes": (
+        "Hub down during the flow's publish",
+        "flow fails, MLflow version publish_status=failed, rerun stages cleanly",
+    ),
+    "test_unreachable_mlflow_server_is_found_in_seconds": ("MLflow server unreachable", "PreflightError in < 10 s"),
+    "test_missing_mlflow_database_folder": ("MLflow sqlite folder missing", "PreflightError naming the folder"),
+    "test_flow_stops_before_heavy_work_when_mlflow_is_down": (
+        "MLflow down, flow started",
+        "fails before download; no work folder",
+    ),
+    "test_unreachable_prefect_api_is_one_line_before_anything_runs": (
+        "Prefect API unreachable",
+        "one line, exit 1, nothing written",
+    ),
+    "test_unreachable_mlflow_from_the_demo_command": ("MLflow unreachable (demo command)", "one line, exit 1"),
+    "test_concurrent_runs_of_different_and_of_the_same_model": (
+        "3 concurrent runs (2 models, one twice)",
+        "all succeed; each block calibrated once; published = recorded sha256",
+    ),
+    "test_cli_full_disk_is_one_line_and_leaves_no_output": (
+        "disk full writing checkpoint (CLI)",
+        "one line, exit 1, no output dir",
+    ),
+    "test_full_disk_keeps_the_previous_checkpoint": ("disk full on --force overwrite", "previous checkpoint intact"),
+    "test_size_limited_file_in_a_real_process": (
+        "RLIMIT_FSIZE while writing (real process)",
+        "one line, exit 1, no output dir",
+    ),
+    "test_flow_full_disk_leaves_no_checkpoint_and_publishes_nothing": (
+        "disk full in the flow",
+        "flow fails; no checkpoint, no release, no MLflow version",
+    ),
+    "test_cli_bad_model_folder": ("CLI: {param}", "one line naming it, exit 1, nothing written"),
+    "test_flow_bad_model_folder": ("flow: {param}", "one-line error, no captures/blocks/runs/release/MLflow run"),
+    "test_cli_allow_pickle_states_the_risk_and_opts_in": (
+        "pickle weights, --allow-pickle",
+        "refused by default; flag help states the risk",
+    ),
+    "test_cli_bad_hub_reference": ("CLI: hub {param}", "one line naming it, exit 1"),
+    "test_flow_bad_hub_reference_is_not_retried": ("flow: hub {param}", "one-line error, not retried, nothing written"),
+    "test_cli_budget_outside_range": ("CLI: budget outside [2, 2K]", "one line, exit 1"),
+    "test_invalid_flow_parameters_are_one_line": ("parameters: {param}", "one-line InvalidParametersError"),
+    "test_invalid_parameters_stop_the_flow_before_anything": ("flow: budget 9 bits", "fails before any file"),
+    "test_shipped_deployment_parameters_are_valid_and_a_bad_one_is_not": (
+        "deployment parameters (prefect.yaml)",
+        "shipped valid; broken refused",
+    ),
+    "test_pack_unpack_round_trip_and_prefixes": ("packing: random codes, odd shapes", "exact round trip, prefixes"),
+    "test_every_code_value_survives_packing": ("packing: all 4^K values (K={param})", "exact round trip"),
+    "test_sign_bit_words_round_trip": ("packing: bit 31 set", "exact round trip"),
+    "test_too_few_planes_is_a_clear_error": ("packing: too few planes", "clear ValueError"),
+    "test_slicing_extreme_values": ("slicing: denormals, constant groups, outliers", "finite, codes in range"),
+    "test_planted_token_appears_in_no_output": (
+        "planted HF token",
+        "absent from files, MLflow, Prefect API, Hub, output",
+    ),
+    "test_token_from_the_credential_store": ("token from credential store", "accepted without HF_TOKEN"),
+    "test_repo_is_public_only_when_configured": ("repo visibility", "private unless configured"),
+    "test_download_is_pinned_to_the_resolved_commit": ("branch moves during download", "files of the resolved sha"),
+    "test_remote_code_and_pickles_are_never_downloaded": ("repo with .py and .bin", "not fetched; no code runs"),
+}
+
+
+@dataclass
+class Row:
+    case: str
+    expected: str
+    observed: str = "not run"
+    seconds: float = 0.0
+    passed: bool = False
+
+
+@dataclass
+class Collector:
+    """A pytest plugin keeping one row per test, filled from the test reports."""
+
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        name, _, param = report.nodeid.split("::")[-1].partition("[")
+        param = param.rstrip("]")
+        case, expected = CASES.get(name, (name, "passes"))
+        row = self.rows.setdefault(report.nodeid, Row(case.format(param=param), expected))
+        row.seconds += report.duration
+        if report.when == "call" or report.failed:
+            row.passed = report.passed and row.observed in ("not run", "as expected")
+            if report.failed:
+                row.observed = _first_line(report)
+            elif report.skipped:
+                row.observed = "skipped"
+            elif row.observed == "not run":
+                row.observed = "as expected"
+
+
+def _first_line(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr)
+    return f"FAILED ({report.when}): " + " ".join(message.split())[:100]
+
+
+def print_table(rows: list[Row]) -> None:
+    headers = ("case", "expected", "observed", "data lost")
+    lines = [(r.case, r.expected, f"{r.observed} ({r.seconds:.1f} s)", "none" if r.passed else "CHECK") for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the fault cases and print a table of the results.")
+    parser.add_argument("-k", dest="keyword", help="only the cases whose test name matches (pytest -k)")
+    args = parser.parse_args(argv)
+    collector = Collector()
+    pytest_args = ["-q", "-p", "no:cacheprovider", "--no-header", "-o", "console_output_style=classic"]
+    pytest_args += ["-k", args.keyword] if args.keyword else []
+    started = time.monotonic()
+    code = pytest.main([*pytest_args, str(ROOT / "tests" / "faults")], plugins=[collector])
+    rows = list(collector.rows.values())
+    if not rows:
+        print("no case ran (see pytest's output above)")
+        return 1
+    print()
+    print_table(rows)
+    passed = sum(r.passed for r in rows)
+    print(f"\n{passed}/{len(rows)} cases as expected in {time.monotonic() - started:.0f} s; data lost: "
+          f"{'none' if passed == len(rows) and rows else 'see the rows marked CHECK'}")  # fmt: skip
+    return 0 if code == 0 and passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    # Run as a script, bench/ would come first on the path, and its kernels.py would shadow the "kernels"
+    # package that transformers looks for; the repository root takes its place.
+    sys.path[0] = str(ROOT)
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""MLflow or the Prefect API unreachable: found before any download or calibration, with a clear message."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows import demo
+from flows.compress import PreflightError, compress, preflight
+from registry.params import parse_params
+from tests.pipeline.conftest import tiny_params
+
+
+def _dead_url() -> str:
+    """A loopback URL nobody listens on (the port was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_unreachable_mlflow_server_is_found_in_seconds(tiny_model: Path, tmp_path: Path) -> None:
+    params = parse_params(tiny_params(tiny_model, tmp_path, mlflow_uri=_dead_url()))
+    started = time.monotonic()
+    with pytest.raises(PreflightError, match=r"MLflow at http://127\.0\.0\.1:\d+ is unreachable"):
+        preflight(params)
+    assert time.monotonic() - started < 10
+
+
+def test_missing_mlflow_database_folder(tiny_model: Path, tmp_path: Path) -> None:
+    params = parse_params(tiny_params(tiny_model, tmp_path, mlflow_uri=f"sqlite:///{tmp_path}/absent/mlflow.db"))
+    with pytest.raises(PreflightError, match=r"MLflow database folder .*absent does not exist"):
+        preflight(params)
+
+
+def test_flow_stops_before_heavy_work_when_mlflow_is_down(tiny_model: Path, tmp_path: Path, prefect_env: Path) -> None:
+    with pytest.raises(PreflightError, match="is unreachable"):
+        compress(**tiny_params(tiny_model, tmp_path, mlflow_uri=_dead_url()))
+    assert not (tmp_path / "work").exists(), "nothing downloaded, captured or calibrated"
+    assert not (tmp_path / "published").exists()
+
+
+def test_unreachable_prefect_api_is_one_line_before_anything_runs(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = _dead_url() + "/api"
+    argv = [
+        "--model", str(tiny_model), "--samples", "2", "--seqlen", "16",
+        "--work-dir", str(tmp_path / "work"),
+        "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--publish-root", str(tmp_path / "published"),
+    ]  # fmt: skip
+    started = time.monotonic()
+    with temporary_settings({PREFECT_API_URL: dead}):
+        code = demo.main(argv)
+    assert code == 1 and time.monotonic() - started < 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mobiquant demo: error: the Prefect API at {dead} is unreachable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no database, work folder or release written"
+
+
+def test_unreachable_mlflow_from_the_demo_command(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tiny_model), "--mlflow-uri", _dead_url(), "--work-dir", str(tmp_path / "work")]
+    with temporary_settings({PREFECT_API_URL: ""}):
+        assert demo.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MLflow at http://127.0.0.1:" in err[0] and "is unreachable" in err[0]
+    assert not (tmp_path / "work").exists()
