@@ -60,7 +60,7 @@ class CalibrationConfig:
     budget_weight: float = 0.05
     temperature_start: float = 1.0
     temperature_end: float = 0.05
-    clip_init: float = 4.0
+    clip_init: float = 6.0
     mode: str = "parallel"
     seed: int = 0
     target_bits: float | None = None
