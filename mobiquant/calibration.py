@@ -4,6 +4,9 @@ For each transformer block:
 
 * stage 1 fits learnable weight clipping (LWC) so that the block computed with slice 1 alone matches
   the full-precision block output;
+* between the stages each router is fitted to rank its tokens by the output error they keep at each
+  slice count (``fit_routers_to_errors``), so stage 2 starts from routers that already know which
+  tokens need more slices;
 * stage 2 trains clipping and routers jointly: the block under routed slices against the
   full-precision output, plus a budget term pulling the average bits toward a target sampled anew at
   every step, so one router serves the whole range of budgets.
@@ -45,6 +48,15 @@ MODES = ("parallel", "sequential")
 # middle of the range every block will be run at.
 SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
+# Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
+# results saved by an older version are recomputed rather than reused.
+ALGORITHM_REVISION = 2
+# Router fitting: tokens sampled per layer and full-batch Adam steps. Measured on SmolLM2 block 5, this
+# budget ranks tokens within 3-20% of the oracle allocation's output error at 3 bits (random routing:
+# +40-110%), at about a second per layer on one CPU core.
+ROUTER_FIT_TOKENS = 2048
+ROUTER_FIT_STEPS = 150
+ROUTER_FIT_LR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -94,7 +106,8 @@ class CalibrationConfig:
 
     def digest(self) -> str:
         """Hash of every setting that changes the result (the resume key, with model sha and block)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        keyed = {**self.to_dict(), "algorithm_revision": ALGORITHM_REVISION}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _floor_ste(x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +252,10 @@ def calibrate_block(
             block, trainables, inputs, targets, block_kwargs, config, "stage1", losses, generator,
             layer_params, total_params, block_index, progress, on_progress,
         )
+        if config.routed:
+            losses["router_fit_residual"] = fit_routers_to_errors(
+                block, trainables, inputs, block_kwargs, config, generator
+            )
         _train_stage(
             block, trainables, inputs, targets, block_kwargs, config, "stage2", losses, generator,
             layer_params, total_params, block_index, progress, on_progress,
@@ -251,6 +268,66 @@ def calibrate_block(
         for name, linear in originals.items():
             _swap(block, name, linear)
     return BlockResult(state, losses, time.perf_counter() - started)
+
+
+def truncation_errors(module: TrainableSlicedLinear, x: torch.Tensor) -> torch.Tensor:
+    """``[tokens, K-1]``: column e-1 is ``||x (W_e - W)^T||^2``, the output error a token keeps at e slices."""
+    with torch.no_grad():
+        weights = module.fake_weights(module.num_slices - 1)
+        return torch.stack([(x @ (w - module.weight).T).pow(2).sum(dim=-1) for w in weights], dim=-1)
+
+
+def fit_routers_to_errors(
+    block: nn.Module,
+    trainables: dict[str, TrainableSlicedLinear],
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    config: CalibrationConfig,
+    generator: torch.Generator,
+) -> list[float]:
+    """Fit every router's logits to the log truncation error of its tokens; returns each fit's residual.
+
+    Gate ``e`` buys slice ``e+1``, which removes nearly all of the error ``err_e`` left at ``e`` slices
+    (the next slice's error is about 16 times smaller). A router whose logit ``e`` predicts
+    ``log err_e`` therefore ranks (token, slice) pairs by the error each removes, and a threshold on
+    those scores spends a layer's bits where they remove the most output error. The errors fall with
+    ``e``, so the fitted logits already respect the nesting. Targets are centred per layer: logit 0 (the
+    training mask's cut) sits in the middle of the range. The residual reported is the mean squared
+    fit error over the targets' variance (0 is a perfect ranking, 1 no better than a constant).
+    """
+    per_batch = max(1, math.ceil(ROUTER_FIT_TOKENS / math.ceil(len(inputs) / config.batch_size)))
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in trainables}
+
+    def keep_sample(name: str) -> Callable[..., None]:
+        def hook(module: TrainableSlicedLinear, args: tuple) -> None:
+            tokens = args[0].detach().reshape(-1, module.weight.shape[1])
+            pick = torch.randperm(len(tokens), generator=generator)[:per_batch]
+            seen[name].append(tokens[pick])
+
+        return hook
+
+    for module in trainables.values():
+        module.uniform_slices, module.routing = module.num_slices, False
+    handles = [module.register_forward_pre_hook(keep_sample(name)) for name, module in trainables.items()]
+    try:
+        _batched_outputs(block, inputs, block_kwargs, config.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    residuals = []
+    for name, module in trainables.items():
+        x = torch.cat(seen[name])
+        target = truncation_errors(module, x).clamp_min(1e-30).log()
+        target = target - target.mean()
+        module.router.requires_grad_(True)
+        optimizer = torch.optim.Adam(module.router.parameters(), lr=ROUTER_FIT_LR)
+        for _step in range(ROUTER_FIT_STEPS):
+            loss = F.mse_loss(module.router(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        residuals.append(float(loss.detach()) / max(float(target.var()), 1e-12))
+    return residuals
 
 
 def _train_stage(

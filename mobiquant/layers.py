@@ -20,8 +20,10 @@ ALWAYS_OFF = 1.0e9
 class MoBiRouter(nn.Module):
     """Two-layer MLP giving one logit per residual slice (slice 1 is always on).
 
-    The token activation is RMS-normalised first (no parameters) so the router sees the direction of
-    ``x``, not its scale, which varies by orders of magnitude across layers.
+    The MLP sees the token's direction (``x`` RMS-normalised: its scale varies by orders of magnitude
+    across layers); its scale enters through ``norm_weight * log(rms(x)^2)``. The output error a
+    truncated weight leaves grows as ``|x|^2``, so ``norm_weight`` starts at 1: a token's logits then
+    move with the log of the error it would keep, whatever its norm.
     """
 
     def __init__(self, in_features: int, num_slices: int, hidden: int = 32) -> None:
@@ -29,11 +31,14 @@ class MoBiRouter(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, num_slices - 1)
         self.act = nn.SiLU()
+        self.norm_weight = nn.Parameter(torch.ones(num_slices - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype)))).float()
+        mean_square = x.pow(2).mean(dim=-1, keepdim=True) + 1e-6
+        direction = x * torch.rsqrt(mean_square)
+        logits = self.fc2(self.act(self.fc1(direction.to(self.fc1.weight.dtype)))).float()
+        return logits + self.norm_weight.float() * mean_square.log()
 
 
 def gate_scores(logits: torch.Tensor) -> torch.Tensor:

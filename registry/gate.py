@@ -68,9 +68,10 @@ def evaluate_gate(validation: dict[str, Any], thresholds: GateThresholds) -> lis
         )
     if thresholds.routed_not_worse_than_rtn:
         rtn = {float(r["bits"]): r["ppl"] for r in validation.get("rtn", [])}
+        checked = None if thresholds.rtn_check_bits is None else {float(b) for b in thresholds.rtn_check_bits}
         for row in validation["budgets"]:
             reference = rtn.get(float(row["target_bits"]))
-            if reference is None:
+            if reference is None or (checked is not None and float(row["target_bits"]) not in checked):
                 continue
             ratio = row["ppl"] / reference
             checks.append(

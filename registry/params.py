@@ -52,6 +52,9 @@ class GateThresholds(BaseModel):
         True, description="fail when the routed model is worse than RTN at the same (integer) bits"
     )
     rtn_tolerance: float = Field(1.0, gt=0, description="routed ppl may be up to this factor of RTN ppl")
+    rtn_check_bits: list[float] | None = Field(
+        None, description="the budgets compared with RTN (default: every integer budget); others are only reported"
+    )
     max_bits_error: float = Field(0.25, ge=0, description="largest |measured average bits - budget|")
 
     @field_validator("max_ratio_to_fp")

@@ -52,7 +52,7 @@ def test_folder_holds_safetensors_and_the_quantization_config(tmp_path: Path) ->
     prefix = "model.layers.0.self_attn.q_proj."
     assert {k.removeprefix(prefix) for k in keys if k.startswith(prefix)} == {
         "planes", "scale", "zero", "threshold_bits", "thresholds",
-        "router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias",
+        "router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias", "router.norm_weight",
     }  # fmt: skip
     # The tied output head is stored once, as the embeddings.
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys

@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import mobiquant.calibration as calibration
+from mobiquant import slicing
 from mobiquant.calibration import CalibrationConfig, quantize_model
-from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, MoBiLinear
+from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, MoBiLinear, gate_scores
 from mobiquant.precision import mobi_layers, set_precision, threshold_for_bits, track_bits
 from mobiquant.slicing import slice_weight
 
@@ -70,6 +71,56 @@ def test_threshold_gives_exact_count_on_its_data() -> None:
         assert float(2 * mean_slices) == pytest.approx(bits, abs=2 * 3 / 1000)
     assert threshold_for_bits(scores, 2.0) == ALWAYS_OFF
     assert threshold_for_bits(scores, 8.0) == ALWAYS_ON
+
+
+def _tokens_with_active_channels(count: int, features: int) -> torch.Tensor:
+    """Tokens that each excite a few random input channels strongly: their truncation errors differ."""
+    x = 0.1 * torch.randn(count, features)
+    active = torch.rand(count, features) < 0.1
+    return x + active * torch.randn(count, features) * 3
+
+
+def _error_left(errors: torch.Tensor, scores: torch.Tensor, gates_on: int) -> float:
+    """Total output error when the ``gates_on`` highest nested scores get their residual slice."""
+    nested = gate_scores(scores)
+    cut = torch.sort(nested.flatten(), descending=True).values[gates_on - 1]
+    on = (nested >= cut).sum(dim=-1)
+    left = torch.cat([errors, torch.zeros(len(errors), 1)], dim=-1)
+    return float(left.gather(1, on[:, None]).sum())
+
+
+def test_fitted_router_spends_slices_where_they_remove_most_error() -> None:
+    features, out_features = 96, 48
+    # Heavy-tailed weights: tokens that excite the columns holding outliers lose most at few slices.
+    weight = torch.distributions.StudentT(2.0).sample((out_features, features)) * 0.05
+    linear = torch.nn.Linear(features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    config = CalibrationConfig(group_size=32, router_hidden=32, num_slices=4)
+    module = calibration.TrainableSlicedLinear(linear, config)
+    block = torch.nn.Sequential(module)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    residuals = calibration.fit_routers_to_errors(
+        block, {"0": module}, _tokens_with_active_channels(2048, features), {}, config, generator
+    )
+    assert residuals[0] < 0.2, residuals
+
+    fresh = _tokens_with_active_channels(1000, features)
+    # Independent reference: each token's error at 1..3 slices, in float64 from the formulas.
+    sliced = slicing.slice_weight(weight, 32, 4, clip=tuple(f.detach() for f in module.clip_factors()))
+    errors = torch.stack(
+        [(fresh.double() @ (sliced.dequantize(k).double() - weight.double()).T).pow(2).sum(dim=-1) for k in (1, 2, 3)],
+        dim=-1,
+    )
+    with torch.no_grad():
+        routed = module.router(fresh)
+    half = fresh.shape[0] * 3 // 2  # 3 bits: half of the residual gates on
+    oracle = _error_left(errors, errors.log(), half)
+    fitted = _error_left(errors, routed.double(), half)
+    random_scores = torch.rand(errors.shape, dtype=torch.float64).sort(dim=-1, descending=True).values
+    random = _error_left(errors, random_scores, half)
+    assert fitted < 0.7 * random, (fitted, random)
+    assert fitted < 1.3 * oracle, (fitted, oracle)
 
 
 @pytest.fixture(scope="module")

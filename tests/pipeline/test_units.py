@@ -61,6 +61,10 @@ def test_gate_passes_and_fails_on_each_rule() -> None:
     worse = json.loads(json.dumps(VALIDATION))
     worse["budgets"][0]["ppl"] = 14.0
     assert [c.name for c in evaluate_gate(worse, GateThresholds()) if not c.passed] == ["routed/rtn@3"]
+    # Budgets left out of rtn_check_bits are reported, not gated.
+    only_four = GateThresholds(rtn_check_bits=[4.0])
+    assert [c.name for c in evaluate_gate(worse, only_four) if c.name.startswith("routed/")] == ["routed/rtn@4"]
+    assert gate_passed(evaluate_gate(worse, only_four))
     off = json.loads(json.dumps(VALIDATION))
     off["budgets"][1]["avg_bits"] = 4.6
     assert [c.name for c in evaluate_gate(off, GateThresholds()) if not c.passed] == ["bits@4"]
