@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, bench/ would come first on the path, and its kernels.py would shadow the "kernels"
-    # package that transformers looks for; the repository root takes its place.
+    # The fault tests import flows/, tasks/ and registry/ from the checkout, as they do under pytest.
     sys.path[0] = str(ROOT)
     sys.exit(main())

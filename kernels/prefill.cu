@@ -51,7 +51,7 @@ struct PrefillSmem {
     u16 w[BN][SROW];
     int token[BM];
 };
-// Keep in sync with PREFILL_SMEM_BYTES in kernels/_launch.py (the host asks for this much dynamic smem).
+// Keep in sync with PREFILL_SMEM_BYTES in mobiquant/kernels/_launch.py (the host asks for this much dynamic smem).
 static_assert(sizeof(PrefillSmem) == 53760, "prefill shared memory size changed");
 
 __device__ __forceinline__ u32 shared_address(const void* p) {

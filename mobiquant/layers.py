@@ -142,11 +142,15 @@ class MoBiLinear(nn.Module):
         return counts.clamp(max=self.stored_slices)
 
     def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
+        # Counts from route() are in range by construction; only caller-given counts are checked, because
+        # reading a CUDA tensor's min and max waits for the GPU on every call.
         if slices is None:
             slices = self.route(x)
         elif isinstance(slices, int):
+            if not 1 <= slices <= self.stored_slices:
+                raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
             slices = torch.full(x.shape[:-1], slices, dtype=torch.long, device=x.device)
-        if int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
+        elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
         if self.bit_meter is not None:
             self.bit_meter.add(slices, self.in_features * self.out_features)

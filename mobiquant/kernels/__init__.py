@@ -8,6 +8,7 @@ for a list of architectures without a GPU. ``MOBIQUANT_KERNELS=off`` makes the l
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,6 +45,12 @@ __all__ = [
 DECODE_MAX_TOKENS = 16
 MAX_SLICES = 4  # MAX_SLICES in common.cuh: codes must fit one byte
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _device_supported(index: int) -> bool:
+    """Whether CUDA device ``index`` can run the kernels: cp.async, ldmatrix and bf16 mma need sm_80."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def enabled() -> bool:
@@ -105,14 +112,20 @@ def elastic_linear(
 ) -> torch.Tensor:
     """``x[t] @ W_{slices[t]}^T`` for every token: ``x`` [T, in], ``slices`` [T] in 1..K -> [T, out].
 
-    fp16/bf16 CUDA inputs run the kernels; anything else (CPU, fp32, more than 4 slices) takes the
-    PyTorch path. Slice counts are not validated here (that would need a device-to-host read): the
-    caller checks them, and the kernels clamp them to 1..K so a bad value cannot read out of bounds.
+    fp16/bf16 CUDA inputs on sm_80 or newer run the kernels; anything else (CPU, fp32, an older GPU,
+    more than 4 slices) takes the PyTorch path. Slice counts are not validated here (that would need a
+    device-to-host read): the caller checks them, and the kernels clamp them to 1..K so a bad value
+    cannot read out of bounds.
     ``out`` (contiguous [T, out], x's dtype) receives the result when given.
     """
     _check_shapes(x, planes, scale, zero, slices, group_size)
     num_slices = planes.shape[0] // BITS_PER_SLICE
-    if not x.is_cuda or x.dtype not in KERNEL_DTYPES or num_slices > MAX_SLICES:
+    if (
+        not x.is_cuda
+        or x.dtype not in KERNEL_DTYPES
+        or num_slices > MAX_SLICES
+        or not _device_supported(x.device.index)
+    ):
         result = reference_elastic_linear(x, planes, scale, zero, slices, group_size)
         return result if out is None else out.copy_(result)
 

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mobiquant.kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("compile", help="build the CUBINs with NVRTC (no GPU needed)")
-    build.add_argument("--arch", action="append", help="target, e.g. sm_80 (repeatable; default: %(default)s)")
+    build.add_argument(
+        "--arch", action="append", help=f"target, e.g. sm_80 (repeatable; default: {' '.join(DEFAULT_ARCHS)})"
+    )
     build.add_argument(
         "--cache-dir", help="CUBIN cache (default: $MOBIQUANT_KERNEL_CACHE or ~/.cache/mobiquant/kernels)"
     )
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else format_table(results))
+    if not args.json:
+        # NVRTC's warnings go to stderr so that stdout stays the table; --json carries them in "log".
+        for result in results:
+            if result.log:
+                print(f"NVRTC log for {result.kernel} ({result.arch}):\n{result.log}", file=sys.stderr)
     return 0
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from mobiquant.kernels import _compile
-from mobiquant.kernels.__main__ import main as cli_main
 
 from mobiquant import kernels
+from mobiquant.kernels import _compile
+from mobiquant.kernels.__main__ import main as cli_main
 from mobiquant.slicing import slice_weight, unpack_codes
 
 ELF_MAGIC = b"\x7fELF"
@@ -122,3 +122,20 @@ def test_shape_errors_are_reported() -> None:
         kernels.elastic_linear(torch.randn(2, 64), sliced.planes, sliced.scale, sliced.zero, torch.ones(2), 48)
     with pytest.raises(ValueError, match="slices"):
         kernels.elastic_linear(torch.randn(2, 64), sliced.planes, sliced.scale, sliced.zero, torch.ones(3), 32)
+
+
+def test_cli_reports_nvrtc_logs_on_stderr_and_errors_with_exit_1(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from mobiquant.kernels import __main__ as cli
+
+    warned = kernels.CompileResult("sm_80", "decode", 1024, "decode.cu(7): warning: unused", 0.5, False, "x.cubin")
+    monkeypatch.setattr(cli, "compile_kernels", lambda archs, cache_dir: [warned])
+    assert cli_main(["compile", "--arch", "sm_80"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: unused" in captured.err and "warning" not in captured.out
+
+    def fail(archs: tuple[str, ...], cache_dir: str | None) -> list[kernels.CompileResult]:
+        raise kernels.KernelCompileError("decode", "sm_80", "decode.cu(3): error: expected an expression")
+
+    monkeypatch.setattr(cli, "compile_kernels", fail)
+    assert cli_main(["compile", "--arch", "sm_80"]) == 1
+    assert "expected an expression" in capsys.readouterr().err

@@ -24,7 +24,7 @@ BF16_TOLERANCE = 1e-2  # bf16 keeps 8 mantissa bits: its output rounding alone i
 TOKEN_COUNTS = (1, 3, 7, 13, 16, 17, 129, 300)
 # (out, in, group size): none is a multiple of the 128 x 128 prefill tile, 131 is odd (scalar stores).
 SHAPES = ((200, 320, 64), (200, 384, 128), (131, 256, 64), (264, 512, 128))
-MIXES = ("k1", "k2", "k3", "k4", "routed", "ends")  # uniform 1..4, random 1..4, only 1 and 4
+MIXES = ("k1", "k2", "k3", "k4", "routed", "ends")  # uniform 1..4, random 1..K, only 1 and K
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Case:
     mix: str
     dtype: str
     path: str  # "auto" (elastic_linear), "decode" or "prefill" (forced)
+    stored: int = 4  # slices held: fewer after loading with max_slices, so the planes are [2 * stored, ...]
+    misaligned: bool = False  # x starts 2 bytes past a 16-byte boundary: elastic_linear must realign it
 
 
 def cases() -> list[Case]:
@@ -51,18 +53,28 @@ def cases() -> list[Case]:
     for tokens in (1, 13, 200):
         for mix in ("k2", "routed"):
             found.append(Case("", 200, 384, 128, tokens, mix, "bfloat16", "auto"))
-    return [
-        replace(c, name=f"{c.dtype}-{c.path}-{c.out_features}x{c.in_features}-g{c.group_size}-t{c.tokens}-{c.mix}")
-        for c in found
-    ]
+    for stored in (1, 2, 3):  # truncated checkpoints: num_slices < 4 in both kernels
+        for tokens in (1, 7, 16, 17, 300):
+            for mix in (f"k{stored}", "routed"):
+                found.append(Case("", 200, 384, 128, tokens, mix, "float16", "auto", stored=stored))
+    for tokens in (5, 40):
+        found.append(Case("", 200, 320, 64, tokens, "routed", "float16", "auto", misaligned=True))
+    return [replace(c, name=case_name(c)) for c in found]
 
 
-def draw_slices(mix: str, tokens: int, generator: torch.Generator) -> torch.Tensor:
+def case_name(c: Case) -> str:
+    name = f"{c.dtype}-{c.path}-{c.out_features}x{c.in_features}-g{c.group_size}-t{c.tokens}-{c.mix}"
+    if c.stored != 4:
+        name += f"-stored{c.stored}"
+    return name + ("-misaligned" if c.misaligned else "")
+
+
+def draw_slices(mix: str, tokens: int, stored: int, generator: torch.Generator) -> torch.Tensor:
     if mix.startswith("k"):
         return torch.full((tokens,), int(mix[1]), dtype=torch.int64)
     if mix == "ends":
-        return 1 + 3 * torch.randint(0, 2, (tokens,), generator=generator)
-    return torch.randint(1, 5, (tokens,), generator=generator)
+        return 1 + (stored - 1) * torch.randint(0, 2, (tokens,), generator=generator)
+    return torch.randint(1, stored + 1, (tokens,), generator=generator)
 
 
 def reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Tensor:
@@ -81,21 +93,24 @@ def reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(case: Case, seed: int) -> dict[str, object]:
-    from mobiquant.kernels import _launch
-
     from mobiquant import kernels
+    from mobiquant.kernels import _launch
     from mobiquant.slicing import slice_weight
 
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     weight = torch.randn(case.out_features, case.in_features, generator=generator)
-    sliced = slice_weight(weight, group_size=case.group_size, num_slices=4)
+    sliced = slice_weight(weight, group_size=case.group_size, num_slices=4).truncate(case.stored)
     x = torch.randn(case.tokens, case.in_features, generator=generator).to(dtype)
-    slices = draw_slices(case.mix, case.tokens, generator)
+    slices = draw_slices(case.mix, case.tokens, case.stored, generator)
     expected = reference(x, sliced, slices)
 
     device = torch.device("cuda")
-    args = (x.to(device), sliced.planes.to(device), sliced.scale.to(device), sliced.zero.to(device))
+    if case.misaligned:  # the caching allocator's blocks are 512-byte aligned, so this starts at +2 bytes
+        x_device = torch.empty(x.numel() + 1, dtype=dtype, device=device)[1:].view_as(x).copy_(x)
+    else:
+        x_device = x.to(device)
+    args = (x_device, sliced.planes.to(device), sliced.scale.to(device), sliced.zero.to(device))
     out = torch.full((case.tokens, case.out_features), float("nan"), dtype=dtype, device=device)
     if case.path == "auto":
         kernels.elastic_linear(*args, slices.to(device), case.group_size, out=out)
@@ -113,22 +128,45 @@ def run_case(case: Case, seed: int) -> dict[str, object]:
 
 
 def run_layer_case(seed: int) -> dict[str, object]:
-    """MoBiLinear on CUDA takes the kernel path and agrees with its own PyTorch path."""
+    """MoBiLinear on CUDA launches both kernels, agrees with its own PyTorch path, and launches none
+    under MOBIQUANT_KERNELS=off."""
+    from mobiquant.kernels import _launch
     from mobiquant.layers import MoBiLinear
     from mobiquant.slicing import slice_weight
 
+    launches = {"launch_decode": 0, "launch_prefill": 0}
+
+    def counted(name: str):  # -> the launcher, counting its calls
+        launch = getattr(_launch, name)
+
+        def wrapper(*args: object) -> None:
+            launches[name] += 1
+            launch(*args)
+
+        return wrapper
+
+    for name in launches:
+        setattr(_launch, name, counted(name))
     generator = torch.Generator().manual_seed(seed)
     layer = MoBiLinear(256, 200, num_slices=4, group_size=64, router_hidden=None, dtype=torch.float16)
     layer.load_sliced(slice_weight(torch.randn(200, 256, generator=generator), group_size=64, num_slices=4))
     layer = layer.cuda()
-    x = torch.randn(37, 256, generator=generator).half().cuda()
-    slices = torch.randint(1, 5, (37,), generator=generator).cuda()
-    with_kernels = layer(x, slices)
-    os.environ["MOBIQUANT_KERNELS"] = "off"
-    without = layer(x, slices)
-    del os.environ["MOBIQUANT_KERNELS"]
-    error = float((with_kernels.double() - without.double()).norm() / without.double().norm())
-    return {"seed": seed, "unwritten": 0, "max_token_rel_error": error, "rel_error": error}
+    errors, launches_when_off = [], 0
+    for tokens in (3, 37):  # the decode kernel, then the grouped GEMM
+        x = torch.randn(tokens, 256, generator=generator).half().cuda()
+        slices = torch.randint(1, 5, (tokens,), generator=generator).cuda()
+        with_kernels = layer(x, slices)
+        before = sum(launches.values())
+        os.environ["MOBIQUANT_KERNELS"] = "off"
+        without = layer(x, slices)
+        del os.environ["MOBIQUANT_KERNELS"]
+        launches_when_off += sum(launches.values()) - before
+        errors.append(float((with_kernels.double() - without.double()).norm() / without.double().norm()))
+    error = max(errors)
+    return {
+        "seed": seed, "unwritten": 0, "max_token_rel_error": error, "rel_error": error,
+        "launches_when_off": launches_when_off, **launches,
+    }  # fmt: skip
 
 
 def worker(output: Path) -> None:
@@ -164,7 +202,10 @@ def test_kernel_matches_float64_reference(gpu_results: dict[str, dict[str, objec
 
 @pytest.mark.gpu
 def test_layer_uses_kernels_and_agrees_with_torch_path(gpu_results: dict[str, dict[str, object]]) -> None:
-    assert gpu_results["layer"]["rel_error"] <= 2 * FP16_TOLERANCE, gpu_results["layer"]
+    result = gpu_results["layer"]
+    assert result["launch_decode"] >= 1 and result["launch_prefill"] >= 1, result
+    assert result["launches_when_off"] == 0, result
+    assert result["rel_error"] <= 2 * FP16_TOLERANCE, result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""CPU checks of bench/kernel_speed.py's code paths, so that its single GPU run does not fail on a logic error.
+
+The end-to-end decode runs here on a tiny Llama with the PyTorch layer path; its timings mean nothing
+and are not checked, only that every precision runs and the sliced model tracks the fp16 one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.kernel_speed import PRECISIONS, e2e_decode, target_summary
+
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 97,
+}
+
+
+def test_e2e_decode_runs_fp16_and_every_precision() -> None:
+    torch.manual_seed(0)
+    results = e2e_decode(layers=2, new_tokens=3, dims=TINY_LLAMA, group_size=32, device="cpu")
+    assert list(results) == ["fp16", *PRECISIONS]
+    assert all(entry["tokens_per_s"] > 0 and entry["ms_per_token"] > 0 for entry in results.values())
+    errors = [results[label]["logits_rel_err_vs_fp16"] for label in PRECISIONS]
+    # More slices, closer to fp16: the timed model really is the sliced one, at the requested precision.
+    assert errors[0] > errors[1] > errors[2] > 0
+    assert errors[2] < 0.05
+
+
+def row(tokens: int, slices: str, fraction: float, kernel_s: float, fp16_s: float) -> dict:
+    return {"tokens": tokens, "slices": slices, "bandwidth_fraction": fraction, "kernel_s": kernel_s, "fp16_s": fp16_s}
+
+
+def test_target_summary_takes_the_worst_shape() -> None:
+    rows = [
+        row(1, "1", 0.80, 1.0, 1.0),
+        row(1, "1", 0.70, 1.0, 1.0),  # a second shape below the roofline target
+        row(1, "2", 0.90, 1.0, 1.0),
+        row(2048, "routed", 0.5, 1.1, 1.0),
+        row(2048, "4", 0.5, 1.3, 1.0),
+    ]
+    summary = target_summary(rows)
+    assert summary["decode T=1 k=1 copy-bandwidth fraction"] == {"worst": 0.70, "target": 0.75, "met": False}
+    assert summary["decode T=1 k=2 copy-bandwidth fraction"]["met"]
+    assert summary["prefill T=2048 k=routed time / fp16 cuBLAS"]["met"]
+    assert not summary["prefill T=2048 k=4 time / fp16 cuBLAS"]["met"]
+    assert len(summary) == 4
