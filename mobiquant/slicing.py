@@ -129,12 +129,18 @@ def unpack_codes(planes: torch.Tensor, num_slices: int) -> torch.Tensor:
 def dequantize_codes(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_slices: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)`` for codes at ``k = num_slices``."""
-    group_size = codes.shape[1] // scale.shape[1]
-    step = 1.0 / 4 ** (num_slices - 1)
-    s = _expand(scale.float(), group_size)
-    z = _expand(zero.float(), group_size)
-    return (s * ((codes.float() + 0.5) * step - z)).to(dtype)
+    """``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)`` for codes at ``k = num_slices``.
+
+    Written as one ``addcmul`` of the codes with per-group step and offset, broadcast over each group:
+    the CPU path rebuilds ``W_k`` on every call, and full-size temporaries for the expanded scale and
+    zero cost more than the product they feed.
+    """
+    out_features, in_features = codes.shape
+    s = scale.float().unsqueeze(-1)
+    step = s / 4 ** (num_slices - 1)
+    offset = step * 0.5 - s * zero.float().unsqueeze(-1)
+    weight = torch.addcmul(offset, codes.reshape(out_features, scale.shape[1], -1).float(), step)
+    return weight.reshape(out_features, in_features).to(dtype)
 
 
 @dataclass
