@@ -137,13 +137,15 @@ class MoBiLinear(nn.Module):
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
         if self.uniform_slices is not None or self.router is None:
             k = self.uniform_slices or self.stored_slices
+            if not 1 <= k <= self.stored_slices:
+                raise ValueError(f"slice counts must lie in 1..{self.stored_slices}, got {k}")
             return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
         counts = slices_from_scores(gate_scores(self.router(x)), self.threshold)
         return counts.clamp(max=self.stored_slices)
 
     def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
-        # Counts from route() are in range by construction; only caller-given counts are checked, because
-        # reading a CUDA tensor's min and max waits for the GPU on every call.
+        # Only a caller's tensor of counts is checked here: reading a CUDA tensor's min and max waits for the
+        # GPU, and route() already checks its uniform count and clamps routed ones.
         if slices is None:
             slices = self.route(x)
         elif isinstance(slices, int):
