@@ -136,12 +136,15 @@ class MoBiLinear(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
         if self.uniform_slices is not None or self.router is None:
-            k = self.uniform_slices or self.stored_slices
-            if not 1 <= k <= self.stored_slices:
-                raise ValueError(f"slice counts must lie in 1..{self.stored_slices}, got {k}")
-            return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
+            return self._uniform_counts(x, self.uniform_slices or self.stored_slices)
         counts = slices_from_scores(gate_scores(self.router(x)), self.threshold)
         return counts.clamp(max=self.stored_slices)
+
+    def _uniform_counts(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """``k`` slices for every token of ``x``, checked on the host before any tensor is made."""
+        if not 1 <= k <= self.stored_slices:
+            raise ValueError(f"slice counts must lie in 1..{self.stored_slices}, got {k}")
+        return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
 
     def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
         # Only a caller's tensor of counts is checked here: reading a CUDA tensor's min and max waits for the
@@ -149,9 +152,7 @@ class MoBiLinear(nn.Module):
         if slices is None:
             slices = self.route(x)
         elif isinstance(slices, int):
-            if not 1 <= slices <= self.stored_slices:
-                raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
-            slices = torch.full(x.shape[:-1], slices, dtype=torch.long, device=x.device)
+            slices = self._uniform_counts(x, slices)
         elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
         if self.bit_meter is not None:
