@@ -159,10 +159,32 @@ def print_table(report: dict) -> None:
     print("|---|---|---|")
     for name, timing in report["calibration_minutes"].items():
         print(f"| {name} | {timing['minutes']:.1f} | {timing['minutes_per_block']:.2f} |")
+    print_targets(rows)
     print("\n| top-10% error tokens shared (outlier migration) | overlap |")
     print("|---|---|")
     for name, overlap in report["top10_overlap"].items():
         print(f"| {name} | {overlap:.2f} |")
+
+
+def print_targets(rows: list[dict]) -> None:
+    """The issue's targets, each as the ratio it is judged by, with met or missed."""
+    ppl_of = {(row["method"], row["setting"]): row["ppl"] for row in rows}
+    checks = []
+    for bits in CONTROL_BITS:
+        setting = f"{bits // 2} slices"
+        ratio = ppl_of[("MoBiQuant uniform", setting)] / ppl_of[(f"control calibrated at {bits} bits", setting)]
+        checks.append((f"elastic / control at {bits} bits (<= 1.03)", ratio, ratio <= 1.03))
+    migration = ppl_of[("control calibrated at 2 bits", "2 slices")] / ppl_of[("MoBiQuant uniform", "2 slices")]
+    checks.append(("2-bit control at 4 bits / elastic at 4 bits (clearly > 1)", migration, migration > 1.1))
+    routed3 = ppl_of[("MoBiQuant routed", "avg 3 bits")]
+    rtn3 = ppl_of[("RTN", next(s for m, s in ppl_of if m == "RTN" and s.startswith("W3")))]
+    checks.append(("routed 3 bits / RTN 3 bits (< 1)", routed3 / rtn3, routed3 < rtn3))
+    line = (ppl_of[("MoBiQuant uniform", "1 slices")] + ppl_of[("MoBiQuant uniform", "2 slices")]) / 2
+    checks.append(("routed 3 bits / midpoint of uniform 2 and 4 bits (<= 1)", routed3 / line, routed3 <= line))
+    print("\n| target | ratio | met |")
+    print("|---|---|---|")
+    for name, ratio, met in checks:
+        print(f"| {name} | {ratio:.3f} | {'met' if met else 'missed'} |")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mobiquant.arch import Architecture, architecture_for
+from mobiquant.clip_search import clip_logit, input_hessians, search_clipping
 from mobiquant.layers import MoBiLinear, MoBiRouter, gate_scores
 from mobiquant.slicing import check_slicing_shape, group_min_max, scale_zero_from_range, slice_weight
 from mobiquant.sources import file_sha256
@@ -50,13 +51,20 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 2
+ALGORITHM_REVISION = 3
 # Router fitting: tokens sampled per layer and full-batch Adam steps. Measured on SmolLM2 block 5, this
 # budget leaves 4-30% more output error than the oracle allocation at 3 bits (random routing: 40-110%
 # more), at about a second per layer on one CPU core.
 ROUTER_FIT_TOKENS = 2048
 ROUTER_FIT_STEPS = 150
 ROUTER_FIT_LR = 1e-2
+# Clip search objective of the elastic checkpoint: weights of the absolute output errors at 1, 2, 3, 4
+# slices (errors fall about 16-fold per slice). One shared clipping cannot be best at every precision:
+# on SmolLM2-135M (g64, uniform slices, perplexity 2/4/6 bits) clipping for 2 bits alone gives
+# 278/73.3/49.3, for 4 bits alone 76743/46.6/44.2, for 6 bits alone 39574/57.0/43.4; weights
+# (1, 8, 0) give 855/48.4/44.6, (1, 32, 0) 2661/47.4/44.6, (1, 16, 64) 3326/47.9/44.0. These weights
+# keep 4 and 6 bits within 3% of their single-precision optimum and give up 2 bits.
+DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 32.0, 64.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,11 @@ class CalibrationConfig:
     temperature_start: float = 1.0
     temperature_end: float = 0.05
     clip_init: float = 6.0
+    clip_search: bool = True
+    """Start LWC from the activation-aware clipping of ``mobiquant.clip_search`` instead of ``clip_init``."""
+    clip_search_weights: tuple[float, ...] | None = None
+    """Weight of the output error at 1, 2, ... slices in the elastic checkpoint's clip search (a control
+    weighs only its own slice count); ``None`` takes ``DEFAULT_CLIP_SEARCH_WEIGHTS``."""
     mode: str = "parallel"
     seed: int = 0
     target_bits: float | None = None
@@ -88,6 +101,21 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.clip_search_weights is not None:
+            weights = tuple(float(w) for w in self.clip_search_weights)
+            object.__setattr__(self, "clip_search_weights", weights)
+            if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
+                raise ValueError(f"clip_search_weights needs {self.num_slices} non-negative weights, not all zero; "
+                                 f"got {list(weights)}")
+
+    @property
+    def clip_objective(self) -> dict[int, float]:
+        """Slice count -> weight of its output error in the clip search."""
+        if self.target_bits is not None:
+            return {int(self.target_bits // 2): 1.0}
+        padded = DEFAULT_CLIP_SEARCH_WEIGHTS + (0.0,) * self.num_slices
+        weights = self.clip_search_weights or padded[: self.num_slices]
+        return {k: w for k, w in enumerate(weights, start=1) if w > 0}
 
     @property
     def routed(self) -> bool:
@@ -140,6 +168,14 @@ class TrainableSlicedLinear(nn.Module):
 
     def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sigmoid(self.upper_logit), torch.sigmoid(self.lower_logit)
+
+    def start_clipping_from_search(self, hessian: torch.Tensor, slice_weights: dict[int, float]) -> None:
+        """Set the LWC parameters to the clip search's factors for inputs with ``X^T X = hessian``."""
+        no_clip = float(torch.sigmoid(self.upper_logit.detach().max()))
+        upper, lower = search_clipping(self.weight, hessian, self.group_size, slice_weights, no_clip=no_clip)
+        with torch.no_grad():
+            self.upper_logit.copy_(clip_logit(upper))
+            self.lower_logit.copy_(clip_logit(lower))
 
     def _codes_u(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         upper, lower = self.clip_factors()
@@ -236,10 +272,20 @@ def calibrate_block(
     torch.manual_seed(config.seed * 100_003 + block_index)
     block = block.float()
     inputs = inputs.float()
-    if targets is None:
-        targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size)
     originals = arch.quantized_linears(block)
+    hessians: dict[str, torch.Tensor] = {}
+    if config.clip_search:
+        # One pass of the unquantized block gives the clip search its inputs and, in parallel mode, the targets.
+        hessians, outputs = input_hessians(
+            originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size)
+        )
+        targets = outputs if targets is None else targets
+    elif targets is None:
+        targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size)
     trainables = {name: TrainableSlicedLinear(linear, config) for name, linear in originals.items()}
+    for name, module in trainables.items():
+        if name in hessians:
+            module.start_clipping_from_search(hessians[name], config.clip_objective)
     for param in block.parameters():
         param.requires_grad_(False)
     for name, module in trainables.items():

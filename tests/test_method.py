@@ -177,7 +177,8 @@ def test_learned_clipping_lowers_the_block_error_from_its_start() -> None:
     errors = {}
     for epochs in (0, 6):
         config = CalibrationConfig(group_size=32, epochs_stage1=epochs, epochs_stage2=0, batch_size=1,
-                                   target_bits=2.0, clip_init=4.0, lr_clip=1e-2)
+                                   target_bits=2.0, clip_init=4.0, lr_clip=1e-2,
+                                   clip_search=False)
         result = calibration.calibrate_block(block, inputs[1], block_kwargs, arch, config, progress=False)
         quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, result.state, config)
         for layer in mobi_layers(quantized):
