@@ -72,9 +72,11 @@ def search_clipping(
     """Per-group factors ``(upper, lower)``, each ``[out, in // group_size]``, with values in ``{no_clip} + grid``.
 
     ``slice_weights`` maps a slice count to its weight in the objective (absolute output errors, so a
-    2-bit error counts with its full size). Two passes, 20 evaluations instead of the full grid's 144:
-    the best symmetric factor (``upper == lower``) per group, then the best of its neighbours one grid
-    step away at either end. Ties keep the earlier candidate, so a group is clipped only where that helps.
+    2-bit error counts with its full size). Coordinate descent, about 50 evaluations instead of the full
+    grid's 144: the best symmetric factor (``upper == lower``) per group, then line searches over the
+    whole grid for ``upper`` with ``lower`` fixed, ``lower`` with ``upper`` fixed, and ``upper`` again.
+    Ties keep the earlier candidate, so a group is clipped only where that helps. (Measured on SmolLM2,
+    2-bit objective, uniform 1 slice: full grid ppl 278; symmetric pass plus one step of neighbours 1365.)
     """
     if not slice_weights or min(slice_weights.values()) < 0:
         raise ValueError(f"slice_weights must map slice counts to non-negative weights, got {dict(slice_weights)}")
@@ -87,28 +89,26 @@ def search_clipping(
     def objective(upper: torch.Tensor | float, lower: torch.Tensor | float) -> torch.Tensor:
         return (group_output_errors(weight, blocks, group_size, upper, lower, counts) * coefficients).sum(0)
 
-    best = best_index = None
-    for index, factor in enumerate(candidates.tolist()):
-        value = objective(factor, factor)
-        if best is None:
-            best, best_index = value, torch.zeros_like(value, dtype=torch.long)
-            continue
-        better = value < best
-        best, best_index = torch.where(better, value, best), torch.where(better, index, best_index)
-    upper_index, lower_index = best_index.clone(), best_index.clone()
-    last = len(candidates) - 1
-    for step_upper in (-1, 0, 1):
-        for step_lower in (-1, 0, 1):
-            if step_upper == step_lower == 0:
+    def line_search(fixed: torch.Tensor | None, moving_upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        best = best_index = None
+        for index, factor in enumerate(candidates.tolist()):
+            other = factor if fixed is None else fixed
+            value = objective(factor, other) if moving_upper else objective(other, factor)
+            if best is None:
+                best, best_index = value, torch.zeros_like(value, dtype=torch.long)
                 continue
-            trial_upper = (best_index + step_upper).clamp(0, last)
-            trial_lower = (best_index + step_lower).clamp(0, last)
-            value = objective(candidates[trial_upper], candidates[trial_lower])
             better = value < best
-            best = torch.where(better, value, best)
-            upper_index = torch.where(better, trial_upper, upper_index)
-            lower_index = torch.where(better, trial_lower, lower_index)
-    return candidates[upper_index], candidates[lower_index]
+            best, best_index = torch.where(better, value, best), torch.where(better, index, best_index)
+        return candidates[best_index], best
+
+    upper, _ = line_search(None, moving_upper=True)
+    lower = upper
+    for moving_upper in (True, False, True):
+        if moving_upper:
+            upper, _ = line_search(lower, moving_upper=True)
+        else:
+            lower, _ = line_search(upper, moving_upper=False)
+    return upper, lower
 
 
 def clip_logit(factor: torch.Tensor) -> torch.Tensor:
