@@ -5,7 +5,6 @@ import itertools
 import pytest
 import torch
 
-import mobiquant.calibration as calibration
 from mobiquant.calibration import CalibrationConfig
 from mobiquant.clip_search import (
     CLIP_GRID,
@@ -15,9 +14,8 @@ from mobiquant.clip_search import (
     input_hessians,
     search_clipping,
 )
-from mobiquant.precision import mobi_layers
 from mobiquant.slicing import slice_weight
-from tests.test_method import tiny_llama
+from tests.test_method import heavy_tailed_block, one_slice_block_error
 
 GROUP = 32
 
@@ -108,23 +106,10 @@ def test_input_hessians_sum_every_batch_and_return_the_result() -> None:
 
 
 def test_searched_start_lowers_the_two_bit_block_error() -> None:
-    model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
-    samples = torch.randint(0, 96, (16, 32))
-    inputs, block_kwargs = calibration.capture_inputs(model, samples)
-    arch = calibration.architecture_for("llama")
-    block = arch.block_list(model)[1]
-    with torch.no_grad():
-        for linear in arch.quantized_linears(block).values():
-            linear.weight.copy_(heavy_tailed(*linear.weight.shape))
-    targets = calibration._batched_outputs(block, inputs[1], block_kwargs, 4)
-    errors = {}
-    for search in (False, True):
-        config = CalibrationConfig(group_size=GROUP, epochs_stage1=0, epochs_stage2=0, target_bits=2.0,
-                                   clip_search=search)
-        result = calibration.calibrate_block(block, inputs[1], block_kwargs, arch, config, progress=False)
-        quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, result.state, config)
-        for layer in mobi_layers(quantized):
-            layer.uniform_slices = 1
-        errors[search] = float((calibration._batched_outputs(quantized, inputs[1], block_kwargs, 4) - targets)
-                               .pow(2).mean())
+    setup = heavy_tailed_block(lambda shape: heavy_tailed(*shape))
+    errors = {
+        search: one_slice_block_error(setup, CalibrationConfig(group_size=GROUP, epochs_stage1=0, epochs_stage2=0,
+                                                                 target_bits=2.0, clip_search=search))
+        for search in (False, True)
+    }
     assert errors[True] < 0.97 * errors[False], errors

@@ -1,5 +1,6 @@
 """The elastic linear layer, run-time precision and block-wise calibration, on tiny random models."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -163,28 +164,38 @@ def test_bad_precision_requests_are_refused(calibrated: tuple) -> None:
         set_precision(model)
 
 
-def test_learned_clipping_lowers_the_block_error_from_its_start() -> None:
+def heavy_tailed_block(sample_weight: Callable[[tuple[int, ...]], torch.Tensor]) -> tuple:
+    """Block 1 of a fresh tiny Llama with heavy-tailed weights (as trained LLMs have), its inputs and FP outputs."""
     model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
-    samples = torch.randint(0, 96, (16, 32))
-    inputs, block_kwargs = calibration.capture_inputs(model, samples)
+    inputs, block_kwargs = calibration.capture_inputs(model, torch.randint(0, 96, (16, 32)))
     arch = calibration.architecture_for("llama")
     block = arch.block_list(model)[1]
-    # Heavy-tailed weights, as trained LLMs have: clipping their outliers is what LWC learns at 2 bits.
     with torch.no_grad():
         for linear in arch.quantized_linears(block).values():
-            linear.weight.copy_(torch.distributions.StudentT(2.0).sample(linear.weight.shape) * 0.05)
+            linear.weight.copy_(sample_weight(tuple(linear.weight.shape)))
     targets = calibration._batched_outputs(block, inputs[1], block_kwargs, 4)
+    return arch, block, inputs[1], block_kwargs, targets
+
+
+def one_slice_block_error(setup: tuple, config: CalibrationConfig) -> float:
+    """Output MSE of the block calibrated with ``config``, run at one slice, against its FP outputs."""
+    arch, block, inputs, block_kwargs, targets = setup
+    result = calibration.calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
+    quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, result.state, config)
+    for layer in mobi_layers(quantized):
+        layer.uniform_slices = 1
+    return float((calibration._batched_outputs(quantized, inputs, block_kwargs, 4) - targets).pow(2).mean())
+
+
+def test_learned_clipping_lowers_the_block_error_from_its_start() -> None:
+    # Clipping heavy-tailed outliers is what LWC learns at 2 bits.
+    setup = heavy_tailed_block(lambda shape: torch.distributions.StudentT(2.0).sample(shape) * 0.05)
     errors = {}
     for epochs in (0, 6):
         config = CalibrationConfig(group_size=32, epochs_stage1=epochs, epochs_stage2=0, batch_size=1,
                                    target_bits=2.0, clip_init=4.0, lr_clip=1e-2,
                                    clip_search=False)
-        result = calibration.calibrate_block(block, inputs[1], block_kwargs, arch, config, progress=False)
-        quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, result.state, config)
-        for layer in mobi_layers(quantized):
-            layer.uniform_slices = 1
-        outputs = calibration._batched_outputs(quantized, inputs[1], block_kwargs, 4)
-        errors[epochs] = float((outputs - targets).pow(2).mean())
+        errors[epochs] = one_slice_block_error(setup, config)
     assert errors[6] < errors[0], errors
 
 
