@@ -5,8 +5,9 @@ the token where its score exceeds the layer's threshold. The threshold table of 
 grid of average bit-widths, the threshold that gives that average on calibration data:
 ``count(scores > theta) = tokens * (bits / 2 - 1)`` is a quantile of the scores, so the table is exact
 on the data it was built from, at every grid point (0.5 bits apart) and interpolated between them.
-``set_precision(model, avg_bits=x)`` interpolates every layer's table
-at ``x``; each layer then runs at about ``x`` bits, and so does the whole model.
+``set_precision(model, avg_bits=x)`` interpolates every layer's table at ``x``. By default a layer's
+table is not built for ``x`` itself but for its share of a model-wide ``x`` (``mobiquant.allocation``):
+sensitive layers run above the average, robust ones below, and the whole model at ``x``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from mobiquant.allocation import allocate_bits, layer_cost_curves
 from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, BitMeter, MoBiLinear, gate_scores
 from mobiquant.slicing import BITS_PER_SLICE
 
@@ -40,17 +42,26 @@ def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
     return float((ordered[wanted - 1] + ordered[wanted]) / 2)
 
 
-def calibrate_thresholds(model: nn.Module, samples: torch.Tensor) -> None:
+def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool = True) -> None:
     """Fill every routed layer's threshold table so each grid budget is met exactly on ``samples``.
 
-    For each grid budget the calibration set runs once, as one batch; a hook sets each layer's
-    threshold from its own scores just before the layer computes, so every layer sees inputs produced
-    by upstream layers already routed at that budget.
+    With ``allocate`` each layer gets its own share of a grid budget from its estimated sensitivity
+    (``mobiquant.allocation``); without, every layer runs at the budget itself. For each grid budget
+    the calibration set runs once, as one batch; a hook sets each layer's threshold from its own scores
+    just before the layer computes, so every layer sees inputs produced by upstream layers already
+    routed at that budget.
     """
     layers = [layer for layer in mobi_layers(model) if layer.router is not None]
     if not layers:
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
+    layer_bits = {id(layer): grid.tolist() for layer in layers}
+    if allocate:
+        curves = layer_cost_curves(model, layers, samples.to(_device(model)))
+        for index, bits in enumerate(grid.tolist()):
+            if BITS_PER_SLICE < bits < grid[-1]:
+                for layer, share in zip(layers, allocate_bits(curves, bits), strict=True):
+                    layer_bits[id(layer)][index] = share
     tables = {id(layer): [ALWAYS_OFF] * len(grid) for layer in layers}
     for index, bits in enumerate(grid.tolist()):
         if bits <= BITS_PER_SLICE or bits >= grid[-1]:
@@ -59,9 +70,9 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor) -> None:
                 tables[id(layer)][index] = tables_value
             continue
 
-        def hook(layer: MoBiLinear, args: tuple, index: int = index, bits: float = bits) -> None:
+        def hook(layer: MoBiLinear, args: tuple, index: int = index) -> None:
             scores = gate_scores(layer.router(args[0].reshape(-1, layer.in_features)))
-            layer.threshold = threshold_for_bits(scores, bits)
+            layer.threshold = threshold_for_bits(scores, layer_bits[id(layer)][index])
             tables[id(layer)][index] = layer.threshold
 
         handles = [layer.register_forward_pre_hook(hook) for layer in layers]
@@ -76,6 +87,9 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor) -> None:
     for layer in layers:
         layer.thresholds = torch.tensor(tables[id(layer)], dtype=torch.float32, device=layer.thresholds.device)
         layer.uniform_slices = layer.stored_slices
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(quant, dict):
+        quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"
 
 
 def _device(model: nn.Module) -> torch.device:

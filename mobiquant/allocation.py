@@ -1,0 +1,138 @@
+"""Cross-layer bit allocation: how many bits each routed layer runs at for one model-wide budget.
+
+Layers are not equally sensitive: dropping a slice in one layer can cost the model far more loss than
+in another of the same size. The cost of running token ``t`` of a layer at ``k`` slices is estimated
+from one backward pass at full slices, with the empirical Fisher diagonal of the layer's output (the
+second-order estimate HAWQ and SqueezeLLM use for weights):
+
+    cost[t, k] = 1/2 * sum_j g[t, j]^2 * (x_t (W_k - W_K)^T)_j^2,   g = d(calibration loss)/d(output)
+
+Inside a layer the router decides the order in which (token, slice) pairs are switched on, as its
+threshold falls; summing ``cost`` along that order gives the layer a curve of cost against bits. A
+Lagrange multiplier prices bits, weighted by each layer's parameter count, against cost; bisection on
+the price meets the budget, and the last step is shared between the two closest solutions so the
+budget is met exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobiquant.layers import MoBiLinear, gate_scores
+from mobiquant.slicing import BITS_PER_SLICE
+
+BISECTION_STEPS = 100
+
+
+@dataclass
+class CostCurve:
+    """A layer's estimated loss increase after the first ``n`` (token, slice) pairs in router order are on."""
+
+    params: int
+    tokens: int
+    cost: torch.Tensor  # float64 [tokens * (K - 1) + 1]
+
+    def bits(self, switched_on: int) -> float:
+        return BITS_PER_SLICE * (1.0 + switched_on / self.tokens)
+
+
+def cost_curve(scores: torch.Tensor, costs: torch.Tensor, params: int) -> CostCurve:
+    """The curve of a layer with nested gate ``scores`` ``[tokens, K-1]`` and ``costs`` ``[tokens, K]``.
+
+    ``costs[:, k-1]`` is a token's cost at ``k`` slices. Turning gate ``e`` on moves a token from ``e`` to
+    ``e+1`` slices. A token's nested scores never rise with ``e``, and the stable sort keeps its gates in
+    order where scores tie, so the walk never turns on a gate before the one it depends on.
+    """
+    tokens = scores.shape[0]
+    costs = costs.double()
+    gains = (costs[:, 1:] - costs[:, :-1]).reshape(-1)
+    order = torch.sort(scores.reshape(-1).double(), descending=True, stable=True).indices
+    start = costs[:, 0].sum().reshape(1)
+    return CostCurve(params, tokens, torch.cat([start, start + torch.cumsum(gains[order], dim=0)]))
+
+
+def lagrangian_choice(curves: list[CostCurve], price: float) -> list[int]:
+    """Each layer's number of switched-on pairs minimising its cost plus ``price`` per parameter-bit."""
+    chosen = []
+    for curve in curves:
+        steps = torch.arange(len(curve.cost), dtype=torch.float64)
+        objective = curve.cost + price * curve.params * BITS_PER_SLICE * steps / curve.tokens
+        chosen.append(int(torch.argmin(objective)))
+    return chosen
+
+
+def _average_bits(curves: list[CostCurve], bits: list[float]) -> float:
+    total = sum(curve.params for curve in curves)
+    return sum(curve.params * b for curve, b in zip(curves, bits, strict=True)) / total
+
+
+def allocate_bits(curves: list[CostCurve], budget: float) -> list[float]:
+    """Bits per layer whose parameter-weighted average is ``budget``, spending them where cost falls most."""
+    top = max(BITS_PER_SLICE * (1 + (len(c.cost) - 1) / c.tokens) for c in curves)
+    if not BITS_PER_SLICE <= budget <= top:
+        raise ValueError(f"budget must be in [{BITS_PER_SLICE}, {top}], got {budget}")
+
+    def solution(price: float) -> list[float]:
+        if price == 0.0:
+            return [curve.bits(len(curve.cost) - 1) for curve in curves]
+        return [curve.bits(n) for curve, n in zip(curves, lagrangian_choice(curves, price), strict=True)]
+
+    cheap, dear = 0.0, 1.0
+    while _average_bits(curves, solution(dear)) > budget:
+        dear *= 4.0
+    for _step in range(BISECTION_STEPS):
+        middle = (cheap + dear) / 2 if cheap == 0.0 else (cheap * dear) ** 0.5
+        if _average_bits(curves, solution(middle)) > budget:
+            cheap = middle
+        else:
+            dear = middle
+    above, below = solution(cheap), solution(dear)
+    high, low = _average_bits(curves, above), _average_bits(curves, below)
+    share = 0.0 if high == low else (budget - low) / (high - low)
+    return [b + share * (a - b) for a, b in zip(above, below, strict=True)]
+
+
+def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch.Tensor,
+                      batch_size: int = 4) -> list[CostCurve]:
+    """One backward pass per batch of ``samples`` at full slices gives every layer its cost curve."""
+    scores: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
+    costs: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
+
+    def record(layer: MoBiLinear, args: tuple, output: torch.Tensor) -> None:
+        x = args[0].detach().reshape(-1, layer.in_features)
+        full = layer.dense_weight(layer.stored_slices, x.dtype)
+        with torch.no_grad():
+            scores[id(layer)].append(gate_scores(layer.router(x)).cpu())
+
+        def on_gradient(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                g2 = grad.reshape(-1, layer.out_features).float().pow(2)
+                per_k = [0.5 * (g2 * (x @ (layer.dense_weight(k, x.dtype) - full).T).pow(2)).sum(dim=-1)
+                         for k in range(1, layer.stored_slices)]
+                per_k.append(torch.zeros_like(per_k[0]))
+                costs[id(layer)].append(torch.stack(per_k, dim=-1).double().cpu())
+
+        output.register_hook(on_gradient)
+
+    for layer in layers:
+        layer.uniform_slices = layer.stored_slices
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    embed = model.get_input_embeddings()
+    try:
+        for start in range(0, len(samples), batch_size):
+            ids = samples[start : start + batch_size].to(embed.weight.device)
+            embeds = embed(ids).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="sum")
+                torch.autograd.grad(loss, embeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [cost_curve(torch.cat(scores[id(layer)]), torch.cat(costs[id(layer)]),
+                       layer.in_features * layer.out_features) for layer in layers]
