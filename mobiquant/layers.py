@@ -8,6 +8,7 @@ NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, WORD_BITS, SlicedWeight, dequantize_codes, unpack_codes
@@ -35,9 +36,12 @@ class MoBiRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        mean_square = x.pow(2).mean(dim=-1, keepdim=True) + 1e-6
-        direction = x * torch.rsqrt(mean_square)
-        logits = self.fc2(self.act(self.fc1(direction.to(self.fc1.weight.dtype)))).float()
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / x.shape[-1] + 1e-6
+        # fc1 is linear: scaling its small output row by row equals feeding it the normalised x, without
+        # writing a normalised copy of x (on CPU that copy cost more than the router's products).
+        projected = F.linear(x, self.fc1.weight.float())
+        hidden = torch.addcmul(self.fc1.bias.float(), projected, torch.rsqrt(mean_square))
+        logits = self.fc2(self.act(hidden).to(self.fc2.weight.dtype)).float()
         return logits + self.norm_weight.float() * mean_square.log()
 
 
@@ -127,7 +131,8 @@ class MoBiLinear(nn.Module):
             return cached
         if self._codes is None or self._codes.device != self.planes.device:
             self._codes = unpack_codes(self.planes, self.stored_slices).to(torch.uint8)
-        codes = self._codes >> (BITS_PER_SLICE * (self.stored_slices - k))
+        shift = BITS_PER_SLICE * (self.stored_slices - k)
+        codes = self._codes >> shift if shift else self._codes
         weight = dequantize_codes(codes, self.scale, self.zero, k, dtype)
         if self.cache_dense:
             self._dense[k] = weight
@@ -137,6 +142,11 @@ class MoBiLinear(nn.Module):
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
         if self.uniform_slices is not None or self.router is None:
             return self._uniform_counts(x, self.uniform_slices or self.stored_slices)
+        # A budget can put a whole layer at one end of its range: then no token needs the router's scores.
+        if self.threshold >= ALWAYS_OFF:
+            return self._uniform_counts(x, 1)
+        if self.threshold <= ALWAYS_ON:
+            return self._uniform_counts(x, self.stored_slices)
         counts = slices_from_scores(gate_scores(self.router(x)), self.threshold)
         return counts.clamp(max=self.stored_slices)
 
@@ -182,14 +192,16 @@ def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -
 
         if kernels.enabled():
             return kernels.elastic_linear(x, layer.planes, layer.scale, layer.zero, slices, layer.group_size)
-    present = torch.unique(slices).tolist()
+    present, counts = torch.unique(slices, return_counts=True)
     if len(present) == 1:
-        return x @ layer.dense_weight(present[0], x.dtype).T
-    out = x.new_empty(x.shape[0], layer.out_features)
-    for k in present:
-        rows = (slices == k).nonzero(as_tuple=True)[0]
-        out[rows] = x[rows] @ layer.dense_weight(k, x.dtype).T
-    return out
+        return x @ layer.dense_weight(int(present[0]), x.dtype).T
+    # Tokens sorted by slice count make each group a contiguous run of rows: one gather, one product per
+    # group, one scatter back (the paper's token permutation).
+    order = torch.argsort(slices, stable=True)
+    grouped = torch.split(x[order], counts.tolist())
+    products = torch.cat([rows @ layer.dense_weight(k, x.dtype).T
+                          for k, rows in zip(present.tolist(), grouped, strict=True)])
+    return products.new_empty(products.shape).index_copy(0, order, products)
 
 
 class BitMeter:

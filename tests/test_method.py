@@ -50,6 +50,18 @@ def test_each_token_gets_its_own_precision_float64() -> None:
     torch.testing.assert_close(layer(x), x @ sliced.dequantize(3).T + bias)
 
 
+def test_layer_at_a_table_end_runs_without_its_router() -> None:
+    sliced = slice_weight(torch.randn(24, 64), group_size=32, num_slices=4)
+    layer = MoBiLinear(64, 24, 4, 32)
+    layer.load_sliced(sliced)
+    layer.uniform_slices = None
+    x = torch.randn(5, 64)
+    layer.router.forward = lambda _x: pytest.fail("the router ran for a layer at a table end")
+    for threshold, k in ((ALWAYS_OFF, 1), (ALWAYS_ON, 4)):
+        layer.threshold = threshold
+        torch.testing.assert_close(layer(x), x @ sliced.dequantize(k).T)
+
+
 def test_keep_slices_drops_planes_and_keeps_lower_precisions() -> None:
     layer = MoBiLinear(64, 16, 4, 32, router_hidden=None)
     layer.load_sliced(slice_weight(torch.randn(16, 64), group_size=32))
