@@ -84,7 +84,7 @@ def interleaved_seconds(model: torch.nn.Module, elastic: torch.nn.Module, settin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed_cpu.json"))
     args = parser.parse_args()
