@@ -104,14 +104,16 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
 
     def record(layer: MoBiLinear, args: tuple, output: torch.Tensor) -> None:
         x = args[0].detach().reshape(-1, layer.in_features)
-        full = layer.dense_weight(layer.stored_slices, x.dtype)
         with torch.no_grad():
             scores[id(layer)].append(gate_scores(layer.router(x)).cpu())
 
         def on_gradient(grad: torch.Tensor) -> None:
             with torch.no_grad():
+                # float32 whatever the model runs in: squared fp16 differences would underflow.
+                x32 = x.float()
+                full = layer.dense_weight(layer.stored_slices, torch.float32)
                 g2 = grad.reshape(-1, layer.out_features).float().pow(2)
-                per_k = [0.5 * (g2 * (x @ (layer.dense_weight(k, x.dtype) - full).T).pow(2)).sum(dim=-1)
+                per_k = [0.5 * (g2 * (x32 @ (layer.dense_weight(k, torch.float32) - full).T).pow(2)).sum(dim=-1)
                          for k in range(1, layer.stored_slices)]
                 per_k.append(torch.zeros_like(per_k[0]))
                 costs[id(layer)].append(torch.stack(per_k, dim=-1).double().cpu())

@@ -187,7 +187,8 @@ class MoBiLinear(nn.Module):
 
 def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
     """``x[t] @ W_{slices[t]}^T`` for every token, one dense product per distinct slice count."""
-    if x.is_cuda:
+    # The kernels have no backward: a product that needs gradients (the bit allocation's pass) stays in PyTorch.
+    if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
         from mobiquant import kernels
 
         if kernels.enabled():
