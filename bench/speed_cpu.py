@@ -49,16 +49,10 @@ def apply(elastic: torch.nn.Module, kind: str, value: float) -> None:
     """``kind``: "uniform" (``value`` slices), "routed" or "routed, dense cache" (``value`` average bits)."""
     for layer in mobi_layers(elastic):
         layer.cache_dense = kind.endswith("dense cache")
-        if not layer.cache_dense:
-            layer._dense.clear()
     if kind == "uniform":
         set_precision(elastic, slices=int(value))
     else:
         set_precision(elastic, avg_bits=value)
-
-
-def dense_cache_bytes(elastic: torch.nn.Module) -> int:
-    return sum(w.numel() * w.element_size() for layer in mobi_layers(elastic) for w in layer._dense.values())
 
 
 def interleaved_seconds(model: torch.nn.Module, elastic: torch.nn.Module, settings: list[tuple[str, float]],
@@ -107,7 +101,7 @@ def main() -> None:
         with track_bits(elastic) as meter, torch.no_grad():
             elastic(tokens, use_cache=False)
         rows.append({"setting": f"{kind} {value:g}", "avg_bits": meter.avg_bits, "seconds": setting_seconds,
-                     "dense_cache_bytes": dense_cache_bytes(elastic)})
+                     "dense_cache_bytes": sum(layer.dense_cache_bytes for layer in mobi_layers(elastic))})
 
     layers = mobi_layers(elastic)
     packed = sum(layer.sliced_weight().nbytes() for layer in layers)

@@ -39,6 +39,10 @@ class CostCurve:
     def bits(self, switched_on: int) -> float:
         return BITS_PER_SLICE * (1.0 + switched_on / self.tokens)
 
+    @property
+    def top_bits(self) -> float:
+        return self.bits(len(self.cost) - 1)
+
 
 def cost_curve(scores: torch.Tensor, costs: torch.Tensor, params: int) -> CostCurve:
     """The curve of a layer with nested gate ``scores`` ``[tokens, K-1]`` and ``costs`` ``[tokens, K]``.
@@ -72,13 +76,13 @@ def _average_bits(curves: list[CostCurve], bits: list[float]) -> float:
 
 def allocate_bits(curves: list[CostCurve], budget: float) -> list[float]:
     """Bits per layer whose parameter-weighted average is ``budget``, spending them where cost falls most."""
-    top = max(BITS_PER_SLICE * (1 + (len(c.cost) - 1) / c.tokens) for c in curves)
+    top = max(curve.top_bits for curve in curves)
     if not BITS_PER_SLICE <= budget <= top:
         raise ValueError(f"budget must be in [{BITS_PER_SLICE}, {top}], got {budget}")
 
     def solution(price: float) -> list[float]:
         if price == 0.0:
-            return [curve.bits(len(curve.cost) - 1) for curve in curves]
+            return [curve.top_bits for curve in curves]
         return [curve.bits(n) for curve, n in zip(curves, lagrangian_choice(curves, price), strict=True)]
 
     cheap, dear = 0.0, 1.0

@@ -89,7 +89,7 @@ def search_clipping(
     def objective(upper: torch.Tensor | float, lower: torch.Tensor | float) -> torch.Tensor:
         return (group_output_errors(weight, blocks, group_size, upper, lower, counts) * coefficients).sum(0)
 
-    def line_search(fixed: torch.Tensor | None, moving_upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def line_search(fixed: torch.Tensor | None, moving_upper: bool) -> torch.Tensor:
         best = best_index = None
         for index, factor in enumerate(candidates.tolist()):
             other = factor if fixed is None else fixed
@@ -99,16 +99,12 @@ def search_clipping(
                 continue
             better = value < best
             best, best_index = torch.where(better, value, best), torch.where(better, index, best_index)
-        return candidates[best_index], best
+        return candidates[best_index]
 
-    upper, _ = line_search(None, moving_upper=True)
-    lower = upper
-    for moving_upper in (True, False, True):
-        if moving_upper:
-            upper, _ = line_search(lower, moving_upper=True)
-        else:
-            lower, _ = line_search(upper, moving_upper=False)
-    return upper, lower
+    symmetric = line_search(None, moving_upper=True)
+    upper = line_search(symmetric, moving_upper=True)
+    lower = line_search(upper, moving_upper=False)
+    return line_search(lower, moving_upper=True), lower
 
 
 def clip_logit(factor: torch.Tensor) -> torch.Tensor:

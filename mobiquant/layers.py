@@ -88,7 +88,7 @@ class MoBiLinear(nn.Module):
         self.uniform_slices: int | None = num_slices
         self.threshold: float = ALWAYS_OFF
         self.bit_meter: BitMeter | None = None
-        self.cache_dense = False
+        self._cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
         self._codes: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(self._drop_cache)
@@ -118,6 +118,21 @@ class MoBiLinear(nn.Module):
         if self.uniform_slices is not None:
             self.uniform_slices = min(self.uniform_slices, max_slices)
         self._drop_cache()
+
+    @property
+    def cache_dense(self) -> bool:
+        """Whether ``dense_weight`` keeps every ``W_k`` it builds; turning it off frees those copies."""
+        return self._cache_dense
+
+    @cache_dense.setter
+    def cache_dense(self, keep: bool) -> None:
+        self._cache_dense = keep
+        if not keep:
+            self._dense.clear()
+
+    @property
+    def dense_cache_bytes(self) -> int:
+        return sum(weight.numel() * weight.element_size() for weight in self._dense.values())
 
     def dense_weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
         """``W_k`` as a dense matrix, rebuilt from the stored codes by shift-and-scale.

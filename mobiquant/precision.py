@@ -55,13 +55,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     if not layers:
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
-    layer_bits = {id(layer): grid.tolist() for layer in layers}
-    if allocate:
-        curves = layer_cost_curves(model, layers, samples.to(_device(model)))
-        for index, bits in enumerate(grid.tolist()):
-            if BITS_PER_SLICE < bits < grid[-1]:
-                for layer, share in zip(layers, allocate_bits(curves, bits), strict=True):
-                    layer_bits[id(layer)][index] = share
+    curves = layer_cost_curves(model, layers, samples.to(_device(model))) if allocate else None
     tables = {id(layer): [ALWAYS_OFF] * len(grid) for layer in layers}
     for index, bits in enumerate(grid.tolist()):
         if bits <= BITS_PER_SLICE or bits >= grid[-1]:
@@ -69,10 +63,12 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
             for layer in layers:
                 tables[id(layer)][index] = tables_value
             continue
+        shares = allocate_bits(curves, bits) if curves is not None else [bits] * len(layers)
+        layer_bits = {id(layer): share for layer, share in zip(layers, shares, strict=True)}
 
-        def hook(layer: MoBiLinear, args: tuple, index: int = index) -> None:
+        def hook(layer: MoBiLinear, args: tuple, index: int = index, layer_bits: dict = layer_bits) -> None:
             scores = gate_scores(layer.router(args[0].reshape(-1, layer.in_features)))
-            layer.threshold = threshold_for_bits(scores, layer_bits[id(layer)][index])
+            layer.threshold = threshold_for_bits(scores, layer_bits[id(layer)])
             tables[id(layer)][index] = layer.threshold
 
         handles = [layer.register_forward_pre_hook(hook) for layer in layers]
