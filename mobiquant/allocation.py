@@ -7,8 +7,9 @@ second-order estimate HAWQ and SqueezeLLM use for weights):
 
     cost[t, k] = 1/2 * sum_j g[t, j]^2 * (x_t (W_k - W_K)^T)_j^2,   g = d(calibration loss)/d(output)
 
-Inside a layer the router decides the order in which (token, slice) pairs are switched on, as its
-threshold falls; summing ``cost`` along that order gives the layer a curve of cost against bits. A
+Inside a layer the router's ordered scores decide the order in which (token, slice) pairs are switched
+on as its threshold falls (slice 2 for every token, in the router's order, then slice 3, ...); summing
+``cost`` along that order gives the layer a curve of cost against bits. A
 Lagrange multiplier prices bits, weighted by each layer's parameter count, against cost; bisection on
 the price meets the budget, and the last step is shared between the two closest solutions so the
 budget is met exactly.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobiquant.layers import MoBiLinear, gate_scores
+from mobiquant.layers import MoBiLinear, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
 
 BISECTION_STEPS = 100
@@ -45,11 +46,12 @@ class CostCurve:
 
 
 def cost_curve(scores: torch.Tensor, costs: torch.Tensor, params: int) -> CostCurve:
-    """The curve of a layer with nested gate ``scores`` ``[tokens, K-1]`` and ``costs`` ``[tokens, K]``.
+    """The curve of a layer with gate ``scores`` ``[tokens, K-1]`` and ``costs`` ``[tokens, K]``.
 
     ``costs[:, k-1]`` is a token's cost at ``k`` slices. Turning gate ``e`` on moves a token from ``e`` to
-    ``e+1`` slices. A token's nested scores never rise with ``e``, and the stable sort keeps its gates in
-    order where scores tie, so the walk never turns on a gate before the one it depends on.
+    ``e+1`` slices. A token's scores never rise with ``e`` (ordered or nested scores), and the stable sort
+    keeps its gates in order where scores tie, so the walk never turns on a gate before the one it
+    depends on.
     """
     tokens = scores.shape[0]
     costs = costs.double()
@@ -109,7 +111,7 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
     def record(layer: MoBiLinear, args: tuple, output: torch.Tensor) -> None:
         x = args[0].detach().reshape(-1, layer.in_features)
         with torch.no_grad():
-            scores[id(layer)].append(gate_scores(layer.router(x)).cpu())
+            scores[id(layer)].append(ordered_scores(layer.router(x)).cpu())
 
         def on_gradient(grad: torch.Tensor) -> None:
             with torch.no_grad():

@@ -329,7 +329,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     """What ``mobiquant info`` reports: configuration, slices, group size, storage and layers."""
     from mobiquant.arch import architecture_for
     from mobiquant.checkpoint import load_checkpoint, read_quantization_config
-    from mobiquant.layers import ALWAYS_OFF, MoBiLinear
+    from mobiquant.layers import UNCALIBRATED, MoBiLinear
 
     quant = read_quantization_config(path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -357,7 +357,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
         "num_slices": quant["num_slices"],
         "group_size": quant["group_size"],
         "router_hidden": quant.get("router_hidden"),
-        "thresholds_calibrated": bool(routed) and all(float(layer.thresholds.min()) < ALWAYS_OFF for layer in routed),
+        "thresholds_calibrated": bool(routed) and all(float(layer.thresholds.min()) < UNCALIBRATED for layer in routed),
         "quantized_layers": len(layers),
         "quantized_weights": quantized,
         "other_parameters": sum(p.numel() for p in model.parameters()),

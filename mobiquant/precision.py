@@ -1,13 +1,14 @@
 """Run-time precision: uniform slice counts, routed average-bit budgets, and measuring the bits used.
 
-Each router gives a token nested gate scores (prefix minima of its logits), and slice ``e`` is on for
-the token where its score exceeds the layer's threshold. The threshold table of a layer lists, for a
-grid of average bit-widths, the threshold that gives that average on calibration data:
-``count(scores > theta) = tokens * (bits / 2 - 1)`` is a quantile of the scores, so the table is exact
-on the data it was built from, at every grid point (0.5 bits apart) and interpolated between them.
-``set_precision(model, avg_bits=x)`` interpolates every layer's table at ``x``. By default a layer's
-table is not built for ``x`` itself but for its share of a model-wide ``x`` (``mobiquant.allocation``):
-sensitive layers run above the average, robust ones below, and the whole model at ``x``.
+Each router gives a token one score per residual slice on a slice-major scale
+(``mobiquant.layers.ordered_scores``), and slice ``e`` is on for the token where its score exceeds the
+layer's threshold. The threshold table of a layer lists, for a grid of average bit-widths, the threshold
+that gives that average on calibration data: ``count(scores > t) = tokens * (bits / 2 - 1)`` is a
+quantile of the scores, so the table is exact on the data it was built from, at every grid point (0.5
+bits apart) and interpolated between them. ``set_precision(model, avg_bits=x)`` interpolates every
+layer's table at ``x``. By default a layer's table is not built for ``x`` itself but for its share of a
+model-wide ``x`` (``mobiquant.allocation``): sensitive layers run above the average, robust ones below,
+and the whole model at ``x``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import torch
 from torch import nn
 
 from mobiquant.allocation import allocate_bits, layer_cost_curves
-from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, BitMeter, MoBiLinear, gate_scores
+from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
+
+# Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
+THRESHOLD_ORDER = "slice-major"
 
 
 def mobi_layers(model: nn.Module) -> list[MoBiLinear]:
@@ -31,14 +35,15 @@ def mobi_layers(model: nn.Module) -> list[MoBiLinear]:
 
 
 def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
-    """The threshold at which the nested scores ``[tokens, K-1]`` give ``bits`` average bits."""
-    tokens = scores.shape[0]
+    """The threshold at which the ordered scores ``[tokens, K-1]`` give ``bits`` average bits.
+
+    A whole number of slices per token gets the whole-number threshold, which runs without the router.
+    """
+    tokens, gates = scores.shape
+    wanted = min(max(round(tokens * (bits / BITS_PER_SLICE - 1)), 0), tokens * gates)
+    if wanted % tokens == 0:
+        return float(gates - wanted // tokens)
     ordered = torch.sort(scores.flatten().double(), descending=True).values
-    wanted = round(tokens * (bits / BITS_PER_SLICE - 1))
-    if wanted <= 0:
-        return ALWAYS_OFF
-    if wanted >= ordered.numel():
-        return ALWAYS_ON
     return float((ordered[wanted - 1] + ordered[wanted]) / 2)
 
 
@@ -56,18 +61,19 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
     curves = layer_cost_curves(model, layers, samples.to(_device(model))) if allocate else None
-    tables = {id(layer): [ALWAYS_OFF] * len(grid) for layer in layers}
+    tables = {id(layer): [float(layer.num_slices - 1)] * len(grid) for layer in layers}
     for index, bits in enumerate(grid.tolist()):
+        # The ends of the grid are every token at one slice (the fill) or at every slice: no pass needed.
         if bits <= BITS_PER_SLICE or bits >= grid[-1]:
-            tables_value = ALWAYS_OFF if bits <= BITS_PER_SLICE else ALWAYS_ON
-            for layer in layers:
-                tables[id(layer)][index] = tables_value
+            if bits >= grid[-1]:
+                for layer in layers:
+                    tables[id(layer)][index] = 0.0
             continue
         shares = allocate_bits(curves, bits) if curves is not None else [bits] * len(layers)
         layer_bits = {id(layer): share for layer, share in zip(layers, shares, strict=True)}
 
         def hook(layer: MoBiLinear, args: tuple, index: int = index, layer_bits: dict = layer_bits) -> None:
-            scores = gate_scores(layer.router(args[0].reshape(-1, layer.in_features)))
+            scores = ordered_scores(layer.router(args[0].reshape(-1, layer.in_features)))
             layer.threshold = threshold_for_bits(scores, layer_bits[id(layer)])
             tables[id(layer)][index] = layer.threshold
 
@@ -86,6 +92,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(quant, dict):
         quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"
+        quant["threshold_order"] = THRESHOLD_ORDER
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -103,9 +110,6 @@ def _interpolate(layer: MoBiLinear, avg_bits: float) -> float:
     low, high = bits[position - 1], bits[position]
     weight = (avg_bits - low) / (high - low)
     left, right = table[position - 1], table[position]
-    # The ends of a table are sentinels: interpolating toward one would give an absurd threshold.
-    if abs(left) >= ALWAYS_OFF or abs(right) >= ALWAYS_OFF:
-        return float(left if weight < 0.5 else right)
     return float(left + weight * (right - left))
 
 
@@ -129,8 +133,11 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
     for layer in layers:
         if layer.router is None:
             raise ValueError("this checkpoint has no routers: use set_precision(model, slices=k)")
-        if float(layer.thresholds.max()) >= ALWAYS_OFF and float(layer.thresholds.min()) >= ALWAYS_OFF:
+        if float(layer.thresholds.min()) >= UNCALIBRATED:
             raise ValueError("the router thresholds were never calibrated (run calibrate_thresholds)")
+        if float(layer.thresholds.min()) < 0.0:
+            raise ValueError("these router thresholds are on raw router logits, from a mobiquant before "
+                             f"{THRESHOLD_ORDER!r} thresholds: run calibrate_thresholds again")
         layer.threshold = _interpolate(layer, avg_bits)
         layer.uniform_slices = None
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from mobiquant.allocation import CostCurve, allocate_bits, cost_curve, lagrangian_choice, layer_cost_curves
-from mobiquant.layers import gate_scores, slices_from_scores
+from mobiquant.layers import ordered_scores, slices_from_scores
 from tests.tiny_models import quantize_tiny, tiny_model
 
 
 def random_curve(tokens: int, slices: int, params: int) -> tuple[CostCurve, torch.Tensor, torch.Tensor]:
-    scores = gate_scores(torch.randn(tokens, slices - 1, dtype=torch.float64))
+    scores = ordered_scores(torch.randn(tokens, slices - 1, dtype=torch.float64))
     # Costs fall with slices, as truncation errors do, and reach 0 at full slices.
     costs = torch.rand(tokens, slices, dtype=torch.float64).sort(dim=-1, descending=True).values
     costs[:, -1] = 0.0

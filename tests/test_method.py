@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 import mobiquant.calibration as calibration
 from mobiquant import slicing
 from mobiquant.calibration import CalibrationConfig, quantize_model
-from mobiquant.layers import ALWAYS_OFF, ALWAYS_ON, MoBiLinear, gate_scores
+from mobiquant.layers import UNCALIBRATED, MoBiLinear, gate_scores, ordered_scores, slices_from_scores
 from mobiquant.precision import mobi_layers, set_precision, threshold_for_bits, track_bits
 from mobiquant.slicing import slice_weight
 
@@ -50,16 +50,30 @@ def test_each_token_gets_its_own_precision_float64() -> None:
     torch.testing.assert_close(layer(x), x @ sliced.dequantize(3).T + bias)
 
 
-def test_layer_at_a_table_end_runs_without_its_router() -> None:
+def test_whole_number_threshold_runs_uniform_without_its_router() -> None:
     sliced = slice_weight(torch.randn(24, 64), group_size=32, num_slices=4)
     layer = MoBiLinear(64, 24, 4, 32)
     layer.load_sliced(sliced)
     layer.uniform_slices = None
     x = torch.randn(5, 64)
-    layer.router.forward = lambda _x: pytest.fail("the router ran for a layer at a table end")
-    for threshold, k in ((ALWAYS_OFF, 1), (ALWAYS_ON, 4)):
+    layer.router.forward = lambda _x: pytest.fail("the router ran at a whole-number threshold")
+    for threshold, k in ((UNCALIBRATED, 1), (3.0, 1), (2.0, 2), (1.0, 3), (0.0, 4), (-5.0, 4)):
         layer.threshold = threshold
         torch.testing.assert_close(layer(x), x @ sliced.dequantize(k).T)
+
+
+def test_ordered_scores_fill_one_slice_level_at_a_time() -> None:
+    logits = torch.randn(200, 3) * 4
+    nested = torch.cummin(logits, dim=-1).values
+    scores = ordered_scores(logits)
+    for level in (1, 2, 3):
+        for fraction in (0.1, 0.5, 0.9):
+            # The router's choice of tokens for the next slice: the top fraction by that gate's nested score.
+            chosen = torch.topk(nested[:, level - 1], int(fraction * 200)).indices
+            expected = torch.full((200,), level)
+            expected[chosen] = level + 1
+            cut = torch.sort(scores[:, level - 1], descending=True).values[len(chosen) - 1 : len(chosen) + 1].mean()
+            assert torch.equal(slices_from_scores(scores, cut), expected)
 
 
 def test_keep_slices_drops_planes_and_keeps_lower_precisions() -> None:
@@ -75,15 +89,14 @@ def test_keep_slices_drops_planes_and_keeps_lower_precisions() -> None:
 
 
 def test_threshold_gives_exact_count_on_its_data() -> None:
-    scores = torch.cummin(torch.randn(1000, 3), dim=-1).values
-    for bits in (2.5, 3.0, 4.4, 7.9):
+    scores = ordered_scores(torch.randn(1000, 3))
+    for bits in (2.5, 3.0, 4.4, 5.0, 7.9):
         theta = threshold_for_bits(scores, bits)
-        mean_slices = 1 + (scores > theta).sum(dim=-1).double().mean()
-        # Nested scores tie within a token (a prefix minimum repeats), and tied gates switch together:
-        # one token's K-1 gates at most, i.e. 2 (K - 1) / tokens bits.
-        assert float(2 * mean_slices) == pytest.approx(bits, abs=2 * 3 / 1000)
-    assert threshold_for_bits(scores, 2.0) == ALWAYS_OFF
-    assert threshold_for_bits(scores, 8.0) == ALWAYS_ON
+        mean_slices = slices_from_scores(scores, theta).double().mean()
+        # Exact up to rounding the wanted count to whole tokens.
+        assert float(2 * mean_slices) == pytest.approx(bits, abs=2 * 0.5 / 1000 + 1e-12)
+    for bits, whole in ((2.0, 3.0), (4.0, 2.0), (6.0, 1.0), (8.0, 0.0)):
+        assert threshold_for_bits(scores, bits) == whole
 
 
 def _tokens_with_active_channels(count: int, features: int) -> torch.Tensor:

@@ -84,12 +84,13 @@ def quantize_tiny(model: PreTrainedModel, seed: int = 0, router_hidden: int | No
             with torch.no_grad():
                 for param in layer.router.parameters():
                     param.copy_(torch.randn(param.shape, generator=gen))
-        layer.thresholds = torch.sort(torch.randn(layer.thresholds.shape, generator=gen)).values
+        # Thresholds on ordered scores lie in [0, SLICES - 1] and fall as the budget grows.
+        layer.thresholds = (SLICES - 1) * torch.rand(layer.thresholds.shape, generator=gen).sort(descending=True).values
     return model.eval()
 
 
-def set_uniform(model: nn.Module, slices: int | None, threshold: float = 0.0) -> None:
-    """Every layer at ``slices`` slices, or routed with logit threshold ``threshold`` when ``slices`` is None."""
+def set_uniform(model: nn.Module, slices: int | None, threshold: float = 1.5) -> None:
+    """Every layer at ``slices`` slices, or routed at ``threshold`` on ordered scores when ``slices`` is None."""
     for layer in mobi_layers(model).values():
         layer.uniform_slices = slices
         layer.threshold = threshold
