@@ -1,5 +1,6 @@
 """The elastic linear layer, run-time precision and block-wise calibration, on tiny random models."""
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +167,19 @@ def test_set_precision_hits_budget_on_calibration_data(calibrated: tuple) -> Non
         with track_bits(model) as meter:
             model(samples)
         assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+    assert model.config.quantization_config["threshold_order"] == "slice-major"
+
+
+def test_budgets_between_grid_points_move_the_bits_monotonically(calibrated: tuple) -> None:
+    model, samples, _ = calibrated
+    measured = []
+    for bits in torch.arange(2.0, 8.01, 0.1).tolist():
+        set_precision(model, avg_bits=bits)
+        with track_bits(model) as meter:
+            model(samples)
+        measured.append(meter.avg_bits)
+    assert measured == sorted(measured)
+    assert measured[0] == 2.0 and measured[-1] == 8.0
 
 
 def test_uniform_precision_error_shrinks_with_slices(calibrated: tuple) -> None:
@@ -187,6 +201,12 @@ def test_bad_precision_requests_are_refused(calibrated: tuple) -> None:
         set_precision(model, slices=5)
     with pytest.raises(ValueError, match="exactly one"):
         set_precision(model)
+    # A table from before slice-major thresholds holds raw logits (its top budget was -1e9): not reused.
+    stale = copy.deepcopy(model)
+    for layer in mobi_layers(stale):
+        layer.thresholds = torch.linspace(1.5, -1.0e9, len(layer.thresholds))
+    with pytest.raises(ValueError, match="calibrate_thresholds again"):
+        set_precision(stale, avg_bits=3.0)
 
 
 def heavy_tailed_block(sample_weight: Callable[[tuple[int, ...]], torch.Tensor]) -> tuple:
