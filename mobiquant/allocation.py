@@ -9,10 +9,9 @@ second-order estimate HAWQ and SqueezeLLM use for weights):
 
 Inside a layer the router's ordered scores decide the order in which (token, slice) pairs are switched
 on as its threshold falls (slice 2 for every token, in the router's order, then slice 3, ...); summing
-``cost`` along that order gives the layer a curve of cost against bits. A
-Lagrange multiplier prices bits, weighted by each layer's parameter count, against cost; bisection on
-the price meets the budget, and the last step is shared between the two closest solutions so the
-budget is met exactly.
+``cost`` along that order gives the layer a curve of cost against bits. A Lagrange multiplier prices
+bits, weighted by each layer's parameter count, against cost; bisection on the price meets the budget,
+and the last step is shared between the two closest solutions so the budget is met exactly.
 """
 
 from __future__ import annotations

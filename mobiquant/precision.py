@@ -61,14 +61,9 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
     curves = layer_cost_curves(model, layers, samples.to(_device(model))) if allocate else None
-    tables = {id(layer): [float(layer.num_slices - 1)] * len(grid) for layer in layers}
-    for index, bits in enumerate(grid.tolist()):
-        # The ends of the grid are every token at one slice (the fill) or at every slice: no pass needed.
-        if bits <= BITS_PER_SLICE or bits >= grid[-1]:
-            if bits >= grid[-1]:
-                for layer in layers:
-                    tables[id(layer)][index] = 0.0
-            continue
+    # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
+    tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
+    for index, bits in enumerate(grid[1:-1].tolist(), start=1):
         shares = allocate_bits(curves, bits) if curves is not None else [bits] * len(layers)
         layer_bits = {id(layer): share for layer, share in zip(layers, shares, strict=True)}
 
