@@ -1,6 +1,5 @@
 """MoBiSlice against an independent float64 implementation of METHOD.md's formulas."""
 
-import itertools
 
 import numpy as np
 import pytest
@@ -139,6 +138,12 @@ def test_property_odd_shapes_and_extreme_values(
         assert torch.isfinite(sliced.dequantize(k)).all()
         if k > 1:
             assert torch.equal(sliced.codes(k - 1), sliced.codes(k) >> 2)
-    errors = [float((sliced.dequantize(k, torch.float64) - weight.float().double()).abs().max()) for k in range(1, 5)]
-    # More slices never make the worst error larger (a finer slice never flips a coarser code).
-    assert all(later <= earlier * (1 + 1e-6) + 1e-30 for earlier, later in itertools.pairwise(errors))
+    # Inside the stored range every weight is within half a step of its precision. (The worst error need
+    # not fall with k: a constant group can sit near a 1-slice midpoint and between 2-slice points.)
+    stored = weight.float().double()
+    scale = sliced.scale.double().repeat_interleave(32, dim=-1)
+    u = stored / scale + sliced.zero.double().repeat_interleave(32, dim=-1)
+    inside = (u >= 0) & (u < 4)
+    for k in range(1, 5):
+        error = (sliced.dequantize(k, torch.float64) - stored).abs()
+        assert bool((error <= 0.5 * scale / 4 ** (k - 1) * (1 + 1e-6) + 1e-30)[inside].all())
