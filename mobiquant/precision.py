@@ -76,8 +76,10 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         try:
             for layer in layers:
                 layer.uniform_slices = None
+            # The backbone alone: thresholds need no logits, and the whole calibration set's logits would not
+            # fit in memory for a large vocabulary.
             with torch.no_grad():
-                model(samples.to(_device(model)), use_cache=False)
+                model.base_model(samples.to(_device(model)), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
