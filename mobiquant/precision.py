@@ -60,7 +60,8 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     if not layers:
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
-    curves = layer_cost_curves(model, layers, samples.to(_device(model))) if allocate else None
+    samples = samples.to(_device(model))
+    curves = layer_cost_curves(model, layers, samples) if allocate else None
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
     for index, bits in enumerate(grid[1:-1].tolist(), start=1):
@@ -79,7 +80,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
             # The backbone alone: thresholds need no logits, and the whole calibration set's logits would not
             # fit in memory for a large vocabulary.
             with torch.no_grad():
-                model.base_model(samples.to(_device(model)), use_cache=False)
+                model.base_model(samples, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -130,9 +131,10 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
     for layer in layers:
         if layer.router is None:
             raise ValueError("this checkpoint has no routers: use set_precision(model, slices=k)")
-        if float(layer.thresholds.min()) >= UNCALIBRATED:
+        lowest = float(layer.thresholds.min())
+        if lowest >= UNCALIBRATED:
             raise ValueError("the router thresholds were never calibrated (run calibrate_thresholds)")
-        if float(layer.thresholds.min()) < 0.0:
+        if lowest < 0.0:
             raise ValueError("these router thresholds are on raw router logits, from a mobiquant before "
                              f"{THRESHOLD_ORDER!r} thresholds: run calibrate_thresholds again")
         layer.threshold = _interpolate(layer, avg_bits)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mobiquant.allocation import CostCurve, allocate_bits, cost_curve, lagrangian_choice, layer_cost_curves
 from mobiquant.layers import ordered_scores, slices_from_scores
+from mobiquant.precision import mobi_layers
 from tests.tiny_models import quantize_tiny, tiny_model
 
 
@@ -71,7 +72,7 @@ def test_sensitive_layer_gets_more_bits() -> None:
 
 def test_layer_costs_match_a_float64_fisher_reference() -> None:
     model = quantize_tiny(tiny_model("llama", seed=int(torch.randint(0, 10_000, ()))))
-    layers = [m for m in model.modules() if hasattr(m, "router") and m.router is not None]
+    layers = [layer for layer in mobi_layers(model) if layer.router is not None]
     samples = torch.randint(0, 128, (6, 16))
     curves = layer_cost_curves(model, layers, samples, batch_size=4)
 

@@ -1,6 +1,5 @@
 """MoBiSlice against an independent float64 implementation of METHOD.md's formulas."""
 
-
 import numpy as np
 import pytest
 import torch
