@@ -39,7 +39,8 @@ def main() -> int:
         model = build_tiny_llama(work / "model" / "bench-llama", layers=args.layers, hidden=args.hidden)
         corpus = str(model.parent / "train.txt")
         captured = stages.capture(
-            model, work / "capture", calibration_data=corpus, samples=args.samples, seqlen=64, seed=0, group_size=64
+            model, work / "capture", calibration_data=corpus, samples=args.samples, seqlen=64, seed=0, group_size=64,
+            device="cpu", source_model={"source": str(model), "kind": "local", "sha": "bench"},
         )
         times = {}
         # The first run also pays one-time costs (the ephemeral Prefect server, imports, allocator warm-up):
@@ -55,11 +56,11 @@ def main() -> int:
                 epochs_stage2=args.epochs,
                 runner=args.runner,
                 workers=workers,
+                device="cpu",
             )
             start = time.perf_counter()
             calibrate_blocks.with_options(task_runner=task_runner_for(params))(
                 str(model),
-                "bench",
                 captured["capture_dir"],
                 captured["num_blocks"],
                 params,

@@ -9,6 +9,7 @@ gate leaves its report and MLflow run, publishes nothing and fails the flow (non
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ def preflight(params: CompressParams) -> None:
     """Reach MLflow, the Prefect API and the publish target before any download or calibration."""
     # The Prefect API first: checking it writes nothing, while a first MLflow check creates a sqlite database.
     check_prefect_api()
+    check_device(params)
     try:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
@@ -44,6 +46,37 @@ def preflight(params: CompressParams) -> None:
     target = target_for(params.publish, params.default_repo_id())
     if isinstance(target, HubRepoTarget):
         target.check_access()
+    else:
+        check_publish_folder(target.path, params)
+
+
+def check_publish_folder(folder: Path, params: CompressParams) -> None:
+    """A local publish target may neither be nor contain the source model, the work folder or the cache."""
+    from mobiquant.data import cache_root
+    from mobiquant.outputs import is_within
+
+    protected = [("work folder", Path(params.work_dir)), ("mobiquant cache", cache_root())]
+    if Path(params.model).expanduser().exists():
+        protected.append(("source model", Path(params.model)))
+    resolved = folder.resolve()
+    for what, path in protected:
+        guarded = path.expanduser().resolve()
+        if is_within(guarded, resolved):
+            raise PreflightError(f"publish target {folder} is or contains the {what} ({guarded}): choose another root")
+
+
+def check_device(params: CompressParams) -> None:
+    """The device exists here (Dask workers resolve their own) and the compute dtype suits it."""
+    from mobiquant.devices import DeviceError, resolve_device
+
+    if params.runner == "dask":
+        return
+    try:
+        device = resolve_device(params.device)
+    except DeviceError as error:
+        raise PreflightError(str(error)) from error
+    if params.compute_dtype != "float32" and device.type != "cuda":
+        raise PreflightError(f"compute_dtype {params.compute_dtype} needs a CUDA device; {device} computes in float32")
 
 
 def check_prefect_api() -> None:
@@ -60,6 +93,7 @@ def check_prefect_api() -> None:
 
 
 def task_runner_for(params: CompressParams) -> TaskRunner:
+    """The block tasks' runner; with Dask on CUDA each worker process owns one GPU."""
     if params.runner == "process":
         return ProcessPoolTaskRunner(max_workers=params.workers)
     if params.runner == "dask":
@@ -67,16 +101,44 @@ def task_runner_for(params: CompressParams) -> TaskRunner:
 
         if params.dask_address:
             return DaskTaskRunner(address=params.dask_address)
-        return DaskTaskRunner(
-            cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1, "processes": True},
-        )
+        return DaskTaskRunner(**dask_cluster_for(params))
     return ThreadPoolTaskRunner(max_workers=params.workers)
+
+
+def dask_cluster_for(params: CompressParams) -> dict[str, Any]:
+    """A local Dask cluster: one single-threaded worker per GPU (dask-cuda where installed), else per CPU share."""
+    from mobiquant.devices import block_devices, dask_gpu_workers, resolve_device
+
+    device = resolve_device(params.device)
+    if device.type != "cuda":
+        return {"cluster_class": "distributed.LocalCluster",
+                "cluster_kwargs": {"n_workers": params.workers, "threads_per_worker": 1, "processes": True}}
+    gpus = [str(torch_device_index(d)) for d in block_devices(device, params.workers)]
+    if importlib.util.find_spec("dask_cuda") is not None:
+        return {"cluster_class": "dask_cuda.LocalCUDACluster",
+                "cluster_kwargs": {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "threads_per_worker": 1}}
+    return {"cluster_class": "distributed.SpecCluster",
+            "cluster_kwargs": {"workers": dask_gpu_workers([int(g) for g in gpus]),
+                               "scheduler": {"cls": "distributed.Scheduler", "options": {"dashboard_address": ":0"}}}}
+
+
+def torch_device_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def block_task_devices(params: CompressParams) -> list[str]:
+    """What each block task leases from: ``cuda:0..N-1`` for N threads or processes; a Dask worker its own GPU."""
+    from mobiquant.devices import block_devices, resolve_device
+
+    if params.runner == "dask":
+        # Each worker resolves the device itself: on a GPU worker "auto" is the one GPU it sees.
+        return [params.device]
+    return block_devices(resolve_device(params.device), params.workers)
 
 
 @flow(name="calibrate-blocks")
 def calibrate_blocks(
-    model_dir: str, model_sha: str, capture_dir: str, num_blocks: int, params: CompressParams, blocks_dir: str
+    model_dir: str, capture_dir: str, num_blocks: int, params: CompressParams, blocks_dir: str
 ) -> list[dict[str, Any]]:
     """Every block as its own task (the unit of layer-parallel work), with a live progress artifact.
 
@@ -84,20 +146,19 @@ def calibrate_blocks(
     on the outputs of the already-quantized blocks before it.
     """
     config = params_config(params)
-    digest = config_digest(config)
+    devices = block_task_devices(params)
     progress = create_progress_artifact(progress=0.0, key="calibration-progress", description="blocks calibrated")
     futures = []
     for index in range(num_blocks):
         futures.append(
             calibration.calibrate_block.submit(
                 model_dir=model_dir,
-                model_sha=model_sha,
                 block_index=index,
                 capture_dir=capture_dir,
                 config=config,
-                config_digest=digest,
-                out_path=str(Path(blocks_dir) / f"block_{index:04d}.safetensors"),
+                blocks_dir=blocks_dir,
                 torch_threads=params.torch_threads,
+                devices=devices,
                 wait_for=futures[-1:] if params.mode == "sequential" else None,
             )
         )
@@ -121,6 +182,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         epochs_stage2=params.epochs_stage2,
         mode=params.mode,
         seed=params.seed,
+        compute_dtype=params.compute_dtype,
     ).to_dict()
 
 
@@ -161,6 +223,9 @@ def compress(
     workers: int = 2,
     dask_address: str | None = None,
     torch_threads: int = 1,
+    device: str = "auto",
+    float32_inputs: bool = False,
+    compute_dtype: Literal["float32", "tfloat32", "bfloat16"] = "float32",
     kernel_archs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` into one elastic MoBiQuant checkpoint and stage it for review."""
@@ -190,14 +255,18 @@ def compress(
         seqlen=params.seqlen,
         seed=params.seed,
         group_size=params.group_size,
+        device=params.device,
+        source_model=source,
+        float32_inputs=params.float32_inputs,
     )
     _timed(stage_times, "capture", started, captured["seconds"])
 
-    # Results are keyed by (model sha, config hash, block): a re-run of a killed run finds them here.
+    # Each result records its resume key (model sha, samples, input dtype, config): a re-run of a killed run finds
+    # them here and recomputes only what is missing or was computed under another key.
     blocks_dir = work / "blocks" / source["sha"][:16] / f"{digest}-{data_key.replace(':', '_')}"
     started = time.perf_counter()
     blocks = calibrate_blocks.with_options(task_runner=task_runner_for(params))(
-        source["path"], source["sha"], str(capture_dir), captured["num_blocks"], params, str(blocks_dir)
+        source["path"], str(capture_dir), captured["num_blocks"], params, str(blocks_dir)
     )
     fresh = [b for b in blocks if not b.get("cached")]
     span = max(b["finished"] for b in blocks) - min(b["started"] for b in blocks) if fresh else 0.0
@@ -210,10 +279,14 @@ def compress(
     with file_lock(run_dir.parent / f"{run_dir.name}.lock"):
         started = time.perf_counter()
         block_paths = [b["path"] for b in blocks]
-        assembled = calibration.assemble(source["path"], block_paths, config, str(run_dir / "assembled"))
+        assembled = calibration.assemble(
+            source["path"], str(capture_dir), block_paths, config, str(run_dir / "assembled")
+        )
         _timed(stage_times, "assemble", started, assembled["seconds"])
         started = time.perf_counter()
-        checkpoint = calibration.thresholds(assembled["path"], captured["samples_path"], str(run_dir / "checkpoint"))
+        checkpoint = calibration.thresholds(
+            assembled["path"], captured["samples_path"], str(run_dir / "checkpoint"), params.device
+        )
         _timed(stage_times, "thresholds", started, checkpoint["seconds"])
         started = time.perf_counter()
         kernels = calibration.compile_kernels(params.kernel_archs, str(run_dir / "kernels"))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from mobiquant.layers import MoBiLinear, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
@@ -102,7 +103,7 @@ def allocate_bits(curves: list[CostCurve], budget: float) -> list[float]:
 
 
 def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch.Tensor,
-                      batch_size: int = 4) -> list[CostCurve]:
+                      batch_size: int = 4, progress: bool = False) -> list[CostCurve]:
     """One backward pass per batch of ``samples`` at full slices gives every layer its cost curve."""
     scores: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
     costs: dict[int, list[torch.Tensor]] = {id(layer): [] for layer in layers}
@@ -130,7 +131,8 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
     handles = [layer.register_forward_hook(record) for layer in layers]
     embed = model.get_input_embeddings()
     try:
-        for start in range(0, len(samples), batch_size):
+        for start in tqdm(range(0, len(samples), batch_size), desc="sensitivity pass", unit="batch",
+                          disable=not progress, leave=False):
             ids = samples[start : start + batch_size].to(embed.weight.device)
             embeds = embed(ids).detach().requires_grad_(True)
             with torch.enable_grad():

@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--slices", type=_positive_int, help="2-bit slices K (default: 4, i.e. up to 8 bits)")
     quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
+    quantize.add_argument(
+        "--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+    )
+    quantize.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for torch (default: the cores this process may use)"
+    )
+    quantize.add_argument(
+        "--compute-dtype", choices=("float32", "tfloat32", "bfloat16"), default="float32",
+        help="block matrix products on CUDA: float32 (default), tfloat32 or bfloat16 autocast",
+    )
+    quantize.add_argument(
+        "--float32-inputs", action="store_true",
+        help="keep captured block inputs in float32 (default: the source model's dtype, e.g. bfloat16)",
+    )
     quantize.add_argument("--work-dir", help="resumable work folder (default: .DIR.mobiquant-work beside DIR)")
     quantize.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     quantize.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
@@ -150,59 +164,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 # quantize
 
 
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise CommandError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise CommandError(f"output directory {output} is not empty (use --force to replace it)")
-    if not output.parent.exists():
-        raise FileNotFoundError(f"parent folder of the output does not exist: {output.parent}")
-
-
-def auto_group_size(model: Any) -> int:
-    """The largest of ``AUTO_GROUP_SIZES`` that divides the input size of every quantized linear."""
-    from mobiquant.arch import architecture_for
-
-    arch = architecture_for(model.config.model_type)
-    sizes = {
-        linear.in_features for block in arch.block_list(model) for linear in arch.quantized_linears(block).values()
-    }
+def auto_group_size(block: Any, arch: Any) -> int:
+    """The largest of ``AUTO_GROUP_SIZES`` that divides the input size of every quantized linear of ``block``."""
+    sizes = {linear.in_features for linear in arch.quantized_linears(block).values()}
     for candidate in AUTO_GROUP_SIZES:
         if all(size % candidate == 0 for size in sizes):
             return candidate
     raise CommandError(f"no group size in {AUTO_GROUP_SIZES} divides the input sizes {sorted(sizes)}")
 
 
-def _load_source_model(folder: Path, allow_pickle: bool = False) -> tuple[Any, Any]:
-    """Full-precision (float32) model and tokenizer from a local model folder, checked to belong together."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mobiquant.sources import check_tokenizer, check_weights_finite
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=None if allow_pickle else True, trust_remote_code=False
-    )
-    check_tokenizer(tokenizer, model.config)
-    check_weights_finite(model)
-    return model.eval(), tokenizer
-
-
 def cmd_quantize(args: argparse.Namespace) -> None:
-    output = Path(args.output).expanduser().absolute()
-    # Checked before anything slow runs: a calibration must not end in a refused write.
-    _check_output(output, args.force)
+    from mobiquant.data import cache_root
+    from mobiquant.devices import resolve_device, set_threads
+    from mobiquant.outputs import check_output_dir
 
-    from mobiquant.calibration import CalibrationConfig, quantize_model
+    output = Path(args.output).expanduser().absolute()
+    work_root = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.mobiquant-work"
+    protected = [("work folder", work_root), ("mobiquant cache", cache_root())]
+    model_path = Path(args.model).expanduser()
+    if model_path.exists():
+        protected.append(("source model", model_path))
+    # Checked before anything slow runs: a calibration must not end in a refused write or a deleted source.
+    check_output_dir(output, args.force, protected)
+    device = resolve_device(args.device)
+    if args.compute_dtype != "float32" and device.type != "cuda":
+        raise CommandError(f"--compute-dtype {args.compute_dtype} needs a CUDA device; {device} computes in float32")
+    threads = set_threads(args.threads)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from mobiquant.calibration import CalibrationConfig, quantize_files
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
-    from mobiquant.sources import materialize
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import check_tokenizer, materialize, with_safetensors
 
     source = materialize(args.model, revision=args.revision, allow_pickle=args.allow_pickle)
-    model, tokenizer = _load_source_model(Path(source.path), allow_pickle=args.allow_pickle)
-    group_size = args.group_size or auto_group_size(model)
-    options: dict[str, Any] = {"group_size": group_size, "seed": args.seed}
+    check_output_dir(output, args.force, [*protected, ("source model", source.path)])
+    source = with_safetensors(source)
+    files = ModelFiles(source.path)
+    files.check()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    check_tokenizer(tokenizer, files.config)
+    group_size = args.group_size or auto_group_size(files.block_structure(0), files.arch)
+    options: dict[str, Any] = {"group_size": group_size, "seed": args.seed, "compute_dtype": args.compute_dtype}
     if args.slices is not None:
         options["num_slices"] = args.slices
     if args.router_hidden is not None:
@@ -214,21 +220,22 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = CalibrationConfig(**options)
     print(
         f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "
-        f"{args.samples} x {args.seqlen} tokens of {args.data}",
+        f"{args.samples} x {args.seqlen} tokens of {args.data}, on {device} ({threads} CPU threads)",
         file=sys.stderr,
     )
     samples = calibration_samples(tokenizer, args.data, args.samples, args.seqlen, args.seed)
-    work_root = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.mobiquant-work"
-    # The calibration resumes from blocks matching the configuration and samples, not the model: one
-    # folder per source model keeps a resumed run from picking up blocks of another model.
-    model = quantize_model(model, samples, config, work_root / source.sha[:16])
-    extra = {
-        "calibration": {k: v for k, v in config.to_dict().items() if k not in ("num_slices", "group_size")},
+    provenance = {
         "calibration_data": {"source": args.data, "samples": args.samples, "seqlen": args.seqlen},
         "source_model": {"source": source.source, "kind": source.kind, "sha": source.sha},
     }
+    # The calibration resumes from blocks keyed by the source's content sha, samples and settings; one folder
+    # per source model keeps the work of different models apart.
+    model = quantize_files(
+        source.path, samples, config, work_root / source.sha[:16], model_key=source.sha, device=device,
+        provenance=provenance, store_dtype=torch.float32 if args.float32_inputs else None,
+    )
     # save_checkpoint writes beside the output and renames into place: no half checkpoint after a failure.
-    save_checkpoint(model, output, tokenizer, extra_config=extra, overwrite=args.force)
+    save_checkpoint(model, output, tokenizer, overwrite=args.force)
     if not args.keep_work:
         shutil.rmtree(work_root, ignore_errors=True)
     print(f"mobiquant: wrote {output}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mobiquant.arch import Architecture
+from mobiquant.model_files import BlockSource
+from mobiquant.streaming import block_returns_tuple, first_block_inputs, logits_from_last_hidden, run_block
 
 
 class EvaluationError(ValueError):
@@ -32,25 +35,17 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    progress: bool = True,
-) -> float:
-    """Perplexity of ``model`` on ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
+def evaluation_windows(
+    tokens: torch.Tensor, seqlen: int, context: int | None = None, max_windows: int | None = None
+) -> torch.Tensor:
+    """``[windows, seqlen]``: non-overlapping windows of ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
 
-    The tokens are cut into non-overlapping windows of ``seqlen`` (or the model's context, if
-    shorter); a trailing partial window is dropped. Each window is scored on its own, predicting
-    tokens 2..seqlen from the ones before; the result is ``exp`` of the mean token negative
-    log-likelihood over all windows (``max_windows`` keeps only the first windows).
+    The window is ``seqlen`` or the model's ``context``, if shorter; a trailing partial window is dropped and
+    ``max_windows`` keeps only the first windows.
     """
     if not (tokens.dim() == 1 or (tokens.dim() == 2 and tokens.shape[0] == 1)):
         raise EvaluationError(f"expected tokens of shape [1, N] or [N], got {tuple(tokens.shape)}")
     flat = tokens.reshape(-1)
-    context = model_context(model)
     if context is not None:
         seqlen = min(seqlen, context)
     if seqlen < 2:
@@ -62,20 +57,43 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise EvaluationError(f"{flat.numel()} tokens are fewer than one window of {seqlen}")
+    return flat[: windows * seqlen].reshape(windows, seqlen)
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Summed negative log-likelihood of tokens 2..n of ``window`` (``[1, n]``) under ``logits`` (``[1, n, V]``)."""
+    # Float32 log-softmax at least: half-precision logits lose the tail of the distribution.
+    log_probs = F.log_softmax(logits[0, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return float(-log_probs.gather(-1, window[0, 1:].unsqueeze(-1).to(log_probs.device)).sum())
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
+    """Perplexity of ``model`` on ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
+
+    The tokens are cut into non-overlapping windows of ``seqlen`` (or the model's context, if
+    shorter); a trailing partial window is dropped. Each window is scored on its own, predicting
+    tokens 2..seqlen from the ones before; the result is ``exp`` of the mean token negative
+    log-likelihood over all windows (``max_windows`` keeps only the first windows).
+    """
+    windows = evaluation_windows(tokens, seqlen, model_context(model), max_windows)
     device = _model_device(model)
     was_training = model.training
     model.eval()
     total_nll = 0.0
     counted = 0
     try:
-        for index in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
-            window = flat[index * seqlen : (index + 1) * seqlen].to(device).unsqueeze(0)
-            logits = model(input_ids=window, use_cache=False).logits
-            # Float32 log-softmax at least: half-precision logits lose the tail of the distribution.
-            log_probs = F.log_softmax(logits[0, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-            nll = -log_probs.gather(-1, window[0, 1:].unsqueeze(-1)).sum()
-            total_nll += float(nll)
-            counted += seqlen - 1
+        for row in tqdm(windows, desc=desc, unit="window", disable=not progress):
+            window = row.to(device).unsqueeze(0)
+            total_nll += window_nll(model(input_ids=window, use_cache=False).logits, window)
+            counted += window.shape[1] - 1
     finally:
         model.train(was_training)
     return math.exp(total_nll / counted)
@@ -123,3 +141,63 @@ def rtn_model(model: nn.Module, arch: Architecture, bits: int, group_size: int |
                 )
             linear.weight.copy_(rtn_quantize(linear.weight, bits, group_size))
     return quantized
+
+
+BlockTransform = Callable[[nn.Module], None]
+
+
+@torch.no_grad()
+def streamed_perplexities(
+    source: BlockSource,
+    tokens: torch.Tensor,
+    variants: Mapping[str, BlockTransform | None],
+    device: torch.device,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Perplexity of the source model under each variant, one block in memory at a time (GPTQ's eval loop).
+
+    A variant is ``None`` (the model as it is) or a function changing a float32 block in place (RTN of its
+    linears, say); all variants share one pass over the blocks. Same windows and sums as :func:`perplexity`.
+    """
+    windows = evaluation_windows(tokens, seqlen, getattr(source.config, "max_position_embeddings", None),
+                                 max_windows)
+    stem = source.stem(device)
+    hidden, block_kwargs = first_block_inputs(stem, source.arch, windows, dtype=source.source_dtype)
+    block_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                    tuple(t.float() for t in v) if isinstance(v, tuple) else v for k, v in block_kwargs.items()}
+    states = {name: hidden for name in variants}
+    returns_tuple = False
+    for index in tqdm(range(source.num_blocks), desc="perplexity (streamed blocks)", unit="block",
+                      disable=not progress):
+        block = source.block(index, device)
+        returns_tuple = block_returns_tuple(block, hidden[:1].float(), block_kwargs)
+        for name, transform in variants.items():
+            variant = block
+            if transform is not None:
+                variant = copy.deepcopy(block)
+                transform(variant)
+            out = torch.empty_like(states[name])
+            for row in range(len(windows)):
+                out[row : row + 1] = run_block(variant, states[name][row : row + 1].float(), block_kwargs)
+            states[name] = out
+        del block
+    result = {}
+    for name in variants:
+        total = 0.0
+        for row, window in enumerate(windows):
+            logits = logits_from_last_hidden(stem, source.arch, window, states[name][row : row + 1], returns_tuple)
+            total += window_nll(logits, window.unsqueeze(0))
+        result[name] = math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
+    return result
+
+
+def rtn_transform(arch: Architecture, bits: int, group_size: int | None) -> BlockTransform:
+    """A block transform replacing the weights of ``arch``'s quantized linears by their RTN values."""
+
+    def apply(block: nn.Module) -> None:
+        for linear in arch.quantized_linears(block).values():
+            linear.weight.copy_(rtn_quantize(linear.weight, bits, group_size))
+
+    return apply

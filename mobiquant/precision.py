@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mobiquant.allocation import allocate_bits, layer_cost_curves
 from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, ordered_scores
@@ -47,7 +48,8 @@ def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
     return float((ordered[wanted - 1] + ordered[wanted]) / 2)
 
 
-def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool = True) -> None:
+def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool = True,
+                         progress: bool = False) -> None:
     """Fill every routed layer's threshold table so each grid budget is met exactly on ``samples``.
 
     With ``allocate`` each layer gets its own share of a grid budget from its estimated sensitivity
@@ -61,10 +63,11 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu()
     samples = samples.to(_device(model))
-    curves = layer_cost_curves(model, layers, samples) if allocate else None
+    curves = layer_cost_curves(model, layers, samples, progress=progress) if allocate else None
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
-    for index, bits in enumerate(grid[1:-1].tolist(), start=1):
+    budgets = list(enumerate(grid[1:-1].tolist(), start=1))
+    for index, bits in tqdm(budgets, desc="router thresholds", unit="budget", disable=not progress, leave=False):
         shares = allocate_bits(curves, bits) if curves is not None else [bits] * len(layers)
         layer_bits = {id(layer): share for layer, share in zip(layers, shares, strict=True)}
 

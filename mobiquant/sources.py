@@ -347,3 +347,37 @@ def _convert_gguf(path: Path, target: Path) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pickle weights (only with allow_pickle)
+
+
+def with_safetensors(source: ModelSource, cache_dir: str | os.PathLike | None = None) -> ModelSource:
+    """``source`` itself if it has safetensors weights, else a safetensors copy made once in the cache.
+
+    Calibration reads a model one block at a time from safetensors files; pickle weights (accepted only with
+    ``allow_pickle``) cannot be read that way, so they are loaded once here and written as safetensors.
+    """
+    if _safetensors_files(Path(source.path)):
+        return source
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(cache_dir or default_cache_dir()) / "safetensors" / source.sha
+    if not target.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto", use_safetensors=False,
+                                                     trust_remote_code=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(source.path, trust_remote_code=False).save_pretrained(staging)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return ModelSource(path=target, sha=source.sha, kind=source.kind, source=source.source)

@@ -134,6 +134,11 @@ class CompressParams(BaseModel):
     workers: int = Field(2, ge=1, le=256)
     dask_address: str | None = None
     torch_threads: int = Field(1, ge=1, le=256)
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N; one GPU per worker")
+    compute_dtype: Literal["float32", "tfloat32", "bfloat16"] = Field(
+        "float32", description="block matrix products: float32; on CUDA also tfloat32 or bfloat16 autocast"
+    )
+    float32_inputs: bool = Field(False, description="store captured block inputs in float32, not the source dtype")
     kernel_archs: list[str] = Field(default_factory=lambda: ["sm_80", "sm_86", "sm_89", "sm_90"])
 
     @field_validator("model")
@@ -145,6 +150,13 @@ class CompressParams(BaseModel):
         if path.exists():
             return value
         raise ValueError(f"model {value!r} is neither an existing folder/GGUF file nor a hub id 'owner/name'")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
 
     @field_validator("kernel_archs")
     @classmethod

@@ -30,6 +30,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, sn
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_session
 
+from mobiquant.outputs import holds_mobiquant_checkpoint
 from registry.hashing import manifest_digest, sha256_file, tree_manifest
 from registry.params import PublishTarget
 
@@ -91,6 +92,9 @@ class LocalRepoTarget:
             commit = manifest_digest(manifest)
             target = self.path / branch
             retired = self.path / f".retired-{uuid.uuid4().hex}"
+            known = branch in self._refs()["branches"]
+            if target.is_dir() and any(target.iterdir()) and not (known or holds_mobiquant_checkpoint(target)):
+                raise PublishError(f"{target} holds files this target did not publish: not replacing them")
             if target.exists():
                 os.replace(target, retired)
             os.replace(tmp, target)

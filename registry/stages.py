@@ -85,24 +85,35 @@ def capture(
     seqlen: int,
     seed: int,
     group_size: int,
+    device: str,
+    source_model: dict[str, Any],
+    float32_inputs: bool = False,
 ) -> dict[str, Any]:
-    """Calibration samples and the full-precision inputs of every block, captured once per (model, data)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Calibration samples and the full-precision inputs of every block, captured once per (model, data).
 
-    from mobiquant.calibration import capture_block_inputs, check_model_shapes
+    One block is in memory at a time; block inputs are stored in the source dtype unless ``float32_inputs``.
+    """
+    from transformers import AutoTokenizer
+
+    from mobiquant.calibration.capture import capture_block_inputs
+    from mobiquant.calibration.driver import check_group_size
     from mobiquant.data import calibration_samples
-    from mobiquant.sources import check_tokenizer, check_weights_finite
+    from mobiquant.devices import resolve_device
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import check_tokenizer
 
     start = time.perf_counter()
     # Every check on the inputs runs before the first file is written: bad input leaves the work folder as it was.
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    )
-    check_weights_finite(model)
-    check_model_shapes(model, group_size)
+    files = ModelFiles(model_dir)
+    files.check()
+    check_group_size(files, group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    check_tokenizer(tokenizer, model.config)
+    check_tokenizer(tokenizer, files.config)
     ids = calibration_samples(tokenizer, calibration_data, samples, seqlen, seed)
+    provenance = {
+        "calibration_data": {"source": calibration_data, "samples": samples, "seqlen": seqlen, "seed": seed},
+        "source_model": {k: source_model.get(k) for k in ("source", "kind", "sha")},
+    }
     with file_lock(capture_dir.parent / f"{capture_dir.name}.lock"):
         capture_dir.mkdir(parents=True, exist_ok=True)
         samples_path = capture_dir / SAMPLES_FILE
@@ -110,12 +121,15 @@ def capture(
             partial = samples_path.with_name(samples_path.name + ".partial")
             save_file({"ids": ids.contiguous()}, str(partial))
             partial.replace(samples_path)
-        manifest = capture_block_inputs(model, ids, capture_dir)
+        manifest = capture_block_inputs(
+            files, ids, capture_dir, device=resolve_device(device), model_key=source_model["sha"],
+            store_dtype=torch.float32 if float32_inputs else None, provenance=provenance,
+        )
     return {
         "capture_dir": str(capture_dir),
         "samples_path": str(samples_path),
         "num_blocks": int(manifest["num_blocks"]),
-        "files": manifest["files"],
+        "dtype": manifest["dtype"],
         "seconds": time.perf_counter() - start,
     }
 
@@ -125,51 +139,71 @@ def calibrate_block(
     block_index: int,
     capture_dir: Path,
     config: dict[str, Any],
-    out_path: Path,
+    blocks_dir: Path,
     torch_threads: int,
+    devices: list[str],
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """One block (layer-parallel unit of work); returns losses, timings and the result file's sha256."""
-    from mobiquant.calibration import CalibrationConfig, calibrate_block_from_files
+    """One block (layer-parallel unit of work) on a leased device; returns losses, timings and the result's sha256."""
+    from mobiquant.calibration import CalibrationConfig, calibrate_one_block
+    from mobiquant.devices import lease_device, resolve_device
+    from mobiquant.model_files import ModelFiles
 
     # Each worker gets its own share of the cores; oversubscription slows every block down.
     torch.set_num_threads(torch_threads)
     started = time.time()
-    with file_lock(out_path.with_name(out_path.name + ".lock")):
-        report = calibrate_block_from_files(
-            Path(model_dir),
+    out_lock = blocks_dir / f"block_{block_index:04d}.lock"
+    # "auto" on a Dask GPU worker is the one GPU the worker sees.
+    choices = [str(resolve_device(d)) for d in devices]
+    with file_lock(out_lock), lease_device(choices, blocks_dir.parent / "device-leases") as device:
+        report = calibrate_one_block(
+            ModelFiles(model_dir),
             block_index,
             Path(capture_dir),
             CalibrationConfig.from_dict(config),
-            out_path,
+            Path(blocks_dir),
+            torch.device(device),
             progress=False,
             on_progress=on_progress,
         )
     return {**report, "started": started, "finished": time.time()}
 
 
-def assemble(model_dir: Path, block_paths: list[str], config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """The MoBiQuant model from the calibrated blocks, saved as a checkpoint (thresholds not yet set)."""
+def assemble(model_dir: Path, capture_dir: Path, block_paths: list[str], config: dict[str, Any],
+             out_dir: Path) -> dict[str, Any]:
+    """The packed MoBiQuant model from the calibrated blocks, saved as a checkpoint (thresholds not yet set).
+
+    Only the packed model is held: the full-precision blocks are not loaded again.
+    """
     from transformers import AutoTokenizer
 
-    from mobiquant.calibration import CalibrationConfig, assemble_model
+    from mobiquant.calibration import CalibrationConfig, assemble
+    from mobiquant.calibration.config import quantization_config
+    from mobiquant.calibration.store import read_manifest, read_result_report
     from mobiquant.checkpoint import save_checkpoint
+    from mobiquant.model_files import ModelFiles
 
     start = time.perf_counter()
-    model = assemble_model(Path(model_dir), [Path(p) for p in block_paths], CalibrationConfig.from_dict(config))
+    files = ModelFiles(model_dir)
+    calibration = CalibrationConfig.from_dict(config)
+    paths = {read_result_report(Path(p))["block"]: Path(p) for p in block_paths}
+    model = assemble(files, paths, calibration)
+    provenance = read_manifest(capture_dir).get("provenance", {})
+    model.config.quantization_config = quantization_config(calibration, files.arch, provenance)
     save_checkpoint(model, out_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir), overwrite=True)
     return {"path": str(out_dir), "seconds": time.perf_counter() - start}
 
 
-def thresholds(assembled_dir: Path, samples_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Router thresholds calibrated on the calibration samples; writes the final checkpoint."""
+def thresholds(assembled_dir: Path, samples_path: Path, out_dir: Path, device: str) -> dict[str, Any]:
+    """Router thresholds calibrated on the calibration samples (on ``device``); writes the final checkpoint."""
     from transformers import AutoTokenizer
 
     from mobiquant.checkpoint import load_checkpoint, save_checkpoint
+    from mobiquant.devices import resolve_device
     from mobiquant.precision import calibrate_thresholds
 
     start = time.perf_counter()
-    model = load_checkpoint(assembled_dir)
+    model = load_checkpoint(assembled_dir, device=resolve_device(device))
     calibrate_thresholds(model, load_file(str(samples_path))["ids"])
     save_checkpoint(model, out_dir, tokenizer=AutoTokenizer.from_pretrained(assembled_dir), overwrite=True)
     return {"path": str(out_dir), "files": tree_manifest(out_dir), "seconds": time.perf_counter() - start}
@@ -211,31 +245,42 @@ def validate(
     budgets: list[float],
     num_slices: int,
     group_size: int,
+    device: str,
     out_path: Path,
 ) -> dict[str, Any]:
-    """Perplexity at every budget, uniform 1..K slices, full precision and RTN, on the same tokens."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Perplexity at every budget, uniform 1..K slices, full precision and RTN, on the same tokens.
 
-    from mobiquant.arch import architecture_for
+    Full precision and RTN stream the source one block at a time; the packed elastic model is the only
+    whole model held.
+    """
+    from transformers import AutoTokenizer
+
     from mobiquant.checkpoint import load_checkpoint
     from mobiquant.data import evaluation_tokens
-    from mobiquant.evaluation import perplexity, rtn_model
+    from mobiquant.devices import resolve_device
+    from mobiquant.evaluation import perplexity, rtn_transform, streamed_perplexities
+    from mobiquant.model_files import ModelFiles
     from mobiquant.precision import set_precision, track_bits
 
     start = time.perf_counter()
+    compute = resolve_device(device)
     tokens = evaluation_tokens(AutoTokenizer.from_pretrained(model_dir), evaluation_data)
+    files = ModelFiles(model_dir)
+    rtn_bits = sorted({int(b) for b in budgets if float(b).is_integer()} | {2 * k for k in range(1, num_slices + 1)})
+    variants = {"fp": None, **{f"rtn{bits}": rtn_transform(files.arch, bits, group_size) for bits in rtn_bits}}
+    streamed = streamed_perplexities(files, tokens, variants, compute, seqlen=eval_seqlen,
+                                     max_windows=eval_max_windows, progress=False)
+    result: dict[str, Any] = {
+        "fp": {"ppl": streamed["fp"], "dtype": str(files.source_dtype).removeprefix("torch.")},
+        "budgets": [],
+        "uniform": [],
+        "rtn": [{"bits": bits, "ppl": streamed[f"rtn{bits}"]} for bits in rtn_bits],
+    }
 
     def ppl(model: torch.nn.Module) -> float:
         return perplexity(model, tokens, seqlen=eval_seqlen, max_windows=eval_max_windows, progress=False)
 
-    fp_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
-    result: dict[str, Any] = {"fp": {"ppl": ppl(fp_model)}, "budgets": [], "uniform": [], "rtn": []}
-    arch = architecture_for(AutoConfig.from_pretrained(model_dir).model_type)
-    rtn_bits = sorted({int(b) for b in budgets if float(b).is_integer()} | {2 * k for k in range(1, num_slices + 1)})
-    for bits in rtn_bits:
-        result["rtn"].append({"bits": bits, "ppl": ppl(rtn_model(fp_model, arch, bits, group_size))})
-    del fp_model
-    model = load_checkpoint(checkpoint_dir)
+    model = load_checkpoint(checkpoint_dir, device=compute)
     for slices in range(1, num_slices + 1):
         set_precision(model, slices=slices)
         with track_bits(model) as meter:

@@ -7,7 +7,6 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import TaskRunContext
 
 from registry import stages
 
@@ -30,41 +29,32 @@ def capture(model_dir: str, capture_dir: str, **options: Any) -> dict[str, Any]:
     return stages.capture(Path(model_dir), Path(capture_dir), **options)
 
 
-def block_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | None:
-    """Key a block by (model sha, block index, config hash), but only once its result file exists.
-
-    Without the file there is nothing to reuse (a deleted result must be recomputed, not served from
-    Prefect's result store); with it, a re-run skips the task entirely.
-    """
-    if not Path(inputs["out_path"]).exists():
-        return None
-    return f"mobiquant-block-{inputs['model_sha']}-{inputs['block_index']}-{inputs['config_digest']}"
-
-
-@task(name="calibrate-block", cache_key_fn=block_cache_key, persist_result=True)
+@task(name="calibrate-block")
 def calibrate_block(
     model_dir: str,
-    model_sha: str,
     block_index: int,
     capture_dir: str,
     config: dict[str, Any],
-    config_digest: str,
-    out_path: str,
-    torch_threads: int = 1,
+    blocks_dir: str,
+    torch_threads: int,
+    devices: list[str],
 ) -> dict[str, Any]:
+    """One block; a result already saved under the same resume key is returned without recomputing."""
     return stages.calibrate_block(
-        Path(model_dir), block_index, Path(capture_dir), config, Path(out_path), torch_threads
+        Path(model_dir), block_index, Path(capture_dir), config, Path(blocks_dir), torch_threads, devices
     )
 
 
 @task(name="assemble")
-def assemble(model_dir: str, block_paths: list[str], config: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    return stages.assemble(Path(model_dir), block_paths, config, Path(out_dir))
+def assemble(
+    model_dir: str, capture_dir: str, block_paths: list[str], config: dict[str, Any], out_dir: str
+) -> dict[str, Any]:
+    return stages.assemble(Path(model_dir), Path(capture_dir), block_paths, config, Path(out_dir))
 
 
 @task(name="router-thresholds")
-def thresholds(assembled_dir: str, samples_path: str, out_dir: str) -> dict[str, Any]:
-    return stages.thresholds(Path(assembled_dir), Path(samples_path), Path(out_dir))
+def thresholds(assembled_dir: str, samples_path: str, out_dir: str, device: str) -> dict[str, Any]:
+    return stages.thresholds(Path(assembled_dir), Path(samples_path), Path(out_dir), device)
 
 
 @task(name="compile-kernels")

@@ -27,6 +27,7 @@ def validate(
         budgets=params.budgets_to_validate(),
         num_slices=params.num_slices,
         group_size=params.group_size,
+        device=params.device,
         out_path=Path(out_path),
     )
     checks = evaluate_gate(validation, params.gate)

@@ -264,7 +264,7 @@ def test_failed_quantize_leaves_no_output(
         work_dirs.append(Path(work_dir))
         raise ValueError("calibration diverged")
 
-    monkeypatch.setattr(mobiquant.calibration, "quantize_model", broken)
+    monkeypatch.setattr(mobiquant.calibration, "quantize_files", broken)
     out = tmp_path / "ckpt"
     code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(out), "--data", str(text_file), *QUICK)
     assert code == 1 and err.strip().splitlines()[-1] == "mobiquant quantize: error: calibration diverged"
@@ -283,3 +283,73 @@ def test_quantize_reports_too_little_text(
     )  # fmt: skip
     assert code == 1 and "fewer than 1000 samples x 64" in err.strip().splitlines()[-1]
     assert not (tmp_path / "c").exists()
+
+
+def test_same_seed_device_and_threads_give_the_same_checkpoint(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    outputs = [tmp_path / "first", tmp_path / "second"]
+    for out in outputs:
+        argv = ["quantize", str(model_folder), "-o", str(out), "--data", str(text_file), *QUICK, "--device", "cpu",
+                "--threads", "1"]
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert "on cpu (1 CPU threads)" in err
+    first, second = ((out / "model.safetensors").read_bytes() for out in outputs)
+    assert first == second
+
+
+def _folder_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_over_the_source_or_a_foreign_folder_is_refused_and_nothing_deleted(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    capsys.readouterr()
+    before = _folder_tree(tmp_path)
+    cases = {
+        str(model_folder): "is the source model",
+        str(tmp_path): "contains the",
+        str(tmp_path / "work-here"): "is the work folder",
+    }
+    for output, message in cases.items():
+        code, _, err = run(capsys, "quantize", str(model_folder), "-o", output, "--force", "--data", str(text_file),
+                           "--work-dir", str(tmp_path / "work-here"), *QUICK)
+        assert code == 1 and message in one_line(err), err
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(foreign), "--force", "--data",
+                       str(text_file), *QUICK)
+    assert code == 1 and "holds no MoBiQuant checkpoint" in one_line(err)
+    assert _folder_tree(tmp_path) == {**before, "photos/cat.jpg": b"\xff\xd8"}, "nothing deleted or written"
+
+
+def test_dangling_output_link_and_cuda_on_a_cpu_torch_fail_before_work(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capsys.readouterr()
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(link), "--data", str(text_file), *QUICK)
+    assert code == 1 and "symbolic link to nothing" in one_line(err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / "new"), "--device", "cuda",
+                       "--data", str(text_file), *QUICK)
+    assert code == 1 and "device 'cuda' asked for, but" in one_line(err)
+    assert not (tmp_path / ".new.mobiquant-work").exists() and not (tmp_path / "new").exists()
+
+
+def test_force_replaces_an_earlier_checkpoint(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path, checkpoint: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, out)
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(out), "--force", "--data", str(text_file),
+                       *QUICK)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["num_slices"] == 3

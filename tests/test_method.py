@@ -10,11 +10,15 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import mobiquant.calibration as calibration
+import mobiquant.calibration.driver as driver
 from mobiquant import slicing
+from mobiquant.arch import architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model
+from mobiquant.calibration.capture import block_outputs
 from mobiquant.layers import UNCALIBRATED, MoBiLinear, gate_scores, ordered_scores, slices_from_scores
 from mobiquant.precision import mobi_layers, set_precision, threshold_for_bits, track_bits
 from mobiquant.slicing import slice_weight
+from mobiquant.streaming import first_block_inputs
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -212,14 +216,15 @@ def test_bad_precision_requests_are_refused(calibrated: tuple) -> None:
 def heavy_tailed_block(sample_weight: Callable[[tuple[int, ...]], torch.Tensor]) -> tuple:
     """Block 1 of a fresh tiny Llama with heavy-tailed weights (as trained LLMs have), its inputs and FP outputs."""
     model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
-    inputs, block_kwargs = calibration.capture_inputs(model, torch.randint(0, 96, (16, 32)))
-    arch = calibration.architecture_for("llama")
+    arch = architecture_for("llama")
+    first_inputs, block_kwargs = first_block_inputs(model, arch, torch.randint(0, 96, (16, 32)))
+    inputs = block_outputs(arch.block_list(model)[0], first_inputs, block_kwargs, 4, torch.float32)
     block = arch.block_list(model)[1]
     with torch.no_grad():
         for linear in arch.quantized_linears(block).values():
             linear.weight.copy_(sample_weight(tuple(linear.weight.shape)))
-    targets = calibration._batched_outputs(block, inputs[1], block_kwargs, 4)
-    return arch, block, inputs[1], block_kwargs, targets
+    targets = block_outputs(block, inputs, block_kwargs, 4, torch.float32)
+    return arch, block, inputs, block_kwargs, targets
 
 
 def one_slice_block_error(setup: tuple, config: CalibrationConfig) -> float:
@@ -229,7 +234,7 @@ def one_slice_block_error(setup: tuple, config: CalibrationConfig) -> float:
     quantized = calibration.quantized_block(tiny_llama(0).model.layers[1].float(), arch, result.state, config)
     for layer in mobi_layers(quantized):
         layer.uniform_slices = 1
-    return float((calibration._batched_outputs(quantized, inputs, block_kwargs, 4) - targets).pow(2).mean())
+    return float((block_outputs(quantized, inputs, block_kwargs, 4, torch.float32) - targets).pow(2).mean())
 
 
 def test_learned_clipping_lowers_the_block_error_from_its_start() -> None:
@@ -255,13 +260,13 @@ def test_calibration_is_deterministic_and_resumes(tmp_path: Path, monkeypatch: p
 
     (tmp_path / "a" / "blocks" / "block_0001.safetensors").unlink()
     calibrated_blocks = []
-    original = calibration.calibrate_block
+    original = driver.calibrate_block
 
     def counting(*args: object, **kwargs: object) -> calibration.BlockResult:
         calibrated_blocks.append(kwargs.get("block_index", args[6] if len(args) > 6 else None))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "calibrate_block", counting)
+    monkeypatch.setattr(driver, "calibrate_block", counting)
     resumed = quantize_model(tiny_llama(3), samples, config, tmp_path / "a", progress=False)
     assert calibrated_blocks == [1]
     assert torch.equal(load_file(str(tmp_path / "a" / "blocks" / "block_0001.safetensors"))["mlp.up_proj.planes"],
@@ -277,7 +282,7 @@ def test_both_modes_on_both_families(tmp_path: Path, mode: str, build: object) -
     with torch.no_grad():
         reference = model(samples).logits
     quantized = quantize_model(model, samples, CalibrationConfig(**FAST, mode=mode), tmp_path, progress=False)
-    assert len(mobi_layers(quantized)) == 2 * len(calibration.architecture_for(model.config.model_type).linears)
+    assert len(mobi_layers(quantized)) == 2 * len(architecture_for(model.config.model_type).linears)
     with torch.no_grad():
         set_precision(quantized, slices=4)
         top = float((quantized(samples).logits - reference).pow(2).mean())

@@ -12,10 +12,11 @@ import pytest
 from huggingface_hub import HfApi, constants
 from mlflow.tracking import MlflowClient
 from prefect import get_client
+from transformers import AutoTokenizer
 
 from flows.compress import compress
 from flows.promote import promote
-from mobiquant import cli
+from mobiquant.model_files import ModelFiles
 from mobiquant.sources import hub_source
 from registry.hashing import sha256_file, tree_manifest
 from registry.publish import HubRepoTarget
@@ -135,5 +136,6 @@ def test_remote_code_and_pickles_are_never_downloaded(hub: HubServer, tiny_model
     source = hub_source("tester/evil", cache_dir=tmp_path / "cache")
     fetched = set(tree_manifest(source.path))
     assert "modeling_evil.py" not in fetched and "pytorch_model.bin" not in fetched
-    cli._load_source_model(source.path)
+    ModelFiles(source.path).check()
+    AutoTokenizer.from_pretrained(source.path)
     assert not marker.exists(), "trust_remote_code stays off"

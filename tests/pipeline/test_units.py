@@ -96,3 +96,26 @@ def test_local_target_stages_then_promotes_checked_files(tmp_path: Path) -> None
     with pytest.raises(PublishError, match="not the reviewed commit"):
         target.promote(commit, expected, "v1-again")
     assert not [p for p in (tmp_path / "pub/org/m-mobiquant").iterdir() if p.name.startswith(".")]
+
+
+def test_local_target_never_replaces_files_it_did_not_publish(tmp_path: Path) -> None:
+    target = LocalRepoTarget(tmp_path / "pub", "org/m-mobiquant")
+    foreign = tmp_path / "pub/org/m-mobiquant/staging"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(PublishError, match="did not publish"):
+        target.stage(_release(tmp_path / "v1", "weights-1"), "v1")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_publish_root_over_the_work_folder_or_source_is_refused(tmp_path: Path) -> None:
+    from flows.compress import PreflightError, check_publish_folder
+
+    source = tmp_path / "models" / "tiny"
+    source.mkdir(parents=True)
+    params = CompressParams(model=str(source), work_dir=str(tmp_path / "work"))
+    with pytest.raises(PreflightError, match="is or contains the source model"):
+        check_publish_folder(tmp_path / "models", params)
+    with pytest.raises(PreflightError, match="is or contains the work folder"):
+        check_publish_folder(tmp_path, params)
+    check_publish_folder(tmp_path / "published" / "org" / "repo", params)

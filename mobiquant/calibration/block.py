@@ -1,0 +1,322 @@
+"""Block-by-block calibration (OmniQuant-style) of MoBiSlice clipping and MoBiRoute routers.
+
+For each transformer block:
+
+* stage 1 fits learnable weight clipping (LWC) so that the block computed with slice 1 alone matches
+  the full-precision block output;
+* between the stages each router is fitted to rank its tokens by the output error they keep at each
+  slice count (``fit_routers_to_errors``), so stage 2 starts from routers that already know which
+  tokens need more slices;
+* stage 2 trains clipping and routers jointly: the block under routed slices against the
+  full-precision output, plus a budget term pulling the average bits toward a target sampled anew at
+  every step, so one router serves the whole range of budgets.
+
+A single-precision *control* (``target_bits`` set) trains the same clipping for one slice count, with
+no router: the baseline that MoBiQuant's one checkpoint is compared against.
+
+Blocks are independent units of work in ``parallel`` mode (every block trains on full-precision inputs
+captured once); in ``sequential`` mode block ``i`` trains on the outputs of the already-quantized blocks
+before it. Each finished block is saved, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mobiquant.arch import Architecture
+from mobiquant.calibration.config import ROUTER_FIT_LR, ROUTER_FIT_STEPS, ROUTER_FIT_TOKENS, CalibrationConfig
+from mobiquant.calibration.trainable import TrainableSlicedLinear
+from mobiquant.clip_search import input_hessians
+from mobiquant.layers import MoBiLinear
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def _report(on_progress: ProgressCallback | None, block_index: int, stage: str) -> None:
+    if on_progress is not None:
+        on_progress({"block": block_index, "stage": stage})
+
+
+def compute_precision(config: CalibrationConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The block's matrix products in ``config.compute_dtype``: float32, TF32 or bf16 autocast (CUDA only).
+
+    Trainable parameters (clipping logits, routers) stay float32 whatever is chosen: only the precision of
+    the block's matrix products changes.
+    """
+    if config.compute_dtype == "float32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ValueError(f"compute_dtype {config.compute_dtype!r} needs a CUDA device; use float32 on the CPU")
+    if config.compute_dtype == "bfloat16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return _tf32_matmuls()
+
+
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
+    """A block's output hidden states, whether the block returns a tensor or a tuple."""
+    out = block(hidden, **block_kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _swap(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
+
+
+def _batched_outputs(block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([run_block(block, inputs[i : i + batch], block_kwargs) for i in range(0, len(inputs), batch)])
+
+
+@dataclass
+class BlockResult:
+    state: dict[str, torch.Tensor]
+    """MoBiLinear state of every quantized linear, keyed ``<linear>.<tensor>`` inside the block."""
+    losses: dict[str, list[float]]
+    seconds: float
+
+
+def calibrate_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    arch: Architecture,
+    config: CalibrationConfig,
+    targets: torch.Tensor | None = None,
+    block_index: int = 0,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> BlockResult:
+    """Calibrate one block; ``targets`` default to the full-precision block's outputs on ``inputs``.
+
+    The block's own linears are left untouched; the result holds the quantized state.
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + block_index)
+    torch.manual_seed(config.seed * 100_003 + block_index)
+    block = block.float()
+    device = next(block.parameters()).device
+    inputs = inputs.to(device=device, dtype=torch.float32)
+    if targets is not None:
+        targets = targets.to(device=device, dtype=torch.float32)
+    originals = arch.quantized_linears(block)
+    hessians: dict[str, torch.Tensor] = {}
+    with compute_precision(config, device):
+        if config.clip_search:
+            # One pass of the unquantized block gives the clip search its inputs and, in parallel mode, the targets.
+            hessians, outputs = input_hessians(
+                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size)
+            )
+            targets = outputs.float() if targets is None else targets
+        elif targets is None:
+            targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size).float()
+    trainables = {name: TrainableSlicedLinear(linear, config) for name, linear in originals.items()}
+    if hessians:
+        # The clip search is most of a block's time before LWC: it gets a bar of its own.
+        for name, module in tqdm(trainables.items(), desc=f"block {block_index} clip search", unit="linear",
+                                 disable=not progress, leave=False):
+            module.start_clipping_from_search(hessians[name], config.clip_objective)
+        _report(on_progress, block_index, "clip search")
+    for param in block.parameters():
+        param.requires_grad_(False)
+    for name, module in trainables.items():
+        _swap(block, name, module)
+    layer_params = {name: float(m.weight.numel()) for name, m in trainables.items()}
+    total_params = sum(layer_params.values())
+    losses: dict[str, list[float]] = {"stage1": [], "stage2": []}
+    try:
+        _train_stage(
+            block, trainables, inputs, targets, block_kwargs, config, "stage1", losses, generator,
+            layer_params, total_params, block_index, progress, on_progress,
+        )
+        if config.routed:
+            losses["router_fit_residual"] = fit_routers_to_errors(
+                block, trainables, inputs, block_kwargs, config, generator, block_index, progress
+            )
+            _report(on_progress, block_index, "router fit")
+        _train_stage(
+            block, trainables, inputs, targets, block_kwargs, config, "stage2", losses, generator,
+            layer_params, total_params, block_index, progress, on_progress,
+        )
+        state = {}
+        for name, module in trainables.items():
+            for key, tensor in module.to_mobilinear().state_dict().items():
+                state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
+    finally:
+        for name, linear in originals.items():
+            _swap(block, name, linear)
+    return BlockResult(state, losses, time.perf_counter() - started)
+
+
+def truncation_errors(module: TrainableSlicedLinear, x: torch.Tensor) -> torch.Tensor:
+    """``[tokens, K-1]``: column e-1 is ``||x (W_e - W)^T||^2``, the output error a token keeps at e slices."""
+    with torch.no_grad():
+        weights = module.fake_weights(module.num_slices - 1)
+        return torch.stack([(x @ (w - module.weight).T).pow(2).sum(dim=-1) for w in weights], dim=-1)
+
+
+def fit_routers_to_errors(
+    block: nn.Module,
+    trainables: dict[str, TrainableSlicedLinear],
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    config: CalibrationConfig,
+    generator: torch.Generator,
+    block_index: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Fit every router's logits to the log truncation error of its tokens; returns each fit's residual.
+
+    Gate ``e`` buys slice ``e+1``, which removes nearly all of the error ``err_e`` left at ``e`` slices
+    (the next slice's error is about 16 times smaller). A router whose logit ``e`` predicts
+    ``log err_e`` therefore ranks (token, slice) pairs by the error each removes, and a threshold on
+    those scores spends a layer's bits where they remove the most output error. The errors fall with
+    ``e``, so the fitted logits already respect the nesting. Targets are centred per layer: logit 0 (the
+    training mask's cut) sits in the middle of the range. The residual reported is the mean squared
+    fit error over the targets' variance (0 is a perfect ranking, 1 no better than a constant).
+    """
+    per_batch = max(1, math.ceil(ROUTER_FIT_TOKENS / math.ceil(len(inputs) / config.batch_size)))
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in trainables}
+
+    def keep_sample(name: str) -> Callable[..., None]:
+        def hook(module: TrainableSlicedLinear, args: tuple) -> None:
+            tokens = args[0].detach().reshape(-1, module.weight.shape[1])
+            pick = torch.randperm(len(tokens), generator=generator)[:per_batch]
+            seen[name].append(tokens[pick])
+
+        return hook
+
+    for module in trainables.values():
+        module.uniform_slices, module.routing = module.num_slices, False
+    handles = [module.register_forward_pre_hook(keep_sample(name)) for name, module in trainables.items()]
+    try:
+        with compute_precision(config, inputs.device):
+            _batched_outputs(block, inputs, block_kwargs, config.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    residuals = []
+    for name, module in tqdm(trainables.items(), desc=f"block {block_index} router fit", unit="linear",
+                             disable=not progress, leave=False):
+        x = torch.cat(seen[name]).float()
+        target = truncation_errors(module, x).clamp_min(1e-30).log()
+        target = target - target.mean()
+        module.router.requires_grad_(True)
+        optimizer = torch.optim.Adam(module.router.parameters(), lr=ROUTER_FIT_LR)
+        for _step in range(ROUTER_FIT_STEPS):
+            loss = F.mse_loss(module.router(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        residuals.append(float(loss.detach()) / max(float(target.var()), 1e-12))
+    return residuals
+
+
+def _train_stage(
+    block: nn.Module,
+    trainables: dict[str, TrainableSlicedLinear],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    config: CalibrationConfig,
+    stage: str,
+    losses: dict[str, list[float]],
+    generator: torch.Generator,
+    layer_params: dict[str, float],
+    total_params: float,
+    block_index: int,
+    progress: bool,
+    on_progress: ProgressCallback | None,
+) -> None:
+    epochs = config.epochs_stage1 if stage == "stage1" else config.epochs_stage2
+    routed = stage == "stage2" and config.routed
+    # Stage 1 fits slice 1 alone; stage 2 draws a slice count per step (0 means draw); a control uses one.
+    fixed_slices = 1 if stage == "stage1" else 0
+    if config.target_bits is not None:
+        fixed_slices = int(config.target_bits // 2)
+    clip_params = [p for m in trainables.values() for p in (m.upper_logit, m.lower_logit)]
+    groups = [{"params": clip_params, "lr": config.lr_clip, "weight_decay": 0.0}]
+    if routed:
+        router_params = [p for m in trainables.values() for p in m.router.parameters()]
+        groups.append({"params": router_params, "lr": config.lr_router, "weight_decay": 1e-4})
+    for module in trainables.values():
+        if module.router is not None:
+            module.router.requires_grad_(routed)
+    optimizer = torch.optim.AdamW(groups)
+    n = len(inputs)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = epochs * steps_per_epoch
+    bar = tqdm(
+        total=total_steps, desc=f"block {block_index} {stage}", disable=not progress or total_steps == 0, leave=False
+    )
+    step = 0
+    for _epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        epoch_loss = 0.0
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            fraction = step / max(total_steps - 1, 1)
+            temperature = config.temperature_start * (config.temperature_end / config.temperature_start) ** fraction
+            slices = fixed_slices or int(torch.randint(1, config.num_slices + 1, (1,), generator=generator))
+            # Routed steps alternate with uniform steps at a random slice count, so the shared clipping
+            # stays fitted to every uniform precision while the routers learn which tokens need more.
+            routing_step = routed and step % 2 == 0
+            for module in trainables.values():
+                module.temperature = temperature
+                module.uniform_slices = slices
+                module.routing = routing_step
+            with compute_precision(config, inputs.device):
+                out = run_block(block, inputs[idx], block_kwargs)
+            loss = F.mse_loss(out.float(), targets[idx])
+            total = loss
+            if routing_step:
+                target_bits = 2.0 + (2.0 * config.num_slices - 2.0) * float(torch.rand((), generator=generator))
+                weighted = sum(m.expected_slices * layer_params[name] for name, m in trainables.items())
+                bits = 2.0 * weighted / total_params
+                total = loss + config.budget_weight * (bits - target_bits) ** 2
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            epoch_loss += float(loss.detach()) * len(idx)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3e}")
+        losses[stage].append(epoch_loss / n)
+        if on_progress is not None:
+            on_progress({"block": block_index, "stage": stage, "epoch": _epoch + 1, "epochs": epochs,
+                         "loss": losses[stage][-1]})
+    bar.close()
+
+
+def quantized_block(block: nn.Module, arch: Architecture, state: dict[str, torch.Tensor],
+                    config: CalibrationConfig) -> nn.Module:
+    """``block`` with its quantized linears replaced by MoBiLinear layers holding ``state``."""
+    for name, linear in arch.quantized_linears(block).items():
+        layer = MoBiLinear(linear.in_features, linear.out_features, config.num_slices, config.group_size,
+                           bias=linear.bias is not None,
+                           router_hidden=config.router_hidden if config.routed else None,
+                           dtype=linear.weight.dtype)
+        prefix = f"{name}."
+        layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        _swap(block, name, layer)
+    return block

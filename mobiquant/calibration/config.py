@@ -1,0 +1,127 @@
+"""Calibration settings: what changes a calibration's result, and so keys its resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from mobiquant.arch import Architecture
+
+MODES = ("parallel", "sequential")
+COMPUTE_DTYPES = ("float32", "tfloat32", "bfloat16")
+# Slice count used to propagate inputs between blocks in sequential mode: the 4-bit model sits in the
+# middle of the range every block will be run at.
+SEQUENTIAL_PROPAGATION_SLICES = 2
+RESULT_FORMAT = "mobiquant-block-v1"
+# Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
+# results saved by an older version are recomputed rather than reused.
+ALGORITHM_REVISION = 4
+# Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
+# gap to the oracle allocation this budget leaves).
+ROUTER_FIT_TOKENS = 2048
+ROUTER_FIT_STEPS = 150
+ROUTER_FIT_LR = 1e-2
+# Clip search objective of the elastic checkpoint: weights of the absolute output errors at 1, 2, 3, 4
+# slices (errors fall about 16-fold per slice, so equal weights would let 1 slice decide everything). One
+# shared clipping cannot be best at every precision: these weights favour 4 and 6 bits and give up some
+# of 2 bits (the measured trade-off is in docs/method.md).
+DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 0.0)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    num_slices: int = 4
+    group_size: int = 128
+    router_hidden: int = 32
+    epochs_stage1: int = 1
+    epochs_stage2: int = 1
+    batch_size: int = 4
+    lr_clip: float = 5e-3
+    lr_router: float = 2e-3
+    budget_weight: float = 0.05
+    temperature_start: float = 1.0
+    temperature_end: float = 0.05
+    clip_init: float = 6.0
+    clip_search: bool = True
+    """Start LWC from the activation-aware clipping of ``mobiquant.clip_search`` instead of ``clip_init``."""
+    clip_search_weights: tuple[float, ...] | None = None
+    """Weight of the output error at 1, 2, ... slices in the elastic checkpoint's clip search (a control
+    weighs only its own slice count); ``None`` takes ``DEFAULT_CLIP_SEARCH_WEIGHTS``."""
+    mode: str = "parallel"
+    compute_dtype: str = "float32"
+    """Precision of the block's matrix products: ``float32``; on CUDA also ``tfloat32`` or ``bfloat16`` (autocast)."""
+    seed: int = 0
+    target_bits: float | None = None
+    """Set for a single-precision control: clipping trained for ``target_bits / 2`` slices, no router."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.num_slices < 1:
+            raise ValueError(f"num_slices must be at least 1, got {self.num_slices}")
+        if self.target_bits is not None and self.target_bits not in [2.0 * k for k in range(1, self.num_slices + 1)]:
+            raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
+        if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.clip_search_weights is not None:
+            weights = tuple(float(w) for w in self.clip_search_weights)
+            object.__setattr__(self, "clip_search_weights", weights)
+            if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
+                raise ValueError(f"clip_search_weights needs {self.num_slices} non-negative weights, not all zero; "
+                                 f"got {list(weights)}")
+
+    @property
+    def clip_objective(self) -> dict[int, float]:
+        """Slice count -> weight of its output error in the clip search."""
+        if self.target_bits is not None:
+            return {int(self.target_bits // 2): 1.0}
+        padded = DEFAULT_CLIP_SEARCH_WEIGHTS + (0.0,) * self.num_slices
+        weights = self.clip_search_weights or padded[: self.num_slices]
+        return {k: w for k, w in enumerate(weights, start=1) if w > 0}
+
+    @property
+    def routed(self) -> bool:
+        return self.target_bits is None and self.num_slices > 1 and self.router_hidden > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CalibrationConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown calibration options: {sorted(unknown)}")
+        return cls(**values)
+
+    def digest(self) -> str:
+        """Hash of every setting that changes the result (the resume key, with model sha and block)."""
+        keyed = {**self.to_dict(), "algorithm_revision": ALGORITHM_REVISION}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quantization_config(
+    config: CalibrationConfig, arch: Architecture, provenance: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of a MoBiQuant checkpoint's ``config.json``: the one builder.
+
+    ``provenance`` (``source_model``, ``calibration_data``) comes from the capture manifest, so the CLI and the
+    pipeline record the same facts about where a checkpoint came from.
+    """
+    return {
+        "quant_method": "mobiquant",
+        "format": "bitplanes-msb-int32-v1",
+        "num_slices": config.num_slices,
+        "group_size": config.group_size,
+        "router_hidden": config.router_hidden if config.routed else 0,
+        "blocks": arch.blocks,
+        "linears": list(arch.linears),
+        "calibration": {k: v for k, v in config.to_dict().items() if k not in ("num_slices", "group_size")},
+        **dict(provenance or {}),
+    }

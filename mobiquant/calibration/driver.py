@@ -1,0 +1,228 @@
+"""The one calibration driver: what ``mobiquant quantize``, the Python API and the pipeline's tasks all call.
+
+A run is four steps over files, each resumable:
+
+1. :func:`capture_block_inputs` writes every block's full-precision inputs (one block in memory at a time);
+2. :func:`calibrate_one_block` calibrates one block from its captured inputs and saves the result under the
+   resume key; in sequential mode it also writes the next block's quantized inputs. The pipeline runs it as
+   one task per block, :func:`calibrate_blocks` runs it in a loop;
+3. :func:`assemble` builds the packed elastic model from the source's files and the block results;
+4. :func:`finish` sets the quantization config (one builder, with the capture's provenance) and the router
+   thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mobiquant.calibration.block import ProgressCallback, calibrate_block, compute_precision, quantized_block
+from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs
+from mobiquant.calibration.config import SEQUENTIAL_PROPAGATION_SLICES, CalibrationConfig, quantization_config
+from mobiquant.calibration.store import (
+    KWARGS_FILE,
+    atomic_save,
+    fp_input_path,
+    load_block_kwargs,
+    load_block_result,
+    load_hidden,
+    quantized_input_path,
+    read_manifest,
+    read_result_report,
+    result_is_complete,
+    result_path,
+    resume_key,
+    save_block_result,
+)
+from mobiquant.checkpoint import CheckpointError, replace_linears
+from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skeleton
+from mobiquant.slicing import check_slicing_shape
+
+
+def check_group_size(source: BlockSource, group_size: int) -> None:
+    """Fail before any heavy work if a quantized linear cannot be sliced with ``group_size``."""
+    for name, linear in source.arch.quantized_linears(source.block_structure(0)).items():
+        try:
+            check_slicing_shape(linear.in_features, group_size)
+        except ValueError as error:
+            raise ValueError(f"block 0 {name}: {error}") from error
+
+
+def calibrate_one_block(
+    source: BlockSource,
+    index: int,
+    capture_dir: Path,
+    config: CalibrationConfig,
+    blocks_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Calibrate block ``index`` from its captured inputs and save it; a result under the same key is reused.
+
+    Returns a report (losses, seconds, device, sha256 of the result, ``cached``). In sequential mode the
+    next block's quantized inputs are written too, also when the result itself is reused and they are missing.
+    """
+    capture_dir = Path(capture_dir)
+    manifest = read_manifest(capture_dir)
+    key = resume_key(manifest, config)
+    out_path = result_path(blocks_dir, index)
+    store_dtype = DTYPES[manifest["dtype"]]
+    needs_next = config.mode == "sequential" and index + 1 < source.num_blocks
+    next_inputs = quantized_input_path(capture_dir, index + 1, key)
+    cached = result_is_complete(out_path, key, index)
+    if cached and not (needs_next and not next_inputs.exists()):
+        return {**read_result_report(out_path), "cached": True}
+    block = source.block(index, device)
+    block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE, device)
+    fp_inputs = load_hidden(fp_input_path(capture_dir, index))
+    inputs, targets = fp_inputs, None
+    if config.mode == "sequential" and index > 0:
+        quantized_inputs = quantized_input_path(capture_dir, index, key)
+        if not quantized_inputs.exists():
+            raise FileNotFoundError(f"sequential mode: block {index - 1} has not been calibrated yet")
+        inputs = load_hidden(quantized_inputs)
+        with compute_precision(config, device):
+            targets = block_outputs(block, fp_inputs, block_kwargs, config.batch_size, torch.float32)
+    if not cached:
+        result = calibrate_block(block, inputs, block_kwargs, source.arch, config, targets, index, progress,
+                                 on_progress)
+        save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device))
+    if needs_next:
+        state = load_block_result(out_path)
+        quantized = quantized_block(block, source.arch, {k: v.to(device) for k, v in state.items()}, config)
+        for layer in source.arch.quantized_linears(quantized).values():
+            layer.uniform_slices = min(SEQUENTIAL_PROPAGATION_SLICES, config.num_slices)
+        outputs = block_outputs(quantized, inputs, block_kwargs, config.batch_size, store_dtype)
+        atomic_save({"hidden": outputs}, next_inputs, {"block": str(index + 1)})
+    return {**read_result_report(out_path), "cached": cached}
+
+
+def calibrate_blocks(
+    source: BlockSource,
+    capture_dir: Path,
+    config: CalibrationConfig,
+    blocks_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Every block in order, in this process (the pipeline runs :func:`calibrate_one_block` as tasks instead)."""
+    reports = []
+    bar = tqdm(total=source.num_blocks, desc="calibrating blocks", unit="block", disable=not progress)
+    for index in range(source.num_blocks):
+        report = calibrate_one_block(source, index, capture_dir, config, blocks_dir, device, progress, on_progress)
+        reports.append(report)
+        bar.update(1)
+        stage2 = report["losses"]["stage2"]
+        bar.set_postfix(loss=f"{stage2[-1] if stage2 else 0:.3e}", cached=report["cached"])
+    bar.close()
+    return reports
+
+
+def assemble(files: ModelFiles, block_paths: Mapping[int, Path], config: CalibrationConfig) -> torch.nn.Module:
+    """The packed elastic model: the source's other tensors (source dtype) and every block's MoBiLinear state.
+
+    Built on the meta device and filled tensor by tensor: the full-precision blocks are never loaded.
+    """
+    missing = sorted(set(range(files.num_blocks)) - set(block_paths))
+    if missing:
+        raise ValueError(f"no calibration result for blocks {missing}")
+    arch = files.arch
+    model = skeleton(files.config, files.source_dtype)
+    replace_linears(model, arch, config.num_slices, config.group_size,
+                    config.router_hidden if config.routed else None)
+    quantized = {f"{arch.block_prefix(i)}{name}." for i in range(files.num_blocks) for name in arch.linears}
+    kept = [name for name in files.expected_tensors() if not any(name.startswith(q) for q in quantized)]
+    state = files.read(kept)
+    for index, path in block_paths.items():
+        prefix = arch.block_prefix(index)
+        state.update({f"{prefix}{key}": tensor for key, tensor in load_block_result(Path(path)).items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if empty:
+        raise CheckpointError(f"assembled model lacks {len(empty)} tensors, e.g. {empty[0]}")
+    for block in arch.block_list(model):
+        for layer in arch.quantized_linears(block).values():
+            if layer.bias is not None:
+                layer.bias = layer.bias.to(layer.compute_dtype)
+    return model.eval()
+
+
+def apply_block_results(model: torch.nn.Module, block_paths: Mapping[int, Path],
+                        config: CalibrationConfig) -> torch.nn.Module:
+    """An in-memory model with its quantized linears replaced by MoBiLinear layers holding the block results."""
+    source = InMemoryModel(model)
+    for index, block in enumerate(source.arch.block_list(model)):
+        quantized_block(block, source.arch, load_block_result(Path(block_paths[index])), config)
+    return model
+
+
+def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationConfig,
+           provenance: Mapping[str, Any] | None = None, progress: bool = False) -> torch.nn.Module:
+    """Record the quantization config and calibrate the router thresholds on ``samples`` (model's device)."""
+    from mobiquant.arch import architecture_for
+    from mobiquant.precision import calibrate_thresholds
+
+    model.config.quantization_config = quantization_config(
+        config, architecture_for(model.config.model_type), provenance
+    )
+    if config.routed:
+        calibrate_thresholds(model, samples, progress=progress)
+    return model.eval()
+
+
+def quantize_files(
+    model_dir: Path,
+    samples: torch.Tensor,
+    config: CalibrationConfig,
+    work_dir: Path,
+    *,
+    model_key: str,
+    device: torch.device,
+    provenance: Mapping[str, Any] | None = None,
+    store_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> torch.nn.Module:
+    """The whole calibration of the model folder ``model_dir`` in this process; resumes from ``work_dir``."""
+    files = ModelFiles(model_dir)
+    files.check()
+    check_group_size(files, config.group_size)
+    capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
+    capture_block_inputs(files, samples, capture_dir, device=device, model_key=model_key, store_dtype=store_dtype,
+                         provenance=dict(provenance or {}), batch_size=config.batch_size, progress=progress)
+    reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
+    model = assemble(files, {r["block"]: Path(r["path"]) for r in reports}, config).to(device)
+    return finish(model, samples, config, provenance, progress)
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    samples: torch.Tensor,
+    config: CalibrationConfig,
+    work_dir: Path,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+) -> torch.nn.Module:
+    """Calibrate an in-memory ``model`` and return it with MoBiLinear layers and calibrated thresholds.
+
+    Every finished block is saved under ``work_dir``; calling again with the same work directory and
+    configuration resumes, recomputing only the unfinished blocks. Blocks calibrate on ``device``
+    (default: the model's own device).
+    """
+    source = InMemoryModel(model)
+    check_group_size(source, config.group_size)
+    compute_device = torch.device(device) if device is not None else next(model.parameters()).device
+    capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
+    capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),
+                         store_dtype=torch.float32, batch_size=config.batch_size, progress=progress)
+    reports = calibrate_blocks(source, capture_dir, config, blocks_dir, compute_device, progress, on_progress)
+    model = apply_block_results(model.float(), {r["block"]: Path(r["path"]) for r in reports}, config)
+    return finish(model, samples, config, progress=progress)

@@ -1,0 +1,146 @@
+"""The calibration's files: captured block inputs and arguments, block results, and the one resume key.
+
+Every file is written beside its final name and renamed into place, so an interrupted run leaves whole
+files or none. A block result records the resume key it was computed under; a later run reuses it only
+when the key matches (same source model, same calibration samples and input dtype, same settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from mobiquant.calibration.config import RESULT_FORMAT, CalibrationConfig
+from mobiquant.sources import file_sha256
+
+MANIFEST = "manifest.json"
+KWARGS_FILE = "kwargs.safetensors"
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` with its write failures (disk full, size limit) raised as one clear ``OSError``."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        path.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {error}") from error
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial, metadata)
+    partial.replace(path)
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Captured inputs
+
+
+def fp_input_path(capture_dir: Path, index: int) -> Path:
+    return Path(capture_dir) / f"block_{index:04d}.safetensors"
+
+
+def quantized_input_path(capture_dir: Path, index: int, key: str) -> Path:
+    return Path(capture_dir) / f"block_{index:04d}.quantized-{key}.safetensors"
+
+
+def load_hidden(path: Path, device: torch.device | str = "cpu") -> torch.Tensor:
+    return load_file(str(path), device=str(device))["hidden"]
+
+
+def read_manifest(capture_dir: Path) -> dict[str, Any]:
+    path = Path(capture_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no capture in {capture_dir}: run the capture stage first")
+    return json.loads(path.read_text())
+
+
+def save_block_kwargs(block_kwargs: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Tensors (and tuples of tensors) to safetensors; the structure and plain values to its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    for name, value in block_kwargs.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+            layout[name] = {"tensor": name}
+        elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+            keys = [f"{name}.{i}" for i in range(len(value))]
+            tensors.update(dict(zip(keys, value, strict=True)))
+            layout[name] = {"tuple": keys}
+        elif value is None or isinstance(value, bool | int | float | str):
+            layout[name] = {"value": value}
+        else:
+            raise TypeError(f"cannot store block argument {name!r} of type {type(value).__name__}")
+    atomic_save(tensors, Path(path), {**(metadata or {}), "layout": json.dumps(layout)})
+
+
+def load_block_kwargs(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The block arguments, floating-point tensors in float32 (the blocks compute in float32)."""
+    tensors = {
+        k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()
+    }
+    layout = json.loads(file_metadata(Path(path))["layout"])
+    block_kwargs: dict[str, Any] = {}
+    for name, spec in layout.items():
+        if "tensor" in spec:
+            block_kwargs[name] = tensors[spec["tensor"]]
+        elif "tuple" in spec:
+            block_kwargs[name] = tuple(tensors[k] for k in spec["tuple"])
+        else:
+            block_kwargs[name] = spec["value"]
+    return block_kwargs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Block results
+
+
+def resume_key(manifest: dict[str, Any], config: CalibrationConfig) -> str:
+    """The one key of a block result: source model, calibration samples, stored input dtype, settings."""
+    keyed = {"model": manifest["model"], "samples": manifest["samples_sha256"], "dtype": manifest["dtype"],
+             "config": config.digest()}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_path(blocks_dir: Path, index: int) -> Path:
+    return Path(blocks_dir) / f"block_{index:04d}.safetensors"
+
+
+def result_is_complete(out_path: Path, key: str, block_index: int) -> bool:
+    """Whether ``out_path`` holds block ``block_index`` computed under resume key ``key``."""
+    if not Path(out_path).exists():
+        return False
+    meta = file_metadata(Path(out_path))
+    return meta.get("format") == RESULT_FORMAT and meta.get("resume_key") == key and meta.get("block") == str(
+        block_index
+    )
+
+
+def read_result_report(out_path: Path) -> dict[str, Any]:
+    meta = file_metadata(Path(out_path))
+    return {"block": int(meta["block"]), "losses": json.loads(meta["losses"]), "seconds": float(meta["seconds"]),
+            "device": meta.get("device", ""), "path": str(out_path), "sha256": file_sha256(Path(out_path))}
+
+
+def save_block_result(state: dict[str, torch.Tensor], losses: dict[str, list[float]], seconds: float,
+                      out_path: Path, config: CalibrationConfig, key: str, block_index: int, device: str) -> None:
+    metadata = {"format": RESULT_FORMAT, "resume_key": key, "block": str(block_index), "device": device,
+                "losses": json.dumps(losses), "seconds": f"{seconds:.3f}",
+                "config": json.dumps(config.to_dict(), sort_keys=True)}
+    atomic_save(state, Path(out_path), metadata)
+
+
+def load_block_result(out_path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out_path))

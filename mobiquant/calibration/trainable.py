@@ -1,0 +1,104 @@
+"""A frozen linear weight fake-quantized at 1..K slices, with learnable clipping (LWC) and a router."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobiquant.calibration.config import CalibrationConfig
+from mobiquant.clip_search import clip_logit, search_clipping
+from mobiquant.layers import MoBiLinear, MoBiRouter, gate_scores
+from mobiquant.slicing import check_slicing_shape, group_min_max, scale_zero_from_range, slice_weight
+
+
+def _floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """``floor`` in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.floor(x) - x).detach()
+
+
+class TrainableSlicedLinear(nn.Module):
+    """A frozen linear weight fake-quantized at 1..K slices with learnable clipping and a router."""
+
+    def __init__(self, linear: nn.Linear, config: CalibrationConfig) -> None:
+        super().__init__()
+        check_slicing_shape(linear.in_features, config.group_size)
+        self.register_buffer("weight", linear.weight.detach().float().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.group_size, self.num_slices = config.group_size, config.num_slices
+        w_min, w_max = group_min_max(self.weight, config.group_size)
+        self.register_buffer("w_min", w_min)
+        self.register_buffer("w_max", w_max)
+        self.upper_logit = nn.Parameter(torch.full_like(w_max, config.clip_init))
+        self.lower_logit = nn.Parameter(torch.full_like(w_min, config.clip_init))
+        # Built on the CPU and moved: the same seed gives the same router on every device.
+        self.router = (
+            MoBiRouter(linear.in_features, config.num_slices, config.router_hidden).to(self.weight.device)
+            if config.routed else None
+        )
+        self.uniform_slices: int = 1
+        self.routing: bool = False
+        self.temperature: float = 1.0
+        self.expected_slices: torch.Tensor | None = None
+        self.hard_slices: torch.Tensor | None = None
+
+    def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.upper_logit), torch.sigmoid(self.lower_logit)
+
+    def start_clipping_from_search(self, hessian: torch.Tensor, slice_weights: dict[int, float]) -> None:
+        """Set the LWC parameters to the clip search's factors for inputs with ``X^T X = hessian``."""
+        no_clip = float(torch.sigmoid(self.upper_logit.detach().max()))
+        upper, lower = search_clipping(self.weight, hessian, self.group_size, slice_weights, no_clip=no_clip)
+        with torch.no_grad():
+            self.upper_logit.copy_(clip_logit(upper))
+            self.lower_logit.copy_(clip_logit(lower))
+
+    def _codes_u(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        upper, lower = self.clip_factors()
+        scale, zero = scale_zero_from_range(self.w_min * lower, self.w_max * upper)
+        s = scale.repeat_interleave(self.group_size, dim=-1)
+        z = zero.repeat_interleave(self.group_size, dim=-1)
+        return self.weight / s + z, s, z
+
+    def fake_weights(self, up_to: int) -> list[torch.Tensor]:
+        """``[W_1, ..., W_up_to]`` with gradients to the clipping parameters."""
+        u, s, z = self._codes_u()
+        weights = []
+        for k in range(1, up_to + 1):
+            per_level = 4.0 ** (k - 1)
+            codes = torch.clamp(_floor_ste(u * per_level), 0, 4.0 * per_level - 1)
+            weights.append(s * ((codes + 0.5) / per_level - z))
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.routing or self.router is None:
+            return F.linear(x, self.fake_weights(self.uniform_slices)[-1], self.bias)
+        weights = self.fake_weights(self.num_slices)
+        logits = self.router(x)
+        soft = torch.cumprod(torch.sigmoid(logits / self.temperature), dim=-1)
+        hard = (gate_scores(logits) > 0).to(soft.dtype)
+        masks = hard + (soft - soft.detach())
+        self.expected_slices = 1 + soft.sum(dim=-1).mean()
+        self.hard_slices = 1 + hard.sum(dim=-1).mean()
+        out = F.linear(x, weights[0], self.bias)
+        for e in range(1, self.num_slices):
+            residual = F.linear(x, weights[e] - weights[e - 1])
+            out = out + masks[..., e - 1 : e].to(out.dtype) * residual
+        return out
+
+    def to_mobilinear(self) -> MoBiLinear:
+        upper, lower = self.clip_factors()
+        out_features, in_features = self.weight.shape
+        layer = MoBiLinear(
+            in_features,
+            out_features,
+            self.num_slices,
+            self.group_size,
+            bias=self.bias is not None,
+            router_hidden=self.router.fc1.out_features if self.router is not None else None,
+        )
+        sliced = slice_weight(self.weight, self.group_size, self.num_slices, clip=(upper.detach(), lower.detach()))
+        layer.load_sliced(sliced, self.bias)
+        if self.router is not None:
+            layer.router.load_state_dict(self.router.state_dict())
+        return layer

@@ -1,0 +1,65 @@
+"""Checks on a folder about to receive a checkpoint, made before any slow work starts.
+
+A checkpoint replaces its output folder only when that folder is empty or already holds a MoBiQuant
+checkpoint, and never when the folder is, or contains, something the run reads or keeps (the source
+model, the work folder, a cache): a mistyped ``-o`` must not delete a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class OutputError(ValueError):
+    """An output folder that would be refused or would destroy something: said before any work."""
+
+
+def holds_mobiquant_checkpoint(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+    return isinstance(quant, dict) and quant.get("quant_method") == "mobiquant"
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(output: str | os.PathLike, force: bool, protected: Iterable[tuple[str, str | os.PathLike]] = ()
+                     ) -> Path:
+    """The absolute output folder, or one clear :class:`OutputError`; nothing is created or deleted.
+
+    ``protected`` names ``(what, path)`` pairs the output may neither be nor contain. An existing non-empty
+    output is replaced only with ``force`` and only if it holds a MoBiQuant checkpoint. The parent must
+    exist and be writable, and the output may not be a dangling symbolic link.
+    """
+    out = Path(output).expanduser().absolute()
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"output {out} is a symbolic link to nothing ({os.readlink(out)})")
+    resolved = out.resolve()
+    for what, path in protected:
+        guarded = Path(path).expanduser().resolve()
+        if is_within(guarded, resolved):
+            relation = "is" if guarded == resolved else "contains"
+            raise OutputError(f"output {out} {relation} the {what} ({guarded}): choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputError(f"output folder {out} is not empty (use --force to replace a MoBiQuant checkpoint)")
+        if not holds_mobiquant_checkpoint(out):
+            raise OutputError(f"output folder {out} is not empty and holds no MoBiQuant checkpoint: --force only "
+                              "replaces an empty folder or an earlier checkpoint")
+    parent = resolved.parent
+    if not parent.is_dir():
+        raise OutputError(f"parent folder of the output does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
+        raise OutputError(f"output {out} is not writable")
+    return out

@@ -1,0 +1,186 @@
+"""One block in memory at a time: streamed evaluation, file-based calibration, capture dtypes and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mobiquant.calibration import CalibrationConfig, quantize_files, quantize_model
+from mobiquant.calibration.capture import capture_block_inputs
+from mobiquant.calibration.driver import calibrate_blocks
+from mobiquant.calibration.store import fp_input_path, quantized_input_path, read_manifest, resume_key
+from mobiquant.checkpoint import mobi_layers
+from mobiquant.evaluation import perplexity, rtn_model, rtn_transform, streamed_perplexities
+from mobiquant.model_files import ModelFiles
+from mobiquant.sources import SourceError
+from tests.tiny_models import GROUP, VOCAB, tiny_model
+
+CPU = torch.device("cpu")
+FAST = {"group_size": GROUP, "router_hidden": 16, "epochs_stage1": 1, "epochs_stage2": 1, "batch_size": 4}
+
+
+def saved(family: str, folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Path]:
+    model = tiny_model(family, seed=int(torch.randint(0, 10_000, ()))).to(dtype)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture
+def no_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load a whole model from a folder fails the test."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+def test_streamed_perplexity_matches_the_whole_model(family: str, tmp_path: Path) -> None:
+    model, folder = saved(family, tmp_path / "m")
+    tokens = torch.randint(0, VOCAB, (1, 333))
+    files = ModelFiles(folder)
+    got = streamed_perplexities(files, tokens, {"fp": None, "rtn3": rtn_transform(files.arch, 3, GROUP)}, CPU,
+                                seqlen=40, max_windows=6, progress=False)
+    want = perplexity(model, tokens, seqlen=40, max_windows=6, progress=False)
+    want_rtn = perplexity(rtn_model(model, files.arch, 3, GROUP), tokens, seqlen=40, max_windows=6, progress=False)
+    assert got["fp"] == pytest.approx(want, rel=1e-6)
+    assert got["rtn3"] == pytest.approx(want_rtn, rel=1e-6)
+    assert got["rtn3"] != pytest.approx(got["fp"], rel=1e-6), "the variant changed the weights"
+
+
+@pytest.mark.parametrize(("family", "mode"), [("llama", "parallel"), ("opt", "sequential"), ("qwen2", "sequential")])
+def test_file_calibration_matches_in_memory_calibration(
+    family: str, mode: str, tmp_path: Path, no_whole_model: None
+) -> None:
+    model, folder = saved(family, tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (6, 24))
+    config = CalibrationConfig(**FAST, mode=mode)
+    from_files = quantize_files(folder, samples, config, tmp_path / "w1", model_key="k", device=CPU, progress=False)
+    in_memory = quantize_model(model, samples, config, tmp_path / "w2", progress=False)
+    layers, reference = mobi_layers(from_files), mobi_layers(in_memory)
+    assert layers.keys() == reference.keys()
+    for name, layer in layers.items():
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, reference[name].state_dict()[key]), f"{name}.{key}"
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(from_files(ids).logits, in_memory(ids).logits)
+
+
+def test_bfloat16_source_keeps_its_dtype(tmp_path: Path, no_whole_model: None) -> None:
+    _model, folder = saved("llama", tmp_path / "m", torch.bfloat16)
+    samples = torch.randint(0, VOCAB, (4, 16))
+    files = ModelFiles(folder)
+    assert files.source_dtype == torch.bfloat16
+    manifest = capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    assert manifest["dtype"] == "bfloat16"
+    assert load_file(str(fp_input_path(tmp_path / "c", 1)))["hidden"].dtype == torch.bfloat16
+    wide = capture_block_inputs(files, samples, tmp_path / "c32", device=CPU, model_key="k",
+                                store_dtype=torch.float32)
+    assert wide["dtype"] == "float32"
+    assert load_file(str(fp_input_path(tmp_path / "c32", 1)))["hidden"].dtype == torch.float32
+    quantized = quantize_files(folder, samples, CalibrationConfig(**FAST), tmp_path / "w", model_key="k",
+                               device=CPU, progress=False)
+    state = quantized.state_dict()
+    assert state["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert state["model.norm.weight"].dtype == torch.bfloat16
+    assert state["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+
+
+def test_capture_resumes_after_its_last_written_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _model, folder = saved("llama", tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (4, 16))
+    reference = capture_block_inputs(ModelFiles(folder), samples, tmp_path / "ref", device=CPU, model_key="k")
+    files = ModelFiles(folder)
+    loaded: list[int] = []
+    real_block = files.block
+
+    def failing_block(index: int, device: torch.device) -> torch.nn.Module:
+        loaded.append(index)
+        if index == 0 and loaded.count(0) == 1:
+            raise KeyboardInterrupt
+        return real_block(index, device)
+
+    monkeypatch.setattr(files, "block", failing_block)
+    with pytest.raises(KeyboardInterrupt):
+        capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    first = fp_input_path(tmp_path / "c", 0)
+    written = first.stat().st_mtime_ns
+    manifest = capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    assert first.stat().st_mtime_ns == written, "a written block input is not rewritten"
+    assert manifest["num_blocks"] == reference["num_blocks"] == 2
+    for index in range(2):
+        assert torch.equal(load_file(str(fp_input_path(tmp_path / "c", index)))["hidden"],
+                           load_file(str(fp_input_path(tmp_path / "ref", index)))["hidden"])
+
+
+def test_sequential_resume_recreates_missing_quantized_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _model, folder = saved("llama", tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (4, 16))
+    files = ModelFiles(folder)
+    config = CalibrationConfig(**FAST, mode="sequential")
+    capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    calibrate_blocks(files, tmp_path / "c", config, tmp_path / "b", CPU, progress=False)
+    key = resume_key(read_manifest(tmp_path / "c"), config)
+    propagated = quantized_input_path(tmp_path / "c", 1, key)
+    before = load_file(str(propagated))["hidden"]
+    propagated.unlink()
+
+    import mobiquant.calibration.driver as driver
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a finished block was calibrated again")
+
+    monkeypatch.setattr(driver, "calibrate_block", never)
+    reports = calibrate_blocks(files, tmp_path / "c", config, tmp_path / "b", CPU, progress=False)
+    assert [r["cached"] for r in reports] == [True, True]
+    assert torch.equal(load_file(str(propagated))["hidden"], before)
+
+
+def test_results_are_keyed_by_model_samples_and_settings(tmp_path: Path) -> None:
+    _model, folder = saved("llama", tmp_path / "m")
+    files = ModelFiles(folder)
+    samples = torch.randint(0, VOCAB, (4, 16))
+    config = CalibrationConfig(**FAST)
+    capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    first = calibrate_blocks(files, tmp_path / "c", config, tmp_path / "b", CPU, progress=False)
+    again = calibrate_blocks(files, tmp_path / "c", config, tmp_path / "b", CPU, progress=False)
+    assert [r["cached"] for r in first] == [False, False] and [r["cached"] for r in again] == [True, True]
+    other = CalibrationConfig(**{**FAST, "seed": 1})
+    assert not any(r["cached"] for r in calibrate_blocks(files, tmp_path / "c", other, tmp_path / "b", CPU,
+                                                         progress=False))
+    capture_block_inputs(files, samples + 1, tmp_path / "c", device=CPU, model_key="k")
+    assert not any(r["cached"] for r in calibrate_blocks(files, tmp_path / "c", other, tmp_path / "b", CPU,
+                                                         progress=False))
+
+
+def _rewrite(folder: Path, change: dict[str, torch.Tensor | None]) -> None:
+    path = folder / "model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    for name, tensor in change.items():
+        if tensor is None:
+            del tensors[name]
+        else:
+            tensors[name] = tensor
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_source_tensors_are_checked_one_by_one(tmp_path: Path) -> None:
+    _model, folder = saved("llama", tmp_path / "m")
+    ModelFiles(folder).check()
+    _rewrite(folder, {"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 32)})
+    with pytest.raises(SourceError, match=r"model\.layers\.1\.mlp\.up_proj\.weight in .* has shape \[128, 32\], the "
+                                          r"config needs \[128, 64\]"):
+        ModelFiles(folder).check()
+    _rewrite(folder, {"model.layers.1.mlp.up_proj.weight": None})
+    with pytest.raises(SourceError, match=r"lacks the tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        ModelFiles(folder).check()
