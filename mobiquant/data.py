@@ -346,9 +346,14 @@ def calibration_samples(
     shard is too large to tokenize whole: as in GPTQ, each window comes from a random document long
     enough to hold it.
     """
+    return corpus_samples(tokenizer, load_corpus(source, default_split=TRAIN, cache_dir=cache_dir), n_samples, seqlen,
+                          seed)
+
+
+def corpus_samples(tokenizer: Any, corpus: Corpus, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens from ``corpus``, as :func:`calibration_samples` draws them."""
     if n_samples < 1 or seqlen < 2:
         raise DataSourceError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples} and {seqlen}")
-    corpus = load_corpus(source, default_split=TRAIN, cache_dir=cache_dir)
     generator = torch.Generator().manual_seed(seed)
     if corpus.sample_by_document:
         return _document_windows(tokenizer, corpus, n_samples, seqlen, generator)
@@ -356,7 +361,7 @@ def calibration_samples(
     available = tokens.numel()
     if available < n_samples * seqlen:
         raise DataSourceError(
-            f"{corpus.description or source} has {available} tokens, fewer than {n_samples} samples x {seqlen} "
+            f"{corpus.description or 'the text'} has {available} tokens, fewer than {n_samples} samples x {seqlen} "
             f"= {n_samples * seqlen}; use at most {available // seqlen} samples at this length, or more text"
         )
     starts = torch.randint(0, available - seqlen + 1, (n_samples,), generator=generator)

@@ -1,0 +1,41 @@
+"""``mobiquant.quantize``: texts or a dataset in, an elastic copy out, the caller's model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from mobiquant.api import quantize
+from mobiquant.checkpoint import mobi_layers
+from mobiquant.data import DataSourceError
+from mobiquant.precision import set_precision
+from tests.test_cli import TEXT, byte_tokenizer, tiny_llama
+
+CONFIG = {"group_size": 32, "router_hidden": 4, "epochs_stage1": 1, "epochs_stage2": 1, "num_slices": 2}
+
+
+def test_texts_in_elastic_copy_out_and_the_callers_model_untouched() -> None:
+    model = tiny_llama().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = [TEXT[i : i + 900] for i in range(0, len(TEXT), 900)]
+    quantized = quantize(model, byte_tokenizer(), texts, CONFIG, samples=4, seqlen=32, device="cpu", progress=False)
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in model.state_dict().items())
+    assert not mobi_layers(model) and len(mobi_layers(quantized)) == 14
+    assert quantized.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert quantized.config.quantization_config["calibration_data"]["source"] == f"{len(texts)} texts"
+    ids = torch.randint(0, 256, (1, 16))
+    set_precision(quantized, avg_bits=3.0)
+    with torch.no_grad():
+        assert torch.isfinite(quantized(ids).logits).all()
+
+
+def test_a_dataset_with_a_text_column_is_accepted_and_others_refused() -> None:
+    rows = Dataset.from_dict({"text": [TEXT[:3000], TEXT[3000:]]})
+    quantized = quantize(tiny_llama(), byte_tokenizer(), rows, CONFIG, samples=2, seqlen=32, device="cpu",
+                         progress=False)
+    assert quantized.config.quantization_config["calibration_data"]["source"] == "dataset of 2 rows"
+    with pytest.raises(DataSourceError, match="no 'text' column"):
+        quantize(tiny_llama(), byte_tokenizer(), Dataset.from_dict({"body": ["x"]}), CONFIG, device="cpu")
+    with pytest.raises(DataSourceError, match="only strings"):
+        quantize(tiny_llama(), byte_tokenizer(), [1, 2], CONFIG, device="cpu")
