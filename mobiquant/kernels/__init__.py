@@ -99,6 +99,17 @@ def _check_shapes(
         raise ValueError("scale and zero must be float16 (the packed format)")
     if tuple(slices.shape) != (tokens,):
         raise ValueError(f"slices must be [{tokens}], got {tuple(slices.shape)}")
+    for name, tensor in (("planes", planes), ("scale", scale), ("zero", zero)):
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}: move the layer to x's device")
+
+
+def _check_out(out: torch.Tensor, x: torch.Tensor, shape: tuple[int, int]) -> None:
+    if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+    # The kernels store pairs of 16-bit outputs as one 32-bit word.
+    if out.data_ptr() % 4:
+        raise ValueError(f"out must start on a 4-byte boundary, got address {out.data_ptr():#x}")
 
 
 def elastic_linear(
@@ -116,9 +127,15 @@ def elastic_linear(
     more than 4 slices) takes the PyTorch path. Slice counts are not validated here (that would need a
     device-to-host read): the caller checks them, and the kernels clamp them to 1..K so a bad value
     cannot read out of bounds.
-    ``out`` (contiguous [T, out], x's dtype) receives the result when given.
+    ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
+    live on any device: it is moved to ``x``'s; planes, scale and zero must already be there.
     """
     _check_shapes(x, planes, scale, zero, slices, group_size)
+    shape = (x.shape[0], planes.shape[1])
+    if out is not None:
+        _check_out(out, x, shape)
+    # A host tensor of counts read by the kernel would be an illegal address (a sticky error for the process).
+    slices = slices.to(device=x.device, dtype=torch.int64).contiguous()
     num_slices = planes.shape[0] // BITS_PER_SLICE
     if (
         not x.is_cuda
@@ -132,17 +149,14 @@ def elastic_linear(
     from . import _launch
 
     tokens = x.shape[0]
-    shape = (tokens, planes.shape[1])
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
     if tokens == 0:
         return out
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x rows with 16-byte vector loads
         x = x.clone()
-    tensors = (planes.contiguous(), scale.contiguous(), zero.contiguous(), slices.to(torch.int64).contiguous())
+    tensors = (planes.contiguous(), scale.contiguous(), zero.contiguous(), slices)
     launch = _launch.launch_decode if tokens <= DECODE_MAX_TOKENS else _launch.launch_prefill
     launch(x, *tensors, out, group_size)
     return out

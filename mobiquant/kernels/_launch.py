@@ -1,14 +1,18 @@
 """Loading the CUBINs and launching the kernels through the CUDA driver API (cuda.bindings.driver).
 
-Tensors go in by ``data_ptr()``; launches are queued on torch's current stream, so they order with the
-surrounding PyTorch work and are captured by CUDA graphs like any torch kernel. Nothing here reads a
-value back from the device, so a call never synchronises.
+Tensors go in by ``data_ptr()``; launches are queued on torch's current stream of the inputs' device, so
+they order with the surrounding PyTorch work and are captured by CUDA graphs like any torch kernel.
+Each launch runs under torch's device guard with the device's primary context pushed and popped again,
+so the caller's current device and context are what they were. Nothing here reads a value back from the
+device, so a call never synchronises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -55,36 +59,47 @@ class _DeviceKernels:
         torch.cuda.init()
         _check(driver.cuInit(0))
         (device,) = _check(driver.cuDeviceGet(index))
+        self.index = index
         (self.context,) = _check(driver.cuDevicePrimaryCtxRetain(device))
-        self.activate()
         major, minor = torch.cuda.get_device_capability(index)
         self.arch = f"sm_{major}{minor}"
         self.modules = []
         self.functions = {}
-        for name, (_, kernel_names) in MODULES.items():
-            cubin, _ = compile_module(name, self.arch)
-            (module,) = _check(driver.cuModuleLoadData(cubin))
-            self.modules.append(module)
-            for kernel in kernel_names:
-                (self.functions[kernel],) = _check(driver.cuModuleGetFunction(module, kernel.encode()))
-        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        for kernel in MODULES["prefill"][1]:
-            _check(driver.cuFuncSetAttribute(self.functions[kernel], attribute, PREFILL_SMEM_BYTES))
+        with self.current():
+            for name, (_, kernel_names) in MODULES.items():
+                cubin, _ = compile_module(name, self.arch)
+                (module,) = _check(driver.cuModuleLoadData(cubin))
+                self.modules.append(module)
+                for kernel in kernel_names:
+                    (self.functions[kernel],) = _check(driver.cuModuleGetFunction(module, kernel.encode()))
+            attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            for kernel in MODULES["prefill"][1]:
+                _check(driver.cuFuncSetAttribute(self.functions[kernel], attribute, PREFILL_SMEM_BYTES))
 
-    def activate(self) -> None:
-        # Driver calls act on the calling thread's current context, which a thread that has not yet
-        # touched CUDA (e.g. a data-loader or server thread) does not have.
-        _check(_driver().cuCtxSetCurrent(self.context))
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This device as torch's current device and its primary context as the thread's, restored after.
+
+        Driver calls act on the calling thread's current context, which a thread that has not yet touched
+        CUDA (a data-loader or server thread) does not have; pushing and popping it leaves the caller's own.
+        """
+        driver = _driver()
+        with torch.cuda.device(self.index):
+            _check(driver.cuCtxPushCurrent(self.context))
+            try:
+                yield
+            finally:
+                _check(driver.cuCtxPopCurrent())
 
     def launch(self, kernel: str, grid: tuple[int, int], block: int, smem: int, args: tuple, types: tuple) -> None:
         driver = _driver()
-        self.activate()
-        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        _check(
-            driver.cuLaunchKernel(
-                self.functions[kernel], grid[0], grid[1], 1, block, 1, 1, smem, stream, (args, types), 0
+        with self.current():
+            stream = driver.CUstream(torch.cuda.current_stream(self.index).cuda_stream)
+            _check(
+                driver.cuLaunchKernel(
+                    self.functions[kernel], grid[0], grid[1], 1, block, 1, 1, smem, stream, (args, types), 0
+                )
             )
-        )
 
 
 _devices: dict[int, _DeviceKernels] = {}
