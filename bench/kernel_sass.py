@@ -17,6 +17,7 @@ instructions_per_weight``. Runs from a plain checkout (the repository root goes 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -38,10 +39,13 @@ ROW_KEYS = (
     "kernel", "arch", "tokens", "slices", "registers", "spills", "loop_instructions", "weights_per_iteration",
     "instructions_per_weight",
 )  # fmt: skip
-DECODE_TOKEN_BUCKETS = (1, 2, 4, 8, 16)
-# Per lane and loop iteration (see decode.cu and prefill.cu): the decode loop walks one 32-column word of
-# ROWS_PER_WARP = 2 rows; the prefill loop dequantises a BN = 128 rows x BK = 32 columns tile with 256 threads.
-DECODE_WEIGHTS_PER_LANE = 2 * 32
+# Decode instances: n8 serves 1-8 tokens, n16 9-16 (the tokens are the mma's N); g128 takes one affine pair
+# per 128-column tile (group sizes that are multiples of 128), g32 one per 32-column span.
+DECODE_TOKEN_TILES = (8, 16)
+DECODE_GROUP_MODES = (128, 32)
+# One mma.m16n8k16 multiplies 16 x 16 weights by 8 tokens: 8 weights per lane and 8-token n-tile.
+WEIGHTS_PER_LANE_PER_MMA = 16 * 16 // 32
+# Per lane and loop iteration of the prefill kernel: a BN = 128 rows x BK = 32 columns tile, 256 threads.
 PREFILL_WEIGHTS_PER_LANE = 128 * 32 // 256
 PREFILL_TILE_TOKENS = 128
 
@@ -79,17 +83,24 @@ def instances() -> list[Instance]:
     """Every kernel instance the library ships, as rows of the table."""
     found = []
     for dtype in ("f16", "bf16"):
-        for tokens in DECODE_TOKEN_BUCKETS:
-            # The loop reads planes 0..2*kmax-1 with predicated loads: the same code for every slice count.
-            found.append(
-                Instance(f"mbq_decode_{dtype}_t{tokens}", "decode", tokens, "1-4", (),
-                         lambda _opcodes: DECODE_WEIGHTS_PER_LANE)
-            )  # fmt: skip
+        for group in DECODE_GROUP_MODES:
+            for tokens in DECODE_TOKEN_TILES:
+                for slices in range(1, 5):
+                    # The kernel holds one loop per slice count; this build keeps only the one measured.
+                    found.append(
+                        Instance(f"mbq_decode_{dtype}_n{tokens}_g{group}", "decode", tokens, slices,
+                                 (f"-DMBQ_ONLY_LEVEL={slices}",), functools.partial(mma_weights, tokens // 8))
+                    )  # fmt: skip
         found.append(
             Instance(f"mbq_prefill_{dtype}", "prefill", PREFILL_TILE_TOKENS, "1-4", (),
                      lambda _opcodes: PREFILL_WEIGHTS_PER_LANE)
         )  # fmt: skip
     return found
+
+
+def mma_weights(token_tiles: int, opcodes: list[str]) -> float:
+    """Weights per lane of a loop whose mma instructions each cover 16 x 16 weights for one 8-token tile."""
+    return WEIGHTS_PER_LANE_PER_MMA * sum(op.startswith("HMMA") for op in opcodes) / token_tiles
 
 
 def tool_path(name: str) -> str:
@@ -104,15 +115,21 @@ def tool_path(name: str) -> str:
     return found
 
 
-def disassemble(cubin: bytes, function: str) -> list[str]:
-    """The SASS lines of one function of ``cubin``: its ``.text.<function>`` section in ``nvdisasm -c``."""
+@functools.lru_cache(maxsize=8)
+def disassembly(cubin: bytes) -> tuple[str, ...]:
+    """``nvdisasm -c`` of a CUBIN, as lines."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "module.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([tool_path("nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True)
+    return tuple(text.stdout.splitlines())
+
+
+def disassemble(cubin: bytes, function: str) -> list[str]:
+    """The SASS lines of one function of ``cubin``: its ``.text.<function>`` section in ``nvdisasm -c``."""
     section = re.compile(r"^\s*\.section\s+\.text\.(\w+),")
     lines, inside = [], False
-    for line in text.stdout.splitlines():
+    for line in disassembly(cubin):
         if match := section.match(line):
             inside = match.group(1) == function
         elif inside:

@@ -20,7 +20,12 @@ HEADERS = ("common.cuh",)
 MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "decode": (
         "decode.cu",
-        tuple(f"mbq_decode_{dtype}_t{tokens}" for dtype in ("f16", "bf16") for tokens in (1, 2, 4, 8, 16)),
+        tuple(
+            f"mbq_decode_{dtype}_n{tokens}_g{group}"
+            for dtype in ("f16", "bf16")
+            for tokens in (8, 16)
+            for group in (128, 32)
+        ),
     ),
     "prefill": ("prefill.cu", ("mbq_prefill_f16", "mbq_prefill_bf16")),
 }

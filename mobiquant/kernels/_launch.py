@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import torch
 
 from ._compile import MODULES, compile_module
+from ._repack import TILE_COLS, TILE_ROWS, decode_weights
 
 # Must match the kernels' compile-time constants (decode.cu, prefill.cu).
-DECODE_THREADS = 128
-DECODE_ROWS_PER_BLOCK = 8  # 4 warps x 2 rows
-DECODE_TOKEN_BUCKETS = (1, 2, 4, 8, 16)
+DECODE_THREADS = 256  # 8 warps on one 16-row tile
+DECODE_TOKENS_PER_TILE = 8  # the mma's N: the n8 kernels take 1-8 tokens, the n16 ones 9-16
 PREFILL_THREADS = 256
 PREFILL_BM = 128
 PREFILL_BN = 128
@@ -127,18 +127,22 @@ def launch_decode(
     out: torch.Tensor,
     group_size: int,
 ) -> None:
-    """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself."""
+    """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself. The
+    weights are regrouped for it once (``_repack.decode_weights``) and cached with the weight tensors."""
     tokens, in_features = x.shape
     num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
-    bucket = next(b for b in DECODE_TOKEN_BUCKETS if b >= tokens)
+    token_tiles = -(-tokens // DECODE_TOKENS_PER_TILE)
+    group_mode = 128 if group_size % TILE_COLS == 0 else 32
+    weights = decode_weights(planes, scale, zero, group_size, x.dtype)
     kernels = device_kernels(x.device)
-    grid = ((out_features + DECODE_ROWS_PER_BLOCK - 1) // DECODE_ROWS_PER_BLOCK, 1)
+    grid = (-(-out_features // TILE_ROWS), 1)
     args = (
-        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), slices.data_ptr(), out.data_ptr(),
-        tokens, out_features, in_features, num_slices, group_size,
+        x.data_ptr(), weights.packed.data_ptr(), weights.affine.data_ptr(), slices.data_ptr(), out.data_ptr(),
+        tokens, out_features, in_features, num_slices,
     )  # fmt: skip
-    types = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
-    kernels.launch(f"mbq_decode_{dtype_tag(x.dtype)}_t{bucket}", grid, DECODE_THREADS, 0, args, types)
+    types = (_P, _P, _P, _P, _P, _I, _I, _I, _I)
+    name = f"mbq_decode_{dtype_tag(x.dtype)}_n{8 * token_tiles}_g{group_mode}"
+    kernels.launch(name, grid, DECODE_THREADS, 0, args, types)
 
 
 def launch_prefill(
