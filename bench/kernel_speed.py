@@ -27,11 +27,13 @@ The JSON file is rewritten after each phase, so a run cut short keeps what it me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -173,7 +175,15 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
             def kernel(i: int, x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out) -> None:
                 kernels.elastic_linear(x, *weights[i], slices, GROUP_SIZE, out=out)
 
-            seconds = timed(kernel, args.iters, args.graphs, len(weights))
+            # Decode sizes are graph-timed (a launch costs more than a 2-bit GEMV); the dequantise-then-cuBLAS
+            # prefill path reads the slice counts present back to the host, which a graph cannot capture.
+            graphs = args.graphs and tokens <= kernels.DECODE_MAX_TOKENS
+            seconds = timed(kernel, args.iters, graphs, len(weights))
+            prefill_paths = {}
+            if tokens > kernels.DECODE_MAX_TOKENS:
+                for path in kernels.PREFILL_PATHS:
+                    with forced_prefill_path(path):
+                        prefill_paths[f"prefill_{path}_s"] = timed(kernel, args.iters, False, len(weights))
             dequant = timed(
                 lambda i, x=x, slices=slices: kernels.reference_elastic_linear(x, *weights[i], slices, GROUP_SIZE),
                 2,
@@ -195,10 +205,26 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
                     "speedup_vs_dequant": dequant / seconds,
                     "bandwidth_Bps": achieved,
                     "bandwidth_fraction": achieved / bandwidth,
+                    "prefill_path": kernels.prefill_path(tokens) if tokens > kernels.DECODE_MAX_TOKENS else None,
+                    **prefill_paths,
                 }
             )
             print(_format_row(rows[-1]), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def forced_prefill_path(path: str) -> Iterator[None]:
+    """elastic_linear takes prefill path ``path`` ("grouped" or "dequant") inside the block."""
+    before = os.environ.get(kernels.PREFILL_ENV)
+    os.environ[kernels.PREFILL_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[kernels.PREFILL_ENV]
+        else:
+            os.environ[kernels.PREFILL_ENV] = before
 
 
 def block_linears_seconds(args: argparse.Namespace) -> dict[str, float]:
@@ -347,11 +373,18 @@ def target_summary(rows: list[dict]) -> dict[str, dict[str, object]]:
 
 
 def _format_row(row: dict) -> str:
-    return (
+    line = (
         f"{row['shape']:<20} T={row['tokens']:<5} k={row['slices']:<7} {row['kernel_s'] * 1e6:9.1f} us  "
         f"x{row['speedup_vs_fp16']:5.2f} vs fp16  x{row['speedup_vs_dequant']:7.1f} vs dequant+mm  "
         f"{100 * row['bandwidth_fraction']:5.1f}% of copy bw"
     )
+    if row.get("prefill_path"):
+        line += (
+            "  prefill "
+            + "  ".join(f"{path} {row[f'prefill_{path}_s'] * 1e6:.1f} us" for path in ("grouped", "dequant"))
+            + f" (auto: {row['prefill_path']})"
+        )
+    return line
 
 
 def default_archs() -> list[str]:

@@ -28,6 +28,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "prefill": ("prefill.cu", ("mbq_prefill_f16", "mbq_prefill_bf16")),
+    "dequant": ("dequant.cu", ("mbq_dequant_f16", "mbq_dequant_bf16")),
 }
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 # No fast-math: the kernels' rounding is part of the accuracy contract (<= 1e-3 relative for fp16).

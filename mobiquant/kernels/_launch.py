@@ -178,3 +178,20 @@ def launch_prefill(
     )  # fmt: skip
     types = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
     kernels.launch(f"mbq_prefill_{dtype_tag(x.dtype)}", grid, PREFILL_THREADS, PREFILL_SMEM_BYTES, args, types)
+
+
+DEQUANT_THREADS = 256  # one thread per row and 32-column word (dequant.cu)
+
+
+def launch_dequant(
+    planes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group_size: int, weight: torch.Tensor
+) -> None:
+    """``weight`` [out, in] (fp16 or bf16, 16-byte aligned) <- W_k from the first 2k planes."""
+    out_features, in_features = weight.shape
+    words = out_features * (in_features // 32)
+    kernels = device_kernels(weight.device)
+    grid = (-(-words // DEQUANT_THREADS), 1)
+    args = (planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), weight.data_ptr(), out_features, in_features, k,
+            group_size)  # fmt: skip
+    types = (_P, _P, _P, _P, _I, _I, _I, _I)
+    kernels.launch(f"mbq_dequant_{dtype_tag(weight.dtype)}", grid, DEQUANT_THREADS, 0, args, types)

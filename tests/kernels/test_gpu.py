@@ -43,7 +43,8 @@ class Case:
     tokens: int
     mix: str
     dtype: str
-    path: str  # "auto" (elastic_linear), "decode" or "prefill" (forced)
+    path: str  # "auto" (elastic_linear), "decode" or "prefill" (forced launchers), "dequant" (elastic_linear
+    # with MOBIQUANT_PREFILL=dequant: W_k by the dequantisation kernel, then cuBLAS)
     stored: int = 4  # slices held: fewer after loading with max_slices, so the planes are [2 * stored, ...]
     misaligned: bool = False  # x starts 2 bytes past a 16-byte boundary: elastic_linear must realign it
     host_slices: bool = False  # slices passed as a CPU tensor: elastic_linear must move it to x's device
@@ -61,6 +62,10 @@ def cases() -> list[Case]:
     for tokens in (1, 13, 200):
         for mix in ("k2", "routed"):
             found.append(Case("", 200, 384, 128, tokens, mix, "bfloat16", "auto"))
+    for tokens in (17, 129, 300):  # the prefill path through the dequantisation kernel and cuBLAS
+        for mix in ("k1", "k4", "routed"):
+            found.append(Case("", 131, 320, 64, tokens, mix, "float16", "dequant"))
+        found.append(Case("", 200, 384, 128, tokens, "routed", "bfloat16", "dequant"))
     for stored in (1, 2, 3):  # truncated checkpoints: num_slices < 4 in both kernels
         for tokens in (1, 7, 16, 17, 300):
             for mix in (f"k{stored}", "routed"):
@@ -121,8 +126,11 @@ def run_case(case: Case, seed: int) -> dict[str, object]:
         x_device = x.to(device)
     args = (x_device, sliced.planes.to(device), sliced.scale.to(device), sliced.zero.to(device))
     out = torch.full((case.tokens, case.out_features), float("nan"), dtype=dtype, device=device)
-    if case.path == "auto":
+    if case.path in ("auto", "dequant"):
+        if case.path == "dequant":
+            os.environ[kernels.PREFILL_ENV] = "dequant"
         kernels.elastic_linear(*args, slices if case.host_slices else slices.to(device), case.group_size, out=out)
+        os.environ.pop(kernels.PREFILL_ENV, None)
     else:
         launch = _launch.launch_prefill if case.path == "prefill" else _launch.launch_decode
         launch(*args, slices.to(device), out, case.group_size)
