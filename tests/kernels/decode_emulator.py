@@ -391,6 +391,48 @@ def u32(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(-1).numpy().view(np.uint32).copy()
 
 
+def run_decode_kernel(
+    dtype: str,
+    token_tiles: int,
+    span_affine: bool,
+    grid: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    affine: torch.Tensor,
+    slices: torch.Tensor,
+    tokens: int,
+    out_features: int,
+    in_features: int,
+    num_slices: int,
+    bugs: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, np.ndarray]:
+    """One launch of a decode kernel on ``grid`` blocks, given its arguments as the host passes them:
+    y [tokens, out] and how often each output was written."""
+    unknown = set(bugs) - PLANTED_BUGS
+    if unknown:
+        raise ValueError(f"unknown planted bugs {unknown}")
+    poison = from_float(np.float64("nan"), dtype)
+    launch = Launch(
+        dtype=dtype,
+        token_tiles=token_tiles,
+        span_affine=span_affine,
+        x=GlobalArray("x", x.contiguous().view(torch.int16).view(-1).numpy().view(np.uint16).copy()),
+        packed=GlobalArray("packed", u32(packed)),
+        affine=GlobalArray("affine", u32(affine)),
+        slices=slices.numpy().astype(np.int64),
+        y=Output(np.full(tokens * out_features, poison, dtype=np.uint32), np.zeros(tokens * out_features, dtype=int)),
+        tokens=tokens,
+        out_features=out_features,
+        in_features=in_features,
+        num_slices=num_slices,
+        bugs=frozenset(bugs),
+    )
+    for block in range(grid):
+        decode_block(launch, block)
+    values = to_float(launch.y.data, dtype).reshape(tokens, out_features)
+    return torch.from_numpy(values), launch.y.writes.reshape(tokens, out_features)
+
+
 def emulate_decode(
     x: torch.Tensor,
     planes: torch.Tensor,
@@ -401,32 +443,13 @@ def emulate_decode(
     bugs: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, np.ndarray]:
     """y [tokens, out] as the decode kernel computes it, and how often each output was written."""
-    unknown = set(bugs) - PLANTED_BUGS
-    if unknown:
-        raise ValueError(f"unknown planted bugs {unknown}")
-    dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
     tokens, in_features = x.shape
     out_features = planes.shape[1]
     if tokens > 16:
         raise ValueError("the decode kernel takes at most 16 tokens")
     weights = _repack.decode_weights(planes, scale, zero, group_size, x.dtype)
-    poison = from_float(np.float64("nan"), dtype)
-    launch = Launch(
-        dtype=dtype,
-        token_tiles=1 if tokens <= 8 else 2,
-        span_affine=_repack.affine_units_per_tile(group_size) > 1,
-        x=GlobalArray("x", x.contiguous().view(torch.int16).view(-1).numpy().view(np.uint16).copy()),
-        packed=GlobalArray("packed", u32(weights.packed)),
-        affine=GlobalArray("affine", u32(weights.affine)),
-        slices=slices.numpy().astype(np.int64),
-        y=Output(np.full(tokens * out_features, poison, dtype=np.uint32), np.zeros(tokens * out_features, dtype=int)),
-        tokens=tokens,
-        out_features=out_features,
-        in_features=in_features,
-        num_slices=planes.shape[0] // 2,
-        bugs=frozenset(bugs),
-    )
-    for block in range(-(-out_features // TILE_ROWS)):
-        decode_block(launch, block)
-    values = to_float(launch.y.data, dtype).reshape(tokens, out_features)
-    return torch.from_numpy(values), launch.y.writes.reshape(tokens, out_features)
+    dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
+    return run_decode_kernel(
+        dtype, 1 if tokens <= 8 else 2, _repack.affine_units_per_tile(group_size) > 1, -(-out_features // TILE_ROWS),
+        x, weights.packed, weights.affine, slices, tokens, out_features, in_features, planes.shape[0] // 2, bugs,
+    )  # fmt: skip

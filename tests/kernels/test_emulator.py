@@ -13,8 +13,9 @@ import zlib
 import pytest
 import torch
 
+from mobiquant.kernels import _launch, _repack
 from mobiquant.slicing import slice_weight, unpack_codes
-from tests.kernels.decode_emulator import PLANTED_BUGS, EmulatorError, emulate_decode
+from tests.kernels.decode_emulator import PLANTED_BUGS, EmulatorError, emulate_decode, run_decode_kernel
 
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1e-2}  # per-token relative error (issue 4's contract)
 
@@ -90,3 +91,42 @@ def test_planted_bugs_are_caught(bug: str) -> None:
         return  # the race or bounds check fired
     errors = token_errors(got, float64_reference(x, sliced, slices))
     assert (writes != 1).any() or errors.max() > TOLERANCE[torch.float16], f"{bug} went unnoticed: {errors}"
+
+
+class EmulatedDevice:
+    """Stands in for the loaded CUBIN: a launch of a decode kernel runs the emulator on the tensors
+    whose addresses the host passed, so the host's kernel choice, grid and argument order are checked."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.by_address = {t.data_ptr(): t for t in tensors}
+        self.launches: list[tuple] = []
+
+    def launch(self, kernel: str, grid: tuple[int, int], block: int, smem: int, args: tuple, types: tuple) -> None:
+        self.launches.append((kernel, grid, block, smem))
+        x_ptr, packed_ptr, affine_ptr, slices_ptr, y_ptr, tokens, out_features, in_features, num_slices = args
+        _, _, dtype, token_tile, group_mode = kernel.split("_")
+        got, writes = run_decode_kernel(
+            {"f16": "float16", "bf16": "bfloat16"}[dtype], int(token_tile[1:]) // 8, group_mode == "g32", grid[0],
+            self.by_address[x_ptr], self.by_address[packed_ptr], self.by_address[affine_ptr],
+            self.by_address[slices_ptr], tokens, out_features, in_features, num_slices,
+        )  # fmt: skip
+        assert (writes == 1).all()
+        self.by_address[y_ptr].copy_(got)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "in_features", "group_size", "dtype"), [(3, 320, 64, torch.float16), (12, 384, 128, torch.bfloat16)]
+)
+def test_host_launch_matches_the_kernel_contract(
+    monkeypatch: pytest.MonkeyPatch, tokens: int, in_features: int, group_size: int, dtype: torch.dtype
+) -> None:
+    sliced, x, slices = draw(40, in_features, group_size, tokens, "routed", dtype, 4, seed=tokens)
+    weights = _repack.decode_weights(sliced.planes, sliced.scale, sliced.zero, group_size, dtype)
+    out = torch.full((tokens, 40), float("nan"), dtype=dtype)
+    device = EmulatedDevice([x, weights.packed, weights.affine, slices, out])
+    monkeypatch.setattr(_launch, "device_kernels", lambda _device: device)
+    _launch.launch_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, out, group_size)
+    ((kernel, grid, block, smem),) = device.launches
+    assert grid == (3, 1) and block == 256 and smem == 0
+    errors = token_errors(out.double(), float64_reference(x, sliced, slices))
+    assert errors.max() <= TOLERANCE[dtype], (kernel, errors)
