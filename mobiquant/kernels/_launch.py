@@ -81,10 +81,15 @@ class _DeviceKernels:
         """This device as torch's current device and its primary context as the thread's, restored after.
 
         Driver calls act on the calling thread's current context, which a thread that has not yet touched
-        CUDA (a data-loader or server thread) does not have; pushing and popping it leaves the caller's own.
+        CUDA (a data-loader or server thread) may not have. Torch's device guard normally makes the primary
+        context current; when it is not, it is pushed and popped again, leaving the caller's own.
         """
         driver = _driver()
         with torch.cuda.device(self.index):
+            (current,) = _check(driver.cuCtxGetCurrent())
+            if current is not None and int(current) == int(self.context):
+                yield
+                return
             _check(driver.cuCtxPushCurrent(self.context))
             try:
                 yield
