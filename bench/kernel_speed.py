@@ -271,8 +271,11 @@ def to_mobilinears(model: nn.Module, group_size: int) -> None:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, graphs: bool) -> tuple[float, torch.Tensor]:
-    """Seconds per decode step after the prompt (static KV cache, greedy), and the prompt's last logits.
+def greedy_decode(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, graphs: bool
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Seconds per decode step after the prompt (static KV cache, greedy), the prompt's last logits, and
+    the last token generated (after E2E_WARMUP_TOKENS + ``new_tokens`` steps).
 
     One step reads the token and its position from device buffers and writes the next ones back, so the
     loop never reads the device from the host. With ``graphs`` (CUDA only) the step is captured once in a
@@ -313,7 +316,7 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, graph
     for _ in range(new_tokens):
         run()
     sync()
-    return (time.perf_counter() - start) / new_tokens, logits.float()
+    return (time.perf_counter() - start) / new_tokens, logits.float(), token
 
 
 def e2e_decode(
@@ -334,7 +337,8 @@ def e2e_decode(
     prompt = torch.randint(0, dims["vocab_size"], (1, E2E_PROMPT_TOKENS), device=device)
 
     def measure() -> tuple[float, torch.Tensor]:
-        return greedy_decode(model, prompt, new_tokens, graphs)
+        seconds, logits, _ = greedy_decode(model, prompt, new_tokens, graphs)
+        return seconds, logits
 
     fp16_seconds, fp16_logits = measure()
     results = {"fp16": {"ms_per_token": 1e3 * fp16_seconds, "tokens_per_s": 1.0 / fp16_seconds, "cuda_graph": graphs}}
