@@ -2,9 +2,9 @@
 
 Tensors go in by ``data_ptr()``; launches are queued on torch's current stream of the inputs' device, so
 they order with the surrounding PyTorch work and are captured by CUDA graphs like any torch kernel.
-Each launch runs under torch's device guard with the device's primary context pushed and popped again,
-so the caller's current device and context are what they were. Nothing here reads a value back from the
-device, so a call never synchronises.
+Each launch runs under torch's device guard, with the device's primary context pushed (and popped again)
+when the guard has not made it current, so the caller's current device and context are what they were.
+Nothing here reads a value back from the device, so a call never synchronises.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ._repack import TILE_COLS, TILE_ROWS, decode_weights
 DECODE_THREADS = 256  # 8 warps on one 16-row tile
 DECODE_TOKENS_PER_TILE = 8  # the mma's N: the n8 kernels take 1-8 tokens, the n16 ones 9-16
 PREFILL_THREADS = 256
+DEQUANT_THREADS = 256  # one thread per row and 32-column word (dequant.cu)
 PREFILL_BM = 128
 PREFILL_BN = 128
 PREFILL_SMEM_BYTES = 53760  # sizeof(PrefillSmem), checked by a static_assert in prefill.cu
@@ -183,9 +184,6 @@ def launch_prefill(
     )  # fmt: skip
     types = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
     kernels.launch(f"mbq_prefill_{dtype_tag(x.dtype)}", grid, PREFILL_THREADS, PREFILL_SMEM_BYTES, args, types)
-
-
-DEQUANT_THREADS = 256  # one thread per row and 32-column word (dequant.cu)
 
 
 def launch_dequant(
