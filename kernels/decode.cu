@@ -223,14 +223,15 @@ __device__ __forceinline__ void load_tile(const LaneSources<NT, K>& from, TileRe
     for (int u = 0; u < (SPAN_AFFINE ? SPANS_PER_TILE : 1); ++u) to.affine[u] = load_global_nc(from.affine + u * 8);
 }
 
+// Moves `from` by `steps` tiles of the warp's stripe (DECODE_WARPS tiles each; negative steps go back).
 template <int NT, int K, bool SPAN_AFFINE>
-__device__ __forceinline__ void advance(LaneSources<NT, K>& from) {
+__device__ __forceinline__ void advance(LaneSources<NT, K>& from, int steps) {
 #pragma unroll
-    for (int e = 0; e < K; ++e) from.weights[e] += DECODE_WARPS * 32;
+    for (int e = 0; e < K; ++e) from.weights[e] += steps * DECODE_WARPS * 32;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) from.x_rows[nt] += DECODE_WARPS * TILE_COLS;
-    from.affine += DECODE_WARPS * (SPAN_AFFINE ? SPANS_PER_TILE : 1) * 8;
-    from.tile += DECODE_WARPS;
+    for (int nt = 0; nt < NT; ++nt) from.x_rows[nt] += steps * DECODE_WARPS * TILE_COLS;
+    from.affine += steps * DECODE_WARPS * (SPAN_AFFINE ? SPANS_PER_TILE : 1) * 8;
+    from.tile += steps * DECODE_WARPS;
 }
 
 template <int NT, int K, bool SPAN_AFFINE>
@@ -274,20 +275,21 @@ __device__ __forceinline__ void level_pass(const u16* __restrict__ x, const u32*
     // Invariant at the top of the loop: `even` holds tile `tile`, `from` points to tile + DECODE_WARPS.
     if (warp < full) {
         load_tile<NT, K, SPAN_AFFINE, false>(from, even);
-        advance<NT, K, SPAN_AFFINE>(from);
+        advance<NT, K, SPAN_AFFINE>(from, 1);
     }
     for (int tile = warp; tile < full; tile += 2 * DECODE_WARPS) {
         if (from.tile < full) load_tile<NT, K, SPAN_AFFINE, false>(from, odd);
-        advance<NT, K, SPAN_AFFINE>(from);
+        advance<NT, K, SPAN_AFFINE>(from, 1);
         tile_product<T, NT, K, SPAN_AFFINE>(even.weights, even.xs, even.affine, acc);
         if (tile + DECODE_WARPS >= full) break;
         if (from.tile < full) load_tile<NT, K, SPAN_AFFINE, false>(from, even);
-        advance<NT, K, SPAN_AFFINE>(from);
+        advance<NT, K, SPAN_AFFINE>(from, 1);
         tile_product<T, NT, K, SPAN_AFFINE>(odd.weights, odd.xs, odd.affine, acc);
     }
-    // The partial last tile, if any, belongs to the warp whose stripe it continues; `from` of that warp
-    // points to it once its whole tiles are done.
+    // The partial last tile, if any, belongs to the warp whose stripe it continues (tile `full`); the loop
+    // may have moved that warp's `from` past it.
     if (full < shape.tiles && warp == full % DECODE_WARPS) {
+        advance<NT, K, SPAN_AFFINE>(from, (full - from.tile) / DECODE_WARPS);
         load_tile<NT, K, SPAN_AFFINE, true>(from, even);
         tile_product<T, NT, K, SPAN_AFFINE>(even.weights, even.xs, even.affine, acc);
     }

@@ -29,6 +29,7 @@ PLANTED_BUGS = {
     "no_barrier",  # the __syncthreads before the cross-warp sum is missing
     "exponent_off_by_one",  # the exact step scales by 4^-(p+1) instead of 4^-p
     "tail_skipped",  # the partial last tile is never multiplied
+    "tail_not_rewound",  # the partial last tile is read where the loop left the pointers, past it
     "b_chunks_swapped",  # chunk 0 multiplies with chunk 1's activations
 }
 
@@ -294,11 +295,11 @@ def load_tile(launch: Launch, k: int, source: LaneSources, regs: dict, tail: boo
     regs["affine"] = [launch.affine.load(source.affine + u * 16, 2, every) for u in range(units)]
 
 
-def advance(launch: Launch, k: int, source: LaneSources) -> None:
-    source.weights = [w + DECODE_WARPS * LANES * 4 for w in source.weights]
-    source.x_rows = [r + DECODE_WARPS * TILE_COLS for r in source.x_rows]
-    source.affine = source.affine + DECODE_WARPS * (SPANS_PER_TILE if launch.span_affine else 1) * 16
-    source.tile += DECODE_WARPS
+def advance(launch: Launch, k: int, source: LaneSources, steps: int) -> None:
+    source.weights = [w + steps * DECODE_WARPS * LANES * 4 for w in source.weights]
+    source.x_rows = [r + steps * DECODE_WARPS * TILE_COLS for r in source.x_rows]
+    source.affine = source.affine + steps * DECODE_WARPS * (SPANS_PER_TILE if launch.span_affine else 1) * 16
+    source.tile += steps * DECODE_WARPS
 
 
 def fresh_registers(launch: Launch) -> dict:
@@ -326,21 +327,23 @@ def level_pass(launch: Launch, k: int, block: int, warp: int, level: list[np.nda
     even, odd = fresh_registers(launch), fresh_registers(launch)
     if warp < full:
         load_tile(launch, k, source, even, tail=False)
-        advance(launch, k, source)
+        advance(launch, k, source, 1)
     tile = warp
     while tile < full:
         if source.tile < full:
             load_tile(launch, k, source, odd, tail=False)
-        advance(launch, k, source)
+        advance(launch, k, source, 1)
         tile_product(launch, k, even, acc)
         if tile + DECODE_WARPS >= full:
             break
         if source.tile < full:
             load_tile(launch, k, source, even, tail=False)
-        advance(launch, k, source)
+        advance(launch, k, source, 1)
         tile_product(launch, k, odd, acc)
         tile += 2 * DECODE_WARPS
     if full < tiles and warp == full % DECODE_WARPS and "tail_skipped" not in launch.bugs:
+        if "tail_not_rewound" not in launch.bugs:
+            advance(launch, k, source, (full - source.tile) // DECODE_WARPS)
         load_tile(launch, k, source, even, tail=True)
         tile_product(launch, k, even, acc)
 

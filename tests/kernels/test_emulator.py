@@ -31,11 +31,16 @@ CASES = [
     ("fp16-24x512-g256-t9-ends", 24, 512, 256, 9, "ends", torch.float16, 4),
     ("fp16-40x384-g128-t4-stored2", 40, 384, 128, 4, "routed", torch.float16, 2),
     ("fp16-21x96-g32-t2-stored3", 21, 96, 32, 2, "routed", torch.float16, 3),
+    # 8 whole tiles and a partial ninth: the tail belongs to a warp that also ran the loop.
+    ("fp16-3x1056-g32-t12-stored1", 3, 1056, 32, 12, "routed", torch.float16, 1),
+    ("fp16-9x2336-g32-t4-routed", 9, 2336, 32, 4, "routed", torch.float16, 4),
+    ("fp16-1x32-g32-t1-k1", 1, 32, 32, 1, "k1", torch.float16, 4),
     ("bf16-19x256-g128-t1-k1", 19, 256, 128, 1, "k1", torch.bfloat16, 4),
     ("bf16-40x320-g64-t6-k2", 40, 320, 64, 6, "k2", torch.bfloat16, 4),
     ("bf16-19x384-g128-t3-k3", 19, 384, 128, 3, "k3", torch.bfloat16, 4),
     ("bf16-33x416-g32-t11-k4", 33, 416, 32, 11, "k4", torch.bfloat16, 4),
     ("bf16-24x256-g128-t16-routed", 24, 256, 128, 16, "routed", torch.bfloat16, 4),
+    ("bf16-9x1088-g64-t9-routed", 9, 1088, 64, 9, "routed", torch.bfloat16, 4),
 ]
 
 
@@ -83,10 +88,10 @@ def test_decode_kernel_matches_float64(case: tuple) -> None:
 
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_planted_bugs_are_caught(bug: str) -> None:
-    # A partial last tile (320 columns), two row tiles and 16-row groups of tokens at 1-4 slices.
-    sliced, x, slices = draw(40, 320, 64, 6, "routed", torch.float16, 4, seed=7)
+    # 18 whole tiles and a partial one for a warp that ran the loop, three row tiles, tokens at 1-4 slices.
+    sliced, x, slices = draw(40, 2336, 32, 6, "routed", torch.float16, 4, seed=7)
     try:
-        got, writes = emulate_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, 64, frozenset({bug}))
+        got, writes = emulate_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, 32, frozenset({bug}))
     except EmulatorError:
         return  # the race or bounds check fired
     errors = token_errors(got, float64_reference(x, sliced, slices))
