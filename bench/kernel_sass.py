@@ -69,7 +69,7 @@ class Instance:
     tokens: int
     slices: int | str
     options: tuple[str, ...]
-    weights_per_lane: Callable[[list[str]], float]
+    weights_per_lane: Callable[[list[str]], int]
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,12 @@ def instances() -> list[Instance]:
     return found
 
 
-def mma_weights(token_tiles: int, opcodes: list[str]) -> float:
+def mma_weights(token_tiles: int, opcodes: list[str]) -> int:
     """Weights per lane of a loop whose mma instructions each cover 16 x 16 weights for one 8-token tile."""
-    return WEIGHTS_PER_LANE_PER_MMA * sum(op.startswith("HMMA") for op in opcodes) / token_tiles
+    mmas = sum(op.startswith("HMMA") for op in opcodes)
+    if mmas % token_tiles:
+        raise ValueError(f"{mmas} mma instructions do not split into {token_tiles} token tiles")
+    return WEIGHTS_PER_LANE_PER_MMA * mmas // token_tiles
 
 
 def tool_path(name: str) -> str:
