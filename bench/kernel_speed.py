@@ -1,9 +1,14 @@
 """Speed of the MoBiQuant kernels on Llama-3-8B layer shapes, and end-to-end decode speed.
 
-    python bench/kernel_speed.py --out bench-kernels.json
+    python bench/kernel_speed.py --arch sm_90 --out bench-kernels.json
 
-Always builds the CUBINs first (the compile report is part of the output). Without a CUDA device it
-says so and exits 0 after that step. With one it times, for every shape, token count and precision
+Runs from a plain checkout (it puts the repository root first on ``sys.path``). Always builds the CUBINs
+first, for ``--arch`` only (default: the present device's architecture; every architecture without a
+device); the compile report is part of the output. Without a CUDA device it says so and exits 0 after
+that step. Every timed product rotates through copies of its weights totalling at least
+4 x max(L2, 60 MB), so that the weights come from HBM and not from the L2 cache.
+
+With a device it times, for every shape, token count and precision
 (uniform 1-4 slices and a routed mix averaging 3 bits):
   * the kernel (``mobiquant.kernels.elastic_linear``),
   * torch fp16 matmul on a dense weight (cuBLAS),
@@ -11,9 +16,10 @@ says so and exits 0 after that step. With one it times, for every shape, token c
 and the kernel's achieved bandwidth (bytes it must move: the planes of the slices read, group
 parameters, activations and outputs) against the measured device-to-device copy bandwidth. Then:
   * the sum of the 1-token products of one Llama-3-8B block's seven linears, at 2/4/6 bits and fp16;
-  * end to end: greedy decode (KV cache, batch 1, eager PyTorch) of a Llama-shaped model with random
-    weights (Llama-3-8B dimensions, ``--e2e-layers`` blocks), first in fp16, then with every block
-    linear replaced by a MoBiLinear at uniform 1/2/3 slices; the embedding and LM head stay fp16;
+  * end to end: greedy decode (static KV cache, batch 1, each step captured once in a CUDA graph and
+    replayed) of a Llama-shaped model with random weights (Llama-3-8B dimensions, ``--e2e-layers``
+    blocks), first in fp16, then with every block linear replaced by a MoBiLinear at uniform 1/2/3
+    slices; the embedding and LM head stay fp16;
   * the issue's targets (decode roofline at 1 token, prefill ratio at 2048 tokens), met or missed.
 The JSON file is rewritten after each phase, so a run cut short keeps what it measured.
 """
@@ -21,21 +27,28 @@ The JSON file is rewritten after each phase, so a run cut short keeps what it me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from mobiquant import kernels
-from mobiquant.arch import architecture_for
-from mobiquant.layers import MoBiLinear
-from mobiquant.precision import set_precision
-from mobiquant.slicing import slice_weight
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # a plain checkout: mobiquant is not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from mobiquant import kernels  # noqa: E402
+from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.layers import MoBiLinear  # noqa: E402
+from mobiquant.precision import set_precision  # noqa: E402
+from mobiquant.slicing import slice_weight  # noqa: E402
 
 # (out_features, in_features) of Llama-3-8B's projections.
 SHAPES = {"q/o 4096x4096": (4096, 4096), "down 4096x14336": (4096, 14336), "gate/up 14336x4096": (14336, 4096)}
@@ -58,31 +71,47 @@ LLAMA3_8B_DIMS = {
 }
 E2E_PROMPT_TOKENS = 32
 E2E_WARMUP_TOKENS = 4
+# Weight copies rotate through at least this many times the L2 cache, and never less than 4 x 60 MB
+# (an H100's or H200's L2 is 50-60 MB).
+L2_ROTATION_FACTOR = 4
+MIN_L2_BYTES = 60 * 2**20
 # Acceptance targets of issue 4 on H100.
 DECODE_ROOFLINE_TARGET = 0.75  # fraction of copy bandwidth at 1 token, every precision
 PREFILL_RATIO_TARGET = 1.2  # kernel time / fp16 cuBLAS time at 2048 tokens
 
 
-def timed(fn: Callable[[], object], iters: int, graphs: bool) -> float:
-    """Mean seconds per call. With graphs, ``iters`` calls are captured once and replayed, so that the
-    Python cost of a launch (large next to a 2-bit GEMV) is not counted."""
-    for _ in range(3):
-        fn()
+def rotation_copies(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Copies of a weight whose round trip is at least L2_ROTATION_FACTOR x max(L2, 60 MB): each timed call
+    then reads weights the previous calls have evicted from the L2."""
+    return max(2, math.ceil(L2_ROTATION_FACTOR * max(l2_bytes, MIN_L2_BYTES) / bytes_per_copy))
+
+
+def l2_cache_bytes() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+
+
+def timed(fn: Callable[[int], object], iters: int, graphs: bool, copies: int = 1) -> float:
+    """Mean seconds per call of ``fn(i)``, where call ``i`` uses weight copy ``i % copies``. With graphs,
+    ``iters`` calls are captured once and replayed, so that the Python cost of a launch (large next to a
+    2-bit GEMV) is not counted. Every copy is called once before timing (kernel loading, repacking)."""
+    iters = max(iters, copies)
+    for i in range(max(3, copies)):
+        fn(i % copies)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if graphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(iters):
-                fn()
+            for i in range(iters):
+                fn(i % copies)
         graph.replay()
         start.record()
         graph.replay()
         end.record()
     else:
         start.record()
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fn(i % copies)
         end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000.0 / iters
@@ -92,7 +121,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) on a 1 GiB buffer."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), 10, graphs=False)
+    seconds = timed(lambda _: dst.copy_(src), 10, graphs=False)
     return 2 * src.numel() / seconds
 
 
@@ -119,23 +148,44 @@ def moved_bytes(out_features: int, in_features: int, tokens: int, slices: torch.
     return planes + params + 2 * tokens * (in_features + out_features)
 
 
+def packed_copies(out_features: int, in_features: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Enough copies of one packed weight to rotate through 4x the L2 (see rotation_copies)."""
+    first = packed_weight(out_features, in_features)
+    copies = rotation_copies(sum(t.numel() * t.element_size() for t in first), l2_cache_bytes())
+    return [first] + [tuple(t.clone() for t in first) for _ in range(copies - 1)]
+
+
+def dense_copies(out_features: int, in_features: int) -> list[torch.Tensor]:
+    first = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16)
+    copies = rotation_copies(first.numel() * first.element_size(), l2_cache_bytes())
+    return [first] + [first.clone() for _ in range(copies - 1)]
+
+
 def bench_shape(name: str, out_features: int, in_features: int, args: argparse.Namespace, bandwidth: float) -> list:
-    planes, scale, zero = packed_weight(out_features, in_features)
-    dense = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16)
+    weights = packed_copies(out_features, in_features)
+    denses = dense_copies(out_features, in_features)
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
-        fp16 = timed(lambda x=x: x @ dense.T, args.iters, args.graphs)
+        fp16 = timed(lambda i, x=x: x @ denses[i].T, args.iters, args.graphs, len(denses))
         for mix in ("1", "2", "3", "4", "routed"):
             slices = draw_slices(mix, tokens)
             out = torch.empty(tokens, out_features, device="cuda", dtype=torch.float16)
 
-            def kernel(x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out) -> None:
-                kernels.elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE, out=out)
+            def kernel(i: int, x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out) -> None:
+                kernels.elastic_linear(x, *weights[i], slices, GROUP_SIZE, out=out)
 
-            seconds = timed(kernel, args.iters, args.graphs)
+            # Decode sizes are graph-timed (a launch costs more than a 2-bit GEMV); the dequantise-then-cuBLAS
+            # prefill path reads the slice counts present back to the host, which a graph cannot capture.
+            graphs = args.graphs and tokens <= kernels.DECODE_MAX_TOKENS
+            seconds = timed(kernel, args.iters, graphs, len(weights))
+            prefill_paths = {}
+            if tokens > kernels.DECODE_MAX_TOKENS:
+                for path in kernels.PREFILL_PATHS:
+                    with forced_prefill_path(path):
+                        prefill_paths[f"prefill_{path}_s"] = timed(kernel, args.iters, False, len(weights))
             dequant = timed(
-                lambda x=x, slices=slices: kernels.reference_elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE),
+                lambda i, x=x, slices=slices: kernels.reference_elastic_linear(x, *weights[i], slices, GROUP_SIZE),
                 2,
                 graphs=False,
             )
@@ -155,27 +205,45 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
                     "speedup_vs_dequant": dequant / seconds,
                     "bandwidth_Bps": achieved,
                     "bandwidth_fraction": achieved / bandwidth,
+                    "prefill_path": kernels.prefill_path(tokens) if tokens > kernels.DECODE_MAX_TOKENS else None,
+                    **prefill_paths,
                 }
             )
             print(_format_row(rows[-1]), flush=True)
     return rows
 
 
+@contextlib.contextmanager
+def forced_prefill_path(path: str) -> Iterator[None]:
+    """elastic_linear takes prefill path ``path`` ("grouped" or "dequant") inside the block."""
+    before = os.environ.get(kernels.PREFILL_ENV)
+    os.environ[kernels.PREFILL_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[kernels.PREFILL_ENV]
+        else:
+            os.environ[kernels.PREFILL_ENV] = before
+
+
 def block_linears_seconds(args: argparse.Namespace) -> dict[str, float]:
     """Seconds of the 1-token products of one Llama-3-8B block's seven linears, per precision."""
     seconds = {"fp16": 0.0, **dict.fromkeys(PRECISIONS, 0.0)}
     for out_features, in_features in BLOCK_SHAPES:
-        planes, scale, zero = packed_weight(out_features, in_features)
-        dense = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16)
+        weights = packed_copies(out_features, in_features)
+        denses = dense_copies(out_features, in_features)
         x = torch.randn(1, in_features, device="cuda", dtype=torch.float16)
-        seconds["fp16"] += timed(lambda x=x, dense=dense: x @ dense.T, args.iters, args.graphs)
+        seconds["fp16"] += timed(lambda i, x=x, d=denses: x @ d[i].T, args.iters, args.graphs, len(denses))
         for label, k in PRECISIONS.items():
             slices = torch.full((1,), k, dtype=torch.int64, device="cuda")
             seconds[label] += timed(
-                lambda x=x, p=planes, s=scale, z=zero, k=slices: kernels.elastic_linear(x, p, s, z, k, GROUP_SIZE),
+                lambda i, x=x, w=weights, k=slices: kernels.elastic_linear(x, *w[i], k, GROUP_SIZE),
                 args.iters,
                 args.graphs,
+                len(weights),
             )
+        del weights, denses
     return seconds
 
 
@@ -204,22 +272,51 @@ def to_mobilinears(model: nn.Module, group_size: int) -> None:
 
 @torch.no_grad()
 def greedy_decode(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync: Callable[[], None]
-) -> tuple[float, torch.Tensor]:
-    """Seconds per decode step after the prompt (KV cache, greedy), and the prompt's last logits.
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, graphs: bool
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Seconds per decode step after the prompt (static KV cache, greedy), the prompt's last logits, and
+    the last token generated (after E2E_WARMUP_TOKENS + ``new_tokens`` steps).
 
-    The next token stays on the device, so the loop adds no device-to-host read of its own; ``sync``
-    is called only around the timed steps.
+    One step reads the token and its position from device buffers and writes the next ones back, so the
+    loop never reads the device from the host. With ``graphs`` (CUDA only) the step is captured once in a
+    CUDA graph after warm-up steps (which load the kernels and fill the repacking caches) and replayed: the
+    ~56 Python launches per token of eager decoding are then off the timed path.
     """
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    device = prompt.device
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + E2E_WARMUP_TOKENS + new_tokens + 1)
+    positions = torch.arange(prompt.shape[1], device=device)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=positions, use_cache=True).logits
+    logits = logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
+    position = positions[-1:] + 1
+
+    def step() -> None:
+        next_logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token.copy_(next_logits[:, -1].argmax(-1, keepdim=True))
+        position.add_(1)
+
+    if graphs:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture requires
+            for _ in range(E2E_WARMUP_TOKENS):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    else:
+        for _ in range(E2E_WARMUP_TOKENS):
+            step()
+        run = step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        run()
     sync()
-    return (time.perf_counter() - start) / new_tokens, logits.float()
+    return (time.perf_counter() - start) / new_tokens, logits.float(), token
 
 
 def e2e_decode(
@@ -235,17 +332,16 @@ def e2e_decode(
     error of the prompt's last logits against fp16 shows that the timed model computes the right thing.
     """
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    graphs = device.type == "cuda"
     model = llama_shaped_model(layers, dims, device)
     prompt = torch.randint(0, dims["vocab_size"], (1, E2E_PROMPT_TOKENS), device=device)
 
     def measure() -> tuple[float, torch.Tensor]:
-        # The first steps load the kernels and warm the caching allocator.
-        greedy_decode(model, prompt, E2E_WARMUP_TOKENS, sync)
-        return greedy_decode(model, prompt, new_tokens, sync)
+        seconds, logits, _ = greedy_decode(model, prompt, new_tokens, graphs)
+        return seconds, logits
 
     fp16_seconds, fp16_logits = measure()
-    results = {"fp16": {"ms_per_token": 1e3 * fp16_seconds, "tokens_per_s": 1.0 / fp16_seconds}}
+    results = {"fp16": {"ms_per_token": 1e3 * fp16_seconds, "tokens_per_s": 1.0 / fp16_seconds, "cuda_graph": graphs}}
     to_mobilinears(model, group_size)
     for label, k in PRECISIONS.items():
         set_precision(model, slices=k)
@@ -254,6 +350,7 @@ def e2e_decode(
             "ms_per_token": 1e3 * seconds,
             "tokens_per_s": 1.0 / seconds,
             "speedup_vs_fp16": fp16_seconds / seconds,
+            "cuda_graph": graphs,
             "logits_rel_err_vs_fp16": float((logits - fp16_logits).norm() / fp16_logits.norm()),
         }
     return results
@@ -280,11 +377,26 @@ def target_summary(rows: list[dict]) -> dict[str, dict[str, object]]:
 
 
 def _format_row(row: dict) -> str:
-    return (
+    line = (
         f"{row['shape']:<20} T={row['tokens']:<5} k={row['slices']:<7} {row['kernel_s'] * 1e6:9.1f} us  "
         f"x{row['speedup_vs_fp16']:5.2f} vs fp16  x{row['speedup_vs_dequant']:7.1f} vs dequant+mm  "
         f"{100 * row['bandwidth_fraction']:5.1f}% of copy bw"
     )
+    if row.get("prefill_path"):
+        line += (
+            "  prefill "
+            + "  ".join(f"{path} {row[f'prefill_{path}_s'] * 1e6:.1f} us" for path in ("grouped", "dequant"))
+            + f" (auto: {row['prefill_path']})"
+        )
+    return line
+
+
+def default_archs() -> list[str]:
+    """The present device's architecture, so that the GPU's time is not spent on the other targets."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return [f"sm_{major}{minor}"]
+    return list(kernels.DEFAULT_ARCHS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="time plain launches")
     parser.add_argument("--e2e-layers", type=int, default=8, help="blocks of the end-to-end model (0: skip it)")
     parser.add_argument("--e2e-tokens", type=int, default=64, help="decode steps timed per precision")
+    parser.add_argument(
+        "--arch", action="append", help="compile for this target only, e.g. sm_90 (repeatable; default: "
+        "the present device's, or every architecture the library builds when there is no device)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.arch = args.arch or default_archs()
 
     report: dict[str, object] = {}
 
@@ -304,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
 
-    compiled = kernels.compile_kernels()
+    compiled = kernels.compile_kernels(tuple(args.arch))
     for result in compiled:
         print(f"compiled {result.kernel:<8} {result.arch}  {result.cubin_bytes:>8} bytes  {result.seconds:6.2f} s")
     save(compile=[r.as_dict() for r in compiled])
@@ -337,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         e2e = e2e_decode(args.e2e_layers, args.e2e_tokens)
         print(
             f"end to end: greedy decode, Llama-3-8B dims with {args.e2e_layers} blocks, prompt {E2E_PROMPT_TOKENS}, "
-            f"{args.e2e_tokens} steps (KV cache, batch 1, eager; embedding and LM head fp16)"
+            f"{args.e2e_tokens} steps (static KV cache, batch 1, CUDA graph per step; embedding and LM head fp16)"
         )
         for label, entry in e2e.items():
             linears_ms = 1e3 * args.e2e_layers * block[label]

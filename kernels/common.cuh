@@ -61,6 +61,12 @@ struct F16 {
         asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
         return r;
     }
+    // d = a * b + c on two packed halves, rounded once.
+    __device__ __forceinline__ static u32 fma2(u32 a, u32 b, u32 c) {
+        u32 d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
     __device__ __forceinline__ static void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -82,6 +88,11 @@ struct BF16 {
         u32 r;
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
         return r;
+    }
+    __device__ __forceinline__ static u32 fma2(u32 a, u32 b, u32 c) {
+        u32 d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
     }
     __device__ __forceinline__ static void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
         asm volatile(

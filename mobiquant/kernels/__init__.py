@@ -1,15 +1,18 @@
 """CUDA kernels for MoBiQuant's elastic linear layer, compiled at run time with NVRTC.
 
 ``elastic_linear`` computes ``x[t] @ W_{slices[t]}^T`` from the bit planes of ``mobiquant.slicing``,
-reading only the slices each token needs: a CUDA-core decode kernel for up to 16 tokens and a
-tensor-core grouped GEMM (tokens sorted by precision) above that. ``compile_kernels`` builds the CUBINs
-for a list of architectures without a GPU. ``MOBIQUANT_KERNELS=off`` makes the layer use PyTorch.
+reading only the slices each token needs: a tensor-core decode kernel for up to 16 tokens; above that,
+per shape (``prefill_path``), either a tensor-core grouped GEMM (tokens sorted by precision) or, for
+each precision group, a fused kernel that dequantises ``W_k`` to fp16/bf16 followed by cuBLAS.
+``compile_kernels`` builds the CUBINs for a list of architectures without a GPU.
+``MOBIQUANT_KERNELS=off`` makes the layer use PyTorch.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -31,18 +34,27 @@ __all__ = [
     "DEFAULT_ARCHS",
     "MAX_SLICES",
     "MODULES",
+    "PREFILL_DEQUANT_MIN_TOKENS",
     "CompileResult",
     "KernelCompileError",
     "NvrtcUnavailableError",
     "compile_kernels",
     "compile_source",
     "default_cache_dir",
+    "dequant_matmul",
     "elastic_linear",
     "enabled",
+    "prefill_path",
     "reference_elastic_linear",
 ]
 
 DECODE_MAX_TOKENS = 16
+# From this many tokens on, prefill dequantises W_k and calls cuBLAS: writing and re-reading W_k costs
+# about what a cuBLAS product of ~1000 tokens costs on an H100, so below that the grouped GEMM (which
+# reads only the planes) is expected to win. A lead from arithmetic, not yet measured on a GPU.
+PREFILL_DEQUANT_MIN_TOKENS = 1024
+PREFILL_PATHS = ("grouped", "dequant")
+PREFILL_ENV = "MOBIQUANT_PREFILL"
 MAX_SLICES = 4  # MAX_SLICES in common.cuh: codes must fit one byte
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -56,6 +68,37 @@ def _device_supported(index: int) -> bool:
 def enabled() -> bool:
     """False when ``MOBIQUANT_KERNELS`` is ``off``, ``0`` or ``false``: the layer then uses PyTorch."""
     return os.environ.get("MOBIQUANT_KERNELS", "on").lower() not in {"off", "0", "false"}
+
+
+def prefill_path(tokens: int) -> str:
+    """``"dequant"`` (W_k then cuBLAS) or ``"grouped"`` (the grouped-GEMM kernel) for a batch of ``tokens``;
+    ``MOBIQUANT_PREFILL=grouped|dequant`` forces one (the kernel bench times both)."""
+    forced = os.environ.get(PREFILL_ENV, "auto").lower()
+    if forced in PREFILL_PATHS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{PREFILL_ENV} must be one of auto, {', '.join(PREFILL_PATHS)}; got {forced!r}")
+    return "dequant" if tokens >= PREFILL_DEQUANT_MIN_TOKENS else "grouped"
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    slices: torch.Tensor,
+    num_slices: int,
+    dequantise: Callable[[int], torch.Tensor],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``out[t] = x[t] @ W_{k_t}^T`` with one dense product per slice count present, ``dequantise(k)``
+    giving ``W_k`` [out, in] in x's dtype. Reads the slice counts present back to the host (one sync).
+    """
+    levels = slices.clamp(1, num_slices)
+    present = torch.unique(levels).tolist()
+    if len(present) == 1:
+        return torch.matmul(x, dequantise(present[0]).T, out=out)
+    for k in present:
+        rows = (levels == k).nonzero(as_tuple=True)[0]
+        out.index_copy_(0, rows, x.index_select(0, rows) @ dequantise(k).T)
+    return out
 
 
 def reference_elastic_linear(
@@ -99,6 +142,17 @@ def _check_shapes(
         raise ValueError("scale and zero must be float16 (the packed format)")
     if tuple(slices.shape) != (tokens,):
         raise ValueError(f"slices must be [{tokens}], got {tuple(slices.shape)}")
+    for name, tensor in (("planes", planes), ("scale", scale), ("zero", zero)):
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}: move the layer to x's device")
+
+
+def _check_out(out: torch.Tensor, x: torch.Tensor, shape: tuple[int, int]) -> None:
+    if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+    # The kernels store pairs of 16-bit outputs as one 32-bit word.
+    if out.data_ptr() % 4:
+        raise ValueError(f"out must start on a 4-byte boundary, got address {out.data_ptr():#x}")
 
 
 def elastic_linear(
@@ -116,9 +170,15 @@ def elastic_linear(
     more than 4 slices) takes the PyTorch path. Slice counts are not validated here (that would need a
     device-to-host read): the caller checks them, and the kernels clamp them to 1..K so a bad value
     cannot read out of bounds.
-    ``out`` (contiguous [T, out], x's dtype) receives the result when given.
+    ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
+    live on any device: it is moved to ``x``'s; planes, scale and zero must already be there.
     """
     _check_shapes(x, planes, scale, zero, slices, group_size)
+    shape = (x.shape[0], planes.shape[1])
+    if out is not None:
+        _check_out(out, x, shape)
+    # A host tensor of counts read by the kernel would be an illegal address (a sticky error for the process).
+    slices = slices.to(device=x.device, dtype=torch.int64).contiguous()
     num_slices = planes.shape[0] // BITS_PER_SLICE
     if (
         not x.is_cuda
@@ -132,17 +192,25 @@ def elastic_linear(
     from . import _launch
 
     tokens = x.shape[0]
-    shape = (tokens, planes.shape[1])
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
     if tokens == 0:
         return out
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x rows with 16-byte vector loads
         x = x.clone()
-    tensors = (planes.contiguous(), scale.contiguous(), zero.contiguous(), slices.to(torch.int64).contiguous())
-    launch = _launch.launch_decode if tokens <= DECODE_MAX_TOKENS else _launch.launch_prefill
-    launch(x, *tensors, out, group_size)
+    tensors = (planes.contiguous(), scale.contiguous(), zero.contiguous(), slices)
+    if tokens <= DECODE_MAX_TOKENS:
+        _launch.launch_decode(x, *tensors, out, group_size)
+    elif prefill_path(tokens) == "grouped":
+        _launch.launch_prefill(x, *tensors, out, group_size)
+    else:
+        planes, scale, zero = tensors[:3]
+
+        def dequantise(k: int) -> torch.Tensor:
+            weight = torch.empty(planes.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+            _launch.launch_dequant(planes, scale, zero, k, group_size, weight)
+            return weight
+
+        dequant_matmul(x, slices, num_slices, dequantise, out)
     return out

@@ -20,9 +20,15 @@ HEADERS = ("common.cuh",)
 MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "decode": (
         "decode.cu",
-        tuple(f"mbq_decode_{dtype}_t{tokens}" for dtype in ("f16", "bf16") for tokens in (1, 2, 4, 8, 16)),
+        tuple(
+            f"mbq_decode_{dtype}_n{tokens}_g{group}"
+            for dtype in ("f16", "bf16")
+            for tokens in (8, 16)
+            for group in (128, 32)
+        ),
     ),
     "prefill": ("prefill.cu", ("mbq_prefill_f16", "mbq_prefill_bf16")),
+    "dequant": ("dequant.cu", ("mbq_dequant_f16", "mbq_dequant_bf16")),
 }
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 # No fast-math: the kernels' rounding is part of the accuracy contract (<= 1e-3 relative for fp16).

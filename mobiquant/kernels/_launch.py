@@ -1,24 +1,29 @@
 """Loading the CUBINs and launching the kernels through the CUDA driver API (cuda.bindings.driver).
 
-Tensors go in by ``data_ptr()``; launches are queued on torch's current stream, so they order with the
-surrounding PyTorch work and are captured by CUDA graphs like any torch kernel. Nothing here reads a
-value back from the device, so a call never synchronises.
+Tensors go in by ``data_ptr()``; launches are queued on torch's current stream of the inputs' device, so
+they order with the surrounding PyTorch work and are captured by CUDA graphs like any torch kernel.
+Each launch runs under torch's device guard, with the device's primary context pushed (and popped again)
+when the guard has not made it current, so the caller's current device and context are what they were.
+Nothing here reads a value back from the device, so a call never synchronises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 
 import torch
 
 from ._compile import MODULES, compile_module
+from ._repack import TILE_COLS, TILE_ROWS, decode_weights
 
 # Must match the kernels' compile-time constants (decode.cu, prefill.cu).
-DECODE_THREADS = 128
-DECODE_ROWS_PER_BLOCK = 8  # 4 warps x 2 rows
-DECODE_TOKEN_BUCKETS = (1, 2, 4, 8, 16)
+DECODE_THREADS = 256  # 8 warps on one 16-row tile
+DECODE_TOKENS_PER_TILE = 8  # the mma's N: the n8 kernels take 1-8 tokens, the n16 ones 9-16
 PREFILL_THREADS = 256
+DEQUANT_THREADS = 256  # one thread per row and 32-column word (dequant.cu)
 PREFILL_BM = 128
 PREFILL_BN = 128
 PREFILL_SMEM_BYTES = 53760  # sizeof(PrefillSmem), checked by a static_assert in prefill.cu
@@ -55,36 +60,52 @@ class _DeviceKernels:
         torch.cuda.init()
         _check(driver.cuInit(0))
         (device,) = _check(driver.cuDeviceGet(index))
+        self.index = index
         (self.context,) = _check(driver.cuDevicePrimaryCtxRetain(device))
-        self.activate()
         major, minor = torch.cuda.get_device_capability(index)
         self.arch = f"sm_{major}{minor}"
         self.modules = []
         self.functions = {}
-        for name, (_, kernel_names) in MODULES.items():
-            cubin, _ = compile_module(name, self.arch)
-            (module,) = _check(driver.cuModuleLoadData(cubin))
-            self.modules.append(module)
-            for kernel in kernel_names:
-                (self.functions[kernel],) = _check(driver.cuModuleGetFunction(module, kernel.encode()))
-        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        for kernel in MODULES["prefill"][1]:
-            _check(driver.cuFuncSetAttribute(self.functions[kernel], attribute, PREFILL_SMEM_BYTES))
+        with self.current():
+            for name, (_, kernel_names) in MODULES.items():
+                cubin, _ = compile_module(name, self.arch)
+                (module,) = _check(driver.cuModuleLoadData(cubin))
+                self.modules.append(module)
+                for kernel in kernel_names:
+                    (self.functions[kernel],) = _check(driver.cuModuleGetFunction(module, kernel.encode()))
+            attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            for kernel in MODULES["prefill"][1]:
+                _check(driver.cuFuncSetAttribute(self.functions[kernel], attribute, PREFILL_SMEM_BYTES))
 
-    def activate(self) -> None:
-        # Driver calls act on the calling thread's current context, which a thread that has not yet
-        # touched CUDA (e.g. a data-loader or server thread) does not have.
-        _check(_driver().cuCtxSetCurrent(self.context))
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This device as torch's current device and its primary context as the thread's, restored after.
+
+        Driver calls act on the calling thread's current context, which a thread that has not yet touched
+        CUDA (a data-loader or server thread) may not have. Torch's device guard normally makes the primary
+        context current; when it is not, it is pushed and popped again, leaving the caller's own.
+        """
+        driver = _driver()
+        with torch.cuda.device(self.index):
+            (current,) = _check(driver.cuCtxGetCurrent())
+            if current is not None and int(current) == int(self.context):
+                yield
+                return
+            _check(driver.cuCtxPushCurrent(self.context))
+            try:
+                yield
+            finally:
+                _check(driver.cuCtxPopCurrent())
 
     def launch(self, kernel: str, grid: tuple[int, int], block: int, smem: int, args: tuple, types: tuple) -> None:
         driver = _driver()
-        self.activate()
-        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        _check(
-            driver.cuLaunchKernel(
-                self.functions[kernel], grid[0], grid[1], 1, block, 1, 1, smem, stream, (args, types), 0
+        with self.current():
+            stream = driver.CUstream(torch.cuda.current_stream(self.index).cuda_stream)
+            _check(
+                driver.cuLaunchKernel(
+                    self.functions[kernel], grid[0], grid[1], 1, block, 1, 1, smem, stream, (args, types), 0
+                )
             )
-        )
 
 
 _devices: dict[int, _DeviceKernels] = {}
@@ -112,18 +133,22 @@ def launch_decode(
     out: torch.Tensor,
     group_size: int,
 ) -> None:
-    """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself."""
+    """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself. The
+    weights are regrouped for it once (``_repack.decode_weights``) and cached with the weight tensors."""
     tokens, in_features = x.shape
     num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
-    bucket = next(b for b in DECODE_TOKEN_BUCKETS if b >= tokens)
+    token_tiles = -(-tokens // DECODE_TOKENS_PER_TILE)
+    group_mode = 128 if group_size % TILE_COLS == 0 else 32
+    weights = decode_weights(planes, scale, zero, group_size, x.dtype)
     kernels = device_kernels(x.device)
-    grid = ((out_features + DECODE_ROWS_PER_BLOCK - 1) // DECODE_ROWS_PER_BLOCK, 1)
+    grid = (-(-out_features // TILE_ROWS), 1)
     args = (
-        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), slices.data_ptr(), out.data_ptr(),
-        tokens, out_features, in_features, num_slices, group_size,
+        x.data_ptr(), weights.packed.data_ptr(), weights.affine.data_ptr(), slices.data_ptr(), out.data_ptr(),
+        tokens, out_features, in_features, num_slices,
     )  # fmt: skip
-    types = (_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I)
-    kernels.launch(f"mbq_decode_{dtype_tag(x.dtype)}_t{bucket}", grid, DECODE_THREADS, 0, args, types)
+    types = (_P, _P, _P, _P, _P, _I, _I, _I, _I)
+    name = f"mbq_decode_{dtype_tag(x.dtype)}_n{8 * token_tiles}_g{group_mode}"
+    kernels.launch(name, grid, DECODE_THREADS, 0, args, types)
 
 
 def launch_prefill(
@@ -159,3 +184,17 @@ def launch_prefill(
     )  # fmt: skip
     types = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
     kernels.launch(f"mbq_prefill_{dtype_tag(x.dtype)}", grid, PREFILL_THREADS, PREFILL_SMEM_BYTES, args, types)
+
+
+def launch_dequant(
+    planes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group_size: int, weight: torch.Tensor
+) -> None:
+    """``weight`` [out, in] (fp16 or bf16, 16-byte aligned) <- W_k from the first 2k planes."""
+    out_features, in_features = weight.shape
+    words = out_features * (in_features // 32)
+    kernels = device_kernels(weight.device)
+    grid = (-(-words // DEQUANT_THREADS), 1)
+    args = (planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), weight.data_ptr(), out_features, in_features, k,
+            group_size)  # fmt: skip
+    types = (_P, _P, _P, _P, _I, _I, _I, _I)
+    kernels.launch(f"mbq_dequant_{dtype_tag(weight.dtype)}", grid, DEQUANT_THREADS, 0, args, types)

@@ -4,6 +4,9 @@ All kernel launches happen in one subprocess (``python tests/kernels/test_gpu.py
 driver that fails to load or a kernel that faults cannot hang or crash the pytest process, and the
 CUDA context is created once for all cases. Each case then is one pytest test reading its result.
 Inputs are fresh random draws on every run; the seed of each case is reported with its failure.
+
+From a plain checkout (no ``pip install``), ``python tests/kernels/test_gpu.py`` runs these tests: the
+script puts the repository root first on ``sys.path``, for itself and for its worker.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
 FP16_TOLERANCE = 1e-3  # per-token relative error, acceptance of issue 4
 BF16_TOLERANCE = 1e-2  # bf16 keeps 8 mantissa bits: its output rounding alone is ~2e-3
-TOKEN_COUNTS = (1, 3, 7, 13, 16, 17, 129, 300)
-# (out, in, group size): none is a multiple of the 128 x 128 prefill tile, 131 is odd (scalar stores).
-SHAPES = ((200, 320, 64), (200, 384, 128), (131, 256, 64), (264, 512, 128))
+TOKEN_COUNTS = (1, 3, 7, 8, 9, 13, 16, 17, 129, 300)  # 8 | 9: the decode kernels' 8-token tiles
+# (out, in, group size): none is a multiple of the 128 x 128 prefill tile, 131 is odd (scalar stores);
+# 2336 columns are 18 whole 128-column tiles and a partial one, read by a warp that also ran the loop.
+SHAPES = ((200, 320, 64), (200, 384, 128), (131, 256, 64), (264, 512, 128), (72, 2336, 32))
 MIXES = ("k1", "k2", "k3", "k4", "routed", "ends")  # uniform 1..4, random 1..K, only 1 and K
 
 
@@ -36,9 +44,11 @@ class Case:
     tokens: int
     mix: str
     dtype: str
-    path: str  # "auto" (elastic_linear), "decode" or "prefill" (forced)
+    path: str  # "auto" (elastic_linear), "decode" or "prefill" (forced launchers), "dequant" (elastic_linear
+    # with MOBIQUANT_PREFILL=dequant: W_k by the dequantisation kernel, then cuBLAS)
     stored: int = 4  # slices held: fewer after loading with max_slices, so the planes are [2 * stored, ...]
     misaligned: bool = False  # x starts 2 bytes past a 16-byte boundary: elastic_linear must realign it
+    host_slices: bool = False  # slices passed as a CPU tensor: elastic_linear must move it to x's device
 
 
 def cases() -> list[Case]:
@@ -53,12 +63,17 @@ def cases() -> list[Case]:
     for tokens in (1, 13, 200):
         for mix in ("k2", "routed"):
             found.append(Case("", 200, 384, 128, tokens, mix, "bfloat16", "auto"))
+    for tokens in (17, 129, 300):  # the prefill path through the dequantisation kernel and cuBLAS
+        for mix in ("k1", "k4", "routed"):
+            found.append(Case("", 131, 320, 64, tokens, mix, "float16", "dequant"))
+        found.append(Case("", 200, 384, 128, tokens, "routed", "bfloat16", "dequant"))
     for stored in (1, 2, 3):  # truncated checkpoints: num_slices < 4 in both kernels
         for tokens in (1, 7, 16, 17, 300):
             for mix in (f"k{stored}", "routed"):
                 found.append(Case("", 200, 384, 128, tokens, mix, "float16", "auto", stored=stored))
     for tokens in (5, 40):
         found.append(Case("", 200, 320, 64, tokens, "routed", "float16", "auto", misaligned=True))
+        found.append(Case("", 200, 320, 64, tokens, "routed", "float16", "auto", host_slices=True))
     return [replace(c, name=case_name(c)) for c in found]
 
 
@@ -66,7 +81,7 @@ def case_name(c: Case) -> str:
     name = f"{c.dtype}-{c.path}-{c.out_features}x{c.in_features}-g{c.group_size}-t{c.tokens}-{c.mix}"
     if c.stored != 4:
         name += f"-stored{c.stored}"
-    return name + ("-misaligned" if c.misaligned else "")
+    return name + ("-misaligned" if c.misaligned else "") + ("-host-slices" if c.host_slices else "")
 
 
 def draw_slices(mix: str, tokens: int, stored: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,8 +127,11 @@ def run_case(case: Case, seed: int) -> dict[str, object]:
         x_device = x.to(device)
     args = (x_device, sliced.planes.to(device), sliced.scale.to(device), sliced.zero.to(device))
     out = torch.full((case.tokens, case.out_features), float("nan"), dtype=dtype, device=device)
-    if case.path == "auto":
-        kernels.elastic_linear(*args, slices.to(device), case.group_size, out=out)
+    if case.path in ("auto", "dequant"):
+        if case.path == "dequant":
+            os.environ[kernels.PREFILL_ENV] = "dequant"
+        kernels.elastic_linear(*args, slices if case.host_slices else slices.to(device), case.group_size, out=out)
+        os.environ.pop(kernels.PREFILL_ENV, None)
     else:
         launch = _launch.launch_prefill if case.path == "prefill" else _launch.launch_decode
         launch(*args, slices.to(device), out, case.group_size)
@@ -151,6 +169,7 @@ def run_layer_case(seed: int) -> dict[str, object]:
     layer = MoBiLinear(256, 200, num_slices=4, group_size=64, router_hidden=None, dtype=torch.float16)
     layer.load_sliced(slice_weight(torch.randn(200, 256, generator=generator), group_size=64, num_slices=4))
     layer = layer.cuda()
+    device_before = torch.cuda.current_device()
     errors, launches_when_off = [], 0
     for tokens in (3, 37):  # the decode kernel, then the grouped GEMM
         x = torch.randn(tokens, 256, generator=generator).half().cuda()
@@ -166,6 +185,7 @@ def run_layer_case(seed: int) -> dict[str, object]:
     return {
         "seed": seed, "unwritten": 0, "max_token_rel_error": error, "rel_error": error,
         "launches_when_off": launches_when_off, **launches,
+        "current_device_kept": torch.cuda.current_device() == device_before,
     }  # fmt: skip
 
 
@@ -205,10 +225,14 @@ def test_layer_uses_kernels_and_agrees_with_torch_path(gpu_results: dict[str, di
     result = gpu_results["layer"]
     assert result["launch_decode"] >= 1 and result["launch_prefill"] >= 1, result
     assert result["launches_when_off"] == 0, result
+    assert result["current_device_kept"], result
     assert result["rel_error"] <= 2 * FP16_TOLERANCE, result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", type=Path, required=True)
-    worker(parser.parse_args().worker)
+    parser = argparse.ArgumentParser(description="run the GPU kernel tests (or, with --worker, their launches)")
+    parser.add_argument("--worker", type=Path, help="launch every case and write the results here (JSON)")
+    worker_output = parser.parse_args().worker
+    if worker_output is None:
+        sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-rs"]))
+    worker(worker_output)

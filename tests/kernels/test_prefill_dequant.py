@@ -1,0 +1,89 @@
+"""The prefill path that dequantises each precision group's W_k and multiplies it with cuBLAS, on the CPU:
+the kernel by its emulator (tests/kernels/dequant_emulator.py), the host grouping by
+``mobiquant.kernels.dequant_matmul`` with torch.matmul standing in for cuBLAS, against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobiquant import kernels
+from mobiquant.slicing import slice_weight
+from tests.kernels.decode_emulator import EmulatorError
+from tests.kernels.dequant_emulator import PLANTED_BUGS, emulate_dequant
+from tests.kernels.test_emulator import float64_reference, token_errors
+
+# The product with fp16 operands and fp32 accumulation, then rounded to fp16: a few 1e-4.
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size", "tokens", "dtype", "stored"),
+    [
+        (19, 96, 32, 37, torch.float16, 4),
+        (24, 320, 64, 40, torch.bfloat16, 4),
+        (17, 256, 128, 33, torch.float16, 2),
+    ],
+)
+def test_dequant_then_matmul_matches_float64(
+    out_features: int, in_features: int, group_size: int, tokens: int, dtype: torch.dtype, stored: int
+) -> None:
+    generator = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    sliced = slice_weight(torch.randn(out_features, in_features, generator=generator) * 0.05, group_size, 4)
+    sliced = sliced.truncate(stored)
+    x = torch.randn(tokens, in_features, generator=generator).to(dtype)
+    slices = torch.randint(1, stored + 1, (tokens,), generator=generator)
+    dequantised: list[int] = []
+
+    def dequantise(k: int) -> torch.Tensor:
+        dequantised.append(k)
+        return emulate_dequant(sliced.planes, sliced.scale, sliced.zero, k, group_size, dtype)
+
+    out = torch.full((tokens, out_features), float("nan"), dtype=dtype)
+    kernels.dequant_matmul(x, slices, stored, dequantise, out)
+    assert sorted(dequantised) == sorted(set(slices.tolist()))  # one W_k per precision group present
+    errors = token_errors(out.double(), float64_reference(x, sliced, slices))
+    assert errors.max() <= TOLERANCE[dtype], errors
+
+
+def test_uniform_batch_is_one_product_into_out() -> None:
+    sliced = slice_weight(torch.randn(16, 64) * 0.05, 32, 4)
+    x = torch.randn(20, 64)
+    out = torch.empty(20, 16)
+    calls: list[int] = []
+
+    def dequantise(k: int) -> torch.Tensor:
+        calls.append(k)
+        return kernels.reference_elastic_linear(torch.eye(64), sliced.planes, sliced.scale, sliced.zero,
+                                                torch.full((64,), k), 32).T  # fmt: skip
+
+    result = kernels.dequant_matmul(x, torch.full((20,), 9), 3, dequantise, out)  # 9 is clamped to 3
+    assert calls == [3] and result.data_ptr() == out.data_ptr()
+    expected = float64_reference(x, sliced, torch.full((20,), 3))
+    assert token_errors(out.double(), expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
+def test_planted_dequant_bugs_are_caught(bug: str) -> None:
+    sliced = slice_weight(torch.randn(19, 96) * 0.05, 32, 4)
+    try:
+        weight = emulate_dequant(sliced.planes, sliced.scale, sliced.zero, 3, 32, torch.float16, frozenset({bug}))
+    except EmulatorError:
+        return
+    x = torch.randn(5, 96).half()
+    got = x.double() @ weight.double().T
+    errors = token_errors(got, float64_reference(x, sliced, torch.full((5,), 3)))
+    assert errors.max() > TOLERANCE[torch.float16], f"{bug} went unnoticed"
+
+
+def test_prefill_path_by_size_and_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kernels.PREFILL_ENV, raising=False)
+    assert kernels.prefill_path(kernels.PREFILL_DEQUANT_MIN_TOKENS) == "dequant"
+    assert kernels.prefill_path(kernels.PREFILL_DEQUANT_MIN_TOKENS - 1) == "grouped"
+    monkeypatch.setenv(kernels.PREFILL_ENV, "grouped")
+    assert kernels.prefill_path(4096) == "grouped"
+    monkeypatch.setenv(kernels.PREFILL_ENV, "dequant")
+    assert kernels.prefill_path(17) == "dequant"
+    monkeypatch.setenv(kernels.PREFILL_ENV, "fastest")
+    with pytest.raises(ValueError, match="MOBIQUANT_PREFILL"):
+        kernels.prefill_path(17)
