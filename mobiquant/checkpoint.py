@@ -48,7 +48,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
-from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS
+from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, check_num_slices
 
 QUANT_METHOD = "mobiquant"
 FORMAT = "bitplanes-msb-int32-v1"
@@ -147,8 +147,10 @@ class MoBiQuantConfig(QuantizationConfigMixin):
             raise CheckpointError(
                 f"checkpoint format {format!r} is not supported (this mobiquant reads {FORMAT!r}): upgrade mobiquant"
             )
-        if not isinstance(num_slices, int) or num_slices < 1:
-            raise CheckpointError(f"num_slices must be a positive integer, got {num_slices!r}")
+        try:
+            check_num_slices(num_slices)
+        except ValueError as error:
+            raise CheckpointError(f"quantization_config: {error}") from error
         if not linears:
             raise CheckpointError("quantization_config lists no quantized linears")
         self.quant_method = QUANT_METHOD
@@ -193,13 +195,14 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         arch = architecture_for(model.config.model_type)
         grid = len(qc.threshold_bits) or None
         replace_linears(model, arch, qc.num_slices, qc.group_size, qc.router_hidden, qc.linears, grid)
+        self._checkpoint_files = list(checkpoint_files or ())
+        check_layer_tensors(model, self._checkpoint_files, qc)
         for layer in mobi_layers(model).values():
             # Without the buffer transformers neither allocates nor reads the planes; they are read afterwards.
             layer.planes = None
         linears = "|".join(re.escape(name) for name in qc.linears)
         planes_key = rf"^{re.escape(arch.blocks)}\.\d+\.(?:{linears})\.planes$"
         model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), planes_key}
-        self._checkpoint_files = list(checkpoint_files or ())
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
@@ -213,6 +216,52 @@ class MoBiQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], config: MoBiQuantConfig) -> None:
+    """Refuse a checkpoint whose ``MoBiLinear`` tensors are missing, unreadable or at odds with its config.
+
+    ``model`` holds the layers ``config`` describes (on the meta device while transformers loads). Only the
+    file headers are read, and the small threshold tables: transformers would otherwise leave a missing
+    tensor at its initial value with a warning, and report a shape that disagrees with the config as a
+    table of every mismatched key.
+    """
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for file in files:
+        try:
+            with safe_open(os.fspath(file), framework="pt") as handle:
+                names = handle.keys()  # safe_open has no __iter__
+                for key in names:
+                    shapes[key] = (list(handle.get_slice(key).get_shape()), os.fspath(file))
+        except SafetensorError as error:
+            raise CheckpointError(f"corrupt or truncated checkpoint file {file}: {error}") from error
+    described = (
+        f"num_slices {config.num_slices}, group_size {config.group_size}, "
+        f"{len(config.threshold_bits)} threshold_bits"
+    )
+    grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
+    for name, layer in mobi_layers(model).items():
+        for suffix, tensor in layer.state_dict().items():
+            key = f"{name}.{suffix}"
+            if key not in shapes:
+                raise CheckpointError(f"corrupt checkpoint: it lacks {key}")
+            shape, file = shapes[key]
+            if shape != list(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint tensors disagree with its quantization_config ({described}): {key} is {shape}, "
+                    f"the config implies {list(tensor.shape)}"
+                )
+            if suffix in ("threshold_bits", "thresholds"):
+                with safe_open(file, framework="pt") as handle:
+                    values = handle.get_tensor(key).double()
+                if not torch.isfinite(values).all():
+                    raise CheckpointError(f"corrupt checkpoint: {key} holds NaN or infinite values")
+                if suffix == "threshold_bits" and not torch.allclose(values, grid, rtol=0.0, atol=1e-5):
+                    raise CheckpointError(
+                        f"checkpoint tensors disagree with its quantization_config: {key} is "
+                        f"{[round(v, 6) for v in values.tolist()]}, the config's threshold_bits "
+                        f"{config.threshold_bits}"
+                    )
 
 
 def register() -> None:
@@ -476,15 +525,19 @@ def load_checkpoint(
     """
     read_quantization_config(path)
     register()
-    with _slice_limit(max_slices):
-        model, info = AutoModelForCausalLM.from_pretrained(
-            os.fspath(path),
-            dtype=dtype if dtype is not None else "auto",
-            device_map=str(device),
-            use_safetensors=True,
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
+    try:
+        with _slice_limit(max_slices):
+            model, info = AutoModelForCausalLM.from_pretrained(
+                os.fspath(path),
+                dtype=dtype if dtype is not None else "auto",
+                device_map=str(device),
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+            )
+    except SafetensorError as error:
+        # Before the quantizer runs, transformers may read a weights file itself (for its dtype).
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {error}") from error
     problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys")}
     problems["mismatched_keys"] = sorted(str(key) for key in info.get("mismatched_keys") or ())
     for kind, keys in problems.items():

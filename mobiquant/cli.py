@@ -22,6 +22,8 @@ EXIT_INTERRUPTED = 130
 # Group sizes tried, largest first, when --group-size is not given: the paper's 128 where the model's
 # sizes allow it, else the largest that divides every quantized input size (64 on SmolLM2).
 AUTO_GROUP_SIZES = (128, 64, 32)
+# mobiquant.slicing.MAX_SLICES (a test keeps them equal).
+MAX_SLICES = 8
 
 
 class CommandError(ValueError):
@@ -75,6 +77,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _slice_count(text: str) -> int:
+    # Bounds from mobiquant.slicing, inlined so that parsing arguments imports no torch.
+    value = _positive_int(text)
+    if value > MAX_SLICES:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SLICES} slices ({2 * MAX_SLICES}-bit codes; a 16-bit weight holds no more), got {value}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mobiquant", description="MoBiQuant: one elastic any-precision checkpoint per LLM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -95,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--group-size", type=_positive_int, help="input columns per scale (default: 128, or 64/32 where 128 won't fit)"
     )
-    quantize.add_argument("--slices", type=_positive_int, help="2-bit slices K (default: 4, i.e. up to 8 bits)")
+    quantize.add_argument(
+        "--slices", type=_slice_count, help=f"2-bit slices K, 1..{MAX_SLICES} (default: 4, i.e. up to 8 bits)"
+    )
     quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument("--work-dir", help="resumable work folder (default: .DIR.mobiquant-work beside DIR)")
@@ -283,17 +297,35 @@ def eval_settings(quant: dict[str, Any], args: argparse.Namespace) -> tuple[list
     outside_slices = [k for k in uniform if not 1 <= k <= held]
     if outside_slices:
         raise CommandError(f"--uniform {outside_slices[0]}: slice counts must be in 1..{held} for this checkpoint")
-    top = 2.0 * num_slices
+    top = 2.0 * held
     outside = [b for b in avg_bits if not 2.0 <= b <= top]
     if outside:
-        raise CommandError(f"--avg-bits {outside[0]:g}: average bits must be in [2, {top:g}] for this checkpoint")
+        slices = f"the {held} slices loaded" if held < num_slices else "this checkpoint"
+        raise CommandError(f"--avg-bits {outside[0]:g}: average bits must be in [2, {top:g}] for {slices}")
     if avg_bits and not quant.get("router_hidden"):
         raise CommandError("this checkpoint has no routers: evaluate it with --uniform only")
     return uniform, avg_bits
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def _device(name: str | None) -> Any:
+    """The torch device ``--device`` names (default: the first GPU if there is one, else the CPU)."""
     import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CommandError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise CommandError(f"--device {name}: this torch {torch.__version__} is built without CUDA (CPU only)")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise CommandError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from mobiquant.checkpoint import load_checkpoint, read_quantization_config
@@ -304,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # Settings and data are checked before the model is loaded, so a typo fails in a second.
     uniform, avg_bits = eval_settings(read_quantization_config(path), args)
     tokens = evaluation_tokens(AutoTokenizer.from_pretrained(path), args.data)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     model = load_checkpoint(path, max_slices=args.max_slices, device=device).eval()
     seqlen = min(args.seqlen, model_context(model) or args.seqlen)
     windows = tokens.shape[1] // seqlen

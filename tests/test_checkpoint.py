@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import mobiquant.checkpoint as checkpoint
@@ -150,6 +152,10 @@ def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkey
         def keys(self) -> list[str]:
             return self.inner.keys()
 
+        def get_tensor(self, key: str) -> torch.Tensor:
+            assert not key.endswith(".planes"), "bit planes are read by slice only"
+            return self.inner.get_tensor(key)
+
         def get_slice(self, key: str) -> object:
             lazy = self.inner.get_slice(key)
 
@@ -269,3 +275,66 @@ def test_checkpoint_gets_the_umask_permissions_not_the_staging_ones(tmp_path: Pa
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def _rewrite_tensors(folder: Path, edit: object) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _rewrite_quant_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("missing", ["scale", "zero", "thresholds", "threshold_bits", "router.fc1.weight"])
+def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path, missing: str) -> None:
+    _, out = saved(tmp_path, seed=14)
+    key = f"model.layers.1.mlp.up_proj.{missing}"
+    _rewrite_tensors(out, lambda tensors: tensors.pop(key))
+    with pytest.raises(CheckpointError, match=f"lacks {re.escape(key)}$"):
+        AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(CheckpointError, match=f"lacks {re.escape(key)}$"):
+        load_checkpoint(out)
+
+
+def test_nan_thresholds_are_refused(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=15)
+    key = "model.layers.0.self_attn.k_proj.thresholds"
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key][3] = float("nan")
+
+    _rewrite_tensors(out, poison)
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=f"{re.escape(key)} holds NaN"):
+            load(out)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_slices": 3}, r"num_slices 3, .*planes is \[8, 64, 2\], the config implies \[6, 64, 2\]"),
+        ({"num_slices": 5}, r"num_slices 5, .*planes is \[8, 64, 2\], the config implies \[10, 64, 2\]"),
+        ({"group_size": 64}, r"group_size 64, .*scale is \[64, 2\], the config implies \[64, 1\]"),
+        ({"threshold_bits": [2.0, 8.0]}, r"2 threshold_bits\).*threshold_bits is \[13\]"),
+        ({"threshold_bits": [2.25 + 0.5 * i for i in range(13)]}, r"threshold_bits is \[2\.0, 2\.5"),
+        ({"num_slices": 9}, r"num_slices must be a whole number in 1\.\.8"),
+    ],
+)
+def test_config_disagreeing_with_the_tensors_is_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    _, out = saved(tmp_path, seed=16)
+    _rewrite_quant_config(out, **changes)
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=message):
+            load(out)
+
+
+def test_truncated_weights_file_is_refused(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=17)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+        load_checkpoint(out)
