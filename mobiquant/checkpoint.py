@@ -29,30 +29,37 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.quantizers import HfQuantizer
+
+# Only transformers modules that are complete once transformers.quantizers.auto is: importing mobiquant.checkpoint
+# from the end of that import is how ``import mobiquant`` registers the quantizer (see mobiquant/__init__.py).
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
     register_quantization_config,
     register_quantizer,
 )
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
 from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, check_num_slices
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 QUANT_METHOD = "mobiquant"
 FORMAT = "bitplanes-msb-int32-v1"
-LOAD_GUARD = "this is a MoBiQuant checkpoint: pip install mobiquant and `import mobiquant` before loading it"
+_LOAD_GUARD_PREFIX = "this is a MoBiQuant checkpoint: "
+LOAD_GUARD = f"{_LOAD_GUARD_PREFIX}{INSTALL_HINT} and `import mobiquant` before loading it"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -184,7 +191,8 @@ class MoBiQuantHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config: Any) -> Any:
         # The only hook that sees the model config before transformers resolves the weight files: drop the guard
         # that makes loading without this quantizer fail.
-        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
+        # Checkpoints written by earlier versions carry an earlier wording of the guard.
+        if str(getattr(config, "transformers_weights", None)).startswith(_LOAD_GUARD_PREFIX):
             config.transformers_weights = None
         return config
 
@@ -523,6 +531,8 @@ def load_checkpoint(
     ``dtype`` is the compute dtype of the non-quantized weights (default: the one recorded in the config). Any
     tensor missing from, or left over in, the checkpoint is an error, not a warning.
     """
+    from transformers import AutoModelForCausalLM
+
     read_quantization_config(path)
     register()
     try:

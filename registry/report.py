@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): the backend is fixed at import
 from huggingface_hub import ModelCard, ModelCardData
 
+from mobiquant import INSTALL_HINT
 from registry.gate import GateCheck
 
 PLOT_NAME = "ppl_vs_bits.png"
@@ -160,6 +161,10 @@ A MoBiQuant elastic any-precision checkpoint{
 weights that runs at any average precision between 2 and {2 * config["num_slices"]} bits, chosen per token by
 a router in every quantized linear layer ({config["num_slices"]} slices of 2 bits, group size
 {config["group_size"]}).
+
+## Install
+
+Loading needs the `mobiquant` package: {INSTALL_HINT}.
 
 ## Usage
 

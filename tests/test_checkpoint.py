@@ -16,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import mobiquant
 import mobiquant.checkpoint as checkpoint
+from mobiquant import INSTALL_HINT
 from mobiquant.checkpoint import (
     LOAD_GUARD,
     CheckpointError,
@@ -125,9 +127,35 @@ def test_loading_without_import_fails_clearly(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 3
     for line in lines[:2]:
-        assert line.startswith("FAILED") and "pip install mobiquant and `import mobiquant` before loading" in line
+        assert line.startswith("FAILED") and f"{INSTALL_HINT} and `import mobiquant` before loading" in line
     # The package import alone is enough for transformers to load the checkpoint.
     assert lines[2] == "MoBiLinear"
+    assert "pip install ." in INSTALL_HINT and "not on PyPI" in INSTALL_HINT
+
+
+def test_import_is_light_and_registers_when_transformers_is_first_used(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=18)
+    # A checkpoint written before the install line changed: its guard is still recognised.
+    config = json.loads((out / "config.json").read_text())
+    config["transformers_weights"] = (
+        "this is a MoBiQuant checkpoint: pip install mobiquant and `import mobiquant` before loading it"
+    )
+    (out / "config.json").write_text(json.dumps(config))
+    script = (
+        "import sys\n"
+        "import mobiquant\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(type(model.model.layers[0].mlp.up_proj).__name__)\n"
+        "import mobiquant.precision\n"
+        "print(mobiquant.set_precision is mobiquant.precision.set_precision, 'track_bits' in dir(mobiquant))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "MoBiLinear", "True True"]
+    with pytest.raises(AttributeError, match="no attribute 'quantise'"):
+        _ = mobiquant.quantise
 
 
 def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import mobiquant
 from mobiquant import cli, slicing
 from mobiquant.arch import architecture_for
 from mobiquant.checkpoint import load_checkpoint, replace_linears, save_checkpoint
@@ -113,6 +117,25 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and "invalid choice" in one_line(err)
     code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--samples", "0")
     assert code == 2 and "positive integer" in one_line(err)
+
+
+def test_version_and_help_load_no_torch(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"mobiquant {mobiquant.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mobiquant.__version__)
+    script = (
+        "import sys\n"
+        "from mobiquant import cli\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'safetensors') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mobiquant" in result.stdout and result.stdout.splitlines()[-1] == "[]"
 
 
 def test_slices_stop_at_exact_16_bit_codes(capsys: pytest.CaptureFixture) -> None:
