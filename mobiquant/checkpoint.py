@@ -7,11 +7,15 @@ Layout of a checkpoint folder:
   ``MoBiLinear`` (``planes``, ``scale``, ``zero``, optional ``bias``, ``router.fc{1,2}.{weight,bias}``,
   ``threshold_bits``, ``thresholds``).
 * ``config.json``: the source model's config plus ``quantization_config`` (``quant_method: "mobiquant"``, slices,
-  group size, router width, quantized linears, packing format, threshold grid, extras) and a load guard (below).
+  group size, router width, quantized linears, packing format, threshold grid, extras), a load guard (below) and
+  the load-time precision keys :data:`PRECISION_KEYS` (null).
 * tokenizer files and ``generation_config.json`` when given.
 
 ``import mobiquant`` registers :class:`MoBiQuantConfig` and :class:`MoBiQuantHfQuantizer` with transformers, so
-``AutoModelForCausalLM.from_pretrained(folder)`` builds the model with ``MoBiLinear`` layers. Transformers only warns
+``AutoModelForCausalLM.from_pretrained(folder)`` builds the model with ``MoBiLinear`` layers, and
+``from_pretrained(folder, mobiquant_avg_bits=3.5)`` (or ``mobiquant_slices=2``) loads it running at that precision;
+a model loaded so is written back by ``save_pretrained`` and ``push_to_hub`` as this same layout, and
+:func:`save_checkpoint` writes a freshly quantized one. Transformers only warns
 about an unknown ``quant_method`` and would then load a model whose quantized linears are random. To fail instead,
 the config names a weights file that is not a safetensors file (``transformers_weights``): transformers refuses it
 with an error quoting :data:`LOAD_GUARD`; the registered quantizer removes the guard before files are resolved.
@@ -21,11 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -51,6 +55,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
+from mobiquant.precision import set_precision
 from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, check_num_slices
 
 if TYPE_CHECKING:
@@ -58,6 +63,11 @@ if TYPE_CHECKING:
 
 QUANT_METHOD = "mobiquant"
 FORMAT = "bitplanes-msb-int32-v1"
+# Keys of a checkpoint's config that set the precision a loaded model runs at: from_pretrained routes a keyword
+# argument into the config only where the config already has that key, so every checkpoint carries them, as null.
+# A quantization_config passed to from_pretrained cannot carry them: transformers keeps the checkpoint's own config
+# and drops the passed one for every method outside its built-in list.
+PRECISION_KEYS = {"mobiquant_avg_bits": "avg_bits", "mobiquant_slices": "slices"}
 _LOAD_GUARD_PREFIX = "this is a MoBiQuant checkpoint: "
 LOAD_GUARD = f"{_LOAD_GUARD_PREFIX}{INSTALL_HINT} and `import mobiquant` before loading it"
 CONFIG_NAME = "config.json"
@@ -74,7 +84,6 @@ _CORE_KEYS = (
     "threshold_bits",
 )
 
-logger = logging.getLogger(__name__)
 
 # ``from_pretrained`` forwards no custom arguments to a quantizer, so the slice limit of the load in progress is
 # passed through a context variable set by ``load_checkpoint``.
@@ -187,6 +196,7 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         if self.max_slices is not None and not 1 <= self.max_slices <= quantization_config.num_slices:
             raise CheckpointError(f"max_slices must be in 1..{quantization_config.num_slices}, got {self.max_slices}")
         self._checkpoint_files: list[str] = []
+        self._precision: dict[str, float] = {}
 
     def update_attn_implementation(self, config: Any) -> Any:
         # The only hook that sees the model config before transformers resolves the weight files: drop the guard
@@ -194,6 +204,7 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         # Checkpoints written by earlier versions carry an earlier wording of the guard.
         if str(getattr(config, "transformers_weights", None)).startswith(_LOAD_GUARD_PREFIX):
             config.transformers_weights = None
+        self._precision = load_precision(config)
         return config
 
     def _process_model_before_weight_loading(
@@ -215,15 +226,76 @@ class MoBiQuantHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         read_planes(model, self._checkpoint_files, self.quantization_config.num_slices, self.max_slices)
+        if self._precision:
+            set_precision(model, **self._precision)
+        # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
+        # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
+        model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
+        model._upload_modified_files = types.MethodType(_upload_with_guard, model)
         return model
 
     def is_serializable(self) -> bool:
-        logger.warning("save MoBiQuant models with mobiquant.save_checkpoint, not save_pretrained")
-        return False
+        return True
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
+        """Ready ``model.config`` for ``save_pretrained``, which writes it as config.json right after this call.
+
+        The config gets what :func:`save_checkpoint` writes: the quantization config recomputed from the layers
+        (which also refuses a model loaded with fewer slices) and no load-time precision; the load guard is added
+        to the written file (``_save_pretrained_with_guard``). transformers then saves ``model.state_dict()``,
+        which holds every ``MoBiLinear`` tensor.
+        """
+        self.quantization_config = MoBiQuantConfig(**quantization_config_of(model))
+        model.config.quantization_config = self.quantization_config
+        for key in PRECISION_KEYS:
+            setattr(model.config, key, None)
+        return None, {}
 
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _write_load_guard(folder: str | os.PathLike) -> None:
+    """Put :data:`LOAD_GUARD` into the config.json of ``folder`` (atomically), where one was written."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["transformers_weights"] = LOAD_GUARD
+    staging = config_file.with_name(f".{CONFIG_NAME}.tmp")
+    staging.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, config_file)
+
+
+def _save_pretrained_with_guard(model: PreTrainedModel, save_directory: str | os.PathLike, *args: Any,
+                                **kwargs: Any) -> None:
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    _write_load_guard(save_directory)
+
+
+def _upload_with_guard(model: PreTrainedModel, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    # Both ways to the Hub (push_to_hub, save_pretrained(push_to_hub=True)) upload the folder through this method.
+    _write_load_guard(working_dir)
+    return type(model)._upload_modified_files(model, working_dir, *args, **kwargs)
+
+
+def load_precision(config: Any) -> dict[str, float]:
+    """The ``set_precision`` arguments a loader asked for through :data:`PRECISION_KEYS` (empty: none).
+
+    Tools that pass options as text (``--model_args mobiquant_avg_bits=3.5``) may hand over a string.
+    """
+    asked = {argument: getattr(config, key, None) for key, argument in PRECISION_KEYS.items()}
+    asked = {argument: value for argument, value in asked.items() if value is not None}
+    if len(asked) > 1:
+        raise CheckpointError(f"give one of {' or '.join(PRECISION_KEYS)}, not both")
+    for argument, value in asked.items():
+        if isinstance(value, str):
+            try:
+                asked[argument] = int(value) if argument == "slices" else float(value)
+            except ValueError as error:
+                raise CheckpointError(f"mobiquant_{argument} must be a number, got {value!r}") from error
+    return asked
 
 
 def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], config: MoBiQuantConfig) -> None:
@@ -397,6 +469,7 @@ def _config_dict(model: nn.Module, quant_config: dict[str, Any]) -> dict[str, An
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quant_config
     config["transformers_weights"] = LOAD_GUARD
+    config.update(dict.fromkeys(PRECISION_KEYS))
     return config
 
 

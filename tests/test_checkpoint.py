@@ -27,6 +27,7 @@ from mobiquant.checkpoint import (
     save_checkpoint,
 )
 from mobiquant.layers import MoBiLinear
+from mobiquant.precision import set_precision
 from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -366,3 +367,60 @@ def test_truncated_weights_file_is_refused(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
         load_checkpoint(out)
+
+
+def _layer_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t for name, layer in mobi_layers(model).items() for key, t in layer.state_dict().items()}
+
+
+def test_save_pretrained_round_trips_like_save_checkpoint(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=19, extra_config={"calibration": {"seed": 3}})
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    assert sorted(p.name for p in again.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    first = json.loads((out / "config.json").read_text())
+    second = json.loads((again / "config.json").read_text())
+    assert second["quantization_config"] == first["quantization_config"]
+    assert second["transformers_weights"] == LOAD_GUARD
+    assert second["mobiquant_avg_bits"] is None and second["mobiquant_slices"] is None
+    ids = torch.randint(0, VOCAB, (2, 11))
+    for reloaded in (AutoModelForCausalLM.from_pretrained(again), load_checkpoint(again)):
+        assert _layer_state(reloaded).keys() == _layer_state(model).keys()
+        assert all(torch.equal(t, _layer_state(model)[k]) for k, t in _layer_state(reloaded).items())
+        for setting in [1, 2, 3, 4, None]:
+            set_uniform(model, setting, threshold=0.7)
+            set_uniform(reloaded, setting, threshold=0.7)
+            assert torch.equal(logits(model, ids), logits(reloaded, ids)), setting
+    with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
+        load_checkpoint(out, max_slices=2).save_pretrained(tmp_path / "partial")
+
+
+def test_from_pretrained_sets_the_precision_asked_for(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=20)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    reference = load_checkpoint(out)
+
+    def setting_of(model: torch.nn.Module) -> list[tuple[int | None, float | None]]:
+        # A routed layer runs at its threshold; a uniform one ignores it.
+        return [(layer.uniform_slices, None if layer.uniform_slices else layer.threshold)
+                for layer in mobi_layers(model).values()]
+
+    for kwargs, setting in [
+        ({"mobiquant_avg_bits": 3.5}, {"avg_bits": 3.5}),
+        ({"mobiquant_avg_bits": "5"}, {"avg_bits": 5.0}),
+        ({"mobiquant_slices": 2}, {"slices": 2}),
+    ]:
+        loaded = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+        set_precision(reference, **setting)
+        assert setting_of(loaded) == setting_of(reference)
+        assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    # The precision is a load option, not part of the checkpoint written back.
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["mobiquant_slices"] is None
+    with pytest.raises(CheckpointError, match="give one of mobiquant_avg_bits or mobiquant_slices, not both"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits=3.0, mobiquant_slices=2)
+    with pytest.raises(CheckpointError, match="mobiquant_avg_bits must be a number, got 'high'"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits="high")
+    with pytest.raises(ValueError, match=r"avg_bits must be in \[2, 8\]"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits=9)
