@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -56,6 +57,13 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
     return values
 
 
@@ -126,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.set_defaults(handler=cmd_quantize)
 
-    evaluate = commands.add_parser("eval", help="perplexity and measured average bits per precision setting")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity (or lm-eval benchmark tasks) and measured average bits per precision setting"
+    )
     evaluate.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
     evaluate.add_argument("--data", default="shakespeare:test", help="evaluation text (default: %(default)s)")
     evaluate.add_argument("--avg-bits", type=_float_list, default=[], metavar="B,...", help="routed average bits")
@@ -136,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-slices", type=_positive_int, help="load only the first M slices")
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument(
+        "--tasks", type=_name_list, metavar="T,...", help="lm-eval-harness tasks to run instead of perplexity"
+    )
+    evaluate.add_argument("--include-path", metavar="DIR", help="also read lm-eval task YAMLs from DIR")
+    evaluate.add_argument("--limit", type=_positive_int, help="run only the first N documents of each task")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: 1)")
     evaluate.set_defaults(handler=cmd_eval)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -264,6 +280,18 @@ def _checkpoint_dir(text: str) -> Path:
     return path
 
 
+def precision_settings(uniform: Sequence[int], avg_bits: Sequence[float]) -> list[tuple[str, float, dict[str, Any]]]:
+    """``(mode, target, set_precision arguments)`` for each uniform slice count, then each routed budget."""
+    settings: list[tuple[str, float, dict[str, Any]]] = [("uniform", k, {"slices": k}) for k in uniform]
+    return settings + [("routed", b, {"avg_bits": b}) for b in avg_bits]
+
+
+def _setting_name(row: dict[str, Any]) -> str:
+    if row["mode"] == "uniform":
+        return f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
+    return f"routed {row['target']:g} bits"
+
+
 def evaluate_settings(
     model: Any,
     tokens: Any,
@@ -277,10 +305,8 @@ def evaluate_settings(
     from mobiquant.evaluation import perplexity
     from mobiquant.precision import set_precision, track_bits
 
-    settings: list[tuple[str, float, dict[str, Any]]] = [("uniform", k, {"slices": k}) for k in uniform]
-    settings += [("routed", b, {"avg_bits": b}) for b in avg_bits]
     rows = []
-    for mode, target, kwargs in settings:
+    for mode, target, kwargs in precision_settings(uniform, avg_bits):
         set_precision(model, **kwargs)
         with track_bits(model) as meter:
             ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress)
@@ -336,11 +362,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mobiquant.evaluation import model_context
 
     path = _checkpoint_dir(args.checkpoint)
-    # Settings and data are checked before the model is loaded, so a typo fails in a second.
+    # Settings, data and task names are checked before the model is loaded, so a typo fails in seconds.
     uniform, avg_bits = eval_settings(read_quantization_config(path), args)
-    tokens = evaluation_tokens(AutoTokenizer.from_pretrained(path), args.data)
-    device = _device(args.device)
-    model = load_checkpoint(path, max_slices=args.max_slices, device=device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if args.tasks:
+        from mobiquant.harness import check_tasks, task_manager
+
+        manager = task_manager(args.include_path)
+        check_tasks(manager, args.tasks)
+    else:
+        tokens = evaluation_tokens(tokenizer, args.data)
+    model = load_checkpoint(path, max_slices=args.max_slices, device=_device(args.device)).eval()
+    if args.tasks:
+        _eval_tasks(args, path, model, tokenizer, manager, precision_settings(uniform, avg_bits))
+        return
     seqlen = min(args.seqlen, model_context(model) or args.seqlen)
     windows = tokens.shape[1] // seqlen
     if args.max_windows is not None:
@@ -353,11 +388,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{path} on {args.data}: {windows} windows of {seqlen} tokens")
     print(f"{'setting':<20} {'avg bits':>9} {'perplexity':>11}")
     for row in rows:
-        if row["mode"] == "uniform":
-            setting = f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
-        else:
-            setting = f"routed {row['target']:g} bits"
-        print(f"{setting:<20} {row['avg_bits']:>9.3f} {row['perplexity']:>11.3f}")
+        print(f"{_setting_name(row):<20} {row['avg_bits']:>9.3f} {row['perplexity']:>11.3f}")
+
+
+def _eval_tasks(
+    args: argparse.Namespace,
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    manager: Any,
+    settings: list[tuple[str, float, dict[str, Any]]],
+) -> None:
+    """lm-eval tasks at every setting, as one table (or JSON): a row per setting, a column per task metric."""
+    from mobiquant.harness import evaluate_tasks
+
+    rows = evaluate_tasks(model, tokenizer, manager, args.tasks, settings, limit=args.limit, batch_size=args.batch_size)
+    if args.json:
+        report = {"checkpoint": str(path), "tasks": args.tasks, "limit": args.limit, "results": rows}
+        print(json.dumps(report, indent=2))
+        return
+    columns = list(dict.fromkeys(label for row in rows for label in row["tasks"]))
+    widths = [max(len(label), 8) for label in columns]
+    limit = f", first {args.limit} documents of each task" if args.limit else ""
+    print(f"{path}: lm-eval {', '.join(args.tasks)}{limit}")
+    header = [f"{column:>{width}}" for column, width in zip(columns, widths, strict=True)]
+    print(" ".join([f"{'setting':<20}", f"{'avg bits':>9}", *header]))
+    for row in rows:
+        scores = [row["tasks"].get(column, math.nan) for column in columns]
+        values = [f"{score:>{width}.4f}" for score, width in zip(scores, widths, strict=True)]
+        print(" ".join([f"{_setting_name(row):<20}", f"{row['avg_bits']:>9.3f}", *values]))
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
