@@ -319,7 +319,7 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
         f"num_slices {config.num_slices}, group_size {config.group_size}, "
         f"{len(config.threshold_bits)} threshold_bits"
     )
-    grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
+    tables: dict[str, list[str]] = {}
     for name, layer in mobi_layers(model).items():
         for suffix, tensor in layer.state_dict().items():
             key = f"{name}.{suffix}"
@@ -332,11 +332,15 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
                     f"the config implies {list(tensor.shape)}"
                 )
             if suffix in ("threshold_bits", "thresholds"):
-                with safe_open(file, framework="pt") as handle:
-                    values = handle.get_tensor(key).double()
+                tables.setdefault(file, []).append(key)
+    grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
+    for file, keys in tables.items():
+        with safe_open(file, framework="pt") as handle:
+            for key in keys:
+                values = handle.get_tensor(key).double()
                 if not torch.isfinite(values).all():
                     raise CheckpointError(f"corrupt checkpoint: {key} holds NaN or infinite values")
-                if suffix == "threshold_bits" and not torch.allclose(values, grid, rtol=0.0, atol=1e-5):
+                if key.endswith(".threshold_bits") and not torch.allclose(values, grid, rtol=0.0, atol=1e-5):
                     raise CheckpointError(
                         f"checkpoint tensors disagree with its quantization_config: {key} is "
                         f"{[round(v, 6) for v in values.tolist()]}, the config's threshold_bits "
