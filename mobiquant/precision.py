@@ -111,41 +111,35 @@ def _interpolate(grid: list[float], table: list[float], avg_bits: float) -> floa
     return table[position - 1] + weight * (table[position] - table[position - 1])
 
 
-def _estimated_bits(layer: MoBiLinear, threshold: float, held: int) -> float:
-    """The bits ``layer`` runs at with ``threshold`` when it holds ``held`` slices.
-
-    Exact at a whole threshold (``K - t`` slices for every token); inside a gate's interval the share of
-    tokens it turns on is taken in proportion to where the threshold lies (see ``ordered_scores``).
-    """
-    slices = layer.num_slices - min(max(threshold, 0.0), float(layer.num_slices - 1))
-    return BITS_PER_SLICE * min(slices, held)
-
-
 def _budget_over_held_slices(layers: list[MoBiLinear], tables: list[tuple[list[float], list[float]]],
                              avg_bits: float) -> float:
-    """The table budget that spends ``avg_bits`` when every layer holds only its first slices.
+    """The budget to read the tables at so that a model holding only its first slices spends ``avg_bits``.
 
-    A layer's share of a budget can exceed what it holds (sensitive layers run above the average); its
-    tokens are then capped at the held slices and the model runs below the budget. Raising the budget read
-    from the tables until the capped layers' estimated bits add up to the uncapped estimate at ``avg_bits``
-    gives those bits to the layers that can still use them, in the order the allocation ranks them.
+    A layer's share of a budget can exceed what it holds (sensitive layers run above the average). On the
+    slice-major scale (``ordered_scores``) such a layer's threshold lies below ``K - held``, so every token
+    already has the held slices: it runs at exactly ``2 * held`` bits and the model spends less than the
+    budget. The tables spend budget ``B`` exactly (on calibration data); a capped layer gives back its bits
+    above ``2 * held``, estimated from where its threshold lies in its gate's interval (the share of tokens
+    a gate turns on taken in proportion). Raising ``B`` until what is left equals ``avg_bits`` spends the
+    bits the capped layers cannot use on the others, in the order the allocation ranks them.
     """
     weights = [layer.in_features * layer.out_features for layer in layers]
+    total = sum(weights)
 
-    def average(budget: float, capped: bool) -> float:
-        total = 0.0
+    def spent(budget: float) -> float:
+        given_back = 0.0
         for layer, weight, (grid, table) in zip(layers, weights, tables, strict=True):
-            held = layer.stored_slices if capped else layer.num_slices
-            total += weight * _estimated_bits(layer, _interpolate(grid, table, budget), held)
-        return total / sum(weights)
+            threshold = max(_interpolate(grid, table, budget), 0.0)
+            if threshold < layer.num_slices - layer.stored_slices:
+                given_back += weight * BITS_PER_SLICE * (layer.num_slices - threshold - layer.stored_slices)
+        return budget - given_back / total
 
-    wanted = average(avg_bits, capped=False)
     low, high = avg_bits, BITS_PER_SLICE * max(layer.num_slices for layer in layers)
-    if average(high, capped=True) <= wanted:
+    if spent(high) <= avg_bits:
         return high
     for _step in range(BISECTION_STEPS):
         middle = (low + high) / 2
-        if average(middle, capped=True) < wanted:
+        if spent(middle) < avg_bits:
             low = middle
         else:
             high = middle
