@@ -394,6 +394,11 @@ def test_save_pretrained_round_trips_like_save_checkpoint(tmp_path: Path) -> Non
             assert torch.equal(logits(model, ids), logits(reloaded, ids)), setting
     with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
         load_checkpoint(out, max_slices=2).save_pretrained(tmp_path / "partial")
+    # Shards: each file's bit planes are found where the index puts them.
+    loaded.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    set_uniform(model, 3)
+    assert torch.equal(logits(load_checkpoint(tmp_path / "sharded", max_slices=3), ids), logits(model, ids))
 
 
 def test_from_pretrained_sets_the_precision_asked_for(tmp_path: Path) -> None:
