@@ -7,11 +7,15 @@ Layout of a checkpoint folder:
   ``MoBiLinear`` (``planes``, ``scale``, ``zero``, optional ``bias``, ``router.fc{1,2}.{weight,bias}``,
   ``threshold_bits``, ``thresholds``).
 * ``config.json``: the source model's config plus ``quantization_config`` (``quant_method: "mobiquant"``, slices,
-  group size, router width, quantized linears, packing format, threshold grid, extras) and a load guard (below).
+  group size, router width, quantized linears, packing format, threshold grid, extras), a load guard (below) and
+  the load-time precision keys :data:`PRECISION_KEYS` (null).
 * tokenizer files and ``generation_config.json`` when given.
 
 ``import mobiquant`` registers :class:`MoBiQuantConfig` and :class:`MoBiQuantHfQuantizer` with transformers, so
-``AutoModelForCausalLM.from_pretrained(folder)`` builds the model with ``MoBiLinear`` layers. Transformers only warns
+``AutoModelForCausalLM.from_pretrained(folder)`` builds the model with ``MoBiLinear`` layers, and
+``from_pretrained(folder, mobiquant_avg_bits=3.5)`` (or ``mobiquant_slices=2``) loads it running at that precision;
+a model loaded so is written back by ``save_pretrained`` and ``push_to_hub`` as this same layout, and
+:func:`save_checkpoint` writes a freshly quantized one. Transformers only warns
 about an unknown ``quant_method`` and would then load a model whose quantized linears are random. To fail instead,
 the config names a weights file that is not a safetensors file (``transformers_weights``): transformers refuses it
 with an error quoting :data:`LOAD_GUARD`; the registered quantizer removes the guard before files are resolved.
@@ -21,38 +25,51 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.quantizers import HfQuantizer
+
+# Only transformers modules that are complete once transformers.quantizers.auto is: importing mobiquant.checkpoint
+# from the end of that import is how ``import mobiquant`` registers the quantizer (see mobiquant/__init__.py).
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
     register_quantization_config,
     register_quantizer,
 )
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
-from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS
+from mobiquant.precision import set_precision
+from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, check_num_slices
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 QUANT_METHOD = "mobiquant"
 FORMAT = "bitplanes-msb-int32-v1"
-LOAD_GUARD = "this is a MoBiQuant checkpoint: pip install mobiquant and `import mobiquant` before loading it"
+# Keys of a checkpoint's config that set the precision a loaded model runs at: from_pretrained routes a keyword
+# argument into the config only where the config already has that key, so every checkpoint carries them, as null.
+# A quantization_config passed to from_pretrained cannot carry them: transformers keeps the checkpoint's own config
+# and drops the passed one for every method outside its built-in list.
+PRECISION_KEYS = {"mobiquant_avg_bits": "avg_bits", "mobiquant_slices": "slices"}
+_LOAD_GUARD_PREFIX = "this is a MoBiQuant checkpoint: "
+LOAD_GUARD = f"{_LOAD_GUARD_PREFIX}{INSTALL_HINT} and `import mobiquant` before loading it"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -67,7 +84,6 @@ _CORE_KEYS = (
     "threshold_bits",
 )
 
-logger = logging.getLogger(__name__)
 
 # ``from_pretrained`` forwards no custom arguments to a quantizer, so the slice limit of the load in progress is
 # passed through a context variable set by ``load_checkpoint``.
@@ -147,8 +163,10 @@ class MoBiQuantConfig(QuantizationConfigMixin):
             raise CheckpointError(
                 f"checkpoint format {format!r} is not supported (this mobiquant reads {FORMAT!r}): upgrade mobiquant"
             )
-        if not isinstance(num_slices, int) or num_slices < 1:
-            raise CheckpointError(f"num_slices must be a positive integer, got {num_slices!r}")
+        try:
+            check_num_slices(num_slices)
+        except ValueError as error:
+            raise CheckpointError(f"quantization_config: {error}") from error
         if not linears:
             raise CheckpointError("quantization_config lists no quantized linears")
         self.quant_method = QUANT_METHOD
@@ -178,12 +196,15 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         if self.max_slices is not None and not 1 <= self.max_slices <= quantization_config.num_slices:
             raise CheckpointError(f"max_slices must be in 1..{quantization_config.num_slices}, got {self.max_slices}")
         self._checkpoint_files: list[str] = []
+        self._precision: dict[str, float] = {}
 
     def update_attn_implementation(self, config: Any) -> Any:
         # The only hook that sees the model config before transformers resolves the weight files: drop the guard
         # that makes loading without this quantizer fail.
-        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
+        # Checkpoints written by earlier versions carry an earlier wording of the guard.
+        if str(getattr(config, "transformers_weights", None)).startswith(_LOAD_GUARD_PREFIX):
             config.transformers_weights = None
+        self._precision = load_precision(config)
         return config
 
     def _process_model_before_weight_loading(
@@ -193,26 +214,138 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         arch = architecture_for(model.config.model_type)
         grid = len(qc.threshold_bits) or None
         replace_linears(model, arch, qc.num_slices, qc.group_size, qc.router_hidden, qc.linears, grid)
+        self._checkpoint_files = list(checkpoint_files or ())
+        check_layer_tensors(model, self._checkpoint_files, qc)
         for layer in mobi_layers(model).values():
             # Without the buffer transformers neither allocates nor reads the planes; they are read afterwards.
             layer.planes = None
         linears = "|".join(re.escape(name) for name in qc.linears)
         planes_key = rf"^{re.escape(arch.blocks)}\.\d+\.(?:{linears})\.planes$"
         model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), planes_key}
-        self._checkpoint_files = list(checkpoint_files or ())
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         read_planes(model, self._checkpoint_files, self.quantization_config.num_slices, self.max_slices)
+        if self._precision:
+            set_precision(model, **self._precision)
+        # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
+        # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
+        model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
+        model._upload_modified_files = types.MethodType(_upload_with_guard, model)
         return model
 
     def is_serializable(self) -> bool:
-        logger.warning("save MoBiQuant models with mobiquant.save_checkpoint, not save_pretrained")
-        return False
+        return True
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
+        """Ready ``model.config`` for ``save_pretrained``, which writes it as config.json right after this call.
+
+        The config gets what :func:`save_checkpoint` writes: the quantization config recomputed from the layers
+        (which also refuses a model loaded with fewer slices) and no load-time precision; the load guard is added
+        to the written file (``_save_pretrained_with_guard``). transformers then saves ``model.state_dict()``,
+        which holds every ``MoBiLinear`` tensor.
+        """
+        self.quantization_config = MoBiQuantConfig(**quantization_config_of(model))
+        model.config.quantization_config = self.quantization_config
+        for key in PRECISION_KEYS:
+            setattr(model.config, key, None)
+        return None, {}
 
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _write_load_guard(folder: str | os.PathLike) -> None:
+    """Put :data:`LOAD_GUARD` into the config.json of ``folder`` (atomically), where one was written."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["transformers_weights"] = LOAD_GUARD
+    staging = config_file.with_name(f".{CONFIG_NAME}.tmp")
+    staging.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, config_file)
+
+
+def _save_pretrained_with_guard(model: PreTrainedModel, save_directory: str | os.PathLike, *args: Any,
+                                **kwargs: Any) -> None:
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    _write_load_guard(save_directory)
+
+
+def _upload_with_guard(model: PreTrainedModel, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    # Both ways to the Hub (push_to_hub, save_pretrained(push_to_hub=True)) upload the folder through this method.
+    _write_load_guard(working_dir)
+    return type(model)._upload_modified_files(model, working_dir, *args, **kwargs)
+
+
+def load_precision(config: Any) -> dict[str, float]:
+    """The ``set_precision`` arguments a loader asked for through :data:`PRECISION_KEYS` (empty: none).
+
+    Tools that pass options as text (``--model_args mobiquant_avg_bits=3.5``) may hand over a string.
+    """
+    asked = {argument: getattr(config, key, None) for key, argument in PRECISION_KEYS.items()}
+    asked = {argument: value for argument, value in asked.items() if value is not None}
+    if len(asked) > 1:
+        raise CheckpointError(f"give one of {' or '.join(PRECISION_KEYS)}, not both")
+    for argument, value in asked.items():
+        if isinstance(value, str):
+            try:
+                asked[argument] = int(value) if argument == "slices" else float(value)
+            except ValueError as error:
+                raise CheckpointError(f"mobiquant_{argument} must be a number, got {value!r}") from error
+    return asked
+
+
+def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], config: MoBiQuantConfig) -> None:
+    """Refuse a checkpoint whose ``MoBiLinear`` tensors are missing, unreadable or at odds with its config.
+
+    ``model`` holds the layers ``config`` describes (on the meta device while transformers loads). Only the
+    file headers are read, and the small threshold tables: transformers would otherwise leave a missing
+    tensor at its initial value with a warning, and report a shape that disagrees with the config as a
+    table of every mismatched key.
+    """
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for file in files:
+        try:
+            with safe_open(os.fspath(file), framework="pt") as handle:
+                names = handle.keys()  # safe_open has no __iter__
+                for key in names:
+                    shapes[key] = (list(handle.get_slice(key).get_shape()), os.fspath(file))
+        except SafetensorError as error:
+            raise CheckpointError(f"corrupt or truncated checkpoint file {file}: {error}") from error
+    described = (
+        f"num_slices {config.num_slices}, group_size {config.group_size}, "
+        f"{len(config.threshold_bits)} threshold_bits"
+    )
+    tables: dict[str, list[str]] = {}
+    for name, layer in mobi_layers(model).items():
+        for suffix, tensor in layer.state_dict().items():
+            key = f"{name}.{suffix}"
+            if key not in shapes:
+                raise CheckpointError(f"corrupt checkpoint: it lacks {key}")
+            shape, file = shapes[key]
+            if shape != list(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint tensors disagree with its quantization_config ({described}): {key} is {shape}, "
+                    f"the config implies {list(tensor.shape)}"
+                )
+            if suffix in ("threshold_bits", "thresholds"):
+                tables.setdefault(file, []).append(key)
+    grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
+    for file, keys in tables.items():
+        with safe_open(file, framework="pt") as handle:
+            for key in keys:
+                values = handle.get_tensor(key).double()
+                if not torch.isfinite(values).all():
+                    raise CheckpointError(f"corrupt checkpoint: {key} holds NaN or infinite values")
+                if key.endswith(".threshold_bits") and not torch.allclose(values, grid, rtol=0.0, atol=1e-5):
+                    raise CheckpointError(
+                        f"checkpoint tensors disagree with its quantization_config: {key} is "
+                        f"{[round(v, 6) for v in values.tolist()]}, the config's threshold_bits "
+                        f"{config.threshold_bits}"
+                    )
 
 
 def register() -> None:
@@ -340,6 +473,7 @@ def _config_dict(model: nn.Module, quant_config: dict[str, Any]) -> dict[str, An
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quant_config
     config["transformers_weights"] = LOAD_GUARD
+    config.update(dict.fromkeys(PRECISION_KEYS))
     return config
 
 
@@ -474,17 +608,23 @@ def load_checkpoint(
     ``dtype`` is the compute dtype of the non-quantized weights (default: the one recorded in the config). Any
     tensor missing from, or left over in, the checkpoint is an error, not a warning.
     """
+    from transformers import AutoModelForCausalLM
+
     read_quantization_config(path)
     register()
-    with _slice_limit(max_slices):
-        model, info = AutoModelForCausalLM.from_pretrained(
-            os.fspath(path),
-            dtype=dtype if dtype is not None else "auto",
-            device_map=str(device),
-            use_safetensors=True,
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
+    try:
+        with _slice_limit(max_slices):
+            model, info = AutoModelForCausalLM.from_pretrained(
+                os.fspath(path),
+                dtype=dtype if dtype is not None else "auto",
+                device_map=str(device),
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+            )
+    except SafetensorError as error:
+        # Before the quantizer runs, transformers may read a weights file itself (for its dtype).
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {error}") from error
     problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys")}
     problems["mismatched_keys"] = sorted(str(key) for key in info.get("mismatched_keys") or ())
     for kind, keys in problems.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -16,12 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mobiquant import __version__
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Group sizes tried, largest first, when --group-size is not given: the paper's 128 where the model's
 # sizes allow it, else the largest that divides every quantized input size (64 on SmolLM2).
 AUTO_GROUP_SIZES = (128, 64, 32)
+# mobiquant.slicing.MAX_SLICES (a test keeps them equal).
+MAX_SLICES = 8
 
 
 class CommandError(ValueError):
@@ -55,6 +60,13 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _name_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
 def _epochs(text: str) -> tuple[int, int]:
     """``S1,S2`` (stage 1 and stage 2 epochs) or one number for both."""
     values = _int_list(text)
@@ -75,8 +87,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _slice_count(text: str) -> int:
+    # Bounds from mobiquant.slicing, inlined so that parsing arguments imports no torch.
+    value = _positive_int(text)
+    if value > MAX_SLICES:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SLICES} slices ({2 * MAX_SLICES}-bit codes; a 16-bit weight holds no more), got {value}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mobiquant", description="MoBiQuant: one elastic any-precision checkpoint per LLM.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     quantize = commands.add_parser("quantize", help="calibrate a model and write one elastic checkpoint")
@@ -95,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--group-size", type=_positive_int, help="input columns per scale (default: 128, or 64/32 where 128 won't fit)"
     )
-    quantize.add_argument("--slices", type=_positive_int, help="2-bit slices K (default: 4, i.e. up to 8 bits)")
+    quantize.add_argument(
+        "--slices", type=_slice_count, help=f"2-bit slices K, 1..{MAX_SLICES} (default: 4, i.e. up to 8 bits)"
+    )
     quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(
@@ -123,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.set_defaults(handler=cmd_quantize)
 
-    evaluate = commands.add_parser("eval", help="perplexity and measured average bits per precision setting")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity (or lm-eval benchmark tasks) and measured average bits per precision setting"
+    )
     evaluate.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
     evaluate.add_argument("--data", default="shakespeare:test", help="evaluation text (default: %(default)s)")
     evaluate.add_argument("--avg-bits", type=_float_list, default=[], metavar="B,...", help="routed average bits")
@@ -133,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-slices", type=_positive_int, help="load only the first M slices")
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument(
+        "--tasks", type=_name_list, metavar="T,...", help="lm-eval-harness tasks to run instead of perplexity"
+    )
+    evaluate.add_argument("--include-path", metavar="DIR", help="also read lm-eval task YAMLs from DIR")
+    evaluate.add_argument("--limit", type=_positive_int, help="run only the first N documents of each task")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: 1)")
     evaluate.set_defaults(handler=cmd_eval)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -254,6 +287,18 @@ def _checkpoint_dir(text: str) -> Path:
     return path
 
 
+def precision_settings(uniform: Sequence[int], avg_bits: Sequence[float]) -> list[tuple[str, float, dict[str, Any]]]:
+    """``(mode, target, set_precision arguments)`` for each uniform slice count, then each routed budget."""
+    settings: list[tuple[str, float, dict[str, Any]]] = [("uniform", k, {"slices": k}) for k in uniform]
+    return settings + [("routed", b, {"avg_bits": b}) for b in avg_bits]
+
+
+def _setting_name(row: dict[str, Any]) -> str:
+    if row["mode"] == "uniform":
+        return f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
+    return f"routed {row['target']:g} bits"
+
+
 def evaluate_settings(
     model: Any,
     tokens: Any,
@@ -267,10 +312,8 @@ def evaluate_settings(
     from mobiquant.evaluation import perplexity
     from mobiquant.precision import set_precision, track_bits
 
-    settings: list[tuple[str, float, dict[str, Any]]] = [("uniform", k, {"slices": k}) for k in uniform]
-    settings += [("routed", b, {"avg_bits": b}) for b in avg_bits]
     rows = []
-    for mode, target, kwargs in settings:
+    for mode, target, kwargs in precision_settings(uniform, avg_bits):
         set_precision(model, **kwargs)
         with track_bits(model) as meter:
             ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress)
@@ -290,17 +333,35 @@ def eval_settings(quant: dict[str, Any], args: argparse.Namespace) -> tuple[list
     outside_slices = [k for k in uniform if not 1 <= k <= held]
     if outside_slices:
         raise CommandError(f"--uniform {outside_slices[0]}: slice counts must be in 1..{held} for this checkpoint")
-    top = 2.0 * num_slices
+    top = 2.0 * held
     outside = [b for b in avg_bits if not 2.0 <= b <= top]
     if outside:
-        raise CommandError(f"--avg-bits {outside[0]:g}: average bits must be in [2, {top:g}] for this checkpoint")
+        slices = f"the {held} slices loaded" if held < num_slices else "this checkpoint"
+        raise CommandError(f"--avg-bits {outside[0]:g}: average bits must be in [2, {top:g}] for {slices}")
     if avg_bits and not quant.get("router_hidden"):
         raise CommandError("this checkpoint has no routers: evaluate it with --uniform only")
     return uniform, avg_bits
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def _device(name: str | None) -> Any:
+    """The torch device ``--device`` names (default: the first GPU if there is one, else the CPU)."""
     import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CommandError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise CommandError(f"--device {name}: this torch {torch.__version__} is built without CUDA (CPU only)")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise CommandError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from mobiquant.checkpoint import load_checkpoint, read_quantization_config
@@ -308,11 +369,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mobiquant.evaluation import model_context
 
     path = _checkpoint_dir(args.checkpoint)
-    # Settings and data are checked before the model is loaded, so a typo fails in a second.
+    # Settings, data and task names are checked before the model is loaded, so a typo fails in seconds.
     uniform, avg_bits = eval_settings(read_quantization_config(path), args)
-    tokens = evaluation_tokens(AutoTokenizer.from_pretrained(path), args.data)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(path, max_slices=args.max_slices, device=device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if args.tasks:
+        from mobiquant.harness import check_tasks, task_manager
+
+        manager = task_manager(args.include_path)
+        check_tasks(manager, args.tasks)
+    else:
+        tokens = evaluation_tokens(tokenizer, args.data)
+    model = load_checkpoint(path, max_slices=args.max_slices, device=_device(args.device)).eval()
+    if args.tasks:
+        _eval_tasks(args, path, model, tokenizer, manager, precision_settings(uniform, avg_bits))
+        return
     seqlen = min(args.seqlen, model_context(model) or args.seqlen)
     windows = tokens.shape[1] // seqlen
     if args.max_windows is not None:
@@ -325,11 +395,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{path} on {args.data}: {windows} windows of {seqlen} tokens")
     print(f"{'setting':<20} {'avg bits':>9} {'perplexity':>11}")
     for row in rows:
-        if row["mode"] == "uniform":
-            setting = f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
-        else:
-            setting = f"routed {row['target']:g} bits"
-        print(f"{setting:<20} {row['avg_bits']:>9.3f} {row['perplexity']:>11.3f}")
+        print(f"{_setting_name(row):<20} {row['avg_bits']:>9.3f} {row['perplexity']:>11.3f}")
+
+
+def _eval_tasks(
+    args: argparse.Namespace,
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    manager: Any,
+    settings: list[tuple[str, float, dict[str, Any]]],
+) -> None:
+    """lm-eval tasks at every setting, as one table (or JSON): a row per setting, a column per task metric."""
+    from mobiquant.harness import evaluate_tasks
+
+    rows = evaluate_tasks(model, tokenizer, manager, args.tasks, settings, limit=args.limit, batch_size=args.batch_size)
+    if args.json:
+        report = {"checkpoint": str(path), "tasks": args.tasks, "limit": args.limit, "results": rows}
+        print(json.dumps(report, indent=2))
+        return
+    columns = list(dict.fromkeys(label for row in rows for label in row["tasks"]))
+    widths = [max(len(label), 8) for label in columns]
+    limit = f", first {args.limit} documents of each task" if args.limit else ""
+    print(f"{path}: lm-eval {', '.join(args.tasks)}{limit}")
+    header = [f"{column:>{width}}" for column, width in zip(columns, widths, strict=True)]
+    print(" ".join([f"{'setting':<20}", f"{'avg bits':>9}", *header]))
+    for row in rows:
+        scores = [row["tasks"].get(column, math.nan) for column in columns]
+        values = [f"{score:>{width}.4f}" for score, width in zip(scores, widths, strict=True)]
+        print(" ".join([f"{_setting_name(row):<20}", f"{row['avg_bits']:>9.3f}", *values]))
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:

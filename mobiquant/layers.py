@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, WORD_BITS, SlicedWeight, dequantize_codes, unpack_codes
+from mobiquant.slicing import (
+    BITS_PER_SLICE,
+    PARAM_DTYPE,
+    WORD_BITS,
+    SlicedWeight,
+    check_num_slices,
+    dequantize_codes,
+    unpack_codes,
+)
 
 # Fills a threshold table that was never calibrated; as a threshold it leaves every residual slice off.
 UNCALIBRATED = 1.0e9
@@ -85,6 +93,7 @@ class MoBiLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        check_num_slices(num_slices)
         self.in_features, self.out_features = in_features, out_features
         self.num_slices, self.group_size = num_slices, group_size
         self.compute_dtype = dtype
@@ -102,7 +111,8 @@ class MoBiLinear(nn.Module):
         self.register_buffer("thresholds", torch.full((points,), UNCALIBRATED, dtype=torch.float32))
         self.uniform_slices: int | None = num_slices
         self.threshold: float = UNCALIBRATED
-        self.bit_meter: BitMeter | None = None
+        # Every open ``track_bits`` block counts this layer's tokens, nested blocks included.
+        self.bit_meters: list[BitMeter] = []
         self._cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
         self._codes: torch.Tensor | None = None
@@ -152,15 +162,16 @@ class MoBiLinear(nn.Module):
     def dense_weight(self, k: int, dtype: torch.dtype) -> torch.Tensor:
         """``W_k`` as a dense matrix, rebuilt from the stored codes by shift-and-scale.
 
-        The PyTorch path keeps the codes ``c_K`` unpacked as one byte per weight and rebuilds ``W_k`` at
-        each call; ``cache_dense = True`` keeps every ``W_k`` it has built instead (faster, but one
+        The PyTorch path keeps the codes ``c_K`` unpacked (one byte per weight up to 4 slices) and rebuilds
+        ``W_k`` at each call; ``cache_dense = True`` keeps every ``W_k`` it has built instead (faster, but one
         dense copy per slice count in use).
         """
         cached = self._dense.get(k)
         if cached is not None and cached.dtype == dtype and cached.device == self.planes.device:
             return cached
         if self._codes is None or self._codes.device != self.planes.device:
-            self._codes = unpack_codes(self.planes, self.stored_slices).to(torch.uint8)
+            code_dtype = torch.uint8 if BITS_PER_SLICE * self.stored_slices <= 8 else torch.int32
+            self._codes = unpack_codes(self.planes, self.stored_slices).to(code_dtype)
         shift = BITS_PER_SLICE * (self.stored_slices - k)
         codes = self._codes >> shift if shift else self._codes
         weight = dequantize_codes(codes, self.scale, self.zero, k, dtype)
@@ -195,8 +206,10 @@ class MoBiLinear(nn.Module):
             slices = self._uniform_counts(x, slices)
         elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
-        if self.bit_meter is not None:
-            self.bit_meter.add(slices, self.in_features * self.out_features)
+        if self.bit_meters:
+            slice_sum, tokens = float(slices.sum()), slices.numel()
+            for meter in self.bit_meters:
+                meter.add(slice_sum, tokens, self.in_features * self.out_features)
         flat_x = x.reshape(-1, self.in_features)
         flat_k = slices.reshape(-1)
         out = _grouped_product(self, flat_x, flat_k)
@@ -242,9 +255,10 @@ class BitMeter:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
 
-    def add(self, slices: torch.Tensor, layer_params: int) -> None:
-        self.weighted_slices += float(slices.sum()) * layer_params
-        self.weighted_tokens += float(slices.numel()) * layer_params
+    def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
+        """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""
+        self.weighted_slices += slice_sum * layer_params
+        self.weighted_tokens += tokens * layer_params
 
     @property
     def avg_bits(self) -> float:

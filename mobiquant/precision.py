@@ -13,6 +13,8 @@ and the whole model at ``x``.
 
 from __future__ import annotations
 
+import bisect
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mobiquant.allocation import allocate_bits, layer_cost_curves
+from mobiquant.allocation import BISECTION_STEPS, allocate_bits, layer_cost_curves
 from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
 
@@ -100,59 +102,111 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _interpolate(layer: MoBiLinear, avg_bits: float) -> float:
-    bits = layer.threshold_bits.double().cpu()
-    table = layer.thresholds.double().cpu()
-    position = torch.searchsorted(bits, torch.tensor([avg_bits], dtype=torch.float64)).item()
+def _interpolate(grid: list[float], table: list[float], avg_bits: float) -> float:
+    """The threshold of ``table`` (one per bit-width of ``grid``, ascending) at ``avg_bits``, linear between points."""
+    position = bisect.bisect_left(grid, avg_bits)
     if position == 0:
-        return float(table[0])
-    if position >= len(bits):
-        return float(table[-1])
-    low, high = bits[position - 1], bits[position]
+        return table[0]
+    if position >= len(grid):
+        return table[-1]
+    low, high = grid[position - 1], grid[position]
     weight = (avg_bits - low) / (high - low)
-    left, right = table[position - 1], table[position]
-    return float(left + weight * (right - left))
+    return table[position - 1] + weight * (table[position] - table[position - 1])
+
+
+def _budget_over_held_slices(layers: list[MoBiLinear], tables: list[tuple[list[float], list[float]]],
+                             avg_bits: float) -> float:
+    """The budget to read the tables at so that a model holding only its first slices spends ``avg_bits``.
+
+    A layer's share of a budget can exceed what it holds (sensitive layers run above the average). On the
+    slice-major scale (``ordered_scores``) such a layer's threshold lies below ``K - held``, so every token
+    already has the held slices: it runs at exactly ``2 * held`` bits and the model spends less than the
+    budget. The tables spend budget ``B`` exactly (on calibration data); a capped layer gives back its bits
+    above ``2 * held``, estimated from where its threshold lies in its gate's interval (the share of tokens
+    a gate turns on taken in proportion). Raising ``B`` until what is left equals ``avg_bits`` spends the
+    bits the capped layers cannot use on the others, in the order the allocation ranks them.
+    """
+    weights = [layer.in_features * layer.out_features for layer in layers]
+    total = sum(weights)
+
+    def spent(budget: float) -> float:
+        given_back = 0.0
+        for layer, weight, (grid, table) in zip(layers, weights, tables, strict=True):
+            threshold = max(_interpolate(grid, table, budget), 0.0)
+            if threshold < layer.num_slices - layer.stored_slices:
+                given_back += weight * BITS_PER_SLICE * (layer.num_slices - threshold - layer.stored_slices)
+        return budget - given_back / total
+
+    low, high = avg_bits, BITS_PER_SLICE * max(layer.num_slices for layer in layers)
+    if spent(high) <= avg_bits:
+        return high
+    for _step in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if spent(middle) < avg_bits:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int | None = None) -> None:
     """Run ``model`` at ``slices`` slices for every token, or routed at ``avg_bits`` average bits.
 
-    No recalibration: routed budgets move along the threshold tables stored in the checkpoint.
+    No recalibration: routed budgets move along the threshold tables stored in the checkpoint. A model
+    loaded with fewer slices than it was calibrated with (``max_slices``) runs budgets up to what it holds,
+    re-allocated over the slices held.
     """
     if (avg_bits is None) == (slices is None):
         raise ValueError("give exactly one of avg_bits= or slices=")
     layers = mobi_layers(model)
+    held = min(layer.stored_slices for layer in layers)
     if slices is not None:
+        if isinstance(slices, bool) or not isinstance(slices, numbers.Integral):
+            raise TypeError(f"slices must be a whole number of slices, got {slices!r}")
+        if not 1 <= slices <= held:
+            raise ValueError(f"slices must be in 1..{held} (slices held in memory), got {slices}")
         for layer in layers:
-            if not 1 <= slices <= layer.stored_slices:
-                raise ValueError(f"slices must be in 1..{layer.stored_slices} (slices held in memory), got {slices}")
-            layer.uniform_slices = slices
+            layer.uniform_slices = int(slices)
         return
-    top = BITS_PER_SLICE * max(layer.num_slices for layer in layers)
+    if isinstance(avg_bits, bool) or not isinstance(avg_bits, numbers.Real):
+        raise TypeError(f"avg_bits must be a number of bits such as 3.5, got {type(avg_bits).__name__} {avg_bits!r}")
+    top = BITS_PER_SLICE * held
     if not BITS_PER_SLICE <= avg_bits <= top:
-        raise ValueError(f"avg_bits must be in [{BITS_PER_SLICE}, {top}], got {avg_bits}")
+        raise ValueError(
+            f"avg_bits must be in [{BITS_PER_SLICE}, {top}] ({held} slices held in memory), got {avg_bits}"
+        )
+    tables = []
     for layer in layers:
         if layer.router is None:
             raise ValueError("this checkpoint has no routers: use set_precision(model, slices=k)")
-        lowest = float(layer.thresholds.min())
+        table = layer.thresholds.double().tolist()
+        lowest = min(table)
         if lowest >= UNCALIBRATED:
             raise ValueError("the router thresholds were never calibrated (run calibrate_thresholds)")
         if lowest < 0.0:
             raise ValueError("these router thresholds are on raw router logits, from a mobiquant before "
                              f"{THRESHOLD_ORDER!r} thresholds: run calibrate_thresholds again")
-        layer.threshold = _interpolate(layer, avg_bits)
+        tables.append((layer.threshold_bits.double().tolist(), table))
+    budget = float(avg_bits)
+    if any(layer.stored_slices < layer.num_slices for layer in layers):
+        budget = _budget_over_held_slices(layers, tables, budget)
+    for layer, (grid, table) in zip(layers, tables, strict=True):
+        layer.threshold = _interpolate(grid, table, budget)
         layer.uniform_slices = None
 
 
 @contextmanager
 def track_bits(model: nn.Module) -> Iterator[BitMeter]:
-    """Measure the average bits actually used by the tokens that pass through ``model`` inside the block."""
+    """Measure the average bits actually used by the tokens that pass through ``model`` inside the block.
+
+    Blocks nest: an outer block also counts the tokens of the blocks inside it.
+    """
     meter = BitMeter()
     layers = mobi_layers(model)
     for layer in layers:
-        layer.bit_meter = meter
+        layer.bit_meters.append(meter)
     try:
         yield meter
     finally:
         for layer in layers:
-            layer.bit_meter = None
+            layer.bit_meters = [other for other in layer.bit_meters if other is not meter]

@@ -26,6 +26,10 @@ import torch
 
 BITS_PER_SLICE = 2
 WORD_BITS = 32
+# Most slices a weight may have: 16-bit codes. A float16 or bfloat16 weight holds at most 11 significant
+# bits, so further slices would store rounding noise, and larger codes lose exactness on the way (float64
+# holds 53-bit codes, int64 63 bits, the float32 dequantisation 24 bits).
+MAX_SLICES = 8
 PARAM_DTYPE = torch.float16
 # Smallest scale relative to the group's largest magnitude. It keeps the zero point of a group whose
 # values are all equal (range zero) finite in float16: |z| <= 4 / 2**-12 = 2**14 < 65504.
@@ -36,6 +40,15 @@ _MIN_SCALE = 2.0**-24
 
 class SliceShapeError(ValueError):
     """A weight whose shape cannot be sliced with the requested group size."""
+
+
+def check_num_slices(num_slices: object) -> None:
+    """Raise a clear error unless ``num_slices`` is a whole number of slices in ``1..MAX_SLICES``."""
+    if isinstance(num_slices, bool) or not isinstance(num_slices, int) or not 1 <= num_slices <= MAX_SLICES:
+        raise ValueError(
+            f"num_slices must be a whole number in 1..{MAX_SLICES} ({BITS_PER_SLICE} bits each, at most "
+            f"{BITS_PER_SLICE * MAX_SLICES}-bit codes), got {num_slices!r}"
+        )
 
 
 def check_slicing_shape(in_features: int, group_size: int) -> None:
@@ -205,8 +218,7 @@ def slice_weight(
     """
     if weight.dim() != 2:
         raise SliceShapeError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if num_slices < 1:
-        raise ValueError(f"num_slices must be at least 1, got {num_slices}")
+    check_num_slices(num_slices)
     check_slicing_shape(weight.shape[1], group_size)
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values")

@@ -12,10 +12,43 @@ from registry import tracking
 from registry.gate import GateCheck
 from registry.hashing import tree_manifest
 from registry.params import CompressParams, PublishTarget
-from registry.publish import PublishError, target_for
-from registry.report import PLOT_NAME, markdown_report, model_card, plot_ppl_vs_bits, stage_table
+from registry.publish import LocalRepoTarget, PublishError, target_for
+from registry.report import (
+    PLOT_NAME,
+    EvaluationSetup,
+    markdown_report,
+    model_card,
+    plot_ppl_vs_bits,
+    stage_table,
+)
 
 MANIFEST_ARTIFACT = "sha256.json"
+# registry.stages.validate runs the full-precision model in float32 (it does not record the dtype).
+VALIDATION_FP_DTYPE = "float32"
+
+
+def evaluation_setup(
+    params: CompressParams, validation: dict[str, Any], model_config: dict[str, Any]
+) -> EvaluationSetup:
+    """The windows validation scored, cut as ``mobiquant.evaluation.perplexity`` cuts them.
+
+    A window is at most the model's context; ``validation["tokens"]`` is the length of the evaluation text.
+    """
+    context = model_config.get("max_position_embeddings")
+    seqlen = min(params.eval_seqlen, context) if isinstance(context, int) and context > 0 else params.eval_seqlen
+    windows = validation["tokens"] // seqlen
+    if params.eval_max_windows is not None:
+        windows = min(windows, params.eval_max_windows)
+    fp_dtype = validation["fp"].get("dtype", VALIDATION_FP_DTYPE)
+    return EvaluationSetup(params.evaluation_data, seqlen, windows, fp_dtype)
+
+
+def published_uri(publish: PublishTarget, repo_id: str) -> str:
+    """Where a release of ``repo_id`` is published: the repo, whose ``v<version>`` tag names a version's files."""
+    target = target_for(publish, repo_id)
+    if isinstance(target, LocalRepoTarget):
+        return target.path.as_uri()
+    return f"{target.api.endpoint.rstrip('/')}/{repo_id}"
 
 
 def build_bundle(
@@ -41,13 +74,16 @@ def build_bundle(
     shutil.copytree(checkpoint_dir, publish_dir, copy_function=os.link)
     plot_ppl_vs_bits(validation, publish_dir / PLOT_NAME)
     shutil.copyfile(publish_dir / PLOT_NAME, report_dir / PLOT_NAME)
-    quant_config = json.loads((checkpoint_dir / "config.json").read_text()).get("quantization_config", {})
+    model_config = json.loads((checkpoint_dir / "config.json").read_text())
+    quant_config = model_config.get("quantization_config", {})
+    setup = evaluation_setup(params, validation, model_config)
     repo_id = params.default_repo_id()
     card = model_card(
         repo_id=repo_id,
         base_model=source.get("base_model"),
         license_id=source.get("license"),
         validation=validation,
+        setup=setup,
         config=quant_config or {"num_slices": params.num_slices, "group_size": params.group_size},
         files=tree_manifest(publish_dir),
     )
@@ -59,6 +95,7 @@ def build_bundle(
         source=source,
         config=params.model_dump(mode="json", exclude={"gate", "publish"}),
         validation=validation,
+        setup=setup,
         checks=checks,
         passed=passed,
         stages_md=stages_md,
@@ -144,9 +181,12 @@ def record(
         "publish.staging_branch": target.staging_branch,
         "publish.public_on_promotion": str(target.public_on_promotion).lower(),
         "publish_status": "pending",
+        # Where the run built the checkpoint (a work folder, for debugging); the version's source is the release.
+        "work.checkpoint_dir": str(Path(checkpoint_dir).resolve()),
     }
+    # The version's source is where its files are published, not the run's work folder (cleaned up or moved).
     version = tracking.register_version(
-        params.mlflow_uri, params.model_name(), run_id, Path(checkpoint_dir).resolve().as_uri(), version_tags
+        params.mlflow_uri, params.model_name(), run_id, published_uri(target, bundle["repo_id"]), version_tags
     )
     return {"run_id": run_id, "version": version}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): the backend is fixed at import
 from huggingface_hub import ModelCard, ModelCardData
 
+from mobiquant import INSTALL_HINT
 from registry.gate import GateCheck
 
 PLOT_NAME = "ppl_vs_bits.png"
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
+
+
+@dataclass(frozen=True)
+class EvaluationSetup:
+    """What the perplexity table was measured on: the data, the windows, the dtype of the full-precision model."""
+
+    data: str
+    seqlen: int
+    windows: int
+    fp_dtype: str
+
+    def describe(self) -> str:
+        return (
+            f"perplexity on `{self.data}`, {self.windows} non-overlapping windows of {self.seqlen} tokens; "
+            f"the full-precision row runs the source model in {self.fp_dtype}"
+        )
 
 
 def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:
@@ -45,10 +64,11 @@ def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:
     return out
 
 
-def ppl_table(validation: dict[str, Any]) -> str:
+def ppl_table(validation: dict[str, Any], setup: EvaluationSetup) -> str:
     """Markdown table: one row per setting, perplexity and measured average bits."""
     rows = ["| setting | average bits | perplexity |", "|---|---|---|"]
-    rows.append(f"| full precision | 16 | {validation['fp']['ppl']:.3f} |")
+    fp_bits = _DTYPE_BITS[setup.fp_dtype]
+    rows.append(f"| full precision ({setup.fp_dtype}) | {fp_bits} | {validation['fp']['ppl']:.3f} |")
     for r in validation.get("uniform", []):
         rows.append(f"| uniform {r['slices']} slice(s) | {r['avg_bits']:.2f} | {r['ppl']:.3f} |")
     for r in validation["budgets"]:
@@ -88,6 +108,7 @@ def markdown_report(
     source: dict[str, Any],
     config: dict[str, Any],
     validation: dict[str, Any],
+    setup: EvaluationSetup,
     checks: list[GateCheck],
     passed: bool,
     stages_md: str,
@@ -103,7 +124,9 @@ def markdown_report(
         "",
         "## Perplexity",
         "",
-        ppl_table(validation),
+        f"{setup.describe()}.",
+        "",
+        ppl_table(validation, setup),
         "",
         f"![perplexity against bits]({PLOT_NAME})",
         "",
@@ -138,10 +161,14 @@ def model_card(
     base_model: str | None,
     license_id: str | None,
     validation: dict[str, Any],
+    setup: EvaluationSetup,
     config: dict[str, Any],
     files: dict[str, str],
 ) -> str:
-    """The README.md of the published repo: metadata for the Hub, the perplexity table and plot, usage."""
+    """The README.md of the published repo: metadata for the Hub, install and usage, the perplexity table and plot.
+
+    The license is the source model's (``license_id``); where the source names none the card says so.
+    """
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
@@ -151,6 +178,11 @@ def model_card(
         pipeline_tag="text-generation",
     )
     budgets = ", ".join(f"{r['target_bits']:g}" for r in validation["budgets"])
+    license_line = (
+        f"License: `{license_id}`, carried from the source model."
+        if license_id
+        else "License: the source model names none; check its terms before using this checkpoint."
+    )
     body = f"""
 # {repo_id.split("/", 1)[1]}
 
@@ -160,6 +192,10 @@ A MoBiQuant elastic any-precision checkpoint{
 weights that runs at any average precision between 2 and {2 * config["num_slices"]} bits, chosen per token by
 a router in every quantized linear layer ({config["num_slices"]} slices of 2 bits, group size
 {config["group_size"]}).
+
+## Install
+
+Loading needs the `mobiquant` package: {INSTALL_HINT}.
 
 ## Usage
 
@@ -174,13 +210,20 @@ inputs = tokenizer("To be, or not to be", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```
 
+Tools that only call `from_pretrained` pick the precision at load:
+`AutoModelForCausalLM.from_pretrained("{repo_id}", mobiquant_avg_bits=3.0)` (or `mobiquant_slices=k`).
+
 ## Perplexity
 
-Validated budgets (average bits): {budgets}.
+Validated budgets (average bits): {budgets}; {setup.describe()}.
 
-{ppl_table(validation)}
+{ppl_table(validation, setup)}
 
 ![perplexity against bits]({PLOT_NAME})
+
+## License
+
+{license_line}
 
 ## Files
 

@@ -2,7 +2,8 @@
 
 Aliases carry the review state: ``candidate`` (passed the gate, staged, waiting for a reviewer) and
 ``champion`` (promoted by a reviewer, published on ``main``). Version tags record the source repo and
-sha, the gate results, the staged and published commits and the publish status.
+sha, the gate results, the staged and published commits and the publish status. Every run is tagged with
+the mobiquant version and the git commit of the code that made it (:func:`code_tags`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -21,6 +25,12 @@ from mlflow.tracking import MlflowClient
 CANDIDATE, CHAMPION = "candidate", "champion"
 # Keys whose values must never be recorded, whatever a caller passes in.
 _SECRET_KEY = re.compile(r"token|secret|password|credential|api[_-]?key", re.IGNORECASE)
+# MLflow's limits on one log_batch request (mlflow.utils.validation) and on a param value.
+_METRICS_PER_BATCH = 1000
+_PARAMS_PER_BATCH = 100
+_PARAM_VALUE_CHARS = 6000
+# The checkout holding registry/ (and, installed editable, mobiquant): its commit identifies the code of a run.
+_CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -97,26 +107,58 @@ def log_run(
     artifacts_dir: Path,
     tags: dict[str, str],
 ) -> str:
-    """Record a finished run in one go and return its id."""
+    """Record a finished run in one go and return its id.
+
+    Params and metrics go in batches (``log_batch``: a few requests, not one per value); the run is tagged
+    with :func:`code_tags` as well as ``tags``.
+    """
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else _create_experiment(client, uri, experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**code_tags(), **tags})
     run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    entries = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    for key, values in step_metrics.items():
+        entries += [Metric(key, float(value), now, step) for step, value in enumerate(values)]
+    settings = [Param(key, value[:_PARAM_VALUE_CHARS]) for key, value in public_params(params).items()]
     try:
-        for key, value in public_params(params).items():
-            client.log_param(run_id, key, value[:6000])
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value))
-        for key, values in step_metrics.items():
-            for step, value in enumerate(values):
-                client.log_metric(run_id, key, float(value), step=step)
+        for start in range(0, len(settings), _PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=settings[start : start + _PARAMS_PER_BATCH])
+        for start in range(0, len(entries), _METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=entries[start : start + _METRICS_PER_BATCH])
         client.log_artifacts(run_id, str(artifacts_dir))
     except MlflowException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+def code_tags() -> dict[str, str]:
+    """The mobiquant version and the git commit of the code (``unknown`` outside a git checkout)."""
+    from mobiquant import __version__
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", "-C", str(_CODE_ROOT), *args], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"mobiquant.version": __version__, "mobiquant.git_commit": "unknown"}
+    # Uncommitted changes to tracked files mean the commit alone does not reproduce the run.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "mobiquant.version": __version__,
+        "mobiquant.git_commit": commit,
+        "mobiquant.git_dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+    }
 
 
 def _create_experiment(client: MlflowClient, uri: str, experiment: str) -> str:

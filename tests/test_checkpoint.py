@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import mobiquant
 import mobiquant.checkpoint as checkpoint
+from mobiquant import INSTALL_HINT
 from mobiquant.checkpoint import (
     LOAD_GUARD,
     CheckpointError,
@@ -23,6 +27,7 @@ from mobiquant.checkpoint import (
     save_checkpoint,
 )
 from mobiquant.layers import MoBiLinear
+from mobiquant.precision import set_precision
 from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -123,9 +128,35 @@ def test_loading_without_import_fails_clearly(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 3
     for line in lines[:2]:
-        assert line.startswith("FAILED") and "pip install mobiquant and `import mobiquant` before loading" in line
+        assert line.startswith("FAILED") and f"{INSTALL_HINT} and `import mobiquant` before loading" in line
     # The package import alone is enough for transformers to load the checkpoint.
     assert lines[2] == "MoBiLinear"
+    assert "pip install ." in INSTALL_HINT and "not on PyPI" in INSTALL_HINT
+
+
+def test_import_is_light_and_registers_when_transformers_is_first_used(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=18)
+    # A checkpoint written before the install line changed: its guard is still recognised.
+    config = json.loads((out / "config.json").read_text())
+    config["transformers_weights"] = (
+        "this is a MoBiQuant checkpoint: pip install mobiquant and `import mobiquant` before loading it"
+    )
+    (out / "config.json").write_text(json.dumps(config))
+    script = (
+        "import sys\n"
+        "import mobiquant\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(type(model.model.layers[0].mlp.up_proj).__name__)\n"
+        "import mobiquant.precision\n"
+        "print(mobiquant.set_precision is mobiquant.precision.set_precision, 'track_bits' in dir(mobiquant))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "MoBiLinear", "True True"]
+    with pytest.raises(AttributeError, match="no attribute 'quantise'"):
+        _ = mobiquant.quantise
 
 
 def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,6 +180,10 @@ def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkey
 
         def keys(self) -> list[str]:
             return self.inner.keys()
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            assert not key.endswith(".planes"), "bit planes are read by slice only"
+            return self.inner.get_tensor(key)
 
         def get_slice(self, key: str) -> object:
             lazy = self.inner.get_slice(key)
@@ -269,3 +304,128 @@ def test_checkpoint_gets_the_umask_permissions_not_the_staging_ones(tmp_path: Pa
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def _rewrite_tensors(folder: Path, edit: object) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _rewrite_quant_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("missing", ["scale", "zero", "thresholds", "threshold_bits", "router.fc1.weight"])
+def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path, missing: str) -> None:
+    _, out = saved(tmp_path, seed=14)
+    key = f"model.layers.1.mlp.up_proj.{missing}"
+    _rewrite_tensors(out, lambda tensors: tensors.pop(key))
+    with pytest.raises(CheckpointError, match=f"lacks {re.escape(key)}$"):
+        AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(CheckpointError, match=f"lacks {re.escape(key)}$"):
+        load_checkpoint(out)
+
+
+def test_nan_thresholds_are_refused(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=15)
+    key = "model.layers.0.self_attn.k_proj.thresholds"
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key][3] = float("nan")
+
+    _rewrite_tensors(out, poison)
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=f"{re.escape(key)} holds NaN"):
+            load(out)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_slices": 3}, r"num_slices 3, .*planes is \[8, 64, 2\], the config implies \[6, 64, 2\]"),
+        ({"num_slices": 5}, r"num_slices 5, .*planes is \[8, 64, 2\], the config implies \[10, 64, 2\]"),
+        ({"group_size": 64}, r"group_size 64, .*scale is \[64, 2\], the config implies \[64, 1\]"),
+        ({"threshold_bits": [2.0, 8.0]}, r"2 threshold_bits\).*threshold_bits is \[13\]"),
+        ({"threshold_bits": [2.25 + 0.5 * i for i in range(13)]}, r"threshold_bits is \[2\.0, 2\.5"),
+        ({"num_slices": 9}, r"num_slices must be a whole number in 1\.\.8"),
+    ],
+)
+def test_config_disagreeing_with_the_tensors_is_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    _, out = saved(tmp_path, seed=16)
+    _rewrite_quant_config(out, **changes)
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=message):
+            load(out)
+
+
+def test_truncated_weights_file_is_refused(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=17)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+        load_checkpoint(out)
+
+
+def _layer_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t for name, layer in mobi_layers(model).items() for key, t in layer.state_dict().items()}
+
+
+def test_save_pretrained_round_trips_like_save_checkpoint(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=19, extra_config={"calibration": {"seed": 3}})
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    assert sorted(p.name for p in again.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    first = json.loads((out / "config.json").read_text())
+    second = json.loads((again / "config.json").read_text())
+    assert second["quantization_config"] == first["quantization_config"]
+    assert second["transformers_weights"] == LOAD_GUARD
+    assert second["mobiquant_avg_bits"] is None and second["mobiquant_slices"] is None
+    ids = torch.randint(0, VOCAB, (2, 11))
+    for reloaded in (AutoModelForCausalLM.from_pretrained(again), load_checkpoint(again)):
+        assert _layer_state(reloaded).keys() == _layer_state(model).keys()
+        assert all(torch.equal(t, _layer_state(model)[k]) for k, t in _layer_state(reloaded).items())
+        for setting in [1, 2, 3, 4, None]:
+            set_uniform(model, setting, threshold=0.7)
+            set_uniform(reloaded, setting, threshold=0.7)
+            assert torch.equal(logits(model, ids), logits(reloaded, ids)), setting
+    with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
+        load_checkpoint(out, max_slices=2).save_pretrained(tmp_path / "partial")
+    # Shards: each file's bit planes are found where the index puts them.
+    loaded.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    set_uniform(model, 3)
+    assert torch.equal(logits(load_checkpoint(tmp_path / "sharded", max_slices=3), ids), logits(model, ids))
+
+
+def test_from_pretrained_sets_the_precision_asked_for(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=20)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    reference = load_checkpoint(out)
+
+    def setting_of(model: torch.nn.Module) -> list[tuple[int | None, float | None]]:
+        # A routed layer runs at its threshold; a uniform one ignores it.
+        return [(layer.uniform_slices, None if layer.uniform_slices else layer.threshold)
+                for layer in mobi_layers(model).values()]
+
+    for kwargs, setting in [
+        ({"mobiquant_avg_bits": 3.5}, {"avg_bits": 3.5}),
+        ({"mobiquant_avg_bits": "5"}, {"avg_bits": 5.0}),
+        ({"mobiquant_slices": 2}, {"slices": 2}),
+    ]:
+        loaded = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+        set_precision(reference, **setting)
+        assert setting_of(loaded) == setting_of(reference)
+        assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    # The precision is a load option, not part of the checkpoint written back.
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["mobiquant_slices"] is None
+    with pytest.raises(CheckpointError, match="give one of mobiquant_avg_bits or mobiquant_slices, not both"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits=3.0, mobiquant_slices=2)
+    with pytest.raises(CheckpointError, match="mobiquant_avg_bits must be a number, got 'high'"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits="high")
+    with pytest.raises(ValueError, match=r"avg_bits must be in \[2, 8\]"):
+        AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits=9)

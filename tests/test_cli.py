@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mobiquant import cli
+import mobiquant
+from mobiquant import cli, slicing
 from mobiquant.arch import architecture_for
 from mobiquant.checkpoint import load_checkpoint, replace_linears, save_checkpoint
 from mobiquant.data import calibration_samples, evaluation_tokens
@@ -114,6 +119,34 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and "positive integer" in one_line(err)
 
 
+def test_version_and_help_load_no_torch(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"mobiquant {mobiquant.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mobiquant.__version__)
+    script = (
+        "import sys\n"
+        "from mobiquant import cli\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'safetensors') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mobiquant" in result.stdout and result.stdout.splitlines()[-1] == "[]"
+
+
+def test_slices_stop_at_exact_16_bit_codes(capsys: pytest.CaptureFixture) -> None:
+    for bad in ("9", "27", "40"):
+        code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--slices", bad)
+        expected = f"at most 8 slices (16-bit codes; a 16-bit weight holds no more), got {bad}"
+        assert code == 2 and expected in one_line(err)
+    assert cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--slices", "8"]).slices == 8
+    assert cli.MAX_SLICES == slicing.MAX_SLICES
+
+
 def test_epochs_accepts_one_or_two_values() -> None:
     assert cli._epochs("3") == (3, 3)
     assert cli._epochs("1,4") == (1, 4)
@@ -195,6 +228,55 @@ def test_eval_bad_settings_are_one_line(capsys: pytest.CaptureFixture, checkpoin
     assert code == 1 and "no such file or folder" in one_line(err)
     code, _, err = run(capsys, "eval", str(checkpoint), "--data", "wikitext2:dev")
     assert code == 1 and "unknown split" in one_line(err)
+
+
+def test_eval_budgets_stop_at_the_slices_loaded(
+    capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path
+) -> None:
+    base = ("eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2", "--json")
+    code, _, err = run(capsys, *base, "--max-slices", "2", "--avg-bits", "6")
+    assert code == 1 and "--avg-bits 6: average bits must be in [2, 4] for the 2 slices loaded" in one_line(err)
+    code, out, err = run(capsys, *base, "--max-slices", "2", "--avg-bits", "2,3,4")
+    assert code == 0, err
+    measured = [row["avg_bits"] for row in json.loads(out)["results"]]
+    assert measured[0] == 2.0 and measured[2] == 4.0 and 2.0 < measured[1] < 4.0
+
+
+def test_eval_device_that_torch_cannot_use_is_one_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, checkpoint: Path, text_file: Path
+) -> None:
+    base = ("eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "1")
+    code, _, err = run(capsys, *base, "--device", "tpu0")
+    assert code == 1 and "--device tpu0: not a torch device" in one_line(err)
+    # A CPU-only build of torch, whatever this machine has.
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, *base, "--device", "cuda")
+    assert code == 1 and f"--device cuda: this torch {torch.__version__} is built without CUDA" in one_line(err)
+    # A CUDA build on a machine without a visible GPU.
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, _, err = run(capsys, *base, "--device", "cuda:1")
+    assert code == 1 and "--device cuda:1: 0 CUDA device(s) visible" in one_line(err)
+
+
+def test_truncated_or_inconsistent_checkpoint_is_one_line(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, text_file: Path
+) -> None:
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
+    for command in (("info", str(truncated)), ("eval", str(truncated), "--data", str(text_file), "--uniform", "1")):
+        code, out, err = run(capsys, *command)
+        assert code == 1 and out == "" and "corrupt or truncated checkpoint" in one_line(err), command
+    inconsistent = tmp_path / "inconsistent"
+    shutil.copytree(checkpoint, inconsistent)
+    config = json.loads((inconsistent / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 64
+    (inconsistent / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "info", str(inconsistent))
+    assert code == 1 and "checkpoint tensors disagree with its quantization_config" in one_line(err)
 
 
 def test_eval_max_slices(capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mobiquant.arch import Architecture
+from mobiquant.slicing import check_num_slices
 
 MODES = ("parallel", "sequential")
 COMPUTE_DTYPES = ("float32", "tfloat32", "bfloat16")
@@ -63,8 +64,7 @@ class CalibrationConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-        if self.num_slices < 1:
-            raise ValueError(f"num_slices must be at least 1, got {self.num_slices}")
+        check_num_slices(self.num_slices)
         if self.target_bits is not None and self.target_bits not in [2.0 * k for k in range(1, self.num_slices + 1)]:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:

@@ -1,0 +1,36 @@
+"""A loaded MoBiQuant model shared like any transformers model: push_to_hub, then from_pretrained from the Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from transformers import AutoModelForCausalLM
+
+from mobiquant.checkpoint import LOAD_GUARD, mobi_layers, save_checkpoint
+from tests.pipeline.hub_server import HubServer
+from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
+
+
+def test_push_to_hub_round_trips_with_identical_logits(hub: HubServer, tmp_path: Path) -> None:
+    original = quantize_tiny(tiny_model("qwen2", seed=21), seed=21)
+    folder = save_checkpoint(original, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded.push_to_hub("tester/tiny-mobiquant")
+    # The other way to the Hub: save_pretrained with push_to_hub.
+    loaded.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/tiny-mobiquant-2")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    for repo_id in ("tester/tiny-mobiquant", "tester/tiny-mobiquant-2"):
+        repo = hub.state.repos[repo_id]
+        files = set(repo.commits[repo.branches["main"]].files)
+        assert {"config.json", "model.safetensors"} <= files and not any(f.endswith((".bin", ".pt")) for f in files)
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+        assert config["transformers_weights"] == LOAD_GUARD
+        downloaded = AutoModelForCausalLM.from_pretrained(repo_id)
+        assert len(mobi_layers(downloaded)) == len(mobi_layers(original))
+        for setting in [1, 3, 4, None]:
+            set_uniform(original, setting, threshold=1.2)
+            set_uniform(downloaded, setting, threshold=1.2)
+            assert torch.equal(logits(original, ids), logits(downloaded, ids)), (repo_id, setting)

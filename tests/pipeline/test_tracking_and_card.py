@@ -1,0 +1,119 @@
+"""MLflow records (batched metrics, code version, the model version's source) and the model card's content."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import mobiquant
+from registry import release, tracking
+from registry.params import CompressParams
+from registry.report import EvaluationSetup, model_card
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VALIDATION = {
+    "fp": {"ppl": 10.0},
+    "budgets": [{"target_bits": 3.0, "avg_bits": 3.01, "ppl": 14.0}],
+    "uniform": [{"slices": 1, "avg_bits": 2.0, "ppl": 40.0}],
+    "rtn": [],
+    "tokens": 1000,
+}
+
+
+def test_log_run_batches_metrics_and_tags_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    batches: list[tuple[int, int]] = []
+    real_log_batch = MlflowClient.log_batch
+
+    def counting_log_batch(self: MlflowClient, run_id: str, metrics=(), params=(), tags=(), **kwargs) -> None:
+        batches.append((len(metrics), len(params)))
+        real_log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("one request per value")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
+    monkeypatch.setattr(MlflowClient, "log_metric", refused)
+    monkeypatch.setattr(MlflowClient, "log_param", refused)
+    curve = [float(step) / 7 for step in range(1200)]
+    params = {f"option_{i:03d}": i for i in range(150)} | {"hub_token": "hf_secret"}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("report")
+    run_id = tracking.log_run(
+        uri, experiment="mobiquant/tiny", run_name="r1", params=params, metrics={"ppl_fp": 10.5},
+        step_metrics={"loss_block_000_stage1": curve}, artifacts_dir=tmp_path / "report", tags={"gate": "passed"},
+    )  # fmt: skip
+    # 150 params in batches of 100; 1201 metric values in batches of 1000.
+    assert batches == [(0, 100), (0, 50), (1000, 0), (201, 0)]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["ppl_fp"] == 10.5 and run.data.params["option_149"] == "149"
+    assert "hub_token" not in run.data.params
+    history = client.get_metric_history(run_id, "loss_block_000_stage1")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(enumerate(curve))
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    tags = run.data.tags
+    assert tags["mobiquant.version"] == mobiquant.__version__
+    assert tags["mobiquant.git_commit"] == tags["mlflow.source.git.commit"] == commit.stdout.strip()
+    assert tags["mobiquant.git_dirty"] in ("true", "false") and tags["gate"] == "passed"
+
+
+def test_code_tags_outside_a_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tracking, "_CODE_ROOT", tmp_path)
+    assert tracking.code_tags() == {"mobiquant.version": mobiquant.__version__, "mobiquant.git_commit": "unknown"}
+
+
+@pytest.mark.parametrize("kind", ["local", "hub"])
+def test_model_version_source_is_the_published_repo(tmp_path: Path, kind: str) -> None:
+    publish = {"kind": kind, "root": str(tmp_path / "published"), "repo_id": "tester/tiny-mobiquant"}
+    if kind == "hub":
+        publish["endpoint"] = "http://127.0.0.1:9"
+    params = CompressParams(model="tester/tiny", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", publish=publish)
+    (tmp_path / "report").mkdir()
+    recorded = release.record(
+        params, source={"source": "tester/tiny", "sha": "abc", "kind": "hub"},
+        bundle={"overhead": 0.1, "report_dir": str(tmp_path / "report"), "repo_id": "tester/tiny-mobiquant"},
+        validation=VALIDATION, checks=[], passed=True, stages={}, blocks=[], checkpoint_dir=tmp_path / "work" / "ckpt",
+        run_name="r1",
+    )  # fmt: skip
+    version = MlflowClient(params.mlflow_uri).get_model_version(params.model_name(), recorded["version"])
+    expected = {
+        "local": (tmp_path / "published" / "tester" / "tiny-mobiquant").resolve().as_uri(),
+        "hub": "http://127.0.0.1:9/tester/tiny-mobiquant",
+    }[kind]
+    assert version.source == expected
+    assert version.tags["work.checkpoint_dir"] == str((tmp_path / "work" / "ckpt").resolve())
+
+
+def test_evaluation_setup_cuts_windows_as_perplexity_does(tmp_path: Path) -> None:
+    params = CompressParams(model="tester/tiny", evaluation_data="wikitext2:test", eval_seqlen=256)
+    setup = release.evaluation_setup(params, VALIDATION, {"max_position_embeddings": 128})
+    assert setup == EvaluationSetup("wikitext2:test", 128, 7, "float32")
+    capped = CompressParams(model="tester/tiny", eval_seqlen=256, eval_max_windows=2)
+    assert release.evaluation_setup(capped, VALIDATION, {}).windows == 2
+    assert release.evaluation_setup(params, {**VALIDATION, "fp": {"ppl": 1.0, "dtype": "bfloat16"}}, {}).fp_dtype == (
+        "bfloat16"
+    )
+
+
+def test_model_card_names_data_windows_dtype_license_and_install() -> None:
+    setup = EvaluationSetup("wikitext2:test", 256, 12, "float32")
+    card = model_card(
+        repo_id="tester/tiny-mobiquant", base_model="tester/tiny", license_id="apache-2.0", validation=VALIDATION,
+        setup=setup, config={"num_slices": 4, "group_size": 64}, files={"model.safetensors": "0" * 64},
+    )  # fmt: skip
+    assert "license: apache-2.0" in card and "License: `apache-2.0`, carried from the source model." in card
+    assert "perplexity on `wikitext2:test`, 12 non-overlapping windows of 256 tokens" in card
+    assert "| full precision (float32) | 32 | 10.000 |" in card
+    assert mobiquant.INSTALL_HINT in card and "pip install mobiquant" not in card
+    assert 'from_pretrained("tester/tiny-mobiquant", mobiquant_avg_bits=3.0)' in card
+    unlicensed = model_card(
+        repo_id="tester/tiny-mobiquant", base_model=None, license_id=None, validation=VALIDATION, setup=setup,
+        config={"num_slices": 4, "group_size": 64}, files={},
+    )  # fmt: skip
+    assert "the source model names none" in unlicensed and "license: other" in unlicensed

@@ -1,0 +1,130 @@
+"""``mobiquant eval --tasks``: lm-eval-harness tasks at each precision, on a local JSON task (no network)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobiquant.checkpoint import load_checkpoint
+from mobiquant.precision import set_precision
+from tests.test_cli import byte_tokenizer, checkpoint, one_line, run, text_file
+
+__all__ = ["checkpoint", "text_file"]  # module fixtures of test_cli, used here
+
+TASK, LL_TASK = "tiny_arith", "tiny_arith_ll"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tasks on one local JSON file: multiple choice (accuracy) and the right answer's perplexity."""
+    folder = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    with (folder / "arith.jsonl").open("w") as handle:
+        for _ in range(16):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            choices = [str(a + b), str(a * b + 10), str(a + b + 1)]
+            handle.write(json.dumps({"question": f"{a} plus {b} is", "choices": choices, "answer": rng.randrange(3)}))
+            handle.write("\n")
+    (folder / "arith.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'arith.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (folder / "arith_ll.yaml").write_text(
+        f"task: {LL_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'arith.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood\n"
+        'doc_to_text: "{{question}}"\n'
+        # A loglikelihood task's continuation is its target verbatim (no target_delimiter): the space is written here.
+        "doc_to_target: \"{{' ' + choices[answer]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+    )
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def reference_scores(model: torch.nn.Module, task_dir: Path) -> dict[str, float]:
+    """Both tasks' metrics from first principles, with the byte tokenizer's one token per byte: a choice's score
+    is the log-likelihood of its tokens (after a space) following the question; accuracy picks the best-scored
+    choice, perplexity is exp of minus the right answers' mean log-likelihood."""
+    tokenizer = byte_tokenizer()
+
+    def log_likelihood(question: str, answer: str) -> float:
+        ids = torch.tensor([tokenizer.encode(question + " " + answer)])
+        continuation = len(tokenizer.encode(" " + answer))
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        return float(log_probs.gather(-1, ids[0, 1:, None])[-continuation:].sum())
+
+    correct, right_answers = [], []
+    for line in (task_dir / "arith.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        scores = [log_likelihood(doc["question"], choice) for choice in doc["choices"]]
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+        right_answers.append(scores[doc["answer"]])
+    return {
+        f"{TASK} acc": sum(correct) / len(correct),
+        f"{LL_TASK} perplexity": math.exp(-sum(right_answers) / len(right_answers)),
+    }
+
+
+def test_tasks_at_each_precision_match_first_principles(
+    capsys: pytest.CaptureFixture, checkpoint: Path, task_dir: Path
+) -> None:
+    code, out, err = run(
+        capsys, "eval", str(checkpoint), "--tasks", f"{TASK},{LL_TASK}", "--include-path", str(task_dir),
+        "--uniform", "1,4", "--avg-bits", "5", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [(r["mode"], r["target"]) for r in rows] == [("uniform", 1), ("uniform", 4), ("routed", 5.0)]
+    assert rows[0]["avg_bits"] == 2.0 and rows[1]["avg_bits"] == 8.0 and 2.0 < rows[2]["avg_bits"] < 8.0
+    model = load_checkpoint(checkpoint)
+    for row, setting in zip(rows, [{"slices": 1}, {"slices": 4}, {"avg_bits": 5.0}], strict=True):
+        set_precision(model, **setting)
+        expected = reference_scores(model, task_dir)
+        assert row["tasks"].keys() == expected.keys()
+        assert row["tasks"] == {key: pytest.approx(value, rel=1e-6) for key, value in expected.items()}, setting
+    # Each setting ran at its own precision: the right answers' perplexity moves with it.
+    assert len({row["tasks"][f"{LL_TASK} perplexity"] for row in rows}) == 3
+
+    code, out, err = run(
+        capsys, "eval", str(checkpoint), "--tasks", TASK, "--include-path", str(task_dir), "--uniform", "2",
+        "--limit", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].endswith(f"lm-eval {TASK}, first 4 documents of each task")
+    assert lines[1].split() == ["setting", "avg", "bits", TASK, "acc"]  # only what the harness measured
+    assert lines[2].split()[:4] == ["uniform", "2", "slices", "4.000"] and len(lines) == 3
+
+
+def test_task_errors_are_one_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, checkpoint: Path, task_dir: Path
+) -> None:
+    code, _, err = run(capsys, "eval", str(checkpoint), "--tasks", "tiny_arth", "--include-path", str(task_dir))
+    assert code == 1 and "unknown lm-eval task 'tiny_arth' (did you mean tiny_arith" in one_line(err)
+    # Without the harness installed.
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    code, _, err = run(capsys, "eval", str(checkpoint), "--tasks", TASK)
+    assert code == 1 and "need lm-eval-harness, which is not installed" in one_line(err)
+    assert "`pip install '.[eval]'`" in err
