@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flows/, tasks/ and registry/ run from the checkout
 
 from flows.compress import calibrate_blocks, task_runner_for  # noqa: E402
-from registry import stages  # noqa: E402
-from registry.params import CompressParams  # noqa: E402
+from flows.params import CompressParams  # noqa: E402
+from tasks import stages  # noqa: E402
 from tests.pipeline.tiny import build_tiny_llama  # noqa: E402
 
 

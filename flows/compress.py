@@ -22,12 +22,12 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from flows.params import CompressParams, GateThresholds, PublishTarget, RunnerKind, parse_params
 from registry import tracking
-from registry.gate import GateCheck, GateFailedError, failure_message
-from registry.params import CompressParams, GateThresholds, PublishTarget, RunnerKind, parse_params
 from registry.publish import HubRepoTarget, target_for
-from registry.stages import file_lock
 from tasks import calibration, release
+from tasks.gate import GateCheck, GateFailedError, failure_message
+from tasks.stages import file_lock
 
 
 class PreflightError(RuntimeError):
@@ -39,6 +39,7 @@ def preflight(params: CompressParams) -> None:
     # The Prefect API first: checking it writes nothing, while a first MLflow check creates a sqlite database.
     check_prefect_api()
     check_device(params)
+    check_gated_tasks(params)
     try:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
@@ -77,6 +78,19 @@ def check_device(params: CompressParams) -> None:
         raise PreflightError(str(error)) from error
     if params.compute_dtype != "float32" and device.type != "cuda":
         raise PreflightError(f"compute_dtype {params.compute_dtype} needs a CUDA device; {device} computes in float32")
+
+
+def check_gated_tasks(params: CompressParams) -> None:
+    """The lm-eval tasks the gate scores exist (and lm-eval is installed) before any work starts."""
+    tasks = params.gate.gated_tasks()
+    if not tasks:
+        return
+    from mobiquant.harness import HarnessError, check_tasks, task_manager
+
+    try:
+        check_tasks(task_manager(params.eval_task_include_path), tasks)
+    except HarnessError as error:
+        raise PreflightError(str(error)) from error
 
 
 def check_prefect_api() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from registry.params import InvalidParametersError, parse_params
+from flows.params import InvalidParametersError, parse_params
 from registry.publish import PublishError
 
 ROOT = Path(__file__).resolve().parent.parent

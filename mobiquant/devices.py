@@ -20,6 +20,10 @@ import torch
 class DeviceError(ValueError):
     """A device that this machine or this torch build does not have."""
 
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"device {device!r}: {reason}")
+        self.device, self.reason = device, reason
+
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked to exist."""
@@ -29,22 +33,28 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError as error:
-        raise DeviceError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from error
+        raise DeviceError(text, "not a torch device (use auto, cpu, cuda or cuda:N)") from error
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise DeviceError(f"unsupported device {text!r}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise DeviceError(f"device {text!r} asked for, but {build}")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise DeviceError(f"device {text!r} asked for, but only {count} CUDA device(s) are visible")
+        raise DeviceError(text, "unsupported device (use auto, cpu, cuda or cuda:N)")
+    if torch.version.cuda is None:
+        raise DeviceError(text, f"this torch {torch.__version__} is built without CUDA (CPU only)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index or 0) >= count:
+        raise DeviceError(text, f"{count} CUDA device(s) visible")
     return device
 
 
 def available_threads() -> int:
-    """The cores this process may run on (its CPU affinity), not the machine's total."""
+    """``OMP_NUM_THREADS`` when set, else the cores this process may run on (its CPU affinity).
+
+    Threads beyond the cores actually free oversubscribe them, which costs far more than the threads gain
+    (docs/scale.md has a measurement); ``OMP_NUM_THREADS`` is how a user shares the cores with other work.
+    """
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -69,7 +79,7 @@ def block_devices(device: torch.device, workers: int, visible_gpus: int | None =
         return [f"cuda:{device.index}"]
     gpus = torch.cuda.device_count() if visible_gpus is None else visible_gpus
     if workers > gpus:
-        raise DeviceError(f"{workers} workers asked for, but {gpus} CUDA device(s) are visible: one GPU per worker")
+        raise DeviceError("cuda", f"{workers} workers asked for, but {gpus} CUDA device(s) visible: one GPU per worker")
     return [f"cuda:{i}" for i in range(workers)]
 
 

@@ -38,7 +38,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def evaluation_windows(
     tokens: torch.Tensor, seqlen: int, context: int | None = None, max_windows: int | None = None
 ) -> torch.Tensor:
-    """``[windows, seqlen]``: non-overlapping windows of ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
+    """``[windows, seqlen]``: non-overlapping windows of ``tokens`` (``[1, N]`` or ``[N]``), per docs/method.md.
 
     The window is ``seqlen`` or the model's ``context``, if shorter; a trailing partial window is dropped and
     ``max_windows`` keeps only the first windows.
@@ -76,7 +76,7 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> float:
-    """Perplexity of ``model`` on ``tokens`` (``[1, N]`` or ``[N]``), METHOD.md's protocol.
+    """Perplexity of ``model`` on ``tokens`` (``[1, N]`` or ``[N]``), the protocol of docs/method.md.
 
     The tokens are cut into non-overlapping windows of ``seqlen`` (or the model's context, if
     shorter); a trailing partial window is dropped. Each window is scored on its own, predicting

@@ -1,6 +1,6 @@
 """MoBiSlice: a weight as 2-bit residual slices sharing one scale and zero per group.
 
-Notation follows METHOD.md. For a group with scale ``s`` and zero ``z`` (in base-slice code units),
+Notation follows docs/method.md. For a group with scale ``s`` and zero ``z`` (in base-slice code units),
 ``u = W / s + z`` and the code at ``k`` slices is ``c_k = clamp(floor(u * 4^(k-1)), 0, 4^k - 1)``.
 Because multiplying by a power of four is exact in floating point, ``c_(k-1) == c_k >> 2`` holds
 bit for bit: dropping slices truncates, it never re-rounds. Dequantisation takes the midpoint of the

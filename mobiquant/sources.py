@@ -333,6 +333,11 @@ def _convert_gguf(path: Path, target: Path) -> None:
     # The weights are dequantized to float on load; dropping the GGUF quantization state makes the model a plain
     # one that save_pretrained accepts (it refuses GGUF-quantized models).
     model.hf_quantizer.remove_quantization_config(model)
+    _save_converted(model, tokenizer, target)
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write a converted model (safetensors) and its tokenizer into ``target`` in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -367,17 +372,5 @@ def with_safetensors(source: ModelSource, cache_dir: str | os.PathLike | None = 
     if not target.is_dir():
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto", use_safetensors=False,
                                                      trust_remote_code=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(staging)
-            AutoTokenizer.from_pretrained(source.path, trust_remote_code=False).save_pretrained(staging)
-            try:
-                os.replace(staging, target)
-            except OSError:
-                if not target.is_dir():
-                    raise
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        _save_converted(model, AutoTokenizer.from_pretrained(source.path, trust_remote_code=False), target)
     return ModelSource(path=target, sha=source.sha, kind=source.kind, source=source.source)

@@ -30,9 +30,9 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, sn
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_session
 
+from flows.params import PublishTarget
 from mobiquant.outputs import holds_mobiquant_checkpoint
 from registry.hashing import manifest_digest, sha256_file, tree_manifest
-from registry.params import PublishTarget
 
 MAIN = "main"
 T = TypeVar("T")

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flows.params import CompressParams, PublishTarget
 from registry import tracking
-from registry.gate import GateCheck
 from registry.hashing import tree_manifest
-from registry.params import CompressParams, PublishTarget
 from registry.publish import LocalRepoTarget, PublishError, target_for
 from registry.report import (
     PLOT_NAME,
@@ -21,9 +20,10 @@ from registry.report import (
     plot_ppl_vs_bits,
     stage_table,
 )
+from tasks.gate import GateCheck
 
 MANIFEST_ARTIFACT = "sha256.json"
-# registry.stages.validate runs the full-precision model in float32 (it does not record the dtype).
+# tasks.stages.validate runs the full-precision model in float32 (it does not record the dtype).
 VALIDATION_FP_DTYPE = "float32"
 
 

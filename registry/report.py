@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # after use("Agg"): the backend is fixed at imp
 from huggingface_hub import ModelCard, ModelCardData
 
 from mobiquant import INSTALL_HINT
-from registry.gate import GateCheck
+from tasks.gate import GateCheck
 
 PLOT_NAME = "ppl_vs_bits.png"
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 
-from registry import stages
+from tasks import stages
 
 
 def _hub_unavailable(_task: Task[..., Any], _task_run: TaskRun, state: State[Any]) -> bool:

@@ -8,9 +8,10 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from registry import release, stages
-from registry.gate import GateCheck, evaluate_gate, gate_passed
-from registry.params import CompressParams
+from flows.params import CompressParams
+from registry import release
+from tasks import stages
+from tasks.gate import GateCheck, evaluate_gate, gate_passed
 
 
 @task(name="validate")
@@ -29,6 +30,10 @@ def validate(
         group_size=params.group_size,
         device=params.device,
         out_path=Path(out_path),
+        tasks=params.gate.gated_tasks(),
+        task_bits=sorted(params.gate.min_task_score),
+        task_include_path=params.eval_task_include_path,
+        task_limit=params.eval_task_limit,
     )
     checks = evaluate_gate(validation, params.gate)
     return validation, [c.to_dict() for c in checks], gate_passed(checks)

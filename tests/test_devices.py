@@ -10,29 +10,36 @@ import pytest
 import torch
 
 from flows.compress import block_task_devices, dask_cluster_for
+from flows.params import parse_params
 from mobiquant import devices
 from mobiquant.devices import DeviceError, block_devices, lease_device, physical_gpu, resolve_device
-from registry.params import parse_params
 
 
 def test_auto_is_the_cpu_without_cuda_and_cuda_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") == resolve_device(None)
     assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.version, "cuda", None)
     for spec in ("cuda", "cuda:1"):
-        with pytest.raises(DeviceError, match=f"device '{spec}' asked for, but") as error:
+        with pytest.raises(DeviceError, match=f"device '{spec}': this torch .* is built without CUDA") as error:
             resolve_device(spec)
         assert "\n" not in str(error.value)
-    with pytest.raises(DeviceError, match="use auto, cpu, cuda or cuda:N"):
-        resolve_device("tpu")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(DeviceError, match="device 'cuda': 0 CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="not a torch device"):
+        resolve_device("tpu0")
+    with pytest.raises(DeviceError, match="unsupported device"):
+        resolve_device("mps")
 
 
 def test_cuda_index_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(DeviceError, match="only 2 CUDA device"):
+    with pytest.raises(DeviceError, match="2 CUDA device"):
         resolve_device("cuda:2")
 
 
@@ -76,8 +83,11 @@ def test_leases_follow_the_physical_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     assert physical_gpu("cuda:1") == "1"
 
 
-def test_set_threads_defaults_to_the_cores_this_process_may_use() -> None:
+def test_set_threads_defaults_to_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert devices.available_threads() == len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     try:
         assert devices.set_threads(None) == devices.available_threads() == torch.get_num_threads()
         assert devices.set_threads(1) == 1 == torch.get_num_threads()
@@ -94,6 +104,7 @@ def _params(tmp_path: Path, **values: object) -> object:
 def test_pipeline_assigns_one_gpu_per_block_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert block_task_devices(_params(tmp_path, runner="thread", workers=2)) == ["cuda:0", "cuda:1"]
     assert block_task_devices(_params(tmp_path, runner="process", workers=2, device="cuda")) == ["cuda:0", "cuda:1"]
     # Dask workers each see one GPU: the task resolves the device on its worker.

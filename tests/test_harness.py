@@ -128,3 +128,30 @@ def test_task_errors_are_one_line(
     code, _, err = run(capsys, "eval", str(checkpoint), "--tasks", TASK)
     assert code == 1 and "need lm-eval-harness, which is not installed" in one_line(err)
     assert "`pip install '.[eval]'`" in err
+
+
+def test_pipeline_validation_gates_on_task_scores(
+    checkpoint: Path, text_file: Path, task_dir: Path, tmp_path: Path
+) -> None:
+    from flows.params import GateThresholds
+    from tasks.gate import evaluate_gate
+    from tasks.stages import validate
+    from tests.test_cli import tiny_llama
+
+    source = tmp_path / "source"
+    tiny_llama().save_pretrained(source)  # the weights the checkpoint was sliced from (same seed)
+    byte_tokenizer().save_pretrained(source)
+    validation = validate(
+        source, checkpoint, evaluation_data=str(text_file), eval_seqlen=64, eval_max_windows=2, budgets=[3.0],
+        num_slices=4, group_size=32, device="cpu", out_path=tmp_path / "validation.json", tasks=[TASK],
+        task_bits=[3.0], task_include_path=str(task_dir), task_limit=8,
+    )
+    (row,) = validation["tasks"]
+    score = row["tasks"][f"{TASK} acc"]
+    assert row["target"] == 3.0 and 2.0 < row["avg_bits"] < 4.0 and 0.0 <= score <= 1.0
+    met = evaluate_gate(validation, GateThresholds(min_task_score={3.0: {f"{TASK} acc": score}}))
+    assert [c.passed for c in met if c.name == f"{TASK} acc@3"] == [True]
+    missed = evaluate_gate(validation, GateThresholds(min_task_score={3.0: {f"{TASK} acc": score + 0.01,
+                                                                          f"{TASK} f1": 0.0}}))
+    assert {c.name: c.passed for c in missed if "@3" in c.name and TASK in c.name} == {
+        f"{TASK} acc@3": False, f"{TASK} f1@3": False}

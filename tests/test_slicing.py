@@ -1,4 +1,4 @@
-"""MoBiSlice against an independent float64 implementation of METHOD.md's formulas."""
+"""MoBiSlice against an independent float64 implementation of the formulas in docs/method.md."""
 
 import numpy as np
 import pytest

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flows.compress import compress
+from flows.params import InvalidParametersError, PublishTarget, parse_params
 from mobiquant import cli
-from registry.params import InvalidParametersError, PublishTarget, parse_params
 from tests.faults.runs import ROOT
 from tests.pipeline.conftest import tiny_params
 from tests.pipeline.hub_server import HubServer
@@ -72,6 +72,26 @@ def inf_in_embedding(folder: Path) -> None:
     _poison(folder, "model.embed_tokens.weight", float("inf"))
 
 
+def _rewrite_tensors(folder: Path, name: str, tensor: torch.Tensor | None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    if tensor is None:
+        del state[name]
+    else:
+        state[name] = tensor
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def missing_tensor(folder: Path) -> None:
+    _rewrite_tensors(folder, "model.layers.1.mlp.down_proj.weight", None)
+
+
+def misshaped_tensor(folder: Path) -> None:
+    """A hidden size the config does not have: transformers would only warn and fill the tensor at random."""
+    _rewrite_tensors(folder, "model.layers.0.self_attn.o_proj.weight", torch.zeros(64, 32))
+
+
 def small_vocabulary(folder: Path) -> None:
     """The model's vocabulary shrunk to 16 tokens while the tokenizer keeps its own: another model's tokenizer."""
     config = LlamaConfig.from_pretrained(folder)
@@ -88,6 +108,8 @@ def pickle_only(folder: Path) -> None:
 # case: (how the folder is spoiled, extra flow parameters, extra CLI arguments, message)
 FOLDER_CASES: dict[str, tuple[Callable[[Path], None] | None, dict[str, Any], tuple[str, ...], str]] = {
     "unsupported-architecture": (unsupported, {}, (), "unsupported architecture 'gpt2'"),
+    "missing-tensor": (missing_tensor, {}, (), "lacks the tensor model.layers.1.mlp.down_proj.weight"),
+    "misshaped-tensor": (misshaped_tensor, {}, (), "model.layers.0.self_attn.o_proj.weight in"),
     "truncated-safetensors": (truncated, {}, (), "corrupt safetensors file"),
     "corrupt-safetensors": (corrupt_header, {}, (), "corrupt safetensors file"),
     "nan-weights": (nan_in_linear, {}, (), "model.layers.1.self_attn.q_proj.weight contains NaN or Inf"),

@@ -11,7 +11,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import demo
 from flows.compress import PreflightError, compress, preflight
-from registry.params import parse_params
+from flows.params import parse_params
 from tests.pipeline.conftest import tiny_params
 
 

@@ -12,8 +12,8 @@ from prefect import get_client
 
 from flows.compress import compress
 from flows.promote import promote
-from registry.gate import GateFailedError
 from registry.hashing import tree_manifest
+from tasks.gate import GateFailedError
 from tests.pipeline.conftest import tiny_params
 
 

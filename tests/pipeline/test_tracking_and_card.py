@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import mobiquant
+from flows.params import CompressParams
 from registry import release, tracking
-from registry.params import CompressParams
 from registry.report import EvaluationSetup, model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from registry.gate import evaluate_gate, failure_message, gate_passed
+from flows.params import CompressParams, GateThresholds
 from registry.hashing import tree_manifest
-from registry.params import CompressParams, GateThresholds
 from registry.publish import LocalRepoTarget, PublishError
+from tasks.gate import evaluate_gate, failure_message, gate_passed
 
 VALIDATION = {
     "fp": {"ppl": 10.0},

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from registry.params import GateThresholds
+from flows.params import GateThresholds
 
 
 class GateFailedError(RuntimeError):
@@ -66,6 +66,19 @@ def evaluate_gate(validation: dict[str, Any], thresholds: GateThresholds) -> lis
                 detail="not measured" if row is None else f"ppl {row['ppl']:.3f} against full precision {fp:.3f}",
             )
         )
+    for bits, minimums in sorted(thresholds.min_task_score.items()):
+        row = next((r for r in validation.get("tasks", []) if math.isclose(r["target"], bits)), None)
+        for metric, minimum in sorted(minimums.items()):
+            score = row["tasks"].get(metric) if row is not None else None
+            checks.append(
+                GateCheck(
+                    name=f"{metric}@{bits:g}",
+                    value=-math.inf if score is None else score,
+                    limit=minimum,
+                    passed=score is not None and score >= minimum,
+                    detail="not measured" if score is None else f"routed at {row['avg_bits']:.3f} bits",
+                )
+            )
     if thresholds.routed_not_worse_than_rtn:
         rtn = {float(r["bits"]): r["ppl"] for r in validation.get("rtn", [])}
         checked = None if thresholds.rtn_check_bits is None else {float(b) for b in thresholds.rtn_check_bits}

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flows.params import SMOLLM2_ALIAS
 from registry.hashing import tree_manifest
-from registry.params import SMOLLM2_ALIAS
 
 SAMPLES_FILE = "samples.safetensors"
 
@@ -247,8 +247,13 @@ def validate(
     group_size: int,
     device: str,
     out_path: Path,
+    tasks: list[str] | None = None,
+    task_bits: list[float] | None = None,
+    task_include_path: str | None = None,
+    task_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity at every budget, uniform 1..K slices, full precision and RTN, on the same tokens.
+    """Perplexity at every budget, uniform 1..K slices, full precision and RTN, on the same tokens; lm-eval
+    ``tasks`` on the routed model at every ``task_bits`` budget.
 
     Full precision and RTN stream the source one block at a time; the packed elastic model is the only
     whole model held.
@@ -264,7 +269,8 @@ def validate(
 
     start = time.perf_counter()
     compute = resolve_device(device)
-    tokens = evaluation_tokens(AutoTokenizer.from_pretrained(model_dir), evaluation_data)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = evaluation_tokens(tokenizer, evaluation_data)
     files = ModelFiles(model_dir)
     rtn_bits = sorted({int(b) for b in budgets if float(b).is_integer()} | {2 * k for k in range(1, num_slices + 1)})
     variants = {"fp": None, **{f"rtn{bits}": rtn_transform(files.arch, bits, group_size) for bits in rtn_bits}}
@@ -291,6 +297,13 @@ def validate(
         with track_bits(model) as meter:
             value = ppl(model)
         result["budgets"].append({"target_bits": bits, "avg_bits": meter.avg_bits, "ppl": value})
+    if tasks:
+        from mobiquant.harness import check_tasks, evaluate_tasks, task_manager
+
+        manager = task_manager(task_include_path)
+        check_tasks(manager, tasks)
+        settings = [("routed", float(bits), {"avg_bits": float(bits)}) for bits in task_bits or []]
+        result["tasks"] = evaluate_tasks(model, tokenizer, manager, tasks, settings, limit=task_limit)
     result["seconds"] = time.perf_counter() - start
     result["tokens"] = int(tokens.numel())
     out_path.parent.mkdir(parents=True, exist_ok=True)

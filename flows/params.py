@@ -56,6 +56,15 @@ class GateThresholds(BaseModel):
         None, description="the budgets compared with RTN (default: every integer budget); others are only reported"
     )
     max_bits_error: float = Field(0.25, ge=0, description="largest |measured average bits - budget|")
+    min_task_score: dict[float, dict[str, float]] = Field(
+        default_factory=dict,
+        description="average bits -> {'<lm-eval task> <metric>': lowest allowed score}, e.g. "
+        "{4.0: {'arc_easy acc': 0.6}}; the tasks run on the routed model at those budgets",
+    )
+
+    def gated_tasks(self) -> list[str]:
+        """The lm-eval tasks the gate needs: the task part of every ``'<task> <metric>'`` key."""
+        return sorted({key.split(" ", 1)[0] for scores in self.min_task_score.values() for key in scores})
 
     @field_validator("max_ratio_to_fp")
     @classmethod
@@ -125,6 +134,8 @@ class CompressParams(BaseModel):
     budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
     eval_seqlen: int = Field(256, ge=8, le=32768)
     eval_max_windows: int | None = Field(None, ge=1)
+    eval_task_include_path: str | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+    eval_task_limit: int | None = Field(None, ge=1, description="score only the first N documents of each task")
     gate: GateThresholds = Field(default_factory=GateThresholds)
     publish: PublishTarget = Field(default_factory=PublishTarget)
     mlflow_uri: str = "sqlite:///mlflow.db"
@@ -181,14 +192,14 @@ class CompressParams(BaseModel):
         outside = [b for b in self.budgets if not 2.0 <= b <= top]
         if outside:
             raise ValueError(f"budgets {outside} are outside [2, {top:g}] (2 bits per slice, {self.num_slices} slices)")
-        for bits in self.gate.max_ratio_to_fp:
+        for bits in [*self.gate.max_ratio_to_fp, *self.gate.min_task_score]:
             if not 2.0 <= bits <= top:
-                raise ValueError(f"gate.max_ratio_to_fp names {bits:g} bits, outside [2, {top:g}]")
+                raise ValueError(f"the gate names {bits:g} bits, outside [2, {top:g}]")
         return self
 
     def budgets_to_validate(self) -> list[float]:
         """The budgets, plus every bit-width the gate looks at, sorted and without repeats."""
-        return sorted({*self.budgets, *self.gate.max_ratio_to_fp})
+        return sorted({*self.budgets, *self.gate.max_ratio_to_fp, *self.gate.min_task_score})
 
     def source_name(self) -> str:
         """A short name of the source model for experiment and repo names."""
