@@ -167,6 +167,7 @@ def cost(args: argparse.Namespace) -> list[dict]:
         config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                              num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                              max_position_embeddings=max(args.seqlen, 2048))
+        config._attn_implementation = "sdpa"  # as from_pretrained sets it; a bare layer would fall back to eager
         torch.manual_seed(0)
         with torch.device(device):
             block = LlamaDecoderLayer(config, layer_idx=0).float().eval()
@@ -177,8 +178,10 @@ def cost(args: argparse.Namespace) -> list[dict]:
             positions = torch.arange(args.seqlen).unsqueeze(0)
             block_kwargs = {"position_embeddings": rotary(hidden[:1], positions), "attention_mask": None,
                             "position_ids": positions, "use_cache": False}
-        calibration = CalibrationConfig(group_size=128, epochs_stage1=args.epochs[0], epochs_stage2=args.epochs[1],
-                                        batch_size=min(4, args.samples), compute_dtype=args.compute_dtype)
+        group_size = 128 if shape.hidden % 128 == 0 and shape.intermediate % 128 == 0 else 64
+        calibration = CalibrationConfig(group_size=group_size, epochs_stage1=args.epochs[0],
+                                        epochs_stage2=args.epochs[1], batch_size=min(4, args.samples),
+                                        compute_dtype=args.compute_dtype)
         marks: list[tuple[str, float]] = []
         if device.type == "cuda":
             torch.cuda.synchronize()

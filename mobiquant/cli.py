@@ -316,7 +316,8 @@ def evaluate_settings(
     for mode, target, kwargs in precision_settings(uniform, avg_bits):
         set_precision(model, **kwargs)
         with track_bits(model) as meter:
-            ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress)
+            desc = f"perplexity, {target} slices" if mode == "uniform" else f"perplexity, routed {target:g} bits"
+            ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress, desc=desc)
         rows.append({"mode": mode, "target": target, "avg_bits": meter.avg_bits, "perplexity": ppl})
     return rows
 
