@@ -30,8 +30,9 @@ each corrected by its own error, the identity above holds for every copy, and th
 ``sum_b lambda_b ||X (W - Q_b)^T||^2`` is the sum over columns of ``sum_b lambda_b ||e_i^(b)||^2``. Column
 ``i``'s choice enters only its own term (``U_ii`` is shared by all copies), so each weight's code is
 chosen to minimise ``sum_b lambda_b (w_i^(b) - q_b(c))^2``, exactly over every code of the finest
-weighted precision. With one precision weighted this is plain GPTQ (round to nearest). MatGPTQ corrects
-one shared copy by the precisions' mean error instead; measured worse on this format (issue 16).
+weighted precision (every prefix is tried; the finest bits below a prefix have a closed-form best).
+With one precision weighted this is plain GPTQ (round to nearest). MatGPTQ corrects one shared copy
+by the precisions' mean error instead; measured worse on this format (issue 16).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
-# Every code of the finest weighted precision is a candidate: 2^bits of them per weight.
+# The finest precision the objective may weigh: its prefixes one weighted precision up are all tried per weight.
 MAX_SEARCHED_BITS = 8
 
 # (column index in the weight's own order, current values of the copies [copies, out])
@@ -135,30 +136,34 @@ def nested_codes(
     precisions = sorted(weighted)
     coefficients = torch.tensor([weighted[b] for b in precisions], dtype=torch.float64)
 
-    def levels(bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``[out, 2^bits]``: the value every code at ``bits`` stands for, row by row."""
-        codes = torch.arange(2**bits, dtype=torch.float64)
-        return s.unsqueeze(-1) * ((codes + 0.5) / 2.0 ** (bits - 2) - z.unsqueeze(-1))
+    # Candidates: every code of the second finest weighted precision (one empty prefix if only one is
+    # weighted). Below such a prefix only the finest term varies, a convex quadratic in the code, so its
+    # best finest code is the nearest level clamped into the prefix's interval: exact, at a quarter of
+    # the cost of trying every finest code for the default 2/4/6/8-bit weights.
+    coarse = precisions[-2] if len(precisions) > 1 else 0
+    prefixes = torch.arange(2**coarse)
+    span = 2 ** (finest - coarse)
+    lowest, highest = prefixes * span, prefixes * span + span - 1
+
+    def value(codes: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return s * ((codes + 0.5) / 2.0 ** (bits - 2) - z)
 
     def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, z = scale[:, column // group_size], zero[:, column // group_size]
-        # Weighted squared error of every candidate code at the finest precision: a code at b bits is shared
-        # by the 2^(finest - b) finer codes below it, hence the repeat.
-        total = 0.0
-        grids = []
-        for index, bits in enumerate(precisions):
-            grid = levels(bits, s, z)
-            grids.append(grid)
-            cost = coefficients[index] * (grid - values[index].unsqueeze(-1)).pow(2)
-            total = total + cost.repeat_interleave(2 ** (finest - bits), dim=-1)
-        best = torch.argmin(total, dim=-1)
-        quantized = torch.stack([grid.gather(-1, (best >> (finest - bits)).unsqueeze(-1)).squeeze(-1)
-                                 for grid, bits in zip(grids, precisions, strict=True)])
+        s, z = scale[:, column // group_size, None], zero[:, column // group_size, None]
+        nearest = torch.floor((values[-1].unsqueeze(-1) / s + z) * 2.0 ** (finest - 2))
+        leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
+        total = coefficients[-1] * (value(leaves, finest, s, z) - values[-1].unsqueeze(-1)).pow(2)
+        for index, bits in enumerate(precisions[:-1]):
+            grid = value((prefixes >> (coarse - bits)).double(), bits, s, z)
+            total += coefficients[index] * (grid - values[index].unsqueeze(-1)).pow(2)
+        best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
+        quantized = torch.stack([value((best >> (finest - bits)).double(), bits, s[:, 0], z[:, 0])
+                                 for bits in precisions])
         if code_bits == finest:
             return best, quantized
         # The finer bits: the nearest finer level to the finest copy's value, inside the chosen code's interval.
         spread = 2 ** (code_bits - finest)
-        target = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2)) - best * spread
+        target = torch.floor((values[-1] / s[:, 0] + z[:, 0]) * 2.0 ** (code_bits - 2)) - best * spread
         return best * spread + target.clamp(0, spread - 1).to(torch.int64), quantized
 
     codes, errors = compensate_columns(weight, hessian, quantize_column, len(precisions), block_size, damp, act_order)
