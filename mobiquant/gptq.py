@@ -81,15 +81,15 @@ def compensate_columns(
     """
     hessian = hessian.double()
     order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
-             else torch.arange(hessian.shape[0]))
+             else torch.arange(hessian.shape[0], device=hessian.device))
     factor = inverse_hessian_factor(hessian[order][:, order], damp)
     work = weight.double()[:, order].unsqueeze(0).repeat(copies, 1, 1)
     out_features, in_features = weight.shape
-    codes = torch.empty(out_features, in_features, dtype=torch.int64)
-    errors_sum = torch.zeros(copies, dtype=torch.float64)
+    codes = torch.empty(out_features, in_features, dtype=torch.int64, device=weight.device)
+    errors_sum = torch.zeros(copies, dtype=torch.float64, device=weight.device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block_errors = torch.empty(copies, out_features, end - start, dtype=torch.float64)
+        block_errors = torch.empty(copies, out_features, end - start, dtype=torch.float64, device=weight.device)
         for position in range(start, end):
             column = int(order[position])
             column_codes, quantized = quantize_column(column, work[:, :, position])
@@ -134,14 +134,14 @@ def nested_codes(
     group_size = weight.shape[1] // scale.shape[1]
     scale, zero = scale.double(), zero.double()
     precisions = sorted(weighted)
-    coefficients = torch.tensor([weighted[b] for b in precisions], dtype=torch.float64)
+    coefficients = [weighted[b] for b in precisions]
 
     # Candidates: every code of the second finest weighted precision (one empty prefix if only one is
     # weighted). Below such a prefix only the finest term varies, a convex quadratic in the code, so its
     # best finest code is the nearest level clamped into the prefix's interval: exact, at a quarter of
     # the cost of trying every finest code for the default 2/4/6/8-bit weights.
     coarse = precisions[-2] if len(precisions) > 1 else 0
-    prefixes = torch.arange(2**coarse)
+    prefixes = torch.arange(2**coarse, device=weight.device)
     span = 2 ** (finest - coarse)
     lowest, highest = prefixes * span, prefixes * span + span - 1
 

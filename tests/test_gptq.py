@@ -10,9 +10,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from mobiquant.calibration import CalibrationConfig, TrainableSlicedLinear, calibrate_block
+from mobiquant.calibration.block import truncation_errors
+from mobiquant.calibration.capture import block_outputs
 from mobiquant.evaluation import rtn_quantize
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
-from mobiquant.slicing import dequantize_codes, full_codes, slice_weight
+from mobiquant.slicing import dequantize_codes, full_codes, slice_weight, unpack_codes
+from tests.test_method import heavy_tailed_block, one_slice_block_error
 
 GROUP = 32
 
@@ -193,3 +197,71 @@ def test_rejects_precisions_it_cannot_search() -> None:
         nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {10: 1.0})
     with pytest.raises(ValueError, match="not all zero"):
         nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 0.0})
+
+
+def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> None:
+    torch.manual_seed(21)
+    arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
+        *shape, torch.Generator().manual_seed(shape[0] + shape[1])))
+    config = CalibrationConfig(group_size=GROUP, epochs_stage1=1, epochs_stage2=1, batch_size=4,
+                               precision_weights=(4.0, 24.0, 32.0, 0.0))
+    seen: dict[str, list[torch.Tensor]] = {}
+    linears = arch.quantized_linears(block)
+    handles = [linear.register_forward_pre_hook(
+        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name, linear in linears.items()]
+    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
+    for handle in handles:
+        handle.remove()
+    result = calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
+    for name, linear in linears.items():
+        x = torch.cat(seen[name]).double()
+        scale, zero = result.state[f"{name}.scale"], result.state[f"{name}.zero"]
+        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8,
+                                   {2: 4.0, 4: 24.0, 6: 32.0})
+        stored = unpack_codes(result.state[f"{name}.planes"], 4)
+        assert torch.equal(stored, expected), name
+    assert "stage2" in result.losses and len(result.losses["stage2"]) == 1
+
+
+def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None:
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(64, 24, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(heavy_tailed(24, 64, generator))
+    x = correlated_inputs(300, 64, generator).float()
+    module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
+    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0})
+    layer = module.to_mobilinear()
+    floor = slice_weight(linear.weight.detach(), GROUP, 4, clip=(module.clip_factors()[0].detach(),
+                                                                   module.clip_factors()[1].detach()))
+    assert torch.equal(layer.scale, floor.scale) and torch.equal(layer.zero, floor.zero)
+    assert not torch.equal(layer.planes, floor.planes)
+    errors = truncation_errors(module, x)
+    for e in range(1, 4):
+        diff = layer.sliced_weight().dequantize(e, torch.float64) - linear.weight.detach().double()
+        torch.testing.assert_close(errors[:, e - 1].double(), (x.double() @ diff.T).pow(2).sum(-1), rtol=1e-4, atol=0)
+    for k in range(1, 5):
+        module.uniform_slices = k
+        torch.testing.assert_close(module(x), layer(x, k), rtol=1e-5, atol=1e-6)
+    assert not module.upper_logit.requires_grad and not module.lower_logit.requires_grad
+
+
+def test_compensation_lowers_a_two_bit_controls_block_error() -> None:
+    setup = heavy_tailed_block(lambda shape: torch.distributions.StudentT(3.0).sample(shape) * 0.05)
+    errors = {
+        compensate: one_slice_block_error(setup, CalibrationConfig(group_size=GROUP, epochs_stage1=0, epochs_stage2=0,
+                                                                   target_bits=2.0, error_compensation=compensate))
+        for compensate in (False, True)
+    }
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_precision_weights_are_checked() -> None:
+    assert CalibrationConfig(num_slices=3, precision_weights=(1, 2, 0)).compensation_objective == {1: 1.0, 2: 2.0}
+    assert CalibrationConfig(target_bits=4.0, precision_weights=(1, 2, 3, 4)).compensation_objective == {2: 1.0}
+    with pytest.raises(ValueError, match="precision_weights needs 4"):
+        CalibrationConfig(precision_weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="at most 4 slices"):
+        CalibrationConfig(num_slices=5, precision_weights=(1, 1, 1, 1, 1))
