@@ -119,9 +119,11 @@ def nested_codes(
     (``[out, in // group_size]``, used as given), the code at ``b`` bits is ``c >> (code_bits - b)`` and
     stands for ``s * ((c_b + 0.5) / 2^(b-2) - z)``; ``b = 2k`` is ``k`` slices, and an odd ``b`` is a grid
     of its own (3 bits: 8 levels) for a single-precision control. ``bit_weights`` maps precisions (bits) to
-    the weight of their output error. Bits below the finest weighted precision follow that precision's
-    compensated copy by rounding to the nearest finer level (they are not in the objective). Returns
-    ``(codes, {bits: ||X (W - Q_bits)^T||^2})`` with the damped Hessian.
+    the weight of their output error. Bits below the finest weighted precision are not in the objective:
+    they round a copy of their own at ``code_bits``, compensated by its own error, inside the interval the
+    weighted precisions chose (the weighted copies' corrections answer other errors than its own). Returns
+    ``(codes, {bits: ||X (W - Q_bits)^T||^2})`` with the damped Hessian, for every weighted precision and
+    ``code_bits``.
     """
     weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
     if not weighted or min(bit_weights.values()) < 0:
@@ -150,24 +152,27 @@ def nested_codes(
 
     def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = scale[:, column // group_size, None], zero[:, column // group_size, None]
-        nearest = torch.floor((values[-1].unsqueeze(-1) / s + z) * 2.0 ** (finest - 2))
+        top = values[len(precisions) - 1].unsqueeze(-1)
+        nearest = torch.floor((top / s + z) * 2.0 ** (finest - 2))
         leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
-        total = coefficients[-1] * (value(leaves, finest, s, z) - values[-1].unsqueeze(-1)).pow(2)
+        total = coefficients[-1] * (value(leaves, finest, s, z) - top).pow(2)
         for index, bits in enumerate(precisions[:-1]):
             grid = value((prefixes >> (coarse - bits)).double(), bits, s, z)
             total += coefficients[index] * (grid - values[index].unsqueeze(-1)).pow(2)
         best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
-        quantized = torch.stack([value((best >> (finest - bits)).double(), bits, s[:, 0], z[:, 0])
-                                 for bits in precisions])
+        quantized = [value((best >> (finest - bits)).double(), bits, s[:, 0], z[:, 0]) for bits in precisions]
         if code_bits == finest:
-            return best, quantized
-        # The finer bits: the nearest finer level to the finest copy's value, inside the chosen code's interval.
+            return best, torch.stack(quantized)
+        # The unweighted finer bits: the nearest level to their own copy inside the chosen code's interval.
         spread = 2 ** (code_bits - finest)
-        target = torch.floor((values[-1] / s[:, 0] + z[:, 0]) * 2.0 ** (code_bits - 2)) - best * spread
-        return best * spread + target.clamp(0, spread - 1).to(torch.int64), quantized
+        nearest = torch.floor((values[-1] / s[:, 0] + z[:, 0]) * 2.0 ** (code_bits - 2))
+        codes = torch.minimum(torch.maximum(nearest, (best * spread).double()), (best * spread + spread - 1).double())
+        quantized.append(value(codes, code_bits, s[:, 0], z[:, 0]))
+        return codes.to(torch.int64), torch.stack(quantized)
 
-    codes, errors = compensate_columns(weight, hessian, quantize_column, len(precisions), block_size, damp, act_order)
-    return codes, dict(zip(precisions, errors.tolist(), strict=True))
+    tracked = precisions if code_bits == finest else [*precisions, code_bits]
+    codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order)
+    return codes, dict(zip(tracked, errors.tolist(), strict=True))
 
 
 def minmax_gptq_weight(

@@ -77,20 +77,29 @@ def grid_value(code: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) 
     return s * ((code.double() + 0.5) / 2.0 ** (bits - 2) - z)
 
 
-def weighted_chooser(scale: torch.Tensor, zero: torch.Tensor, weights: dict[int, float]) -> Callable:
-    """Brute force over every code of the finest weighted precision, coarser codes by shifting."""
+def weighted_chooser(scale: torch.Tensor, zero: torch.Tensor, weights: dict[int, float],
+                     code_bits: int) -> tuple[Callable, int]:
+    """Brute force over every code of the finest weighted precision, coarser codes by shifting; finer bits
+    (unweighted) round a copy of their own inside the chosen code's interval. Returns the chooser and its copies."""
     precisions = sorted(weights)
     finest = precisions[-1]
 
     def choose(column: int, values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         s, z = scale[:, column // GROUP].double(), zero[:, column // GROUP].double()
         candidates = torch.arange(2**finest).unsqueeze(0)
+        weighted_values = values[: len(precisions)]
         cost = sum(weights[b] * (grid_value(candidates >> (finest - b), b, s[:, None], z[:, None])
-                                 - v[:, None]).pow(2) for b, v in zip(precisions, values, strict=True))
+                                 - v[:, None]).pow(2) for b, v in zip(precisions, weighted_values, strict=True))
         best = cost.argmin(dim=-1)
-        return best, [grid_value(best >> (finest - b), b, s, z) for b in precisions]
+        quantized = [grid_value(best >> (finest - b), b, s, z) for b in precisions]
+        if code_bits == finest:
+            return best, quantized
+        spread = 2 ** (code_bits - finest)
+        nearest = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2)).long()
+        full = torch.clamp(nearest, best * spread, best * spread + spread - 1)
+        return full, [*quantized, grid_value(full, code_bits, s, z)]
 
-    return choose
+    return choose, len(precisions) + (code_bits > finest)
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -109,10 +118,12 @@ def test_one_weighted_precision_is_plain_gptq(bits: int, act_order: bool, block_
     sliced = slice_weight(weight, GROUP, 4, clip=clip)
     codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, {bits: 1.0},
                                  block_size=block_size, act_order=act_order)
-    expected, losses = reference_obq(weight, hessian, weighted_chooser(sliced.scale, sliced.zero, {bits: 1.0}),
-                                     1, act_order)
-    assert torch.equal(codes >> (8 - bits), expected)
+    expected, losses = reference_obq(weight, hessian, *weighted_chooser(sliced.scale, sliced.zero, {bits: 1.0}, 8),
+                                     act_order)
+    assert torch.equal(codes, expected)
     assert errors[bits] == pytest.approx(losses[0], rel=1e-9)
+    assert errors[8] == pytest.approx(losses[1], rel=1e-9)
+    expected = expected >> (8 - bits)
     # The error the loop reports is the true output error of the codes under the damped Hessian.
     quantized = grid_value(expected, bits, sliced.scale.double().repeat_interleave(GROUP, 1),
                            sliced.zero.double().repeat_interleave(GROUP, 1))
@@ -127,12 +138,10 @@ def test_weighted_precisions_match_brute_force_reference() -> None:
     sliced = slice_weight(weight, GROUP, 4, clip=0.9)
     weights = {2: 4.0, 4: 1.0, 6: 2.0}
     codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16)
-    expected, losses = reference_obq(weight, hessian, weighted_chooser(sliced.scale, sliced.zero, weights), 3, True)
-    assert torch.equal(codes >> 2, expected)
-    for bits, loss in zip(sorted(weights), losses, strict=True):
+    expected, losses = reference_obq(weight, hessian, *weighted_chooser(sliced.scale, sliced.zero, weights, 8), True)
+    assert torch.equal(codes, expected)
+    for bits, loss in zip([*sorted(weights), 8], losses, strict=True):
         assert errors[bits] == pytest.approx(loss, rel=1e-9)
-    # The bits under the finest weighted precision round its compensated value: never a different 6-bit code.
-    assert int(codes.min()) >= 0 and int(codes.max()) <= 255
 
 
 def test_diagonal_hessian_gives_nearest_rounding() -> None:
