@@ -161,6 +161,30 @@ def sequential_peer(base: nn.Module, arch: Architecture, samples: torch.Tensor,
     return models
 
 
+def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor, timings: dict,
+                record: Callable[..., None]) -> CalibrationConfig:
+    """Calibrate the elastic checkpoint (resumable) and record it uniform at every slice count and routed."""
+    options = {"group_size": args.group_size, "epochs_stage1": args.epochs_stage1,
+               "epochs_stage2": args.epochs_stage2, "seed": args.seed}
+    if args.precision_weights:
+        options["precision_weights"] = tuple(args.precision_weights)
+    config = CalibrationConfig(**options)
+    started = time.perf_counter()
+    work_dir = args.work_dir / f"elastic-{config.digest()}"
+    elastic = quantize_model(copy.deepcopy(base), samples, config, work_dir)
+    # Each block records its own calibration time, so a resumed run still reports what calibration costs.
+    block_seconds = [read_result_report(path)["seconds"] for path in sorted((work_dir / "blocks").glob("block_*"))]
+    timings["elastic"] = {"minutes": sum(block_seconds) / 60, "minutes_per_block": statistics.mean(block_seconds) / 60,
+                          "this_run_minutes": (time.perf_counter() - started) / 60}
+    for k in range(1, config.num_slices + 1):
+        set_precision(elastic, slices=k)
+        record("MoBiQuant uniform", f"{k} slices", elastic, 2.0 * k, key=f"elastic@{2 * k}")
+    for bits in ROUTED_BITS:
+        set_precision(elastic, avg_bits=bits)
+        record("MoBiQuant routed", f"avg {bits:g} bits", elastic)
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=16)
@@ -170,6 +194,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--precision-weights", type=float, nargs=4, metavar="W",
                         help="weights of the output error at 1..4 slices (default: the config's)")
+    parser.add_argument("--elastic-only", action="store_true",
+                        help="full precision and the elastic checkpoint only (another weighting, same peers)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -188,6 +214,16 @@ def main() -> None:
     rows: list[dict] = []
     errors: dict[str, torch.Tensor] = {}
     fp_nll: dict[str, torch.Tensor] = {}
+    timings: dict[str, dict[str, float]] = {}
+    report = {"settings": vars(args) | {"work_dir": str(args.work_dir), "out": str(args.out)},
+              "model_sha256": source.sha, "rows": rows, "calibration_minutes": timings,
+              "texts": {"plays": "shakespeare:test (Hamlet + The Tempest)",
+                        "python docs": f"pydoc_data.topics of CPython {platform.python_version()}"}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # Written after every row: a long run interrupted late keeps what it measured.
+        args.out.write_text(json.dumps(report, indent=2))
 
     def record(method: str, setting: str, model: nn.Module, bits: float | None = None, key: str | None = None,
                texts_used: tuple[str, ...] = tuple(texts)) -> None:
@@ -204,6 +240,7 @@ def main() -> None:
             if key is not None and text == "plays":
                 errors[key] = nll - fp_nll["plays"]
         rows.append(row)
+        save()
         print(f"{method} {setting}: " + ", ".join(f"{t} {row['ppl'][t]:.2f} at {row['bits'][t]:.2f} bits"
                                                    for t in texts_used), flush=True)
 
@@ -211,10 +248,13 @@ def main() -> None:
         fp_nll[text] = token_nll(base, texts[text], args.eval_seqlen, args.eval_windows)
     rows.append({"method": "full precision", "setting": "fp32", "ppl": {t: ppl(n) for t, n in fp_nll.items()},
                  "bits": dict.fromkeys(texts, 32.0)})
+    elastic_config = run_elastic(args, base, samples, timings, record)
+    report["config"] = elastic_config.to_dict()
+    if args.elastic_only:
+        save()
+        return
     for bits in RTN_BITS:
         record("RTN", f"W{bits}g{args.group_size}", rtn_model(base, arch, bits, args.group_size), float(bits))
-
-    timings: dict[str, dict[str, float]] = {}
     for bits in GPTQ_BITS:
         for grid, quantizer in (("min-max", minmax_gptq(bits, args.group_size)),
                                 ("clip search", clip_search_gptq(bits, args.group_size))):
@@ -239,37 +279,13 @@ def main() -> None:
     record("HQQ", f"W4g{args.group_size}", hqq, 4.0)
     del hqq
 
-    options = {"group_size": args.group_size, "epochs_stage1": args.epochs_stage1,
-               "epochs_stage2": args.epochs_stage2, "seed": args.seed}
-    if args.precision_weights:
-        options["precision_weights"] = tuple(args.precision_weights)
-    config = CalibrationConfig(**options)
-    started = time.perf_counter()
-    work_dir = args.work_dir / f"elastic-{config.digest()}"
-    elastic = quantize_model(copy.deepcopy(base), samples, config, work_dir)
-    # Each block records its own calibration time, so a resumed run still reports what calibration costs.
-    block_seconds = [read_result_report(path)["seconds"] for path in sorted((work_dir / "blocks").glob("block_*"))]
-    timings["elastic"] = {"minutes": sum(block_seconds) / 60, "minutes_per_block": statistics.mean(block_seconds) / 60,
-                          "this_run_minutes": (time.perf_counter() - started) / 60}
-    for k in range(1, config.num_slices + 1):
-        set_precision(elastic, slices=k)
-        record("MoBiQuant uniform", f"{k} slices", elastic, 2.0 * k, key=f"elastic@{2 * k}")
-    for bits in ROUTED_BITS:
-        set_precision(elastic, avg_bits=bits)
-        record("MoBiQuant routed", f"avg {bits:g} bits", elastic)
-
     migration = {
         "elastic (GPTQ codes): 2 vs 4 bits": top_overlap(errors["elastic@2"], errors["elastic@4"]),
         "GPTQ-2 clip search, compensated: 2 vs 4 bits": top_overlap(errors["gptq2 clip search"], errors["gptq2@4"]),
         "GPTQ-2 clip search, floor codes: 2 vs 4 bits": top_overlap(errors["floor2@2"], errors["floor2@4"]),
     }
-    report = {"settings": vars(args) | {"work_dir": str(args.work_dir), "out": str(args.out)},
-              "config": config.to_dict(), "model_sha256": source.sha, "rows": rows, "calibration_minutes": timings,
-              "top10_overlap": migration,
-              "texts": {"plays": "shakespeare:test (Hamlet + The Tempest)",
-                        "python docs": f"pydoc_data.topics of CPython {platform.python_version()}"}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report["top10_overlap"] = migration
+    save()
     print_tables(report)
 
 

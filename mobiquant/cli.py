@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--precision-weights", type=_precision_weights, metavar="K:W,...",
         help="weights of the output error at K slices that the error-compensated codes minimise, e.g. 1:4,2:1,3:1 "
-        "to favour 2 bits (default: 1:4,2:24,3:32,4:2)",
+        "to favour 2 bits (default: 1:4,2:24,3:32,4:32)",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(

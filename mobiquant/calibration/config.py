@@ -32,7 +32,7 @@ ROUTER_FIT_LR = 1e-2
 DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 0.0)
 # Error-compensated codes (mobiquant.gptq): weights of the absolute output errors at 1, 2, 3, 4 slices
 # that the codes minimise, chosen by measurement (docs/quality.md). GPTQ can weigh at most 8-bit codes.
-DEFAULT_PRECISION_WEIGHTS = (4.0, 24.0, 32.0, 2.0)
+DEFAULT_PRECISION_WEIGHTS = (4.0, 24.0, 32.0, 32.0)
 MAX_COMPENSATED_SLICES = 4
 
 
