@@ -274,3 +274,6 @@ def test_precision_weights_are_checked() -> None:
         CalibrationConfig(precision_weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="at most 4 slices"):
         CalibrationConfig(num_slices=5, precision_weights=(1, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="error_compensation=False"):
+        CalibrationConfig(num_slices=5, target_bits=10.0)
+    assert CalibrationConfig(num_slices=5, target_bits=10.0, error_compensation=False).target_bits == 10.0

@@ -94,6 +94,9 @@ class CalibrationConfig:
             if any(weights[MAX_COMPENSATED_SLICES:]):
                 raise ValueError(f"precision_weights may weigh at most {MAX_COMPENSATED_SLICES} slices "
                                  f"(8-bit codes); got {list(weights)}")
+        if self.error_compensation and (self.target_bits or 0) > 2 * MAX_COMPENSATED_SLICES:
+            raise ValueError(f"error-compensated codes reach at most {2 * MAX_COMPENSATED_SLICES} bits; a control "
+                             f"at {self.target_bits} bits needs error_compensation=False")
 
     @property
     def compensation_objective(self) -> dict[int, float]:

@@ -73,7 +73,7 @@ class TrainableSlicedLinear(nn.Module):
 
         From here on the layer computes with these codes, so the router fit and its truncation errors see
         the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
-        the grid under codes chosen for it). Returns each weighted slice count's output error.
+        the grid under codes chosen for it). Returns the output error at each weighted slice count and at K.
         """
         upper, lower = (factor.detach() for factor in self.clip_factors())
         scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
