@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 5
+ALGORITHM_REVISION = 6
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
