@@ -187,7 +187,9 @@ def calibrate_blocks(
 def params_config(params: CompressParams) -> dict[str, Any]:
     """The library's calibration config for these parameters (as a dict: tasks pass data, not objects)."""
     from mobiquant.calibration import CalibrationConfig
+    from mobiquant.calibration.config import precision_weight_tuple
 
+    weights = params.precision_weights
     return CalibrationConfig(
         num_slices=params.num_slices,
         group_size=params.group_size,
@@ -197,6 +199,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         mode=params.mode,
         seed=params.seed,
         compute_dtype=params.compute_dtype,
+        precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
     ).to_dict()
 
 
@@ -224,6 +227,7 @@ def compress(
     num_slices: int = 4,
     group_size: int = 128,
     router_hidden: int = 32,
+    precision_weights: dict[int, float] | None = None,
     seed: int = 0,
     budgets: list[float] | None = None,
     eval_seqlen: int = 256,

@@ -130,6 +130,9 @@ class CompressParams(BaseModel):
     num_slices: int = Field(4, ge=1, le=4)
     group_size: int = Field(128, ge=8, le=4096)
     router_hidden: int = Field(32, ge=0, le=4096)
+    precision_weights: dict[int, float] | None = Field(
+        None, description="slice count -> weight of its output error in the compensated codes (default: config)"
+    )
     seed: int = 0
     budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
     eval_seqlen: int = Field(256, ge=8, le=32768)

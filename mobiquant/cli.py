@@ -77,6 +77,18 @@ def _epochs(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def _precision_weights(text: str) -> dict[int, float]:
+    """``K:W,K:W,...``: the weight of the output error at K slices in the compensated codes' objective."""
+    weights = {}
+    for item in text.split(","):
+        count, _, weight = item.partition(":")
+        try:
+            weights[int(count)] = float(weight)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected SLICES:WEIGHT pairs like 1:4,2:1,3:1, got {text!r}") from err
+    return weights
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -122,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--slices", type=_slice_count, help=f"2-bit slices K, 1..{MAX_SLICES} (default: 4, i.e. up to 8 bits)"
     )
     quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
+    quantize.add_argument(
+        "--precision-weights", type=_precision_weights, metavar="K:W,...",
+        help="weights of the output error at K slices that the error-compensated codes minimise, e.g. 1:4,2:1,3:1 "
+        "to favour 2 bits (default: 1:4,2:24,3:32,4:32)",
+    )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(
         "--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
@@ -228,6 +245,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
+    from mobiquant.calibration.config import precision_weight_tuple
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
@@ -250,6 +268,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["mode"] = args.mode
     if args.epochs is not None:
         options["epochs_stage1"], options["epochs_stage2"] = args.epochs
+    if args.precision_weights is not None:
+        options["precision_weights"] = precision_weight_tuple(args.precision_weights, options.get("num_slices", 4))
     config = CalibrationConfig(**options)
     print(
         f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "

@@ -152,6 +152,17 @@ def test_epochs_accepts_one_or_two_values() -> None:
     assert cli._epochs("1,4") == (1, 4)
 
 
+def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixture) -> None:
+    from mobiquant.calibration.config import precision_weight_tuple
+
+    args = cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--precision-weights", "1:4,2:1,3:1"])
+    assert precision_weight_tuple(args.precision_weights, 4) == (4.0, 1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"slice counts \[5\] outside 1..4"):
+        precision_weight_tuple({5: 1.0}, 4)
+    code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--precision-weights", "1=4")
+    assert code == 2 and "SLICES:WEIGHT" in one_line(err)
+
+
 def test_missing_checkpoint_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code, out, err = run(capsys, "info", str(tmp_path / "nowhere"))
     assert code == 1 and out == "" and "no checkpoint directory" in one_line(err)

@@ -244,7 +244,7 @@ def test_learned_clipping_lowers_the_block_error_from_its_start() -> None:
     for epochs in (0, 6):
         config = CalibrationConfig(group_size=32, epochs_stage1=epochs, epochs_stage2=0, batch_size=1,
                                    target_bits=2.0, clip_init=4.0, lr_clip=1e-2,
-                                   clip_search=False)
+                                   clip_search=False, error_compensation=False)
         errors[epochs] = one_slice_block_error(setup, config)
     assert errors[6] < errors[0], errors
 

@@ -4,12 +4,14 @@ For each transformer block:
 
 * stage 1 fits learnable weight clipping (LWC) so that the block computed with slice 1 alone matches
   the full-precision block output;
+* with the clipping final, error-compensated codes (GPTQ over a weighted sum of the precisions' output
+  errors, ``mobiquant.gptq``) replace the floor codes and are what the checkpoint stores;
 * between the stages each router is fitted to rank its tokens by the output error they keep at each
   slice count (``fit_routers_to_errors``), so stage 2 starts from routers that already know which
   tokens need more slices;
-* stage 2 trains clipping and routers jointly: the block under routed slices against the
-  full-precision output, plus a budget term pulling the average bits toward a target sampled anew at
-  every step, so one router serves the whole range of budgets.
+* stage 2 trains clipping and routers jointly (only the routers once the codes are compensated): the
+  block under routed slices against the full-precision output, plus a budget term pulling the average
+  bits toward a target sampled anew at every step, so one router serves the whole range of budgets.
 
 A single-precision *control* (``target_bits`` set) trains the same clipping for one slice count, with
 no router: the baseline that MoBiQuant's one checkpoint is compared against.
@@ -122,8 +124,9 @@ def calibrate_block(
     originals = arch.quantized_linears(block)
     hessians: dict[str, torch.Tensor] = {}
     with compute_precision(config, device):
-        if config.clip_search:
-            # One pass of the unquantized block gives the clip search its inputs and, in parallel mode, the targets.
+        if config.clip_search or config.error_compensation:
+            # One pass of the unquantized block gives the clip search and GPTQ their inputs' X^T X (in
+            # sequential mode the quantized blocks' outputs) and, in parallel mode, the targets.
             hessians, outputs = input_hessians(
                 originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size)
             )
@@ -131,7 +134,7 @@ def calibrate_block(
         elif targets is None:
             targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size).float()
     trainables = {name: TrainableSlicedLinear(linear, config) for name, linear in originals.items()}
-    if hessians:
+    if config.clip_search:
         # The clip search is most of a block's time before LWC: it gets a bar of its own.
         for name, module in tqdm(trainables.items(), desc=f"block {block_index} clip search", unit="linear",
                                  disable=not progress, leave=False):
@@ -149,6 +152,12 @@ def calibrate_block(
             block, trainables, inputs, targets, block_kwargs, config, "stage1", losses, generator,
             layer_params, total_params, block_index, progress, on_progress,
         )
+        if config.error_compensation:
+            for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
+                                     disable=not progress, leave=False):
+                errors = module.fix_codes(hessians[name], config.compensation_objective)
+                losses[f"gptq {name}"] = [errors[k] for k in sorted(errors)]
+            _report(on_progress, block_index, "gptq codes")
         if config.routed:
             losses["router_fit_residual"] = fit_routers_to_errors(
                 block, trainables, inputs, block_kwargs, config, generator, block_index, progress
@@ -250,12 +259,16 @@ def _train_stage(
 ) -> None:
     epochs = config.epochs_stage1 if stage == "stage1" else config.epochs_stage2
     routed = stage == "stage2" and config.routed
+    # Compensated codes leave the clipping frozen: only routers remain to train, and only on routed steps.
+    codes_fixed = all(m.fixed is not None for m in trainables.values())
+    if codes_fixed and not routed:
+        return
     # Stage 1 fits slice 1 alone; stage 2 draws a slice count per step (0 means draw); a control uses one.
     fixed_slices = 1 if stage == "stage1" else 0
     if config.target_bits is not None:
         fixed_slices = int(config.target_bits // 2)
-    clip_params = [p for m in trainables.values() for p in (m.upper_logit, m.lower_logit)]
-    groups = [{"params": clip_params, "lr": config.lr_clip, "weight_decay": 0.0}]
+    clip_params = [] if codes_fixed else [p for m in trainables.values() for p in (m.upper_logit, m.lower_logit)]
+    groups = [{"params": clip_params, "lr": config.lr_clip, "weight_decay": 0.0}] if clip_params else []
     if routed:
         router_params = [p for m in trainables.values() for p in m.router.parameters()]
         groups.append({"params": router_params, "lr": config.lr_router, "weight_decay": 1e-4})
@@ -280,7 +293,7 @@ def _train_stage(
             slices = fixed_slices or int(torch.randint(1, config.num_slices + 1, (1,), generator=generator))
             # Routed steps alternate with uniform steps at a random slice count, so the shared clipping
             # stays fitted to every uniform precision while the routers learn which tokens need more.
-            routing_step = routed and step % 2 == 0
+            routing_step = routed and (step % 2 == 0 or codes_fixed)
             for module in trainables.values():
                 module.temperature = temperature
                 module.uniform_slices = slices

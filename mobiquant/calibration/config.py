@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 4
+ALGORITHM_REVISION = 6
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -30,6 +30,10 @@ ROUTER_FIT_LR = 1e-2
 # shared clipping cannot be best at every precision: these weights favour 4 and 6 bits and give up some
 # of 2 bits (the measured trade-off is in docs/method.md).
 DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 0.0)
+# Error-compensated codes (mobiquant.gptq): weights of the absolute output errors at 1, 2, 3, 4 slices
+# that the codes minimise, chosen by measurement (docs/quality.md). GPTQ can weigh at most 8-bit codes.
+DEFAULT_PRECISION_WEIGHTS = (4.0, 24.0, 32.0, 32.0)
+MAX_COMPENSATED_SLICES = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,11 @@ class CalibrationConfig:
     clip_search_weights: tuple[float, ...] | None = None
     """Weight of the output error at 1, 2, ... slices in the elastic checkpoint's clip search (a control
     weighs only its own slice count); ``None`` takes ``DEFAULT_CLIP_SEARCH_WEIGHTS``."""
+    error_compensation: bool = True
+    """Choose the codes by GPTQ (``mobiquant.gptq``) once the clipping is final, instead of flooring the grid."""
+    precision_weights: tuple[float, ...] | None = None
+    """Weight of the output error at 1, 2, ... slices that the compensated codes minimise (at most 4 slices
+    weighted; a control weighs only its own); ``None`` takes ``DEFAULT_PRECISION_WEIGHTS``."""
     mode: str = "parallel"
     compute_dtype: str = "float32"
     """Precision of the block's matrix products: ``float32``; on CUDA also ``tfloat32`` or ``bfloat16`` (autocast)."""
@@ -75,6 +84,28 @@ class CalibrationConfig:
             if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
                 raise ValueError(f"clip_search_weights needs {self.num_slices} non-negative weights, not all zero; "
                                  f"got {list(weights)}")
+
+        if self.precision_weights is not None:
+            weights = tuple(float(w) for w in self.precision_weights)
+            object.__setattr__(self, "precision_weights", weights)
+            if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
+                raise ValueError(f"precision_weights needs {self.num_slices} non-negative weights, not all zero; "
+                                 f"got {list(weights)}")
+            if any(weights[MAX_COMPENSATED_SLICES:]):
+                raise ValueError(f"precision_weights may weigh at most {MAX_COMPENSATED_SLICES} slices "
+                                 f"(8-bit codes); got {list(weights)}")
+        if self.error_compensation and (self.target_bits or 0) > 2 * MAX_COMPENSATED_SLICES:
+            raise ValueError(f"error-compensated codes reach at most {2 * MAX_COMPENSATED_SLICES} bits; a control "
+                             f"at {self.target_bits} bits needs error_compensation=False")
+
+    @property
+    def compensation_objective(self) -> dict[int, float]:
+        """Slice count -> weight of its output error in the compensated codes' objective."""
+        if self.target_bits is not None:
+            return {int(self.target_bits // 2): 1.0}
+        padded = DEFAULT_PRECISION_WEIGHTS + (0.0,) * self.num_slices
+        weights = self.precision_weights or padded[: self.num_slices]
+        return {k: w for k, w in enumerate(weights, start=1) if w > 0}
 
     @property
     def clip_objective(self) -> dict[int, float]:
@@ -104,6 +135,14 @@ class CalibrationConfig:
         """Hash of every setting that changes the result (the resume key, with model sha and block)."""
         keyed = {**self.to_dict(), "algorithm_revision": ALGORITHM_REVISION}
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def precision_weight_tuple(weights: Mapping[int, float], num_slices: int) -> tuple[float, ...]:
+    """``precision_weights`` from ``{slice count: weight}`` (CLI ``1:4,2:1``); missing counts weigh 0."""
+    outside = sorted(k for k in weights if not 1 <= k <= num_slices)
+    if outside:
+        raise ValueError(f"precision weights name slice counts {outside} outside 1..{num_slices}")
+    return tuple(float(weights.get(k, 0.0)) for k in range(1, num_slices + 1))
 
 
 def quantization_config(

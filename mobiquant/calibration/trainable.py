@@ -8,8 +8,20 @@ from torch import nn
 
 from mobiquant.calibration.config import CalibrationConfig
 from mobiquant.clip_search import clip_logit, search_clipping
+from mobiquant.gptq import nested_codes
 from mobiquant.layers import MoBiLinear, MoBiRouter, gate_scores
-from mobiquant.slicing import check_slicing_shape, group_min_max, scale_zero_from_range, slice_weight
+from mobiquant.slicing import (
+    BITS_PER_SLICE,
+    PARAM_DTYPE,
+    SlicedWeight,
+    check_slicing_shape,
+    dequantize_codes,
+    group_min_max,
+    pack_codes,
+    round_params,
+    scale_zero_from_range,
+    slice_weight,
+)
 
 
 def _floor_ste(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +53,9 @@ class TrainableSlicedLinear(nn.Module):
         self.temperature: float = 1.0
         self.expected_slices: torch.Tensor | None = None
         self.hard_slices: torch.Tensor | None = None
+        # Set by fix_codes: the stored codes c_K with their float16 group parameters, and W_1..W_K from them.
+        self.fixed: SlicedWeight | None = None
+        self._fixed_weights: list[torch.Tensor] = []
 
     def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sigmoid(self.upper_logit), torch.sigmoid(self.lower_logit)
@@ -53,6 +68,26 @@ class TrainableSlicedLinear(nn.Module):
             self.upper_logit.copy_(clip_logit(upper))
             self.lower_logit.copy_(clip_logit(lower))
 
+    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float]) -> dict[int, float]:
+        """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``).
+
+        From here on the layer computes with these codes, so the router fit and its truncation errors see
+        the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
+        the grid under codes chosen for it). Returns the output error at each weighted slice count and at K.
+        """
+        upper, lower = (factor.detach() for factor in self.clip_factors())
+        scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
+        bits = {BITS_PER_SLICE * k: w for k, w in slice_weights.items()}
+        codes, errors = nested_codes(self.weight, hessian.to(self.weight.device), scale, zero,
+                                     BITS_PER_SLICE * self.num_slices, bits)
+        self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
+                                  self.group_size)
+        self._fixed_weights = [dequantize_codes(codes >> (BITS_PER_SLICE * (self.num_slices - k)), scale, zero, k,
+                                                torch.float32) for k in range(1, self.num_slices + 1)]
+        self.upper_logit.requires_grad_(False)
+        self.lower_logit.requires_grad_(False)
+        return {b // BITS_PER_SLICE: error for b, error in errors.items()}
+
     def _codes_u(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         upper, lower = self.clip_factors()
         scale, zero = scale_zero_from_range(self.w_min * lower, self.w_max * upper)
@@ -61,7 +96,9 @@ class TrainableSlicedLinear(nn.Module):
         return self.weight / s + z, s, z
 
     def fake_weights(self, up_to: int) -> list[torch.Tensor]:
-        """``[W_1, ..., W_up_to]`` with gradients to the clipping parameters."""
+        """``[W_1, ..., W_up_to]``: with gradients to the clipping parameters, or the fixed codes' weights."""
+        if self.fixed is not None:
+            return self._fixed_weights[:up_to]
         u, s, z = self._codes_u()
         weights = []
         for k in range(1, up_to + 1):
@@ -97,7 +134,8 @@ class TrainableSlicedLinear(nn.Module):
             bias=self.bias is not None,
             router_hidden=self.router.fc1.out_features if self.router is not None else None,
         )
-        sliced = slice_weight(self.weight, self.group_size, self.num_slices, clip=(upper.detach(), lower.detach()))
+        sliced = self.fixed or slice_weight(self.weight, self.group_size, self.num_slices,
+                                            clip=(upper.detach(), lower.detach()))
         layer.load_sliced(sliced, self.bias)
         if self.router is not None:
             layer.router.load_state_dict(self.router.state_dict())

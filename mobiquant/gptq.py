@@ -1,0 +1,209 @@
+"""Error-compensated codes (GPTQ) for fixed group parameters, optimised for several precisions at once.
+
+GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023), in the notation used below. A linear with calibration inputs ``X`` and
+``H = X^T X + damp * mean(diag(H)) * I`` leaves, for a quantized weight ``Q``, the output error
+
+    ||X (W - Q)^T||^2  =  sum over rows r of  (w_r - q_r) H (w_r - q_r)^T.
+
+Columns are quantized one at a time. Once column ``i`` is fixed at ``q_i``, the columns not yet
+quantized (set ``F``) absorb its error optimally (Optimal Brain Surgeon):
+``W[:, F] -= (w_i - q_i) [H_F^-1]_{i,F} / [H_F^-1]_{ii}``, and that step costs
+``||w_i - q_i||^2 / [H_F^-1]_{ii}``. With ``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``),
+row ``i`` of ``U`` from column ``i`` on is exactly ``[H_F^-1]_{i,F} / sqrt([H_F^-1]_{ii})`` for the
+columns ``F = {i, i+1, ...}`` still open (GPTQ, section 3, "Cholesky reformulation"). So with
+``e_i = (w_i - q_i) / U_ii`` the update is ``W[:, i:] -= e_i U[i, i:]``, and the costs telescope:
+
+    ||X (W - Q)^T||^2  =  sum_i ||e_i||^2      (w_i: column i's value when it is quantized).
+
+Lazy batches (GPTQ's "lazy batch-updates"): a column's update reaches the columns of its own block of
+``block_size`` at once and the rest of the matrix once per block as one product ``E U[block, rest]``,
+which gives the same result with far fewer passes over ``W``. Activation order quantizes the columns
+with the largest ``H_ii`` first, while the most columns are left to absorb their error. The group
+parameters are fixed before the columns are visited, so a column reads its own group's scale and zero
+whatever the order.
+
+Several precisions from one nested code (this project's MoBiSlice format, or MatGPTQ's "sliceable"
+formats, arXiv 2602.03537): the code at ``b`` bits is the top ``b`` bits of the stored code, so one
+choice per weight fixes every precision. Keeping one working copy ``W^(b)`` per weighted precision,
+each corrected by its own error, the identity above holds for every copy, and the weighted output error
+``sum_b lambda_b ||X (W - Q_b)^T||^2`` is the sum over columns of ``sum_b lambda_b ||e_i^(b)||^2``. Column
+``i``'s choice enters only its own term (``U_ii`` is shared by all copies), so each weight's code is
+chosen to minimise ``sum_b lambda_b (w_i^(b) - q_b(c))^2``, exactly over every code of the finest
+weighted precision (every prefix is tried; the finest bits below a prefix have a closed-form best).
+With one precision weighted this is plain GPTQ (round to nearest). MatGPTQ corrects one shared copy
+by the precisions' mean error instead; measured worse on this format (issue 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+# The finest precision the objective may weigh: its prefixes one weighted precision up are all tried per weight.
+MAX_SEARCHED_BITS = 8
+
+# (column index in the weight's own order, current values of the copies [copies, out])
+#   -> (codes [out], the copies' quantized values [copies, out])
+ColumnQuantizer = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` in float64.
+
+    A column no input ever reaches (``H_ii = 0``) gets ``H_ii = 1``: its weight cannot change the output,
+    and the unit diagonal keeps ``H`` invertible without moving any other column.
+    """
+    damped = hessian.double().clone()
+    diagonal = damped.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damp * diagonal.mean()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def compensate_columns(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_column: ColumnQuantizer,
+    copies: int = 1,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop: codes ``[out, in]`` (int64) and each copy's output error ``[copies]``.
+
+    The error is ``||X (W - Q)^T||^2`` with the damped Hessian (see the module notes), returned because it
+    falls out of the loop for free.
+    """
+    hessian = hessian.double()
+    order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(hessian.shape[0], device=hessian.device))
+    factor = inverse_hessian_factor(hessian[order][:, order], damp)
+    work = weight.double()[:, order].unsqueeze(0).repeat(copies, 1, 1)
+    out_features, in_features = weight.shape
+    codes = torch.empty(out_features, in_features, dtype=torch.int64, device=weight.device)
+    errors_sum = torch.zeros(copies, dtype=torch.float64, device=weight.device)
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block_errors = torch.empty(copies, out_features, end - start, dtype=torch.float64, device=weight.device)
+        for position in range(start, end):
+            column = int(order[position])
+            column_codes, quantized = quantize_column(column, work[:, :, position])
+            codes[:, column] = column_codes
+            error = (work[:, :, position] - quantized) / factor[position, position]
+            errors_sum += error.pow(2).sum(dim=-1)
+            work[:, :, position + 1 : end] -= error.unsqueeze(-1) * factor[position, position + 1 : end]
+            block_errors[:, :, position - start] = error
+        work[:, :, end:] -= block_errors @ factor[start:end, end:]
+    return codes, errors_sum
+
+
+def nested_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    code_bits: int,
+    bit_weights: Mapping[int, float],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Codes ``c`` of ``code_bits`` bits (int64 ``[out, in]``) on the floor-aligned grid, and each precision's error.
+
+    The grid is MoBiSlice's (``mobiquant.slicing``): with the group's ``scale`` ``s`` and ``zero`` ``z``
+    (``[out, in // group_size]``, used as given), the code at ``b`` bits is ``c >> (code_bits - b)`` and
+    stands for ``s * ((c_b + 0.5) / 2^(b-2) - z)``; ``b = 2k`` is ``k`` slices, and an odd ``b`` is a grid
+    of its own (3 bits: 8 levels) for a single-precision control. ``bit_weights`` maps precisions (bits) to
+    the weight of their output error. Bits below the finest weighted precision are not in the objective:
+    they round a copy of their own at ``code_bits``, compensated by its own error, inside the interval the
+    weighted precisions chose (the weighted copies' corrections answer other errors than its own). Returns
+    ``(codes, {bits: ||X (W - Q_bits)^T||^2})`` with the damped Hessian, for every weighted precision and
+    ``code_bits``.
+    """
+    weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
+    if not weighted or min(bit_weights.values()) < 0:
+        raise ValueError(f"bit_weights must map precisions to non-negative weights, not all zero; "
+                         f"got {dict(bit_weights)}")
+    finest = max(weighted)
+    if min(weighted) < 1 or finest > min(code_bits, MAX_SEARCHED_BITS):
+        raise ValueError(f"weighted precisions must lie in 1..{min(code_bits, MAX_SEARCHED_BITS)} bits, "
+                         f"got {sorted(weighted)}")
+    group_size = weight.shape[1] // scale.shape[1]
+    scale, zero = scale.double(), zero.double()
+    precisions = sorted(weighted)
+    coefficients = [weighted[b] for b in precisions]
+
+    # Candidates: every code of the second finest weighted precision (one empty prefix if only one is
+    # weighted). Below such a prefix only the finest term varies, a convex quadratic in the code, so its
+    # best finest code is the nearest level clamped into the prefix's interval: exact, at a quarter of
+    # the cost of trying every finest code for the default 2/4/6/8-bit weights.
+    coarse = precisions[-2] if len(precisions) > 1 else 0
+    prefixes = torch.arange(2**coarse, device=weight.device)
+    span = 2 ** (finest - coarse)
+    lowest, highest = prefixes * span, prefixes * span + span - 1
+
+    def value(codes: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return s * ((codes + 0.5) / 2.0 ** (bits - 2) - z)
+
+    def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = scale[:, column // group_size, None], zero[:, column // group_size, None]
+        top = values[len(precisions) - 1].unsqueeze(-1)
+        nearest = torch.floor((top / s + z) * 2.0 ** (finest - 2))
+        leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
+        total = coefficients[-1] * (value(leaves, finest, s, z) - top).pow(2)
+        for index, bits in enumerate(precisions[:-1]):
+            grid = value((prefixes >> (coarse - bits)).double(), bits, s, z)
+            total += coefficients[index] * (grid - values[index].unsqueeze(-1)).pow(2)
+        best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
+        quantized = [value((best >> (finest - bits)).double(), bits, s[:, 0], z[:, 0]) for bits in precisions]
+        if code_bits == finest:
+            return best, torch.stack(quantized)
+        # The unweighted finer bits: the nearest level to their own copy inside the chosen code's interval.
+        spread = 2 ** (code_bits - finest)
+        nearest = torch.floor((values[-1] / s[:, 0] + z[:, 0]) * 2.0 ** (code_bits - 2))
+        codes = torch.minimum(torch.maximum(nearest, (best * spread).double()), (best * spread + spread - 1).double())
+        quantized.append(value(codes, code_bits, s[:, 0], z[:, 0]))
+        return codes.to(torch.int64), torch.stack(quantized)
+
+    tracked = precisions if code_bits == finest else [*precisions, code_bits]
+    codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order)
+    return codes, dict(zip(tracked, errors.tolist(), strict=True))
+
+
+def minmax_gptq_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = True,
+) -> torch.Tensor:
+    """GPTQ as users run it by default: asymmetric min-max groups, round to nearest; the dequantized weight.
+
+    The grid is RTN's (``mobiquant.evaluation.rtn_quantize``): ``scale = (max - min) / (2^bits - 1)``,
+    ``zero = round(-min / scale)``, value ``(q - zero) * scale``, groups fixed from the weight before
+    any column moves (GPTQ's static groups, so activation order keeps one grid per group).
+    """
+    out_features, in_features = weight.shape
+    grouped = weight.double().reshape(out_features, in_features // group_size, group_size)
+    w_min, w_max = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    top = 2**bits - 1
+    floor = torch.clamp(torch.maximum(w_max.abs(), w_min.abs()) * 2.0**-16, min=torch.finfo(torch.float64).tiny)
+    scale = torch.maximum((w_max - w_min) / top, floor)
+    zero = torch.round(-w_min / scale)
+
+    def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = scale[:, column // group_size], zero[:, column // group_size]
+        codes = torch.clamp(torch.round(values[0] / s) + z, 0, top)
+        return codes.to(torch.int64), ((codes - z) * s).unsqueeze(0)
+
+    codes, _ = compensate_columns(weight, hessian, quantize_column, 1, block_size, damp, act_order)
+    s = scale.repeat_interleave(group_size, dim=-1)
+    z = zero.repeat_interleave(group_size, dim=-1)
+    return ((codes.double() - z) * s).to(weight.dtype)

@@ -1,0 +1,279 @@
+"""Error-compensated codes against an independent float64 Optimal Brain Quantizer written here.
+
+The reference keeps the explicit inverse Hessian and removes each quantized column from it by
+Gaussian elimination (OBQ, Frantar & Alistarh 2022), one column at a time, with no Cholesky factor and
+no lazy batches; GPTQ must reach the same codes and the same output error.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from mobiquant.calibration import CalibrationConfig, TrainableSlicedLinear, calibrate_block
+from mobiquant.calibration.block import truncation_errors
+from mobiquant.calibration.capture import block_outputs
+from mobiquant.evaluation import rtn_quantize
+from mobiquant.gptq import minmax_gptq_weight, nested_codes
+from mobiquant.slicing import dequantize_codes, full_codes, slice_weight, unpack_codes
+from tests.test_method import heavy_tailed_block, one_slice_block_error
+
+GROUP = 32
+
+
+def heavy_tailed(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02 + 0.001 * torch.randn(
+        rows, cols, generator=generator)
+
+
+def correlated_inputs(tokens: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Inputs with strongly correlated columns of unequal size (so compensation and activation order matter)."""
+    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64) / cols**0.5
+    mixing += torch.eye(cols, dtype=torch.float64)
+    return torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ mixing * (
+        torch.rand(cols, generator=generator, dtype=torch.float64) * 3 + 0.1)
+
+
+def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    h = hessian.clone()
+    h.diagonal()[h.diagonal() == 0] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return h
+
+
+def reference_obq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    choose: Callable[[int, list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]],
+    copies: int,
+    act_order: bool,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, list[float]]:
+    """Codes and each copy's output error: quantize a column, push its error into the open columns, eliminate it."""
+    h = damped(hessian.double(), damp)
+    cols = h.shape[0]
+    # Activation order: largest undamped H_ii first, ties in column order.
+    order = sorted(range(cols), key=lambda i: (-float(hessian[i, i]), i)) if act_order else list(range(cols))
+    inverse = torch.linalg.inv(h)
+    work = [weight.double().clone() for _ in range(copies)]
+    codes = torch.zeros(weight.shape, dtype=torch.int64)
+    losses = [0.0] * copies
+    open_columns = list(order)
+    for column in order:
+        open_columns.remove(column)
+        column_codes, quantized = choose(column, [w[:, column] for w in work])
+        codes[:, column] = column_codes
+        d = inverse[column, column]
+        for index in range(copies):
+            error = work[index][:, column] - quantized[index]
+            losses[index] += float(error.pow(2).sum() / d)
+            for other in open_columns:
+                work[index][:, other] -= error * inverse[column, other] / d
+        inverse = inverse - torch.outer(inverse[:, column], inverse[column, :]) / d
+    return codes, losses
+
+
+def grid_value(code: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return s * ((code.double() + 0.5) / 2.0 ** (bits - 2) - z)
+
+
+def weighted_chooser(scale: torch.Tensor, zero: torch.Tensor, weights: dict[int, float],
+                     code_bits: int) -> tuple[Callable, int]:
+    """Brute force over every code of the finest weighted precision, coarser codes by shifting; finer bits
+    (unweighted) round a copy of their own inside the chosen code's interval. Returns the chooser and its copies."""
+    precisions = sorted(weights)
+    finest = precisions[-1]
+
+    def choose(column: int, values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        s, z = scale[:, column // GROUP].double(), zero[:, column // GROUP].double()
+        candidates = torch.arange(2**finest).unsqueeze(0)
+        weighted_values = values[: len(precisions)]
+        cost = sum(weights[b] * (grid_value(candidates >> (finest - b), b, s[:, None], z[:, None])
+                                 - v[:, None]).pow(2) for b, v in zip(precisions, weighted_values, strict=True))
+        best = cost.argmin(dim=-1)
+        quantized = [grid_value(best >> (finest - b), b, s, z) for b in precisions]
+        if code_bits == finest:
+            return best, quantized
+        spread = 2 ** (code_bits - finest)
+        nearest = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2)).long()
+        full = torch.clamp(nearest, best * spread, best * spread + spread - 1)
+        return full, [*quantized, grid_value(full, code_bits, s, z)]
+
+    return choose, len(precisions) + (code_bits > finest)
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    diff = quantized.double() - weight.double()
+    return float(((diff @ hessian) * diff).sum())
+
+
+@pytest.mark.parametrize(("bits", "act_order", "block_size", "clip"),
+                         [(2, True, 16, 0.8), (2, False, 128, 1.0), (4, True, 32, 0.9), (3, True, 7, 0.85)])
+def test_one_weighted_precision_is_plain_gptq(bits: int, act_order: bool, block_size: int, clip: float) -> None:
+    generator = torch.Generator().manual_seed(bits * 10 + block_size)
+    torch.manual_seed(bits + block_size)
+    weight, x = heavy_tailed(24, 96, generator), correlated_inputs(300, 96, generator)
+    x[:, 5] = 0.0  # a column no input reaches
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, 4, clip=clip)
+    codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, {bits: 1.0},
+                                 block_size=block_size, act_order=act_order)
+    expected, losses = reference_obq(weight, hessian, *weighted_chooser(sliced.scale, sliced.zero, {bits: 1.0}, 8),
+                                     act_order)
+    assert torch.equal(codes, expected)
+    assert errors[bits] == pytest.approx(losses[0], rel=1e-9)
+    assert errors[8] == pytest.approx(losses[1], rel=1e-9)
+    expected = expected >> (8 - bits)
+    # The error the loop reports is the true output error of the codes under the damped Hessian.
+    quantized = grid_value(expected, bits, sliced.scale.double().repeat_interleave(GROUP, 1),
+                           sliced.zero.double().repeat_interleave(GROUP, 1))
+    assert errors[bits] == pytest.approx(output_error(weight, quantized, damped(hessian, 0.01)), rel=1e-9)
+
+
+def test_weighted_precisions_match_brute_force_reference() -> None:
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    weight, x = heavy_tailed(16, 64, generator), correlated_inputs(200, 64, generator)
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, 4, clip=0.9)
+    weights = {2: 4.0, 4: 1.0, 6: 2.0}
+    codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16)
+    expected, losses = reference_obq(weight, hessian, *weighted_chooser(sliced.scale, sliced.zero, weights, 8), True)
+    assert torch.equal(codes, expected)
+    for bits, loss in zip([*sorted(weights), 8], losses, strict=True):
+        assert errors[bits] == pytest.approx(loss, rel=1e-9)
+
+
+def test_diagonal_hessian_gives_nearest_rounding() -> None:
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    weight = heavy_tailed(20, 64, generator)
+    hessian = torch.diag(torch.rand(64, generator=generator, dtype=torch.float64) + 0.5)
+    sliced = slice_weight(weight, GROUP, 4, clip=0.8)
+    floor = full_codes(weight, sliced.scale.float(), sliced.zero.float(), 4)
+    for bits in (2, 4, 6):
+        codes, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, {bits: 1.0})
+        assert torch.equal(codes >> (8 - bits), floor >> (8 - bits))
+    codes, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, {8: 1.0})
+    assert torch.equal(codes, floor)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weighted_error_never_worse_than_floor_codes(seed: int) -> None:
+    generator = torch.Generator().manual_seed(100 + seed)
+    torch.manual_seed(100 + seed)
+    weight, x = heavy_tailed(32, 128, generator), correlated_inputs(400, 128, generator)
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, 4, clip=0.85)
+    weights = {2: 1.0, 4: 24.0, 6: 32.0, 8: 2.0}
+    codes, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights)
+    floor = full_codes(weight, sliced.scale.float(), sliced.zero.float(), 4)
+
+    def weighted(c: torch.Tensor) -> float:
+        return sum(w * output_error(weight, dequantize_codes(c >> (8 - b), sliced.scale, sliced.zero, b // 2,
+                                                             torch.float64), hessian) for b, w in weights.items())
+
+    assert weighted(codes) < weighted(floor)
+
+
+def test_minmax_gptq_matches_reference_and_rtn_on_a_diagonal_hessian() -> None:
+    generator = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    weight, x = heavy_tailed(12, 64, generator), correlated_inputs(200, 64, generator)
+    hessian = x.T @ x
+    grouped = weight.double().reshape(12, 2, GROUP)
+    scale = (grouped.amax(-1) - grouped.amin(-1)) / 7
+    zero = torch.round(-grouped.amin(-1) / scale)
+
+    def choose(column: int, values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        s, z = scale[:, column // GROUP], zero[:, column // GROUP]
+        code = torch.clamp(torch.round(values[0] / s) + z, 0, 7)
+        return code.long(), [(code - z) * s]
+
+    codes, _ = reference_obq(weight, hessian, choose, 1, True)
+    expected = (codes.double() - zero.repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
+    torch.testing.assert_close(minmax_gptq_weight(weight.double(), hessian, 3, GROUP, block_size=16), expected,
+                               rtol=0, atol=1e-12)
+    diagonal = torch.diag(hessian.diagonal())
+    torch.testing.assert_close(minmax_gptq_weight(weight.double(), diagonal, 3, GROUP),
+                               rtn_quantize(weight.double(), 3, GROUP), rtol=0, atol=1e-12)
+
+
+def test_rejects_precisions_it_cannot_search() -> None:
+    weight = torch.randn(4, 32)
+    sliced = slice_weight(weight, GROUP, 4)
+    with pytest.raises(ValueError, match="weighted precisions"):
+        nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {10: 1.0})
+    with pytest.raises(ValueError, match="not all zero"):
+        nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 0.0})
+
+
+def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> None:
+    torch.manual_seed(21)
+    arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
+        *shape, torch.Generator().manual_seed(shape[0] + shape[1])))
+    config = CalibrationConfig(group_size=GROUP, epochs_stage1=1, epochs_stage2=1, batch_size=4,
+                               precision_weights=(4.0, 24.0, 32.0, 0.0))
+    seen: dict[str, list[torch.Tensor]] = {}
+    linears = arch.quantized_linears(block)
+    handles = [linear.register_forward_pre_hook(
+        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name, linear in linears.items()]
+    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
+    for handle in handles:
+        handle.remove()
+    result = calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
+    for name, linear in linears.items():
+        x = torch.cat(seen[name]).double()
+        scale, zero = result.state[f"{name}.scale"], result.state[f"{name}.zero"]
+        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8,
+                                   {2: 4.0, 4: 24.0, 6: 32.0})
+        stored = unpack_codes(result.state[f"{name}.planes"], 4)
+        assert torch.equal(stored, expected), name
+    assert "stage2" in result.losses and len(result.losses["stage2"]) == 1
+
+
+def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None:
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(64, 24, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(heavy_tailed(24, 64, generator))
+    x = correlated_inputs(300, 64, generator).float()
+    module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
+    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0})
+    layer = module.to_mobilinear()
+    floor = slice_weight(linear.weight.detach(), GROUP, 4, clip=(module.clip_factors()[0].detach(),
+                                                                   module.clip_factors()[1].detach()))
+    assert torch.equal(layer.scale, floor.scale) and torch.equal(layer.zero, floor.zero)
+    assert not torch.equal(layer.planes, floor.planes)
+    errors = truncation_errors(module, x)
+    for e in range(1, 4):
+        diff = layer.sliced_weight().dequantize(e, torch.float64) - linear.weight.detach().double()
+        torch.testing.assert_close(errors[:, e - 1].double(), (x.double() @ diff.T).pow(2).sum(-1), rtol=1e-4, atol=0)
+    for k in range(1, 5):
+        module.uniform_slices = k
+        torch.testing.assert_close(module(x), layer(x, k), rtol=1e-5, atol=1e-6)
+    assert not module.upper_logit.requires_grad and not module.lower_logit.requires_grad
+
+
+def test_compensation_lowers_a_two_bit_controls_block_error() -> None:
+    setup = heavy_tailed_block(lambda shape: torch.distributions.StudentT(3.0).sample(shape) * 0.05)
+    errors = {
+        compensate: one_slice_block_error(setup, CalibrationConfig(group_size=GROUP, epochs_stage1=0, epochs_stage2=0,
+                                                                   target_bits=2.0, error_compensation=compensate))
+        for compensate in (False, True)
+    }
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_precision_weights_are_checked() -> None:
+    assert CalibrationConfig(num_slices=3, precision_weights=(1, 2, 0)).compensation_objective == {1: 1.0, 2: 2.0}
+    assert CalibrationConfig(target_bits=4.0, precision_weights=(1, 2, 3, 4)).compensation_objective == {2: 1.0}
+    with pytest.raises(ValueError, match="precision_weights needs 4"):
+        CalibrationConfig(precision_weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="at most 4 slices"):
+        CalibrationConfig(num_slices=5, precision_weights=(1, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="error_compensation=False"):
+        CalibrationConfig(num_slices=5, target_bits=10.0)
+    assert CalibrationConfig(num_slices=5, target_bits=10.0, error_compensation=False).target_bits == 10.0
