@@ -121,6 +121,8 @@ def _error_left(errors: torch.Tensor, scores: torch.Tensor, gates_on: int) -> fl
 
 
 def test_fitted_router_spends_slices_where_they_remove_most_error() -> None:
+    # Seeded so the outcome does not depend on which tests ran before (a rare draw misses the 1.3x margin).
+    torch.manual_seed(7)
     features, out_features = 96, 48
     # Heavy-tailed weights: tokens that excite the columns holding outliers lose most at few slices.
     weight = torch.distributions.StudentT(2.0).sample((out_features, features)) * 0.05
