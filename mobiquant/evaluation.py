@@ -172,7 +172,9 @@ def streamed_perplexities(
     for index in tqdm(range(source.num_blocks), desc="perplexity (streamed blocks)", unit="block",
                       disable=not progress):
         block = source.block(index, device)
-        returns_tuple = block_returns_tuple(block, hidden[:1].float(), block_kwargs)
+        if index == 0:
+            # Every block is of one class: what the first returns, the last returns.
+            returns_tuple = block_returns_tuple(block, hidden[:1].float(), block_kwargs)
         for name, transform in variants.items():
             variant = block
             if transform is not None:

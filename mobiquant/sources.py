@@ -289,15 +289,6 @@ def check_tokenizer(tokenizer: Any, config: Any) -> None:
         )
 
 
-def check_weights_finite(model: Any) -> None:
-    """Refuse a model with NaN or Inf in any weight (embeddings and norms too, not only the quantized linears)."""
-    import torch
-
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise SourceError(f"weight {name} contains NaN or Inf values")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # GGUF
 
