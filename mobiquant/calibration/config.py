@@ -101,20 +101,19 @@ class CalibrationConfig:
     @property
     def compensation_objective(self) -> dict[int, float]:
         """Slice count -> weight of its output error in the compensated codes' objective."""
-        if self.target_bits is not None:
-            return {int(self.target_bits // 2): 1.0}
-        padded = DEFAULT_PRECISION_WEIGHTS + (0.0,) * self.num_slices
-        weights = self.precision_weights or padded[: self.num_slices]
-        return {k: w for k, w in enumerate(weights, start=1) if w > 0}
+        return self._objective(self.precision_weights, DEFAULT_PRECISION_WEIGHTS)
 
     @property
     def clip_objective(self) -> dict[int, float]:
         """Slice count -> weight of its output error in the clip search."""
+        return self._objective(self.clip_search_weights, DEFAULT_CLIP_SEARCH_WEIGHTS)
+
+    def _objective(self, weights: tuple[float, ...] | None, defaults: tuple[float, ...]) -> dict[int, float]:
+        """A control weighs only its own slice count; the elastic checkpoint ``weights`` (or ``defaults``)."""
         if self.target_bits is not None:
             return {int(self.target_bits // 2): 1.0}
-        padded = DEFAULT_CLIP_SEARCH_WEIGHTS + (0.0,) * self.num_slices
-        weights = self.clip_search_weights or padded[: self.num_slices]
-        return {k: w for k, w in enumerate(weights, start=1) if w > 0}
+        chosen = weights or (defaults + (0.0,) * self.num_slices)[: self.num_slices]
+        return {k: w for k, w in enumerate(chosen, start=1) if w > 0}
 
     @property
     def routed(self) -> bool:
