@@ -57,9 +57,11 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The task's JSON is read into a cache of this test's own, never one shared with other runs.
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
 
 
 def reference_scores(model: torch.nn.Module, task_dir: Path) -> dict[str, float]:
@@ -69,11 +71,13 @@ def reference_scores(model: torch.nn.Module, task_dir: Path) -> dict[str, float]
     tokenizer = byte_tokenizer()
 
     def log_likelihood(question: str, answer: str) -> float:
-        ids = torch.tensor([tokenizer.encode(question + " " + answer)])
-        continuation = len(tokenizer.encode(" " + answer))
+        text = question + " " + answer
+        ids = tokenizer.encode(text)
+        assert len(ids) == len(text.encode())  # one token per byte, nothing added
+        continuation = len((" " + answer).encode())
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-        return float(log_probs.gather(-1, ids[0, 1:, None])[-continuation:].sum())
+            log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+        return float(log_probs.gather(-1, torch.tensor(ids[1:])[:, None])[-continuation:].sum())
 
     correct, right_answers = [], []
     for line in (task_dir / "arith.jsonl").read_text().splitlines():
@@ -98,12 +102,14 @@ def test_tasks_at_each_precision_match_first_principles(
     rows = json.loads(out)["results"]
     assert [(r["mode"], r["target"]) for r in rows] == [("uniform", 1), ("uniform", 4), ("routed", 5.0)]
     assert rows[0]["avg_bits"] == 2.0 and rows[1]["avg_bits"] == 8.0 and 2.0 < rows[2]["avg_bits"] < 8.0
-    model = load_checkpoint(checkpoint)
-    for row, setting in zip(rows, [{"slices": 1}, {"slices": 4}, {"avg_bits": 5.0}], strict=True):
+    model = load_checkpoint(checkpoint).eval()
+    expected = []
+    for setting in [{"slices": 1}, {"slices": 4}, {"avg_bits": 5.0}]:
         set_precision(model, **setting)
-        expected = reference_scores(model, task_dir)
-        assert row["tasks"].keys() == expected.keys()
-        assert row["tasks"] == {key: pytest.approx(value, rel=1e-6) for key, value in expected.items()}, setting
+        expected.append(reference_scores(model, task_dir))
+    # Every setting is compared before failing, so a mismatch shows whether it is one setting or all.
+    measured = [row["tasks"] for row in rows]
+    assert measured == [{key: pytest.approx(value, rel=1e-6) for key, value in e.items()} for e in expected]
     # Each setting ran at its own precision: the right answers' perplexity moves with it.
     assert len({row["tasks"][f"{LL_TASK} perplexity"] for row in rows}) == 3
 
