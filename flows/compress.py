@@ -200,6 +200,10 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         seed=params.seed,
         compute_dtype=params.compute_dtype,
         precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
+        module_precision_weights={name: precision_weight_tuple(w, params.num_slices)
+                                  for name, w in params.module_precision_weights.items()},
+        module_clip_search_weights={name: precision_weight_tuple(w, params.num_slices)
+                                    for name, w in params.module_clip_search_weights.items()},
     ).to_dict()
 
 
@@ -228,6 +232,8 @@ def compress(
     group_size: int = 128,
     router_hidden: int = 32,
     precision_weights: dict[int, float] | None = None,
+    module_precision_weights: dict[str, dict[int, float]] | None = None,
+    module_clip_search_weights: dict[str, dict[int, float]] | None = None,
     seed: int = 0,
     budgets: list[float] | None = None,
     eval_seqlen: int = 256,
@@ -272,7 +278,7 @@ def compress(
         samples=params.samples,
         seqlen=params.seqlen,
         seed=params.seed,
-        group_size=params.group_size,
+        config=config,
         device=params.device,
         source_model=source,
         float32_inputs=params.float32_inputs,

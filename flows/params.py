@@ -133,6 +133,12 @@ class CompressParams(BaseModel):
     precision_weights: dict[int, float] | None = Field(
         None, description="slice count -> weight of its output error in the compensated codes (default: config)"
     )
+    module_precision_weights: dict[str, dict[int, float]] = Field(
+        default_factory=dict, description="linear name (v_proj) -> its own precision_weights"
+    )
+    module_clip_search_weights: dict[str, dict[int, float]] = Field(
+        default_factory=dict, description="linear name (v_proj) -> slice count -> weight in its clip search"
+    )
     seed: int = 0
     budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
     eval_seqlen: int = Field(256, ge=8, le=32768)

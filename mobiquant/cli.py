@@ -89,6 +89,14 @@ def _precision_weights(text: str) -> dict[int, float]:
     return weights
 
 
+def _module_weights(text: str) -> tuple[str, dict[int, float]]:
+    """``LINEAR=K:W,...``: one linear's weights (``v_proj=1:32,2:24,3:32,4:32``)."""
+    name, sep, weights = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected LINEAR=SLICES:WEIGHT,... like v_proj=1:32,2:24, got {text!r}")
+    return name.strip(), _precision_weights(weights)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -138,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision-weights", type=_precision_weights, metavar="K:W,...",
         help="weights of the output error at K slices that the error-compensated codes minimise, e.g. 1:4,2:1,3:1 "
         "to favour 2 bits (default: 1:4,2:24,3:32,4:32)",
+    )
+    quantize.add_argument(
+        "--module-precision-weights", type=_module_weights, action="append", metavar="LINEAR=K:W,...",
+        help="--precision-weights for one linear of every block, named as in the block or by its last part, "
+        "e.g. v_proj=1:32,2:24,3:32,4:32 (repeatable)",
+    )
+    quantize.add_argument(
+        "--module-clip-weights", type=_module_weights, action="append", metavar="LINEAR=K:W,...",
+        help="weights of the output error at K slices in one linear's clip search, e.g. v_proj=1:1,2:1,3:1 "
+        "(repeatable; default: 1:1,2:24,3:32 for every linear)",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(
@@ -268,8 +286,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["mode"] = args.mode
     if args.epochs is not None:
         options["epochs_stage1"], options["epochs_stage2"] = args.epochs
+    num_slices = options.get("num_slices", 4)
     if args.precision_weights is not None:
-        options["precision_weights"] = precision_weight_tuple(args.precision_weights, options.get("num_slices", 4))
+        options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
+    for option, given in (("module_precision_weights", args.module_precision_weights),
+                          ("module_clip_search_weights", args.module_clip_weights)):
+        options[option] = {name: precision_weight_tuple(weights, num_slices) for name, weights in given or ()}
     config = CalibrationConfig(**options)
     print(
         f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "

@@ -84,7 +84,7 @@ def capture(
     samples: int,
     seqlen: int,
     seed: int,
-    group_size: int,
+    config: dict[str, Any],
     device: str,
     source_model: dict[str, Any],
     float32_inputs: bool = False,
@@ -95,8 +95,9 @@ def capture(
     """
     from transformers import AutoTokenizer
 
+    from mobiquant.calibration import CalibrationConfig
     from mobiquant.calibration.capture import capture_block_inputs
-    from mobiquant.calibration.driver import check_group_size
+    from mobiquant.calibration.driver import check_config
     from mobiquant.data import calibration_samples
     from mobiquant.devices import resolve_device
     from mobiquant.model_files import ModelFiles
@@ -106,7 +107,7 @@ def capture(
     # Every check on the inputs runs before the first file is written: bad input leaves the work folder as it was.
     files = ModelFiles(model_dir)
     files.check()
-    check_group_size(files, group_size)
+    check_config(files, CalibrationConfig.from_dict(config))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     check_tokenizer(tokenizer, files.config)
     ids = calibration_samples(tokenizer, calibration_data, samples, seqlen, seed)

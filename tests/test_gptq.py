@@ -5,6 +5,7 @@ Gaussian elimination (OBQ, Frantar & Alistarh 2022), one column at a time, with 
 no lazy batches; GPTQ must reach the same codes and the same output error.
 """
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -268,8 +269,8 @@ def test_compensation_lowers_a_two_bit_controls_block_error() -> None:
 
 
 def test_precision_weights_are_checked() -> None:
-    assert CalibrationConfig(num_slices=3, precision_weights=(1, 2, 0)).compensation_objective == {1: 1.0, 2: 2.0}
-    assert CalibrationConfig(target_bits=4.0, precision_weights=(1, 2, 3, 4)).compensation_objective == {2: 1.0}
+    assert CalibrationConfig(num_slices=3, precision_weights=(1, 2, 0)).compensation_objective() == {1: 1.0, 2: 2.0}
+    assert CalibrationConfig(target_bits=4.0, precision_weights=(1, 2, 3, 4)).compensation_objective() == {2: 1.0}
     with pytest.raises(ValueError, match="precision_weights needs 4"):
         CalibrationConfig(precision_weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="at most 4 slices"):
@@ -277,3 +278,54 @@ def test_precision_weights_are_checked() -> None:
     with pytest.raises(ValueError, match="error_compensation=False"):
         CalibrationConfig(num_slices=5, target_bits=10.0)
     assert CalibrationConfig(num_slices=5, target_bits=10.0, error_compensation=False).target_bits == 10.0
+
+
+def test_per_linear_weights_change_that_linear_only_and_in_the_direction_asked() -> None:
+    torch.manual_seed(23)
+    arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
+        *shape, torch.Generator().manual_seed(shape[0] * 7 + shape[1])))
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [linear.register_forward_pre_hook(
+        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name, linear in arch.quantized_linears(block).items()]
+    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
+    for handle in handles:
+        handle.remove()
+    common = {"group_size": GROUP, "epochs_stage1": 0, "epochs_stage2": 0, "router_hidden": 0}
+    favour_one_slice = (1.0, 0.0, 0.0, 0.0)
+    default = calibrate_block(block, inputs, block_kwargs, arch, CalibrationConfig(**common), progress=False)
+    # By its last part for the clip search, by its full name for the codes.
+    override = calibrate_block(block, inputs, block_kwargs, arch, CalibrationConfig(
+        **common, module_clip_search_weights={"v_proj": favour_one_slice},
+        module_precision_weights={"self_attn.v_proj": favour_one_slice}), progress=False)
+    for name in arch.linears:
+        same = [torch.equal(default.state[f"{name}.{key}"], override.state[f"{name}.{key}"])
+                for key in ("planes", "scale", "zero")]
+        assert not any(same) if name == "self_attn.v_proj" else all(same), name
+    name = "self_attn.v_proj"
+    x = torch.cat(seen[name]).double()
+    weight = arch.quantized_linears(block)[name].weight.detach().double()
+
+    def output_error(state: dict[str, torch.Tensor], k: int) -> float:
+        codes = unpack_codes(state[f"{name}.planes"], 4) >> (2 * (4 - k))
+        approx = dequantize_codes(codes, state[f"{name}.scale"], state[f"{name}.zero"], k, torch.float64)
+        return float((x @ (approx - weight).T).pow(2).sum())
+
+    assert output_error(override.state, 1) < 0.8 * output_error(default.state, 1)
+    assert output_error(override.state, 2) > output_error(default.state, 2)
+
+
+def test_per_linear_weight_names_are_checked() -> None:
+    from mobiquant.arch import architecture_for
+
+    config = CalibrationConfig(module_precision_weights={"v_proj": (1, 0, 0, 0), "mlp.down_proj": (0, 1, 0, 0)},
+                               module_clip_search_weights={"proj": (1, 0, 0, 0)})
+    assert config.compensation_objective("self_attn.v_proj") == {1: 1.0}
+    assert config.compensation_objective("mlp.down_proj") == {2: 1.0}
+    assert config.compensation_objective("self_attn.q_proj") == {1: 4.0, 2: 24.0, 3: 32.0, 4: 32.0}
+    with pytest.raises(ValueError, match=r"'proj', which is not a quantized linear of llama blocks \(self_attn.q_proj"):
+        config.check_linear_names(architecture_for("llama"))
+    with pytest.raises(ValueError, match=r"module_precision_weights\['v_proj'\] needs 4"):
+        CalibrationConfig(module_precision_weights={"v_proj": (1, 2)})
+    # Through JSON (the resume key and the checkpoint's config) and back.
+    assert CalibrationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

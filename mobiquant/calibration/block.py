@@ -138,7 +138,7 @@ def calibrate_block(
         # The clip search is most of a block's time before LWC: it gets a bar of its own.
         for name, module in tqdm(trainables.items(), desc=f"block {block_index} clip search", unit="linear",
                                  disable=not progress, leave=False):
-            module.start_clipping_from_search(hessians[name], config.clip_objective)
+            module.start_clipping_from_search(hessians[name], config.clip_objective(name))
         _report(on_progress, block_index, "clip search")
     for param in block.parameters():
         param.requires_grad_(False)
@@ -155,7 +155,7 @@ def calibrate_block(
         if config.error_compensation:
             for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
                                      disable=not progress, leave=False):
-                errors = module.fix_codes(hessians[name], config.compensation_objective)
+                errors = module.fix_codes(hessians[name], config.compensation_objective(name))
                 losses[f"gptq {name}"] = [errors[k] for k in sorted(errors)]
             _report(on_progress, block_index, "gptq codes")
         if config.routed:

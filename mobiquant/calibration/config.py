@@ -60,6 +60,11 @@ class CalibrationConfig:
     precision_weights: tuple[float, ...] | None = None
     """Weight of the output error at 1, 2, ... slices that the compensated codes minimise (at most 4 slices
     weighted; a control weighs only its own); ``None`` takes ``DEFAULT_PRECISION_WEIGHTS``."""
+    module_precision_weights: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per-linear ``precision_weights``, keyed by the linear's name in the block (``self_attn.v_proj``) or its
+    last part (``v_proj``); linears not named take ``precision_weights``."""
+    module_clip_search_weights: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per-linear ``clip_search_weights``, keyed as ``module_precision_weights``."""
     mode: str = "parallel"
     compute_dtype: str = "float32"
     """Precision of the block's matrix products: ``float32``; on CUDA also ``tfloat32`` or ``bfloat16`` (autocast)."""
@@ -78,35 +83,44 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if self.clip_search_weights is not None:
-            weights = tuple(float(w) for w in self.clip_search_weights)
-            object.__setattr__(self, "clip_search_weights", weights)
-            if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
-                raise ValueError(f"clip_search_weights needs {self.num_slices} non-negative weights, not all zero; "
-                                 f"got {list(weights)}")
-
-        if self.precision_weights is not None:
-            weights = tuple(float(w) for w in self.precision_weights)
-            object.__setattr__(self, "precision_weights", weights)
-            if len(weights) != self.num_slices or min(weights) < 0 or max(weights) <= 0:
-                raise ValueError(f"precision_weights needs {self.num_slices} non-negative weights, not all zero; "
-                                 f"got {list(weights)}")
-            if any(weights[MAX_COMPENSATED_SLICES:]):
-                raise ValueError(f"precision_weights may weigh at most {MAX_COMPENSATED_SLICES} slices "
-                                 f"(8-bit codes); got {list(weights)}")
+        for option in ("clip_search_weights", "precision_weights"):
+            if getattr(self, option) is not None:
+                object.__setattr__(self, option, self._checked(option, getattr(self, option)))
+        for option in ("module_clip_search_weights", "module_precision_weights"):
+            checked = {str(name): self._checked(f"{option}[{name!r}]", weights)
+                       for name, weights in getattr(self, option).items()}
+            object.__setattr__(self, option, checked)
         if self.error_compensation and (self.target_bits or 0) > 2 * MAX_COMPENSATED_SLICES:
             raise ValueError(f"error-compensated codes reach at most {2 * MAX_COMPENSATED_SLICES} bits; a control "
                              f"at {self.target_bits} bits needs error_compensation=False")
 
-    @property
-    def compensation_objective(self) -> dict[int, float]:
-        """Slice count -> weight of its output error in the compensated codes' objective."""
-        return self._objective(self.precision_weights, DEFAULT_PRECISION_WEIGHTS)
+    def _checked(self, option: str, weights: tuple[float, ...]) -> tuple[float, ...]:
+        """``weights`` as floats: one per slice count, non-negative, not all zero, none past 8-bit codes."""
+        values = tuple(float(w) for w in weights)
+        if len(values) != self.num_slices or min(values) < 0 or max(values) <= 0:
+            raise ValueError(f"{option} needs {self.num_slices} non-negative weights, not all zero; got {list(values)}")
+        if option.endswith("precision_weights") and any(values[MAX_COMPENSATED_SLICES:]):
+            raise ValueError(f"{option} may weigh at most {MAX_COMPENSATED_SLICES} slices (8-bit codes); "
+                             f"got {list(values)}")
+        return values
 
-    @property
-    def clip_objective(self) -> dict[int, float]:
-        """Slice count -> weight of its output error in the clip search."""
-        return self._objective(self.clip_search_weights, DEFAULT_CLIP_SEARCH_WEIGHTS)
+    def compensation_objective(self, linear: str = "") -> dict[int, float]:
+        """Slice count -> weight of its output error in the compensated codes' objective of ``linear``."""
+        weights = _for_linear(self.module_precision_weights, linear, self.precision_weights)
+        return self._objective(weights, DEFAULT_PRECISION_WEIGHTS)
+
+    def clip_objective(self, linear: str = "") -> dict[int, float]:
+        """Slice count -> weight of its output error in the clip search of ``linear``."""
+        weights = _for_linear(self.module_clip_search_weights, linear, self.clip_search_weights)
+        return self._objective(weights, DEFAULT_CLIP_SEARCH_WEIGHTS)
+
+    def check_linear_names(self, arch: Architecture) -> None:
+        """Refuse per-linear weights naming no quantized linear of ``arch`` (a typo would silently do nothing)."""
+        names = {*self.module_precision_weights, *self.module_clip_search_weights}
+        unknown = sorted(name for name in names if not any(_names(linear, name) for linear in arch.linears))
+        if unknown:
+            raise ValueError(f"per-linear weights name {', '.join(map(repr, unknown))}, which is not a quantized "
+                             f"linear of {arch.name} blocks ({', '.join(arch.linears)})")
 
     def _objective(self, weights: tuple[float, ...] | None, defaults: tuple[float, ...]) -> dict[int, float]:
         """A control weighs only its own slice count; the elastic checkpoint ``weights`` (or ``defaults``)."""
@@ -134,6 +148,19 @@ class CalibrationConfig:
         """Hash of every setting that changes the result (the resume key, with model sha and block)."""
         keyed = {**self.to_dict(), "algorithm_revision": ALGORITHM_REVISION}
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _names(linear: str, name: str) -> bool:
+    """Whether ``name`` names the block's ``linear``: its full dotted name or its last parts."""
+    return linear == name or linear.endswith("." + name)
+
+
+def _for_linear(
+    per_linear: Mapping[str, tuple[float, ...]], linear: str, default: tuple[float, ...] | None
+) -> tuple[float, ...] | None:
+    """The weights ``per_linear`` gives ``linear`` (the longest matching name wins), else ``default``."""
+    matches = sorted((name for name in per_linear if _names(linear, name)), key=len)
+    return per_linear[matches[-1]] if matches else default
 
 
 def precision_weight_tuple(weights: Mapping[int, float], num_slices: int) -> tuple[float, ...]:

@@ -43,6 +43,12 @@ from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skelet
 from mobiquant.slicing import check_slicing_shape
 
 
+def check_config(source: BlockSource, config: CalibrationConfig) -> None:
+    """Fail before any heavy work on settings this model cannot take."""
+    check_group_size(source, config.group_size)
+    config.check_linear_names(source.arch)
+
+
 def check_group_size(source: BlockSource, group_size: int) -> None:
     """Fail before any heavy work if a quantized linear cannot be sliced with ``group_size``."""
     for name, linear in source.arch.quantized_linears(source.block_structure(0)).items():
@@ -67,6 +73,7 @@ def calibrate_one_block(
     Returns a report (losses, seconds, device, sha256 of the result, ``cached``). In sequential mode the
     next block's quantized inputs are written too, also when the result itself is reused and they are missing.
     """
+    config.check_linear_names(source.arch)
     capture_dir = Path(capture_dir)
     manifest = read_manifest(capture_dir)
     key = resume_key(manifest, config)
@@ -193,7 +200,7 @@ def quantize_files(
     """The whole calibration of the model folder ``model_dir`` in this process; resumes from ``work_dir``."""
     files = ModelFiles(model_dir)
     files.check()
-    check_group_size(files, config.group_size)
+    check_config(files, config)
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
     capture_block_inputs(files, samples, capture_dir, device=device, model_key=model_key, store_dtype=store_dtype,
                          provenance=dict(provenance or {}), batch_size=config.batch_size, progress=progress)
@@ -218,7 +225,7 @@ def quantize_model(
     (default: the model's own device).
     """
     source = InMemoryModel(model)
-    check_group_size(source, config.group_size)
+    check_config(source, config)
     compute_device = torch.device(device) if device is not None else next(model.parameters()).device
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
     capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),
