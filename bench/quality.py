@@ -43,11 +43,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
 from mobiquant.calibration.capture import block_outputs
+from mobiquant.calibration.config import precision_weight_tuple
+from mobiquant.cli import linear_weights_arg
 from mobiquant.clip_search import input_hessians, search_clipping
 from mobiquant.data import calibration_samples, evaluation_tokens
 from mobiquant.evaluation import rtn_model
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
-from mobiquant.precision import set_precision, track_bits
+from mobiquant.precision import mobi_layers, set_precision, track_bits
 from mobiquant.slicing import full_codes, group_min_max, round_params, scale_zero_from_range
 from mobiquant.sources import materialize, smollm2_gguf_path
 from mobiquant.streaming import first_block_inputs
@@ -165,13 +167,19 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
                 record: Callable[..., None]) -> CalibrationConfig:
     """Calibrate the elastic checkpoint (resumable) and record it uniform at every slice count and routed."""
     options = {"group_size": args.group_size, "epochs_stage1": args.epochs_stage1,
-               "epochs_stage2": args.epochs_stage2, "seed": args.seed}
+               "epochs_stage2": args.epochs_stage2, "seed": args.seed, "mode": args.mode}
     if args.precision_weights:
         options["precision_weights"] = tuple(args.precision_weights)
+    for option, given in (("module_precision_weights", args.module_precision_weights),
+                          ("module_clip_search_weights", args.module_clip_weights)):
+        if given is not None:
+            options[option] = {name: precision_weight_tuple(weights, 4) for name, weights in given}
     config = CalibrationConfig(**options)
     started = time.perf_counter()
     work_dir = args.work_dir / f"elastic-{config.digest()}"
     elastic = quantize_model(copy.deepcopy(base), samples, config, work_dir)
+    for layer in mobi_layers(elastic):
+        layer.cache_dense = True  # one dense W_k per slice count in use: the evaluation's speed, not its result
     # Each block records its own calibration time, so a resumed run still reports what calibration costs.
     block_seconds = [read_result_report(path)["seconds"] for path in sorted((work_dir / "blocks").glob("block_*"))]
     timings["elastic"] = {"minutes": sum(block_seconds) / 60, "minutes_per_block": statistics.mean(block_seconds) / 60,
@@ -194,6 +202,12 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--precision-weights", type=float, nargs=4, metavar="W",
                         help="weights of the output error at 1..4 slices (default: the config's)")
+    parser.add_argument("--module-precision-weights", type=linear_weights_arg, action="append",
+                        metavar="LINEAR=K:W,...", help="one linear's precision weights (default: the config's)")
+    parser.add_argument("--module-clip-weights", type=linear_weights_arg, action="append",
+                        metavar="LINEAR=K:W,...", help="one linear's clip search weights (default: the config's)")
+    parser.add_argument("--mode", choices=("parallel", "sequential"), default="sequential",
+                        help="block inputs of the elastic calibration (default: sequential, the GPTQ peers' protocol)")
     parser.add_argument("--elastic-only", action="store_true",
                         help="full precision and the elastic checkpoint only (another weighting, same peers)")
     parser.add_argument("--eval-seqlen", type=int, default=512)

@@ -77,7 +77,7 @@ def _epochs(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _precision_weights(text: str) -> dict[int, float]:
+def slice_weights_arg(text: str) -> dict[int, float]:
     """``K:W,K:W,...``: the weight of the output error at K slices in the compensated codes' objective."""
     weights = {}
     for item in text.split(","):
@@ -89,12 +89,12 @@ def _precision_weights(text: str) -> dict[int, float]:
     return weights
 
 
-def _module_weights(text: str) -> tuple[str, dict[int, float]]:
+def linear_weights_arg(text: str) -> tuple[str, dict[int, float]]:
     """``LINEAR=K:W,...``: one linear's weights (``v_proj=1:32,2:24,3:32,4:32``)."""
     name, sep, weights = text.partition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected LINEAR=SLICES:WEIGHT,... like v_proj=1:32,2:24, got {text!r}")
-    return name.strip(), _precision_weights(weights)
+    return name.strip(), slice_weights_arg(weights)
 
 
 def _positive_int(text: str) -> int:
@@ -143,19 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
     quantize.add_argument(
-        "--precision-weights", type=_precision_weights, metavar="K:W,...",
+        "--precision-weights", type=slice_weights_arg, metavar="K:W,...",
         help="weights of the output error at K slices that the error-compensated codes minimise, e.g. 1:4,2:1,3:1 "
-        "to favour 2 bits (default: 1:4,2:24,3:32,4:32)",
+        "to favour 2 bits (default: 1:2,2:24,3:32,4:8; v_proj 1:32,2:24,3:32,4:8)",
     )
     quantize.add_argument(
-        "--module-precision-weights", type=_module_weights, action="append", metavar="LINEAR=K:W,...",
+        "--module-precision-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",
         help="--precision-weights for one linear of every block, named as in the block or by its last part, "
         "e.g. v_proj=1:32,2:24,3:32,4:32 (repeatable)",
     )
     quantize.add_argument(
-        "--module-clip-weights", type=_module_weights, action="append", metavar="LINEAR=K:W,...",
+        "--module-clip-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",
         help="weights of the output error at K slices in one linear's clip search, e.g. v_proj=1:1,2:1,3:1 "
-        "(repeatable; default: 1:1,2:24,3:32 for every linear)",
+        "(repeatable; default: 1:1,2:24,3:32, and 1:1,2:1,3:1 for v_proj)",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(

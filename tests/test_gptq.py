@@ -227,8 +227,9 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
     for name, linear in linears.items():
         x = torch.cat(seen[name]).double()
         scale, zero = result.state[f"{name}.scale"], result.state[f"{name}.zero"]
-        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8,
-                                   {2: 4.0, 4: 24.0, 6: 32.0})
+        # The value projection has weights of its own by default (checked in the per-linear tests below).
+        objective = {2: 32.0, 4: 24.0, 6: 32.0, 8: 8.0} if name == "self_attn.v_proj" else {2: 4.0, 4: 24.0, 6: 32.0}
+        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8, objective)
         stored = unpack_codes(result.state[f"{name}.planes"], 4)
         assert torch.equal(stored, expected), name
     assert "stage2" in result.losses and len(result.losses["stage2"]) == 1
@@ -296,13 +297,13 @@ def test_per_linear_weights_change_that_linear_only_and_in_the_direction_asked()
     default = calibrate_block(block, inputs, block_kwargs, arch, CalibrationConfig(**common), progress=False)
     # By its last part for the clip search, by its full name for the codes.
     override = calibrate_block(block, inputs, block_kwargs, arch, CalibrationConfig(
-        **common, module_clip_search_weights={"v_proj": favour_one_slice},
-        module_precision_weights={"self_attn.v_proj": favour_one_slice}), progress=False)
+        **common, module_clip_search_weights={"q_proj": favour_one_slice},
+        module_precision_weights={"self_attn.q_proj": favour_one_slice}), progress=False)
     for name in arch.linears:
         same = [torch.equal(default.state[f"{name}.{key}"], override.state[f"{name}.{key}"])
                 for key in ("planes", "scale", "zero")]
-        assert not any(same) if name == "self_attn.v_proj" else all(same), name
-    name = "self_attn.v_proj"
+        assert not any(same) if name == "self_attn.q_proj" else all(same), name
+    name = "self_attn.q_proj"
     x = torch.cat(seen[name]).double()
     weight = arch.quantized_linears(block)[name].weight.detach().double()
 
@@ -322,7 +323,12 @@ def test_per_linear_weight_names_are_checked() -> None:
                                module_clip_search_weights={"proj": (1, 0, 0, 0)})
     assert config.compensation_objective("self_attn.v_proj") == {1: 1.0}
     assert config.compensation_objective("mlp.down_proj") == {2: 1.0}
-    assert config.compensation_objective("self_attn.q_proj") == {1: 4.0, 2: 24.0, 3: 32.0, 4: 32.0}
+    assert config.compensation_objective("self_attn.q_proj") == {1: 2.0, 2: 24.0, 3: 32.0, 4: 8.0}
+    # The defaults: the value projection weighs one slice most, in its clip search and its codes.
+    assert CalibrationConfig().compensation_objective("self_attn.v_proj") == {1: 32.0, 2: 24.0, 3: 32.0, 4: 8.0}
+    assert CalibrationConfig(num_slices=2).clip_objective("self_attn.v_proj") == {1: 1.0, 2: 1.0}
+    assert CalibrationConfig().clip_objective("mlp.up_proj") == {1: 1.0, 2: 24.0, 3: 32.0}
+    assert CalibrationConfig(target_bits=4.0).clip_objective("self_attn.v_proj") == {2: 1.0}
     with pytest.raises(ValueError, match=r"'proj', which is not a quantized linear of llama blocks \(self_attn.q_proj"):
         config.check_linear_names(architecture_for("llama"))
     with pytest.raises(ValueError, match=r"module_precision_weights\['v_proj'\] needs 4"):

@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 6
+ALGORITHM_REVISION = 7
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -32,7 +32,12 @@ ROUTER_FIT_LR = 1e-2
 DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 0.0)
 # Error-compensated codes (mobiquant.gptq): weights of the absolute output errors at 1, 2, 3, 4 slices
 # that the codes minimise, chosen by measurement (docs/quality.md). GPTQ can weigh at most 8-bit codes.
-DEFAULT_PRECISION_WEIGHTS = (4.0, 24.0, 32.0, 32.0)
+DEFAULT_PRECISION_WEIGHTS = (2.0, 24.0, 32.0, 8.0)
+# Per-linear defaults (keyed as ``module_precision_weights``; a user's entries add to them and win). The
+# value projection decides one slice's quality (docs/quality.md): it gets a 2-bit clipping and codes that
+# weigh one slice most, at a small cost at 4 and 6 bits.
+DEFAULT_MODULE_PRECISION_WEIGHTS = {"v_proj": (32.0, 24.0, 32.0, 8.0)}
+DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS = {"v_proj": (1.0, 1.0, 1.0, 0.0)}
 MAX_COMPENSATED_SLICES = 4
 
 
@@ -62,9 +67,11 @@ class CalibrationConfig:
     weighted; a control weighs only its own); ``None`` takes ``DEFAULT_PRECISION_WEIGHTS``."""
     module_precision_weights: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """Per-linear ``precision_weights``, keyed by the linear's name in the block (``self_attn.v_proj``) or its
-    last part (``v_proj``); linears not named take ``precision_weights``."""
+    last part (``v_proj``), added to ``DEFAULT_MODULE_PRECISION_WEIGHTS`` (a name given here wins); linears
+    named by neither take ``precision_weights``."""
     module_clip_search_weights: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    """Per-linear ``clip_search_weights``, keyed as ``module_precision_weights``."""
+    """Per-linear ``clip_search_weights``, keyed as ``module_precision_weights``, added to
+    ``DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS``."""
     mode: str = "parallel"
     compute_dtype: str = "float32"
     """Precision of the block's matrix products: ``float32``; on CUDA also ``tfloat32`` or ``bfloat16`` (autocast)."""
@@ -106,13 +113,18 @@ class CalibrationConfig:
 
     def compensation_objective(self, linear: str = "") -> dict[int, float]:
         """Slice count -> weight of its output error in the compensated codes' objective of ``linear``."""
-        weights = _for_linear(self.module_precision_weights, linear, self.precision_weights)
-        return self._objective(weights, DEFAULT_PRECISION_WEIGHTS)
+        per_linear = {**self._fitted(DEFAULT_MODULE_PRECISION_WEIGHTS), **self.module_precision_weights}
+        return self._objective(_for_linear(per_linear, linear, self.precision_weights), DEFAULT_PRECISION_WEIGHTS)
 
     def clip_objective(self, linear: str = "") -> dict[int, float]:
         """Slice count -> weight of its output error in the clip search of ``linear``."""
-        weights = _for_linear(self.module_clip_search_weights, linear, self.clip_search_weights)
-        return self._objective(weights, DEFAULT_CLIP_SEARCH_WEIGHTS)
+        per_linear = {**self._fitted(DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS), **self.module_clip_search_weights}
+        return self._objective(_for_linear(per_linear, linear, self.clip_search_weights), DEFAULT_CLIP_SEARCH_WEIGHTS)
+
+    def _fitted(self, defaults: Mapping[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
+        """Default weights cut or padded with zeros to ``num_slices`` (those weighing no slice left out)."""
+        fitted = {name: (weights + (0.0,) * self.num_slices)[: self.num_slices] for name, weights in defaults.items()}
+        return {name: weights for name, weights in fitted.items() if any(weights)}
 
     def check_linear_names(self, arch: Architecture) -> None:
         """Refuse per-linear weights naming no quantized linear of ``arch`` (a typo would silently do nothing)."""
