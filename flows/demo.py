@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
     # No API URL configured: run on Prefect's ephemeral in-process server.
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when it
+    # loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.compress import PreflightError, compress, preflight
 
     # Parameters and services are checked before Prefect starts a run: one line and exit status 1 when not usable.
