@@ -7,9 +7,11 @@ import math
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mobiquant.checkpoint import load_checkpoint
 from mobiquant.precision import set_precision
@@ -64,17 +66,15 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
 
 
-def reference_scores(model: torch.nn.Module, task_dir: Path) -> dict[str, float]:
-    """Both tasks' metrics from first principles, with the byte tokenizer's one token per byte: a choice's score
-    is the log-likelihood of its tokens (after a space) following the question; accuracy picks the best-scored
-    choice, perplexity is exp of minus the right answers' mean log-likelihood."""
-    tokenizer = byte_tokenizer()
+def reference_scores(model: torch.nn.Module, tokenizer: Any, task_dir: Path) -> dict[str, float]:
+    """Both tasks' metrics from first principles: a choice's score is the log-likelihood of its tokens (after a
+    space) following the question, the continuation being what the whole text's tokens add to the question's
+    (the harness's split); accuracy picks the best-scored choice, perplexity is exp of minus the right answers'
+    mean log-likelihood."""
 
     def log_likelihood(question: str, answer: str) -> float:
-        text = question + " " + answer
-        ids = tokenizer.encode(text)
-        assert len(ids) == len(text.encode())  # one token per byte, nothing added
-        continuation = len((" " + answer).encode())
+        ids = tokenizer.encode(question + " " + answer)
+        continuation = len(ids) - len(tokenizer.encode(question))
         with torch.no_grad():
             log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
         return float(log_probs.gather(-1, torch.tensor(ids[1:])[:, None])[-continuation:].sum())
@@ -103,10 +103,11 @@ def test_tasks_at_each_precision_match_first_principles(
     assert [(r["mode"], r["target"]) for r in rows] == [("uniform", 1), ("uniform", 4), ("routed", 5.0)]
     assert rows[0]["avg_bits"] == 2.0 and rows[1]["avg_bits"] == 8.0 and 2.0 < rows[2]["avg_bits"] < 8.0
     model = load_checkpoint(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # the one the command loads with the checkpoint
     expected = []
     for setting in [{"slices": 1}, {"slices": 4}, {"avg_bits": 5.0}]:
         set_precision(model, **setting)
-        expected.append(reference_scores(model, task_dir))
+        expected.append(reference_scores(model, tokenizer, task_dir))
     # Every setting is compared before failing, so a mismatch shows whether it is one setting or all.
     measured = [row["tasks"] for row in rows]
     assert measured == [{key: pytest.approx(value, rel=1e-6) for key, value in e.items()} for e in expected]
