@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
 from mobiquant.calibration.capture import block_outputs
-from mobiquant.calibration.config import precision_weight_tuple
+from mobiquant.calibration.config import linear_weight_tuples
 from mobiquant.cli import linear_weights_arg
 from mobiquant.clip_search import input_hessians, search_clipping
 from mobiquant.data import calibration_samples, evaluation_tokens
@@ -173,7 +173,7 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
         if given is not None:
-            options[option] = {name: precision_weight_tuple(weights, 4) for name, weights in given}
+            options[option] = linear_weight_tuples(dict(given), 4)
     config = CalibrationConfig(**options)
     started = time.perf_counter()
     work_dir = args.work_dir / f"elastic-{config.digest()}"

@@ -187,7 +187,7 @@ def calibrate_blocks(
 def params_config(params: CompressParams) -> dict[str, Any]:
     """The library's calibration config for these parameters (as a dict: tasks pass data, not objects)."""
     from mobiquant.calibration import CalibrationConfig
-    from mobiquant.calibration.config import precision_weight_tuple
+    from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
     weights = params.precision_weights
     return CalibrationConfig(
@@ -200,10 +200,8 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         seed=params.seed,
         compute_dtype=params.compute_dtype,
         precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
-        module_precision_weights={name: precision_weight_tuple(w, params.num_slices)
-                                  for name, w in params.module_precision_weights.items()},
-        module_clip_search_weights={name: precision_weight_tuple(w, params.num_slices)
-                                    for name, w in params.module_clip_search_weights.items()},
+        module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
+        module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
     ).to_dict()
 
 

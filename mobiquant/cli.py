@@ -263,7 +263,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
-    from mobiquant.calibration.config import precision_weight_tuple
+    from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
@@ -291,7 +291,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
-        options[option] = {name: precision_weight_tuple(weights, num_slices) for name, weights in given or ()}
+        options[option] = linear_weight_tuples(dict(given or ()), num_slices)
     config = CalibrationConfig(**options)
     print(
         f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "

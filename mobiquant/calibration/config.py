@@ -183,6 +183,13 @@ def precision_weight_tuple(weights: Mapping[int, float], num_slices: int) -> tup
     return tuple(float(weights.get(k, 0.0)) for k in range(1, num_slices + 1))
 
 
+def linear_weight_tuples(
+    per_linear: Mapping[str, Mapping[int, float]], num_slices: int
+) -> dict[str, tuple[float, ...]]:
+    """``module_precision_weights`` (or ``module_clip_search_weights``) from ``{linear: {slice count: weight}}``."""
+    return {name: precision_weight_tuple(weights, num_slices) for name, weights in per_linear.items()}
+
+
 def quantization_config(
     config: CalibrationConfig, arch: Architecture, provenance: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
