@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
 
 
-def reference_scores(model: torch.nn.Module, tokenizer: Any, task_dir: Path) -> dict[str, float]:
+def reference_scores(
+    model: torch.nn.Module, tokenizer: Any, task_dir: Path, documents: list[dict[str, Any]] | None = None
+) -> dict[str, float]:
     """Both tasks' metrics from first principles: a choice's score is the log-likelihood of its tokens (after a
     space) following the question, the continuation being what the whole text's tokens add to the question's
     (the harness's split); accuracy picks the best-scored choice, perplexity is exp of minus the right answers'
@@ -80,8 +84,9 @@ def reference_scores(model: torch.nn.Module, tokenizer: Any, task_dir: Path) -> 
         return float(log_probs.gather(-1, torch.tensor(ids[1:])[:, None])[-continuation:].sum())
 
     correct, right_answers = [], []
-    for line in (task_dir / "arith.jsonl").read_text().splitlines():
-        doc = json.loads(line)
+    if documents is None:
+        documents = [json.loads(line) for line in (task_dir / "arith.jsonl").read_text().splitlines()]
+    for doc in documents:
         scores = [log_likelihood(doc["question"], choice) for choice in doc["choices"]]
         correct.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
         right_answers.append(scores[doc["answer"]])
@@ -91,15 +96,46 @@ def reference_scores(model: torch.nn.Module, tokenizer: Any, task_dir: Path) -> 
     }
 
 
-def test_tasks_at_each_precision_match_first_principles(
-    capsys: pytest.CaptureFixture, checkpoint: Path, task_dir: Path
-) -> None:
-    code, out, err = run(
-        capsys, "eval", str(checkpoint), "--tasks", f"{TASK},{LL_TASK}", "--include-path", str(task_dir),
-        "--uniform", "1,4", "--avg-bits", "5", "--device", "cpu", "--json",
+def harness_diagnosis(model: torch.nn.Module, tokenizer: Any, task_dir: Path) -> str:
+    """Each right answer's log-likelihood as lm-eval scores it in this process next to the first-principles one,
+    for a failure message: it tells a wrong request (text, split) from a wrong score of the right request."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from mobiquant.harness import task_manager
+
+    results = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tasks=[LL_TASK],
+        task_manager=task_manager(task_dir), log_samples=True, bootstrap_iters=0,
     )  # fmt: skip
-    assert code == 0, err
-    rows = json.loads(out)["results"]
+    lines = []
+    for sample in results["samples"][LL_TASK]:
+        context, continuation = sample["arguments"][0][:2]
+        reference = reference_scores(model, tokenizer, task_dir, documents=[sample["doc"]])
+        lines.append(
+            f"{context!r}+{continuation!r}: lm-eval {sample['resps'][0][0][0]:.6f}, "
+            f"first principles {-math.log(reference[f'{LL_TASK} perplexity']):.6f}"
+        )
+    return "\n".join(lines)
+
+
+def test_tasks_at_each_precision_match_first_principles(
+    capsys: pytest.CaptureFixture, checkpoint: Path, task_dir: Path, tmp_path: Path
+) -> None:
+    # The command runs as users run it, in a process of its own whose caches (home, Hugging Face, mobiquant) are
+    # empty folders of this test: no state of earlier tests or earlier runs on this machine can reach it.
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "HF_HOME": str(home / "hf"),
+           "HF_DATASETS_CACHE": str(home / "datasets"), "MOBIQUANT_CACHE": str(home / "mobiquant"),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    command = [
+        sys.executable, "-c", "import sys; from mobiquant.cli import main; sys.exit(main(sys.argv[1:]))",
+        "eval", str(checkpoint), "--tasks", f"{TASK},{LL_TASK}", "--include-path", str(task_dir),
+        "--uniform", "1,4", "--avg-bits", "5", "--device", "cpu", "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
     assert [(r["mode"], r["target"]) for r in rows] == [("uniform", 1), ("uniform", 4), ("routed", 5.0)]
     assert rows[0]["avg_bits"] == 2.0 and rows[1]["avg_bits"] == 8.0 and 2.0 < rows[2]["avg_bits"] < 8.0
     model = load_checkpoint(checkpoint).eval()
@@ -108,9 +144,13 @@ def test_tasks_at_each_precision_match_first_principles(
     for setting in [{"slices": 1}, {"slices": 4}, {"avg_bits": 5.0}]:
         set_precision(model, **setting)
         expected.append(reference_scores(model, tokenizer, task_dir))
-    # Every setting is compared before failing, so a mismatch shows whether it is one setting or all.
     measured = [row["tasks"] for row in rows]
-    assert measured == [{key: pytest.approx(value, rel=1e-6) for key, value in e.items()} for e in expected]
+    if measured != [{key: pytest.approx(value, rel=1e-6) for key, value in e.items()} for e in expected]:
+        set_precision(model, slices=1)
+        pytest.fail(
+            f"lm-eval scores {measured}, first principles {expected}; one slice, per right answer:\n"
+            f"{harness_diagnosis(model, tokenizer, task_dir)}"
+        )
     # Each setting ran at its own precision: the right answers' perplexity moves with it.
     assert len({row["tasks"][f"{LL_TASK} perplexity"] for row in rows}) == 3
 
@@ -149,16 +189,30 @@ def test_pipeline_validation_gates_on_task_scores(
     tiny_llama().save_pretrained(source)  # the weights the checkpoint was sliced from (same seed)
     byte_tokenizer().save_pretrained(source)
     validation = validate(
-        source, checkpoint, evaluation_data=str(text_file), eval_seqlen=64, eval_max_windows=2, budgets=[3.0],
-        num_slices=4, group_size=32, device="cpu", out_path=tmp_path / "validation.json", tasks=[TASK],
-        task_bits=[3.0], task_include_path=str(task_dir), task_limit=8,
+        source,
+        checkpoint,
+        evaluation_data=str(text_file),
+        eval_seqlen=64,
+        eval_max_windows=2,
+        budgets=[3.0],
+        num_slices=4,
+        group_size=32,
+        device="cpu",
+        out_path=tmp_path / "validation.json",
+        tasks=[TASK],
+        task_bits=[3.0],
+        task_include_path=str(task_dir),
+        task_limit=8,
     )
     (row,) = validation["tasks"]
     score = row["tasks"][f"{TASK} acc"]
     assert row["target"] == 3.0 and 2.0 < row["avg_bits"] < 4.0 and 0.0 <= score <= 1.0
     met = evaluate_gate(validation, GateThresholds(min_task_score={3.0: {f"{TASK} acc": score}}))
     assert [c.passed for c in met if c.name == f"{TASK} acc@3"] == [True]
-    missed = evaluate_gate(validation, GateThresholds(min_task_score={3.0: {f"{TASK} acc": score + 0.01,
-                                                                          f"{TASK} f1": 0.0}}))
+    missed = evaluate_gate(
+        validation, GateThresholds(min_task_score={3.0: {f"{TASK} acc": score + 0.01, f"{TASK} f1": 0.0}})
+    )
     assert {c.name: c.passed for c in missed if "@3" in c.name and TASK in c.name} == {
-        f"{TASK} acc@3": False, f"{TASK} f1@3": False}
+        f"{TASK} acc@3": False,
+        f"{TASK} f1@3": False,
+    }
