@@ -9,12 +9,13 @@ Tempest. Every row is evaluated on two texts (METHOD.md protocol: 512-token wind
   (``pydoc_data.topics``, the text ``help()`` shows; English technical prose with code), joined in key
   order: another domain, offline on every machine.
 
-Peers: RTN; GPTQ calibrated for each precision (2, 3, 4 bits) on min-max groups (RTN's grid, as users
-run GPTQ by default) and on this project's clip search (its floor-aligned midpoint grid; 3 bits is that
-grid with 8 levels); HQQ at 4 bits (calibration-free, the ``hqq`` package). GPTQ peers quantize block
-by block, each block's Hessians from the outputs of the blocks already quantized (GPTQ's protocol).
-The elastic checkpoint runs uniform at 1-4 slices and routed at ``ROUTED_BITS``, with the average bits
-measured on each text. Prints the tables and the issue's targets as ratios, and writes JSON:
+Peers: RTN; GPTQ calibrated for each precision (2, 3, 4 bits) on min-max groups (RTN's grid and GPTQ's
+dampening 0.01, as users run GPTQ by default) and on this project's clip search (its floor-aligned midpoint
+grid, 3 bits being that grid with 8 levels, and the elastic checkpoint's dampening); HQQ at 4 bits
+(calibration-free, the ``hqq`` package). GPTQ peers quantize block by block, each block's Hessians from the
+outputs of the blocks already quantized (GPTQ's protocol). The elastic checkpoint runs uniform at 1-4 slices
+and routed at ``ROUTED_BITS``, with the average bits measured on each text. Prints the tables and the
+issue's targets as ratios, and writes JSON:
 
     python bench/quality.py --out bench/results/quality.json
 
@@ -108,8 +109,9 @@ def minmax_gptq(bits: int, group_size: int) -> LinearQuantizer:
     return lambda weight, hessian: {"": minmax_gptq_weight(weight, hessian, bits, group_size)}
 
 
-def clip_search_gptq(bits: int, group_size: int) -> LinearQuantizer:
-    """GPTQ for ``bits`` on the clipping this project's search picks for ``bits`` alone (``bits / 2`` slices).
+def clip_search_gptq(bits: int, group_size: int, damp: float) -> LinearQuantizer:
+    """GPTQ for ``bits`` on the clipping this project's search picks for ``bits`` alone (``bits / 2`` slices),
+    with the elastic checkpoint's dampening: the same code with one precision weighted.
 
     At 2 bits the codes carry 8 bits (finer ones by nearest rounding), so the same checkpoint also runs at 4
     bits, and its floor codes on the same clipping (no compensation) are kept too: the outlier-migration
@@ -122,7 +124,7 @@ def clip_search_gptq(bits: int, group_size: int) -> LinearQuantizer:
         upper, lower = search_clipping(weight, hessian, group_size, {bits / 2: 1.0})
         w_min, w_max = group_min_max(weight, group_size)
         scale, zero = round_params(*scale_zero_from_range(w_min * lower, w_max * upper))
-        codes, _ = nested_codes(weight, hessian, scale, zero, code_bits, {bits: 1.0})
+        codes, _ = nested_codes(weight, hessian, scale, zero, code_bits, {bits: 1.0}, damp=damp)
         variants = {"": grid_weight(codes >> (code_bits - bits), bits, scale, zero)}
         if bits == 2:
             floor = full_codes(weight, scale, zero, 4)
@@ -170,6 +172,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
                "epochs_stage2": args.epochs_stage2, "seed": args.seed, "mode": args.mode}
     if args.precision_weights:
         options["precision_weights"] = tuple(args.precision_weights)
+    if args.damp is not None:
+        options["damp"] = args.damp
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
         if given is not None:
@@ -206,6 +210,8 @@ def main() -> None:
                         metavar="LINEAR=K:W,...", help="one linear's precision weights (default: the config's)")
     parser.add_argument("--module-clip-weights", type=linear_weights_arg, action="append",
                         metavar="LINEAR=K:W,...", help="one linear's clip search weights (default: the config's)")
+    parser.add_argument("--damp", type=float, help="GPTQ dampening of the elastic codes and the clip-search peers "
+                        "(default: the config's)")
     parser.add_argument("--mode", choices=("parallel", "sequential"), default="sequential",
                         help="block inputs of the elastic calibration (default: sequential, the GPTQ peers' protocol)")
     parser.add_argument("--elastic-only", action="store_true",
@@ -271,7 +277,7 @@ def main() -> None:
         record("RTN", f"W{bits}g{args.group_size}", rtn_model(base, arch, bits, args.group_size), float(bits))
     for bits in GPTQ_BITS:
         for grid, quantizer in (("min-max", minmax_gptq(bits, args.group_size)),
-                                ("clip search", clip_search_gptq(bits, args.group_size))):
+                                ("clip search", clip_search_gptq(bits, args.group_size, elastic_config.damp))):
             started = time.perf_counter()
             models = sequential_peer(base, arch, samples, quantizer)
             timings[f"GPTQ-{bits} {grid}"] = {"minutes": (time.perf_counter() - started) / 60}

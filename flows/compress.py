@@ -190,6 +190,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
     weights = params.precision_weights
+    damp = {} if params.damp is None else {"damp": params.damp}
     return CalibrationConfig(
         num_slices=params.num_slices,
         group_size=params.group_size,
@@ -202,6 +203,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
         module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
         module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
+        **damp,
     ).to_dict()
 
 
@@ -232,6 +234,7 @@ def compress(
     precision_weights: dict[int, float] | None = None,
     module_precision_weights: dict[str, dict[int, float]] | None = None,
     module_clip_search_weights: dict[str, dict[int, float]] | None = None,
+    damp: float | None = None,
     seed: int = 0,
     budgets: list[float] | None = None,
     eval_seqlen: int = 256,

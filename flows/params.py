@@ -139,6 +139,9 @@ class CompressParams(BaseModel):
     module_clip_search_weights: dict[str, dict[int, float]] = Field(
         default_factory=dict, description="linear name (v_proj) -> slice count -> weight in its clip search"
     )
+    damp: float | None = Field(
+        None, gt=0, le=10, description="GPTQ dampening of the compensated codes, times mean(diag H) (default: config)"
+    )
     seed: int = 0
     budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
     eval_seqlen: int = Field(256, ge=8, le=32768)

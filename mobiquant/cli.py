@@ -107,6 +107,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from err
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _slice_count(text: str) -> int:
     # Bounds from mobiquant.slicing, inlined so that parsing arguments imports no torch.
     value = _positive_int(text)
@@ -156,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--module-clip-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",
         help="weights of the output error at K slices in one linear's clip search, e.g. v_proj=1:1,2:1,3:1 "
         "(repeatable; default: 1:1,2:24,3:32, and 1:1,2:1,3:1 for v_proj)",
+    )
+    quantize.add_argument(
+        "--damp", type=_positive_float, metavar="D",
+        help="GPTQ dampening of the error-compensated codes, as a fraction of the Hessian's mean diagonal "
+        "(default: 0.1)",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(
@@ -286,6 +301,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["mode"] = args.mode
     if args.epochs is not None:
         options["epochs_stage1"], options["epochs_stage2"] = args.epochs
+    if args.damp is not None:
+        options["damp"] = args.damp
     num_slices = options.get("num_slices", 4)
     if args.precision_weights is not None:
         options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)

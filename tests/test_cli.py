@@ -161,6 +161,10 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
         precision_weight_tuple({5: 1.0}, 4)
     code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--precision-weights", "1=4")
     assert code == 2 and "SLICES:WEIGHT" in one_line(err)
+    assert cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--damp", "0.25"]).damp == 0.25
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--damp", bad)
+        assert code == 2 and "expected a positive number" in one_line(err)
 
 
 def test_missing_checkpoint_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -213,8 +213,9 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
     torch.manual_seed(21)
     arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
         *shape, torch.Generator().manual_seed(shape[0] + shape[1])))
+    # A dampening neither GPTQ's 0.01 nor the config's default: the codes must be chosen with the one asked.
     config = CalibrationConfig(group_size=GROUP, epochs_stage1=1, epochs_stage2=1, batch_size=4,
-                               precision_weights=(4.0, 24.0, 32.0, 0.0))
+                               precision_weights=(4.0, 24.0, 32.0, 0.0), damp=0.37)
     seen: dict[str, list[torch.Tensor]] = {}
     linears = arch.quantized_linears(block)
     handles = [linear.register_forward_pre_hook(
@@ -229,9 +230,12 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
         scale, zero = result.state[f"{name}.scale"], result.state[f"{name}.zero"]
         # The value projection has weights of its own by default (checked in the per-linear tests below).
         objective = {2: 32.0, 4: 24.0, 6: 32.0, 8: 8.0} if name == "self_attn.v_proj" else {2: 4.0, 4: 24.0, 6: 32.0}
-        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8, objective)
+        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8, objective,
+                                   damp=0.37)
         stored = unpack_codes(result.state[f"{name}.planes"], 4)
         assert torch.equal(stored, expected), name
+        undamped, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8, objective)
+        assert not torch.equal(stored, undamped), name  # the dampening decides codes here: the check has teeth
     assert "stage2" in result.losses and len(result.losses["stage2"]) == 1
 
 
@@ -243,7 +247,7 @@ def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None
         linear.weight.copy_(heavy_tailed(24, 64, generator))
     x = correlated_inputs(300, 64, generator).float()
     module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
-    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0})
+    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}, damp=0.1)
     layer = module.to_mobilinear()
     floor = slice_weight(linear.weight.detach(), GROUP, 4, clip=(module.clip_factors()[0].detach(),
                                                                    module.clip_factors()[1].detach()))
@@ -279,6 +283,10 @@ def test_precision_weights_are_checked() -> None:
     with pytest.raises(ValueError, match="error_compensation=False"):
         CalibrationConfig(num_slices=5, target_bits=10.0)
     assert CalibrationConfig(num_slices=5, target_bits=10.0, error_compensation=False).target_bits == 10.0
+    for damp in (0.0, -0.1, 10.5, float("nan")):
+        with pytest.raises(ValueError, match="damp must be in"):
+            CalibrationConfig(damp=damp)
+    assert CalibrationConfig(damp=0.5).digest() != CalibrationConfig().digest()  # another resume key
 
 
 def test_per_linear_weights_change_that_linear_only_and_in_the_direction_asked() -> None:

@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 7
+ALGORITHM_REVISION = 8
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -39,6 +39,9 @@ DEFAULT_PRECISION_WEIGHTS = (2.0, 24.0, 32.0, 8.0)
 DEFAULT_MODULE_PRECISION_WEIGHTS = {"v_proj": (32.0, 24.0, 32.0, 8.0)}
 DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS = {"v_proj": (1.0, 1.0, 1.0, 0.0)}
 MAX_COMPENSATED_SLICES = 4
+DEFAULT_ELASTIC_DAMP = 0.1
+# Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
+MAX_DAMP = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class CalibrationConfig:
     weighs only its own slice count); ``None`` takes ``DEFAULT_CLIP_SEARCH_WEIGHTS``."""
     error_compensation: bool = True
     """Choose the codes by GPTQ (``mobiquant.gptq``) once the clipping is final, instead of flooring the grid."""
+    damp: float = DEFAULT_ELASTIC_DAMP
+    """GPTQ's dampening: ``damp * mean(diag H)`` added to the Hessian's diagonal before it is inverted. Above
+    GPTQ's customary 0.01 by default: nested codes fitted to one corpus's Hessian too closely lose on others
+    (docs/quality.md has the sweep)."""
     precision_weights: tuple[float, ...] | None = None
     """Weight of the output error at 1, 2, ... slices that the compensated codes minimise (at most 4 slices
     weighted; a control weighs only its own); ``None`` takes ``DEFAULT_PRECISION_WEIGHTS``."""
@@ -90,6 +97,8 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not 0.0 < self.damp <= MAX_DAMP:
+            raise ValueError(f"damp must be in (0, {MAX_DAMP:g}], got {self.damp!r}")
         for option in ("clip_search_weights", "precision_weights"):
             if getattr(self, option) is not None:
                 object.__setattr__(self, option, self._checked(option, getattr(self, option)))

@@ -68,7 +68,7 @@ class TrainableSlicedLinear(nn.Module):
             self.upper_logit.copy_(clip_logit(upper))
             self.lower_logit.copy_(clip_logit(lower))
 
-    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float]) -> dict[int, float]:
+    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float) -> dict[int, float]:
         """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``).
 
         From here on the layer computes with these codes, so the router fit and its truncation errors see
@@ -79,7 +79,7 @@ class TrainableSlicedLinear(nn.Module):
         scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
         bits = {BITS_PER_SLICE * k: w for k, w in slice_weights.items()}
         codes, errors = nested_codes(self.weight, hessian.to(self.weight.device), scale, zero,
-                                     BITS_PER_SLICE * self.num_slices, bits)
+                                     BITS_PER_SLICE * self.num_slices, bits, damp=damp)
         self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
                                   self.group_size)
         self._fixed_weights = [dequantize_codes(codes >> (BITS_PER_SLICE * (self.num_slices - k)), scale, zero, k,

@@ -120,6 +120,7 @@ FOLDER_CASES: dict[str, tuple[Callable[[Path], None] | None, dict[str, Any], tup
     "short-calibration-text": (None, {"samples": 200, "seqlen": 64}, ("--samples", "200", "--seqlen", "64"), "fewer"),
     "unknown-linear": (None, {"module_precision_weights": {"v_prj": {1: 1.0}}},
                        ("--module-precision-weights", "v_prj=1:1"), "'v_prj', which is not a quantized linear"),
+    "damp": (None, {"damp": 20.0}, ("--damp", "20"), "damp"),
 }
 # What ``check_model_shapes`` says about 48-column groups on 64-wide inputs (slicing.py's wording).
 GROUP_SIZE_MESSAGE = r"block 0 self_attn\.q_proj: .*48"
@@ -160,7 +161,8 @@ def test_cli_bad_model_folder(case: str, tiny_model: Path, tmp_path: Path, capsy
 
 # The flow shares the checks with the command; these cases cover each stage that checks (source, model, data).
 FLOW_FOLDER_CASES = ["unsupported-architecture", "truncated-safetensors", "nan-weights", "group-size",
-                     "tokenizer-mismatch", "pickle-weights", "short-calibration-text", "unknown-linear"]  # fmt: skip
+                     "tokenizer-mismatch", "pickle-weights", "short-calibration-text", "unknown-linear",
+                     "damp"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FLOW_FOLDER_CASES)
