@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--module-clip-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",
         help="weights of the output error at K slices in one linear's clip search, e.g. v_proj=1:1,2:1,3:1 "
-        "(repeatable; default: 1:1,2:24,3:32, and 1:1,2:1,3:1 for v_proj)",
+        "(repeatable; default: 1:1,2:24,3:32,4:32, and 1:1,2:1,3:1 for v_proj)",
     )
     quantize.add_argument(
         "--damp", type=_positive_float, metavar="D",

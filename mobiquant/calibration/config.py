@@ -27,9 +27,9 @@ ROUTER_FIT_STEPS = 150
 ROUTER_FIT_LR = 1e-2
 # Clip search objective of the elastic checkpoint: weights of the absolute output errors at 1, 2, 3, 4
 # slices (errors fall about 16-fold per slice, so equal weights would let 1 slice decide everything). One
-# shared clipping cannot be best at every precision: these weights favour 4 and 6 bits and give up some
-# of 2 bits (the measured trade-off is in docs/method.md).
-DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 0.0)
+# shared clipping cannot be best at every precision: these weights favour 4, 6 and 8 bits and give up some
+# of 2 bits (the measured trade-off is in docs/quality.md).
+DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 32.0)
 # Error-compensated codes (mobiquant.gptq): weights of the absolute output errors at 1, 2, 3, 4 slices
 # that the codes minimise, chosen by measurement (docs/quality.md). GPTQ can weigh at most 8-bit codes.
 DEFAULT_PRECISION_WEIGHTS = (2.0, 24.0, 32.0, 8.0)
