@@ -125,7 +125,9 @@ def test_tasks_at_each_precision_match_first_principles(
     # The command runs as users run it, in a process of its own whose caches (home, Hugging Face, mobiquant) are
     # empty folders of this test: no state of earlier tests or earlier runs on this machine can reach it.
     home = tmp_path / "home"
-    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "HF_HOME": str(home / "hf"),
+    # Nothing of the caller's environment but PATH: no variable set on this machine can steer the command.
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONUTF8": "1", "HOME": str(home),
+           "XDG_CACHE_HOME": str(home / ".cache"), "HF_HOME": str(home / "hf"),
            "HF_DATASETS_CACHE": str(home / "datasets"), "MOBIQUANT_CACHE": str(home / "mobiquant"),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
     command = [
