@@ -174,6 +174,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         options["precision_weights"] = tuple(args.precision_weights)
     if args.damp is not None:
         options["damp"] = args.damp
+    if args.clip_weights:
+        options["clip_search_weights"] = tuple(args.clip_weights)
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
         if given is not None:
@@ -210,6 +212,8 @@ def main() -> None:
                         metavar="LINEAR=K:W,...", help="one linear's precision weights (default: the config's)")
     parser.add_argument("--module-clip-weights", type=linear_weights_arg, action="append",
                         metavar="LINEAR=K:W,...", help="one linear's clip search weights (default: the config's)")
+    parser.add_argument("--clip-weights", type=float, nargs=4, metavar="W",
+                        help="clip search weights of the output error at 1..4 slices (default: the config's)")
     parser.add_argument("--damp", type=float, help="GPTQ dampening of the elastic codes and the clip-search peers "
                         "(default: the config's)")
     parser.add_argument("--mode", choices=("parallel", "sequential"), default="sequential",

@@ -189,7 +189,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     from mobiquant.calibration import CalibrationConfig
     from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
-    weights = params.precision_weights
+    weights, clip = params.precision_weights, params.clip_search_weights
     damp = {} if params.damp is None else {"damp": params.damp}
     return CalibrationConfig(
         num_slices=params.num_slices,
@@ -201,6 +201,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         seed=params.seed,
         compute_dtype=params.compute_dtype,
         precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
+        clip_search_weights=None if clip is None else precision_weight_tuple(clip, params.num_slices),
         module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
         module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
         **damp,
@@ -232,6 +233,7 @@ def compress(
     group_size: int = 128,
     router_hidden: int = 32,
     precision_weights: dict[int, float] | None = None,
+    clip_search_weights: dict[int, float] | None = None,
     module_precision_weights: dict[str, dict[int, float]] | None = None,
     module_clip_search_weights: dict[str, dict[int, float]] | None = None,
     damp: float | None = None,

@@ -133,6 +133,9 @@ class CompressParams(BaseModel):
     precision_weights: dict[int, float] | None = Field(
         None, description="slice count -> weight of its output error in the compensated codes (default: config)"
     )
+    clip_search_weights: dict[int, float] | None = Field(
+        None, description="slice count -> weight of its output error in the clip search (default: config)"
+    )
     module_precision_weights: dict[str, dict[int, float]] = Field(
         default_factory=dict, description="linear name (v_proj) -> its own precision_weights"
     )

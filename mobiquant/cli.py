@@ -163,9 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. v_proj=1:32,2:24,3:32,4:32 (repeatable)",
     )
     quantize.add_argument(
+        "--clip-weights", type=slice_weights_arg, metavar="K:W,...",
+        help="weights of the output error at K slices in the clip search that sets every group's range, e.g. "
+        "1:1,2:24,3:32 to keep more of 2 bits (default: 1:1,2:24,3:32,4:32; v_proj 1:1,2:1,3:1)",
+    )
+    quantize.add_argument(
         "--module-clip-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",
-        help="weights of the output error at K slices in one linear's clip search, e.g. v_proj=1:1,2:1,3:1 "
-        "(repeatable; default: 1:1,2:24,3:32,4:32, and 1:1,2:1,3:1 for v_proj)",
+        help="--clip-weights for one linear of every block, e.g. v_proj=1:1,2:1,3:1 (repeatable)",
     )
     quantize.add_argument(
         "--damp", type=_positive_float, metavar="D",
@@ -306,6 +310,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     num_slices = options.get("num_slices", 4)
     if args.precision_weights is not None:
         options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
+    if args.clip_weights is not None:
+        options["clip_search_weights"] = precision_weight_tuple(args.clip_weights, num_slices)
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
         options[option] = linear_weight_tuples(dict(given or ()), num_slices)

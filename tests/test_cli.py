@@ -162,6 +162,8 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
     code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--precision-weights", "1=4")
     assert code == 2 and "SLICES:WEIGHT" in one_line(err)
     assert cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--damp", "0.25"]).damp == 0.25
+    args = cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--clip-weights", "1:1,2:24,3:32"])
+    assert precision_weight_tuple(args.clip_weights, 4) == (1.0, 24.0, 32.0, 0.0)
     for bad in ("0", "-1", "nan", "inf", "x"):
         code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--damp", bad)
         assert code == 2 and "expected a positive number" in one_line(err)

@@ -52,6 +52,21 @@ def test_defaults_are_valid_and_derive_names() -> None:
     assert params.budgets_to_validate() == [2.5, 3.0, 4.0, 6.0]
 
 
+def test_method_parameters_reach_the_calibration_config() -> None:
+    from flows.compress import params_config
+    from mobiquant.calibration import CalibrationConfig
+
+    given = CompressParams(model="org/model", damp=0.4, clip_search_weights={1: 2.0, 3: 5.0},
+                           precision_weights={2: 1.0}, module_clip_search_weights={"v_proj": {1: 1.0}})
+    config = CalibrationConfig.from_dict(params_config(given))
+    assert config.damp == 0.4 and config.clip_search_weights == (2.0, 0.0, 5.0, 0.0)
+    assert config.precision_weights == (0.0, 1.0, 0.0, 0.0)
+    assert config.clip_objective("self_attn.v_proj") == {1: 1.0}
+    assert config.clip_objective("mlp.up_proj") == {1: 2.0, 3: 5.0}
+    defaults = CalibrationConfig.from_dict(params_config(CompressParams(model="org/model")))
+    assert defaults.damp == CalibrationConfig().damp and defaults.clip_search_weights is None
+
+
 def test_gate_passes_and_fails_on_each_rule() -> None:
     assert gate_passed(evaluate_gate(VALIDATION, GateThresholds()))
     tight = GateThresholds(max_ratio_to_fp={4.0: 1.01})
