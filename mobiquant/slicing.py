@@ -31,8 +31,9 @@ WORD_BITS = 32
 # holds 53-bit codes, int64 63 bits, the float32 dequantisation 24 bits).
 MAX_SLICES = 8
 PARAM_DTYPE = torch.float16
-# Smallest scale relative to the group's largest magnitude. It keeps the zero point of a group whose
-# values are all equal (range zero) finite in float16: |z| <= 4 / 2**-12 = 2**14 < 65504.
+# Smallest scale relative to the group's largest magnitude, rounded down to a power of two. It keeps the
+# zero point of a group whose values are all equal (range zero) finite in float16: |z| < 2**13 < 65504. A power
+# of two is exact in float16 even where it is subnormal, so such a group loses only its zero's rounding.
 _MIN_RELATIVE_SCALE = 2.0**-12
 # Smallest positive float16 subnormal: scales never underflow to zero when stored.
 _MIN_SCALE = 2.0**-24
@@ -83,7 +84,7 @@ def scale_zero_from_range(w_min: torch.Tensor, w_max: torch.Tensor) -> tuple[tor
     that constant groups stay finite; see ``_MIN_RELATIVE_SCALE``.
     """
     magnitude = torch.maximum(w_max.abs(), w_min.abs()).detach()
-    floor = torch.clamp(magnitude * _MIN_RELATIVE_SCALE, min=_MIN_SCALE)
+    floor = torch.exp2(torch.floor(torch.log2(magnitude * _MIN_RELATIVE_SCALE))).clamp(min=_MIN_SCALE)
     scale = torch.maximum((w_max - w_min) / 4.0, floor)
     zero = -w_min / scale
     return scale, zero
