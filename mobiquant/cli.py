@@ -1,4 +1,5 @@
-"""The ``mobiquant`` command: quantize a model into one elastic checkpoint, evaluate it, describe it.
+"""The ``mobiquant`` command: quantize a model into one elastic checkpoint, evaluate it, re-fit its budget
+thresholds for the text it serves, describe it.
 
 Library errors (``ValueError`` and its subclasses, ``OSError`` such as a missing path or an unreachable
 hub) end the command with one line on stderr and exit status 1; usage errors exit with status 2.
@@ -221,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, help="run only the first N documents of each task")
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size (default: 1)")
     evaluate.set_defaults(handler=cmd_eval)
+
+    thresholds = commands.add_parser(
+        "thresholds", help="re-fit a routed checkpoint's budget thresholds on text like the text it will serve"
+    )
+    thresholds.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory, with routers")
+    thresholds.add_argument("--data", required=True, help="text of the serving domain: a file, a folder or a dataset")
+    thresholds.add_argument("--samples", type=_positive_int, default=16, help="sequences (default: 16)")
+    thresholds.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per sequence (default: 256)")
+    thresholds.add_argument("--seed", type=int, default=0, help="seed for the sequences drawn (default: 0)")
+    thresholds.add_argument(
+        "-o", "--output", metavar="OUT", help="write the re-fitted checkpoint to OUT (default: replace DIR, atomically)"
+    )
+    thresholds.add_argument("--force", action="store_true", help="replace OUT if it already holds a checkpoint")
+    thresholds.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    thresholds.set_defaults(handler=cmd_thresholds)
 
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
@@ -482,6 +498,37 @@ def _eval_tasks(
         scores = [row["tasks"].get(column, math.nan) for column in columns]
         values = [f"{score:>{width}.4f}" for score, width in zip(scores, widths, strict=True)]
         print(" ".join([f"{_setting_name(row):<20}", f"{row['avg_bits']:>9.3f}", *values]))
+
+
+def cmd_thresholds(args: argparse.Namespace) -> None:
+    """Re-fit the thresholds of every routed layer on ``--data``; codes, group parameters and routers stay as they are.
+
+    The thresholds are quantiles of router scores on the text they were fitted on; on text of another domain the
+    scores shift and a budget spends other bits than asked (docs/quality.md). One pass over a sample of the serving
+    text, with no recalibration, gives budgets that hold there.
+    """
+    from transformers import AutoTokenizer
+
+    from mobiquant.checkpoint import load_checkpoint, read_quantization_config, save_checkpoint
+    from mobiquant.data import calibration_samples
+    from mobiquant.outputs import check_output_dir
+    from mobiquant.precision import calibrate_thresholds
+
+    path = _checkpoint_dir(args.checkpoint)
+    if not read_quantization_config(path).get("router_hidden"):
+        raise CommandError(f"{path} has no routers: it runs at uniform precision only and has no thresholds to fit")
+    output = path.absolute()
+    if args.output is not None:
+        output = check_output_dir(args.output, args.force, [("checkpoint it reads", path)])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Drawn before the model loads: too little text fails in seconds, and the checkpoint is untouched.
+    samples = calibration_samples(tokenizer, args.data, args.samples, args.seqlen, args.seed)
+    model = load_checkpoint(path, device=_device(args.device)).eval()
+    print(f"mobiquant: fitting thresholds on {args.samples} x {args.seqlen} tokens of {args.data}", file=sys.stderr)
+    calibrate_thresholds(model, samples, progress=True)
+    fitted_on = {"source": args.data, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
+    save_checkpoint(model, output, tokenizer, extra_config={"threshold_data": fitted_on}, overwrite=True)
+    print(f"mobiquant: wrote {output}", file=sys.stderr)
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:

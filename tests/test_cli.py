@@ -322,6 +322,105 @@ def test_info(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
     assert "bytes/weight  1.1250" in out and "self_attn.q_proj" in out and "4 (2/4/6/8 bits)" in out
 
 
+# --- thresholds ------------------------------------------------------------------------------------------------
+
+# Text far from TEXT: words of one letter, whose activations the routers score differently.
+SERVING_TEXT = " ".join("z" * (1 + i * 7 % 9) for i in range(800))
+
+
+def _layer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_thresholds_refit_on_serving_text_changes_only_the_thresholds(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path
+) -> None:
+    from mobiquant.precision import track_bits
+
+    serving = tmp_path / "serving.txt"
+    serving.write_text(SERVING_TEXT, encoding="utf-8")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    code, _, err = run(capsys, "thresholds", str(ckpt), "--data", str(serving), "--samples", "4", "--seqlen", "64",
+                       "--device", "cpu")
+    assert code == 0, err
+
+    # Reference: the same samples, thresholds fitted in this process on the original checkpoint.
+    samples = calibration_samples(byte_tokenizer(), str(serving), 4, 64, seed=0)
+    expected = load_checkpoint(checkpoint)
+    calibrate_thresholds(expected, samples)
+    before, after = _layer_tensors(checkpoint), _layer_tensors(ckpt)
+    assert before.keys() == after.keys()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert changed and all(key.endswith(".thresholds") for key in changed), changed
+    expected_tables = {name: t for name, t in expected.state_dict().items() if name.endswith(".thresholds")}
+    for key in changed:
+        torch.testing.assert_close(after[key], expected_tables[key], rtol=0, atol=0)
+
+    quant = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert quant["threshold_data"] == {"source": str(serving), "samples": 4, "seqlen": 64, "seed": 0}
+    assert quant["num_slices"] == 4 and quant["router_hidden"] == 8
+    # On the text they were fitted on, a grid budget is met to within a token's share of a layer's slice
+    # (256 tokens here); the thresholds fitted on TEXT miss it there by far more.
+    spent = {}
+    for folder in (ckpt, checkpoint):
+        model = load_checkpoint(folder)
+        set_precision(model, avg_bits=4.0)
+        with track_bits(model) as meter, torch.no_grad():
+            model(samples)
+        spent[folder] = meter.avg_bits
+    assert abs(spent[ckpt] - 4.0) <= 2 / 256 and abs(spent[checkpoint] - 4.0) > 0.05, spent
+
+
+def test_thresholds_bad_input_is_one_line_and_changes_nothing(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, text_file: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    original = _folder_tree(ckpt)
+    short = tmp_path / "short.txt"
+    short.write_text("too short", encoding="utf-8")
+    code, _, err = run(capsys, "thresholds", str(ckpt), "--data", str(short), "--samples", "4", "--seqlen", "64")
+    assert code == 1 and "mobiquant thresholds: error:" in one_line(err)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me", encoding="utf-8")
+    code, _, err = run(capsys, "thresholds", str(ckpt), "--data", str(text_file), "-o", str(taken))
+    assert code == 1 and "not empty" in one_line(err)
+    assert (taken / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert _folder_tree(ckpt) == original
+
+    uniform_only = tmp_path / "uniform"
+    model, arch = tiny_llama(), architecture_for("llama")
+    dense = [{name: linear.weight.detach().clone() for name, linear in arch.quantized_linears(block).items()}
+             for block in arch.block_list(model)]
+    replace_linears(model, arch, num_slices=4, group_size=32, router_hidden=None)
+    for block, weights in zip(arch.block_list(model), dense, strict=True):
+        for name, layer in arch.quantized_linears(block).items():
+            layer.load_sliced(slice_weight(weights[name], group_size=32, num_slices=4))
+    save_checkpoint(model, uniform_only, byte_tokenizer())
+    code, _, err = run(capsys, "thresholds", str(uniform_only), "--data", str(text_file))
+    assert code == 1 and "has no routers" in one_line(err)
+
+
+def test_thresholds_to_another_folder_leaves_the_source(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, text_file: Path
+) -> None:
+    original = _folder_tree(checkpoint)
+    out = tmp_path / "served"
+    code, _, err = run(capsys, "thresholds", str(checkpoint), "--data", str(text_file), "--samples", "2",
+                       "--seqlen", "64", "--seed", "3", "-o", str(out))
+    assert code == 0, err
+    assert _folder_tree(checkpoint) == original
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["threshold_data"]["seed"] == 3
+    load_checkpoint(out)
+
+
 # --- quantize end to end --------------------------------------------------------------------------------------
 
 
