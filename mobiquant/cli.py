@@ -517,8 +517,10 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
     path = _checkpoint_dir(args.checkpoint)
     if not read_quantization_config(path).get("router_hidden"):
         raise CommandError(f"{path} has no routers: it runs at uniform precision only and has no thresholds to fit")
-    output = path.absolute()
-    if args.output is not None:
+    if args.output is None:
+        # Replaced in place, atomically: checked writable before the passes run, not after.
+        output = check_output_dir(path, force=True)
+    else:
         output = check_output_dir(args.output, args.force, [("checkpoint it reads", path)])
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Drawn before the model loads: too little text fails in seconds, and the checkpoint is untouched.
