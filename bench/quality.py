@@ -47,7 +47,7 @@ from mobiquant.calibration.capture import block_outputs
 from mobiquant.calibration.config import linear_weight_tuples
 from mobiquant.cli import linear_weights_arg
 from mobiquant.clip_search import input_hessians, search_clipping
-from mobiquant.data import calibration_samples, evaluation_tokens
+from mobiquant.data import calibration_samples, evaluation_tokens, token_windows
 from mobiquant.evaluation import rtn_model
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
 from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits
@@ -163,15 +163,6 @@ def sequential_peer(base: nn.Module, arch: Architecture, samples: torch.Tensor,
         first = next(iter(models.values()))
         hidden = block_outputs(arch.block_list(first)[index], hidden, block_kwargs, 4, torch.float32)
     return models
-
-
-def held_out_samples(tokens: torch.Tensor, skip: int, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``count`` windows of ``seqlen`` tokens drawn at random from ``tokens`` ``[1, n]`` after its first ``skip``."""
-    rest = tokens[0, skip:]
-    if rest.numel() < count * seqlen:
-        raise ValueError(f"{rest.numel()} tokens after the evaluated ones: too few for {count} x {seqlen}")
-    starts = torch.randint(0, rest.numel() - seqlen + 1, (count,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([rest[start : start + seqlen] for start in starts.tolist()])
 
 
 def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor, timings: dict,
@@ -290,8 +281,8 @@ def main() -> None:
         fp_nll[text] = token_nll(base, texts[text], args.eval_seqlen, args.eval_windows)
     rows.append({"method": "full precision", "setting": "fp32", "ppl": {t: ppl(n) for t, n in fp_nll.items()},
                  "bits": dict.fromkeys(texts, 32.0)})
-    served = held_out_samples(texts["python docs"], args.eval_windows * args.eval_seqlen, args.samples, args.seqlen,
-                              args.seed)
+    served = token_windows(texts["python docs"][0, args.eval_windows * args.eval_seqlen :], args.samples, args.seqlen,
+                           args.seed, "python docs after the evaluated windows")
     elastic_config = run_elastic(args, base, samples, timings, record, served)
     report["config"] = elastic_config.to_dict()
     if args.elastic_only:

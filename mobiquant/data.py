@@ -354,17 +354,22 @@ def corpus_samples(tokenizer: Any, corpus: Corpus, n_samples: int, seqlen: int, 
     """``n_samples`` random windows of ``seqlen`` tokens from ``corpus``, as :func:`calibration_samples` draws them."""
     if n_samples < 1 or seqlen < 2:
         raise DataSourceError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples} and {seqlen}")
-    generator = torch.Generator().manual_seed(seed)
     if corpus.sample_by_document:
-        return _document_windows(tokenizer, corpus, n_samples, seqlen, generator)
-    tokens = _tokenize(tokenizer, corpus.joined())[0]
+        return _document_windows(tokenizer, corpus, n_samples, seqlen, torch.Generator().manual_seed(seed))
+    return token_windows(_tokenize(tokenizer, corpus.joined())[0], n_samples, seqlen, seed,
+                         corpus.description or "the text")
+
+
+def token_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0,
+                  description: str = "the text") -> torch.Tensor:
+    """``n_samples`` windows of ``seqlen`` tokens at uniformly random offsets of the 1-D ``tokens`` (seeded)."""
     available = tokens.numel()
     if available < n_samples * seqlen:
         raise DataSourceError(
-            f"{corpus.description or 'the text'} has {available} tokens, fewer than {n_samples} samples x {seqlen} "
+            f"{description} has {available} tokens, fewer than {n_samples} samples x {seqlen} "
             f"= {n_samples * seqlen}; use at most {available // seqlen} samples at this length, or more text"
         )
-    starts = torch.randint(0, available - seqlen + 1, (n_samples,), generator=generator)
+    starts = torch.randint(0, available - seqlen + 1, (n_samples,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
