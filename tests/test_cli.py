@@ -54,6 +54,18 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def sliced_tiny_llama(router_hidden: int | None) -> LlamaForCausalLM:
+    """``tiny_llama`` with every quantized linear replaced by its 4-slice, group-32 ``slice_weight`` layers."""
+    model, arch = tiny_llama(), architecture_for("llama")
+    dense = [{name: linear.weight.detach().clone() for name, linear in arch.quantized_linears(block).items()}
+             for block in arch.block_list(model)]
+    replace_linears(model, arch, num_slices=4, group_size=32, router_hidden=router_hidden)
+    for block, weights in zip(arch.block_list(model), dense, strict=True):
+        for name, layer in arch.quantized_linears(block).items():
+            layer.load_sliced(slice_weight(weights[name], group_size=32, num_slices=4))
+    return model
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
@@ -64,17 +76,7 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
     """A MoBiQuant checkpoint built by hand: slices from ``slice_weight``, random routers, calibrated thresholds."""
-    model, tokenizer = tiny_llama(), byte_tokenizer()
-    arch = architecture_for("llama")
-    dense = {
-        (i, name): linear.weight.detach().clone()
-        for i, block in enumerate(arch.block_list(model))
-        for name, linear in arch.quantized_linears(block).items()
-    }
-    replace_linears(model, arch, num_slices=4, group_size=32, router_hidden=8)
-    for i, block in enumerate(arch.block_list(model)):
-        for name, layer in arch.quantized_linears(block).items():
-            layer.load_sliced(slice_weight(dense[(i, name)], group_size=32, num_slices=4))
+    model, tokenizer = sliced_tiny_llama(router_hidden=8), byte_tokenizer()
     calibrate_thresholds(model, calibration_samples(tokenizer, str(text_file), 4, 64, seed=0))
     out = tmp_path_factory.mktemp("ckpt") / "tiny-mobiquant"
     save_checkpoint(model, out, tokenizer)
@@ -396,14 +398,7 @@ def test_thresholds_bad_input_is_one_line_and_changes_nothing(
     assert _folder_tree(ckpt) == original
 
     uniform_only = tmp_path / "uniform"
-    model, arch = tiny_llama(), architecture_for("llama")
-    dense = [{name: linear.weight.detach().clone() for name, linear in arch.quantized_linears(block).items()}
-             for block in arch.block_list(model)]
-    replace_linears(model, arch, num_slices=4, group_size=32, router_hidden=None)
-    for block, weights in zip(arch.block_list(model), dense, strict=True):
-        for name, layer in arch.quantized_linears(block).items():
-            layer.load_sliced(slice_weight(weights[name], group_size=32, num_slices=4))
-    save_checkpoint(model, uniform_only, byte_tokenizer())
+    save_checkpoint(sliced_tiny_llama(router_hidden=None), uniform_only, byte_tokenizer())
     code, _, err = run(capsys, "thresholds", str(uniform_only), "--data", str(text_file))
     assert code == 1 and "has no routers" in one_line(err)
 
