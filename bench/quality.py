@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mobiquant.allocation import loss_gradient_passes
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
 from mobiquant.calibration.capture import block_outputs
@@ -198,16 +199,8 @@ def output_error_costs(base: nn.Module, arch: Architecture, samples: torch.Tenso
         return hook
 
     handles = [linear.register_forward_hook(record(key)) for key, linear in linears.items()]
-    embed = base.get_input_embeddings()
     try:
-        for start in range(0, len(samples), batch_size):
-            ids = samples[start : start + batch_size]
-            embeds = embed(ids).detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = base(inputs_embeds=embeds, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                       reduction="sum")
-                torch.autograd.grad(loss, embeds)
+        loss_gradient_passes(base, samples, batch_size)
     finally:
         for handle in handles:
             handle.remove()

@@ -102,6 +102,22 @@ def allocate_bits(curves: list[CostCurve], budget: float) -> list[float]:
     return [b + share * (a - b) for a, b in zip(above, below, strict=True)]
 
 
+def loss_gradient_passes(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, progress: bool = False) -> None:
+    """The calibration loss's forward and backward pass per batch of ``samples``, for hooks to read activations
+    and output gradients. Differentiated with respect to the input embeddings only: no weight gets a gradient.
+    """
+    embed = model.get_input_embeddings()
+    for start in tqdm(range(0, len(samples), batch_size), desc="sensitivity pass", unit="batch",
+                      disable=not progress, leave=False):
+        ids = samples[start : start + batch_size].to(embed.weight.device)
+        embeds = embed(ids).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
+            torch.autograd.grad(loss, embeds)
+
+
 def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch.Tensor,
                       batch_size: int = 4, progress: bool = False) -> list[CostCurve]:
     """One backward pass per batch of ``samples`` at full slices gives every layer its cost curve."""
@@ -129,17 +145,8 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
     for layer in layers:
         layer.uniform_slices = layer.stored_slices
     handles = [layer.register_forward_hook(record) for layer in layers]
-    embed = model.get_input_embeddings()
     try:
-        for start in tqdm(range(0, len(samples), batch_size), desc="sensitivity pass", unit="batch",
-                          disable=not progress, leave=False):
-            ids = samples[start : start + batch_size].to(embed.weight.device)
-            embeds = embed(ids).detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                       reduction="sum")
-                torch.autograd.grad(loss, embeds)
+        loss_gradient_passes(model, samples, batch_size, progress)
     finally:
         for handle in handles:
             handle.remove()
