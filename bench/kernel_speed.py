@@ -10,7 +10,8 @@ that step. Every timed product rotates through copies of its weights totalling a
 
 With a device it times, for every shape, token count and precision
 (uniform 1-4 slices and a routed mix averaging 3 bits):
-  * the kernel (``mobiquant.kernels.elastic_linear``),
+  * the kernel (``mobiquant.kernels.elastic_linear``) with row gains, as a v2 checkpoint runs it (at decode
+    sizes also without, ``kernel_without_gains_s``: folded into the decode layout, they should cost nothing),
   * torch fp16 matmul on a dense weight (cuBLAS),
   * PyTorch dequantise-then-matmul (``reference_elastic_linear``, what the layer does without kernels),
 and the kernel's achieved bandwidth (bytes it must move: the planes of the slices read, group
@@ -125,13 +126,19 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
-def packed_weight(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random planes and plausible group parameters: speed does not depend on the values."""
+def packed_weight(out_features: int, in_features: int) -> tuple[torch.Tensor, ...]:
+    """Random planes, plausible group parameters and row gains: speed does not depend on the values."""
     groups = in_features // GROUP_SIZE
     planes = torch.randint(-(2**31), 2**31 - 1, (2 * NUM_SLICES, out_features, in_features // 32), dtype=torch.int32)
     scale = (torch.rand(out_features, groups) * 0.01 + 1e-3).half()
     zero = (torch.rand(out_features, groups) * 4).half()
-    return planes.cuda(), scale.cuda(), zero.cuda()
+    gains = random_gains(NUM_SLICES, out_features)
+    return planes.cuda(), scale.cuda(), zero.cuda(), gains.cuda()
+
+
+def random_gains(num_slices: int, out_features: int) -> torch.Tensor:
+    """Row gains as calibration leaves them (near 1, none exactly 1), so the layer applies them."""
+    return (0.9 + 0.2 * torch.rand(num_slices, out_features)).half()
 
 
 def draw_slices(mix: str, tokens: int) -> torch.Tensor:
@@ -144,11 +151,11 @@ def moved_bytes(out_features: int, in_features: int, tokens: int, slices: torch.
     """Bytes the product has to move at least: planes of the deepest slice used, parameters, x and y."""
     kmax = int(slices.max())
     planes = 2 * kmax * out_features * in_features // 8
-    params = 2 * 2 * out_features * (in_features // GROUP_SIZE)
+    params = 2 * 2 * out_features * (in_features // GROUP_SIZE) + 2 * kmax * out_features
     return planes + params + 2 * tokens * (in_features + out_features)
 
 
-def packed_copies(out_features: int, in_features: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def packed_copies(out_features: int, in_features: int) -> list[tuple[torch.Tensor, ...]]:
     """Enough copies of one packed weight to rotate through 4x the L2 (see rotation_copies)."""
     first = packed_weight(out_features, in_features)
     copies = rotation_copies(sum(t.numel() * t.element_size() for t in first), l2_cache_bytes())
@@ -172,20 +179,27 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
             slices = draw_slices(mix, tokens)
             out = torch.empty(tokens, out_features, device="cuda", dtype=torch.float16)
 
-            def kernel(i: int, x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out) -> None:
-                kernels.elastic_linear(x, *weights[i], slices, GROUP_SIZE, out=out)
+            def kernel(i: int, x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out,
+                       gained: bool = True) -> None:
+                planes, scale, zero, gains = weights[i]
+                kernels.elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE, out=out,
+                                       gains=gains if gained else None)
 
             # Decode sizes are graph-timed (a launch costs more than a 2-bit GEMV); the dequantise-then-cuBLAS
             # prefill path reads the slice counts present back to the host, which a graph cannot capture.
             graphs = args.graphs and tokens <= kernels.DECODE_MAX_TOKENS
             seconds = timed(kernel, args.iters, graphs, len(weights))
+            # Decode folds the row gains into its group parameters: timed without them too, to show the cost is nil.
+            without_gains = (timed(lambda i: kernel(i, gained=False), args.iters, graphs, len(weights))
+                             if tokens <= kernels.DECODE_MAX_TOKENS else None)
             prefill_paths = {}
             if tokens > kernels.DECODE_MAX_TOKENS:
                 for path in kernels.PREFILL_PATHS:
                     with forced_prefill_path(path):
                         prefill_paths[f"prefill_{path}_s"] = timed(kernel, args.iters, False, len(weights))
             dequant = timed(
-                lambda i, x=x, slices=slices: kernels.reference_elastic_linear(x, *weights[i], slices, GROUP_SIZE),
+                lambda i, x=x, slices=slices: kernels.reference_elastic_linear(
+                    x, *weights[i][:3], slices, GROUP_SIZE, weights[i][3]),
                 2,
                 graphs=False,
             )
@@ -199,6 +213,7 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
                     "slices": mix,
                     "avg_bits": 2.0 * float(slices.double().mean()),
                     "kernel_s": seconds,
+                    "kernel_without_gains_s": without_gains,
                     "fp16_s": fp16,
                     "dequant_matmul_s": dequant,
                     "speedup_vs_fp16": fp16 / seconds,
@@ -238,7 +253,7 @@ def block_linears_seconds(args: argparse.Namespace) -> dict[str, float]:
         for label, k in PRECISIONS.items():
             slices = torch.full((1,), k, dtype=torch.int64, device="cuda")
             seconds[label] += timed(
-                lambda i, x=x, w=weights, k=slices: kernels.elastic_linear(x, *w[i], k, GROUP_SIZE),
+                lambda i, x=x, w=weights, k=slices: kernels.elastic_linear(x, *w[i][:3], k, GROUP_SIZE, gains=w[i][3]),
                 args.iters,
                 args.graphs,
                 len(weights),
@@ -256,7 +271,7 @@ def llama_shaped_model(layers: int, dims: dict[str, int], device: torch.device) 
 
 
 def to_mobilinears(model: nn.Module, group_size: int) -> None:
-    """Replace every block linear by a MoBiLinear holding its weight's 4-slice MoBiSlice form."""
+    """Replace every block linear by a MoBiLinear holding its weight's 4-slice MoBiSlice form, with row gains."""
     arch = architecture_for(model.config.model_type)
     for block in arch.block_list(model):
         for name, linear in arch.quantized_linears(block).items():
@@ -265,7 +280,9 @@ def to_mobilinears(model: nn.Module, group_size: int) -> None:
                     linear.in_features, linear.out_features, NUM_SLICES, group_size, router_hidden=None,
                     dtype=linear.weight.dtype,
                 )  # fmt: skip
-            layer.load_sliced(slice_weight(linear.weight.detach(), group_size, NUM_SLICES))
+            sliced = slice_weight(linear.weight.detach(), group_size, NUM_SLICES)
+            sliced.gains = random_gains(NUM_SLICES, linear.out_features).to(linear.weight.device)
+            layer.load_sliced(sliced)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent), child, layer)
 

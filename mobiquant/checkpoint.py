@@ -4,7 +4,7 @@ Layout of a checkpoint folder:
 
 * ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``):
   the source model's tensors, except that every quantized linear of every block is stored as the buffers of a
-  ``MoBiLinear`` (``planes``, ``scale``, ``zero``, optional ``bias``, ``router.fc{1,2}.{weight,bias}``,
+  ``MoBiLinear`` (``planes``, ``scale``, ``zero``, ``gains``, optional ``bias``, ``router.fc{1,2}.{weight,bias}``,
   ``threshold_bits``, ``thresholds``).
 * ``config.json``: the source model's config plus ``quantization_config`` (``quant_method: "mobiquant"``, slices,
   group size, router width, quantized linears, packing format, threshold grid, extras), a load guard (below) and
@@ -56,13 +56,14 @@ from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
 from mobiquant.precision import set_precision
-from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, check_num_slices
+from mobiquant.slicing import BITS_PER_SLICE, FORMAT, FORMAT_V1, PARAM_DTYPE, WORD_BITS, check_num_slices
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 QUANT_METHOD = "mobiquant"
-FORMAT = "bitplanes-msb-int32-v1"
+# Formats this version reads; it writes FORMAT. A v1 checkpoint has no row gains: they load as ones.
+READ_FORMATS = (FORMAT, FORMAT_V1)
 # Keys of a checkpoint's config that set the precision a loaded model runs at: from_pretrained routes a keyword
 # argument into the config only where the config already has that key, so every checkpoint carries them, as null.
 # A quantization_config passed to from_pretrained cannot carry them: transformers keeps the checkpoint's own config
@@ -159,9 +160,10 @@ class MoBiQuantConfig(QuantizationConfigMixin):
         method = kwargs.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise CheckpointError(f"quant_method is {method!r}, expected {QUANT_METHOD!r}")
-        if format != FORMAT:
+        if format not in READ_FORMATS:
             raise CheckpointError(
-                f"checkpoint format {format!r} is not supported (this mobiquant reads {FORMAT!r}): upgrade mobiquant"
+                f"checkpoint format {format!r} is not supported (this mobiquant reads {', '.join(READ_FORMATS)}): "
+                "upgrade mobiquant"
             )
         try:
             check_num_slices(num_slices)
@@ -222,10 +224,17 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         linears = "|".join(re.escape(name) for name in qc.linears)
         planes_key = rf"^{re.escape(arch.blocks)}\.\d+\.(?:{linears})\.planes$"
         model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()), planes_key}
+        if qc.format == FORMAT_V1:
+            gains_key = rf"^{re.escape(arch.blocks)}\.\d+\.(?:{linears})\.gains$"
+            model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), gains_key}
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         read_planes(model, self._checkpoint_files, self.quantization_config.num_slices, self.max_slices)
+        if self.quantization_config.format == FORMAT_V1:
+            for layer in mobi_layers(model).values():
+                layer.gains = torch.ones(layer.num_slices, layer.out_features, dtype=PARAM_DTYPE,
+                                         device=layer.scale.device)
         if self._precision:
             set_precision(model, **self._precision)
         # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
@@ -322,6 +331,8 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
     tables: dict[str, list[str]] = {}
     for name, layer in mobi_layers(model).items():
         for suffix, tensor in layer.state_dict().items():
+            if suffix == "gains" and config.format == FORMAT_V1:
+                continue
             key = f"{name}.{suffix}"
             if key not in shapes:
                 raise CheckpointError(f"corrupt checkpoint: it lacks {key}")
@@ -331,7 +342,7 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
                     f"checkpoint tensors disagree with its quantization_config ({described}): {key} is {shape}, "
                     f"the config implies {list(tensor.shape)}"
                 )
-            if suffix in ("threshold_bits", "thresholds"):
+            if suffix in ("threshold_bits", "thresholds", "gains"):
                 tables.setdefault(file, []).append(key)
     grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
     for file, keys in tables.items():

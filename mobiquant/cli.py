@@ -556,6 +556,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     quantized = sum(layer.in_features * layer.out_features for layer in layers)
     code_bytes = sum(layer.planes.numel() * layer.planes.element_size() for layer in layers)
     group_bytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.scale, layer.zero))
+    gain_bytes = sum(layer.gains.numel() * layer.gains.element_size() for layer in layers)
     routed = [layer for layer in layers if layer.router is not None]
     return {
         "checkpoint": str(path),
@@ -569,9 +570,10 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
         "quantized_layers": len(layers),
         "quantized_weights": quantized,
         "other_parameters": sum(p.numel() for p in model.parameters()),
-        "bytes_per_weight": (code_bytes + group_bytes) / quantized,
+        "bytes_per_weight": (code_bytes + group_bytes + gain_bytes) / quantized,
         "code_bits_per_weight": 8 * code_bytes / quantized,
         "group_bits_per_weight": 8 * group_bytes / quantized,
+        "gain_bits_per_weight": 8 * gain_bytes / quantized,
         "router_parameters": sum(p.numel() for layer in routed for p in layer.router.parameters()),
         "disk_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "layers": shapes,
@@ -596,7 +598,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         (
             "bytes/weight",
             f"{summary['bytes_per_weight']:.4f} ({summary['code_bits_per_weight']:.2f} code bits + "
-            f"{summary['group_bits_per_weight']:.3f} scale/zero bits)",
+            f"{summary['group_bits_per_weight']:.3f} scale/zero bits + {summary['gain_bits_per_weight']:.3f} "
+            "row gain bits)",
         ),
         ("routers", f"{summary['router_parameters']:,} parameters"),
         ("other", f"{summary['other_parameters']:,} parameters (embeddings, norms, unquantized layers, routers)"),

@@ -102,6 +102,7 @@ class MoBiLinear(nn.Module):
         self.register_buffer("planes", torch.zeros(plane_shape, dtype=torch.int32))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=PARAM_DTYPE))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=PARAM_DTYPE))
+        self.register_buffer("gains", torch.ones(num_slices, out_features, dtype=PARAM_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.router = MoBiRouter(in_features, num_slices, router_hidden) if router_hidden and num_slices > 1 else None
         # Row i: the threshold on ordered_scores giving average bits threshold_bits[i] on calibration data;
@@ -116,6 +117,7 @@ class MoBiLinear(nn.Module):
         self._cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
         self._codes: torch.Tensor | None = None
+        self._gained: bool | None = None
         self._register_load_state_dict_pre_hook(self._drop_cache)
 
     @property
@@ -124,13 +126,15 @@ class MoBiLinear(nn.Module):
         return self.planes.shape[0] // BITS_PER_SLICE
 
     def sliced_weight(self) -> SlicedWeight:
-        return SlicedWeight(self.planes, self.scale, self.zero, self.group_size)
+        return SlicedWeight(self.planes, self.scale, self.zero, self.group_size, self.gains[: self.stored_slices])
 
     def load_sliced(self, sliced: SlicedWeight, bias: torch.Tensor | None = None) -> None:
-        """Take the planes and group parameters of ``sliced`` (and the bias, if the layer has one)."""
+        """Take the planes, group parameters and gains of ``sliced`` (and the bias, if the layer has one)."""
         self.planes = sliced.planes.clone()
         self.scale = sliced.scale.to(PARAM_DTYPE).clone()
         self.zero = sliced.zero.to(PARAM_DTYPE).clone()
+        gains = torch.ones_like(self.gains) if sliced.gains is None else sliced.gains.to(PARAM_DTYPE)
+        self.gains = torch.cat([gains, self.gains[len(gains):]]).clone()
         if bias is not None:
             self.bias = bias.detach().to(self.compute_dtype).clone()
         self._drop_cache()
@@ -174,10 +178,17 @@ class MoBiLinear(nn.Module):
             self._codes = unpack_codes(self.planes, self.stored_slices).to(code_dtype)
         shift = BITS_PER_SLICE * (self.stored_slices - k)
         codes = self._codes >> shift if shift else self._codes
-        weight = dequantize_codes(codes, self.scale, self.zero, k, dtype)
+        weight = dequantize_codes(codes, self.scale, self.zero, k, dtype, self.gains[k - 1] if self.gained else None)
         if self.cache_dense:
             self._dense[k] = weight
         return weight
+
+    @property
+    def gained(self) -> bool:
+        """Whether any row gain differs from 1 (read once per load: on a GPU it waits for the device)."""
+        if self._gained is None:
+            self._gained = bool((self.gains != 1).any())
+        return self._gained
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
@@ -226,6 +237,7 @@ class MoBiLinear(nn.Module):
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
         self._dense.clear()
         self._codes = None
+        self._gained = None
 
 
 def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
@@ -235,7 +247,8 @@ def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -
         from mobiquant import kernels
 
         if kernels.enabled():
-            return kernels.elastic_linear(x, layer.planes, layer.scale, layer.zero, slices, layer.group_size)
+            return kernels.elastic_linear(x, layer.planes, layer.scale, layer.zero, slices, layer.group_size,
+                                          gains=layer.gains if layer.gained else None)
     present, counts = torch.unique(slices, return_counts=True)
     if len(present) == 1:
         return x @ layer.dense_weight(int(present[0]), x.dtype).T

@@ -13,9 +13,15 @@ Packed layout (the contract with the CUDA kernels and the checkpoint format):
   and ``2e-1`` (its low bit), and ``c_k`` is read from the first ``2k`` planes alone. Bit ``j`` of word
   ``w`` in row ``r`` belongs to input column ``32 * w + j``.
 * ``scale``, ``zero``: float16 ``[out_features, in_features // group_size]``.
+* ``gains``: float16 ``[K, out_features]``, one per precision and output row (format v2). At ``k`` slices
+  row ``r`` is ``C + gains[k-1, r] * (W_k - C)``, with ``C = s * (2 - z)`` the centre of each group's range:
+  a least-squares correction of the row's amplitude at that precision (``fit_row_gains``). Nested codes
+  chosen for several precisions at once leave the coarse ones systematically too wide or too narrow in
+  some rows; the gain fixes that without touching the codes, so every precision keeps reading only its
+  own slices. All ones is the plain format (v1 checkpoints).
 
 Storage is therefore ``2K`` bits per weight for the codes plus ``32 / group_size`` bits for the
-group parameters.
+group parameters and ``16 K / in_features`` for the gains.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The packed layout's version, recorded in every checkpoint: v2 added the row gains (v1 reads as all ones).
+FORMAT = "bitplanes-msb-int32-v2"
+FORMAT_V1 = "bitplanes-msb-int32-v1"
 BITS_PER_SLICE = 2
 WORD_BITS = 32
 # Most slices a weight may have: 16-bit codes. A float16 or bfloat16 weight holds at most 11 significant
@@ -140,10 +149,21 @@ def unpack_codes(planes: torch.Tensor, num_slices: int) -> torch.Tensor:
     return (bits * place.view(-1, 1, 1)).sum(dim=0)
 
 
+def group_centres(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``C = s * (2 - z)`` per group (``[out, groups]``): the weight at the middle of the group's range."""
+    return scale.float() * (2.0 - zero.float())
+
+
 def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_slices: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    num_slices: int,
+    dtype: torch.dtype,
+    gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)`` for codes at ``k = num_slices``.
+    """``W_k = s * ((c_k + 0.5) / 4^(k-1) - z)`` for codes at ``k = num_slices``; with a row ``gain``
+    (``[out]``), ``C + gain * (W_k - C)`` (see the module docstring).
 
     Written as one ``addcmul`` of the codes with per-group step and offset, broadcast over each group:
     the CPU path rebuilds ``W_k`` on every call, and full-size temporaries for the expanded scale and
@@ -153,18 +173,23 @@ def dequantize_codes(
     s = scale.float().unsqueeze(-1)
     step = s / 4 ** (num_slices - 1)
     offset = step * 0.5 - s * zero.float().unsqueeze(-1)
+    if gain is not None:
+        g = gain.float().view(-1, 1, 1)
+        offset = g * offset + (1.0 - g) * group_centres(scale, zero).unsqueeze(-1)
+        step = g * step
     weight = torch.addcmul(offset, codes.reshape(out_features, scale.shape[1], -1).float(), step)
     return weight.reshape(out_features, in_features).to(dtype)
 
 
 @dataclass
 class SlicedWeight:
-    """A weight in MoBiSlice form: bit planes plus one scale and zero per group."""
+    """A weight in MoBiSlice form: bit planes plus one scale and zero per group, and optional row gains."""
 
     planes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     group_size: int
+    gains: torch.Tensor | None = None
 
     @property
     def num_slices(self) -> int:
@@ -186,15 +211,19 @@ class SlicedWeight:
 
     def dequantize(self, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight at ``k`` slices (``2k`` bits)."""
-        return dequantize_codes(self.codes(k), self.scale, self.zero, k, dtype)
+        gain = None if self.gains is None else self.gains[k - 1]
+        return dequantize_codes(self.codes(k), self.scale, self.zero, k, dtype, gain)
 
     def truncate(self, max_slices: int) -> SlicedWeight:
         """The same weight keeping only its first ``max_slices`` slices."""
         self._check_k(max_slices)
-        return SlicedWeight(self.planes[: BITS_PER_SLICE * max_slices].clone(), self.scale, self.zero, self.group_size)
+        gains = None if self.gains is None else self.gains[:max_slices].clone()
+        return SlicedWeight(self.planes[: BITS_PER_SLICE * max_slices].clone(), self.scale, self.zero,
+                            self.group_size, gains)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.scale, self.zero))
+        tensors = (self.planes, self.scale, self.zero) + (() if self.gains is None else (self.gains,))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def bits_per_weight(self) -> float:
         out_features, in_features = self.shape
@@ -233,3 +262,30 @@ def slice_weight(
         raise ValueError(f"weight values up to {largest:.3g} overflow the float16 group scale (|range| / 4 <= 65504)")
     codes = full_codes(weight, scale, zero, num_slices)
     return SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE), group_size)
+
+
+def fit_row_gains(
+    weight: torch.Tensor, hessian: torch.Tensor, sliced: SlicedWeight, up_to: int | None = None
+) -> torch.Tensor:
+    """Gains (float16 ``[K, out]``) that minimise each row's output error at each precision up to ``up_to``
+    slices (default all); the finer precisions get gain 1.
+
+    With ``X^T X = hessian``, ``R = W - C`` and ``D_k = W_k - C`` (``C`` the group centres), row ``r`` of
+    ``||X (W - C - g D_k)^T||^2`` is least at ``g = <R_r, D_k,r>_H / <D_k,r, D_k,r>_H`` (float64). A row the
+    inputs cannot tell apart from its centre (``<D, D>_H = 0``) keeps gain 1. Gains already on ``sliced``
+    are ignored: the fit starts from the plain codes.
+    """
+    h = hessian.double()
+    centre = group_centres(sliced.scale, sliced.zero).double().repeat_interleave(sliced.group_size, dim=-1)
+    residual = weight.double() - centre
+    gains = []
+    fitted = sliced.num_slices if up_to is None else up_to
+    for k in range(1, fitted + 1):
+        deviation = dequantize_codes(sliced.codes(k), sliced.scale, sliced.zero, k, torch.float64) - centre
+        projected = deviation @ h
+        numerator = (residual * projected).sum(dim=-1)
+        denominator = (deviation * projected).sum(dim=-1)
+        positive = denominator > 0
+        gains.append(torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 1.0))
+    gains += [torch.ones_like(residual[:, 0])] * (sliced.num_slices - fitted)
+    return torch.stack(gains).to(PARAM_DTYPE)

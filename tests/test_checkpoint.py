@@ -43,7 +43,7 @@ def test_folder_holds_safetensors_and_the_quantization_config(tmp_path: Path) ->
     config = json.loads((out / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant["quant_method"] == "mobiquant"
-    assert quant["format"] == "bitplanes-msb-int32-v1"
+    assert quant["format"] == "bitplanes-msb-int32-v2"
     assert (quant["num_slices"], quant["group_size"], quant["router_hidden"]) == (SLICES, 32, 16)
     assert quant["linears"] == list(checkpoint.architecture_for("llama").linears)
     assert len(quant["threshold_bits"]) == 4 * SLICES - 3
@@ -56,7 +56,7 @@ def test_folder_holds_safetensors_and_the_quantization_config(tmp_path: Path) ->
         assert torch.equal(handle.get_tensor("model.layers.1.mlp.down_proj.thresholds"), layer.thresholds)
     prefix = "model.layers.0.self_attn.q_proj."
     assert {k.removeprefix(prefix) for k in keys if k.startswith(prefix)} == {
-        "planes", "scale", "zero", "threshold_bits", "thresholds",
+        "planes", "scale", "zero", "gains", "threshold_bits", "thresholds",
         "router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias", "router.norm_weight",
     }  # fmt: skip
     # The tied output head is stored once, as the embeddings.
@@ -318,7 +318,7 @@ def _rewrite_quant_config(folder: Path, **changes: object) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("missing", ["scale", "zero", "thresholds", "threshold_bits", "router.fc1.weight"])
+@pytest.mark.parametrize("missing", ["scale", "zero", "gains", "thresholds", "threshold_bits", "router.fc1.weight"])
 def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path, missing: str) -> None:
     _, out = saved(tmp_path, seed=14)
     key = f"model.layers.1.mlp.up_proj.{missing}"
@@ -329,9 +329,10 @@ def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path,
         load_checkpoint(out)
 
 
-def test_nan_thresholds_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor", ["thresholds", "gains"])
+def test_nan_thresholds_and_gains_are_refused(tmp_path: Path, tensor: str) -> None:
     _, out = saved(tmp_path, seed=15)
-    key = "model.layers.0.self_attn.k_proj.thresholds"
+    key = f"model.layers.0.self_attn.k_proj.{tensor}"
 
     def poison(tensors: dict[str, torch.Tensor]) -> None:
         tensors[key][3] = float("nan")
@@ -340,6 +341,28 @@ def test_nan_thresholds_are_refused(tmp_path: Path) -> None:
     for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
         with pytest.raises(CheckpointError, match=f"{re.escape(key)} holds NaN"):
             load(out)
+
+
+def test_a_v1_checkpoint_loads_with_unit_gains_and_is_saved_as_v2(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=17)
+    _rewrite_tensors(out, lambda tensors: [tensors.pop(key) for key in list(tensors) if key.endswith(".gains")])
+    _rewrite_quant_config(out, format="bitplanes-msb-int32-v1")
+    for layer in mobi_layers(model).values():
+        layer.gains = torch.ones_like(layer.gains)
+        layer.cache_dense = False
+    ids = torch.randint(0, VOCAB, (2, 11))
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        loaded = load(out)
+        assert all(torch.equal(layer.gains, torch.ones_like(layer.gains)) for layer in mobi_layers(loaded).values())
+        for setting in [1, 3, None]:
+            set_uniform(model, setting, threshold=0.3)
+            set_uniform(loaded, setting, threshold=0.3)
+            assert torch.equal(logits(model, ids), logits(loaded, ids)), setting
+    resaved = save_checkpoint(loaded, tmp_path / "resaved")
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"]["format"] == (
+        "bitplanes-msb-int32-v2")
+    with safe_open(resaved / "model.safetensors", framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("model.layers.0.mlp.up_proj.gains"), torch.ones(SLICES, 128).half())
 
 
 @pytest.mark.parametrize(

@@ -314,14 +314,20 @@ def test_info(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
     assert summary["num_slices"] == 4 and summary["group_size"] == 32 and summary["router_hidden"] == 8
     assert summary["blocks"] == 2 and summary["quantized_layers"] == 14
     assert summary["thresholds_calibrated"] is True
-    # 4 slices x 2 bits of codes, plus a float16 scale and zero per group of 32 weights.
+    # 4 slices x 2 bits of codes, plus a float16 scale and zero per group of 32 weights, plus 4 float16 row
+    # gains per output row.
     assert summary["code_bits_per_weight"] == 8.0
     assert summary["group_bits_per_weight"] == pytest.approx(32 / 32)
-    assert summary["bytes_per_weight"] == pytest.approx(9 / 8)
+    shapes = summary["layers"].values()
+    weights = sum(s["in"] * s["out"] * s["count"] for s in shapes)
+    gain_bits = sum(4 * 16 * s["out"] * s["count"] for s in shapes) / weights
+    assert summary["gain_bits_per_weight"] == pytest.approx(gain_bits)
+    assert summary["bytes_per_weight"] == pytest.approx((9 + gain_bits) / 8)
     assert summary["layers"]["mlp.down_proj"] == {"in": 128, "out": 64, "count": 2}
     code, out, err = run(capsys, "info", str(checkpoint))
     assert code == 0, err
-    assert "bytes/weight  1.1250" in out and "self_attn.q_proj" in out and "4 (2/4/6/8 bits)" in out
+    assert f"bytes/weight  {(9 + gain_bits) / 8:.4f}" in out and "self_attn.q_proj" in out
+    assert "4 (2/4/6/8 bits)" in out
 
 
 # --- thresholds ------------------------------------------------------------------------------------------------

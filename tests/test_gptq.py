@@ -5,6 +5,7 @@ Gaussian elimination (OBQ, Frantar & Alistarh 2022), one column at a time, with 
 no lazy batches; GPTQ must reach the same codes and the same output error.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from mobiquant.calibration.block import truncation_errors
 from mobiquant.calibration.capture import block_outputs
 from mobiquant.evaluation import rtn_quantize
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
-from mobiquant.slicing import dequantize_codes, full_codes, slice_weight, unpack_codes
+from mobiquant.slicing import SlicedWeight, dequantize_codes, fit_row_gains, full_codes, slice_weight, unpack_codes
 from tests.test_method import heavy_tailed_block, one_slice_block_error
 
 GROUP = 32
@@ -236,7 +237,18 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
         assert torch.equal(stored, expected), name
         undamped, _ = nested_codes(linear.weight.detach(), x.T @ x, scale.float(), zero.float(), 8, objective)
         assert not torch.equal(stored, undamped), name  # the dampening decides codes here: the check has teeth
+        plain = SlicedWeight(result.state[f"{name}.planes"], scale, zero, GROUP)
+        gains = result.state[f"{name}.gains"]
+        # The default fits 1 and 2 slices; finer precisions keep gain 1.
+        assert torch.equal(gains, fit_row_gains(linear.weight.detach(), x.T @ x, plain, 2)), name
+        assert not torch.equal(gains[:2], torch.ones_like(gains[:2])), name
+        assert torch.equal(gains[2:], torch.ones_like(gains[2:])), name
     assert "stage2" in result.losses and len(result.losses["stage2"]) == 1
+    without = calibrate_block(block, inputs, block_kwargs, arch, dataclasses.replace(config, row_gain_slices=0),
+                              progress=False)
+    for name in linears:
+        assert torch.equal(without.state[f"{name}.planes"], result.state[f"{name}.planes"]), name
+        assert torch.equal(without.state[f"{name}.gains"], torch.ones_like(result.state[f"{name}.gains"])), name
 
 
 def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None:
@@ -247,7 +259,7 @@ def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None
         linear.weight.copy_(heavy_tailed(24, 64, generator))
     x = correlated_inputs(300, 64, generator).float()
     module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
-    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}, damp=0.1)
+    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}, damp=0.1, row_gain_slices=4)
     layer = module.to_mobilinear()
     floor = slice_weight(linear.weight.detach(), GROUP, 4, clip=(module.clip_factors()[0].detach(),
                                                                    module.clip_factors()[1].detach()))
@@ -261,6 +273,14 @@ def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None
         module.uniform_slices = k
         torch.testing.assert_close(module(x), layer(x, k), rtol=1e-5, atol=1e-6)
     assert not module.upper_logit.requires_grad and not module.lower_logit.requires_grad
+    # The row gains lower every precision's output error on the inputs they were fitted to.
+    plain = SlicedWeight(layer.planes, layer.scale, layer.zero, GROUP)
+    for k in range(1, 5):
+        gained, ungained = (x.double() @ (w.dequantize(k, torch.float64) - linear.weight.detach().double()).T
+                            for w in (layer.sliced_weight(), plain))
+        assert gained.pow(2).sum() <= ungained.pow(2).sum() * (1 + 1e-4), k
+    assert errors[:, 0].sum() < 0.99 * (x.double() @ (plain.dequantize(1, torch.float64)
+                                                      - linear.weight.detach().double()).T).pow(2).sum()
 
 
 def test_compensation_lowers_a_two_bit_controls_block_error() -> None:

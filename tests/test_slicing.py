@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobiquant.slicing import SliceShapeError, slice_weight
+from mobiquant.slicing import SliceShapeError, fit_row_gains, slice_weight
 
 
 def reference_codes(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int) -> np.ndarray:
@@ -146,3 +146,47 @@ def test_property_odd_shapes_and_extreme_values(
     for k in range(1, 5):
         error = (sliced.dequantize(k, torch.float64) - stored).abs()
         assert bool((error <= 0.5 * scale / 4 ** (k - 1) * (1 + 1e-6) + 1e-30)[inside].all())
+
+
+def test_row_gains_are_the_least_squares_amplitude_of_each_row() -> None:
+    """``fit_row_gains`` against numpy's least squares on the inputs themselves, and the gained weight against
+    ``C + g (W_k - C)`` in float64."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    weight = torch.randn(24, 128, generator=gen) * 0.1
+    inputs = torch.randn(300, 128, generator=gen) * torch.rand(128, generator=gen) + torch.randn(128, generator=gen)
+    sliced = slice_weight(weight, group_size=64, num_slices=3, clip=0.7)
+    gains = fit_row_gains(weight, inputs.T @ inputs, sliced)
+    assert gains.shape == (3, 24) and gains.dtype == torch.float16
+    scale, zero = sliced.scale.double().numpy(), sliced.zero.double().numpy()
+    centre = np.repeat(scale * (2.0 - zero), 64, axis=1)
+    x = inputs.double().numpy()
+    for k in range(1, 4):
+        deviation = reference_dequant(sliced.codes(k).numpy(), scale, zero, k) - centre
+        for row in range(24):
+            expected = np.linalg.lstsq(x @ deviation[row][:, None], x @ (weight.double().numpy()[row] - centre[row]),
+                                       rcond=None)[0][0]
+            assert abs(float(gains[k - 1, row]) - expected) <= 1e-3 * abs(expected)
+        sliced.gains = gains
+        gained = centre + gains[k - 1].double().numpy()[:, None] * deviation
+        np.testing.assert_allclose(sliced.dequantize(k, torch.float64).numpy(), gained, rtol=1e-5, atol=1e-7)
+        sliced.gains = None
+    # The least-squares gains can only lower the output error (gain 1 is the plain weight).
+    plain = [np.linalg.norm(x @ (reference_dequant(sliced.codes(1).numpy(), scale, zero, 1) - weight.numpy()).T)]
+    sliced.gains = gains
+    plain.append(np.linalg.norm(x @ (sliced.dequantize(1, torch.float64).numpy() - weight.double().numpy()).T))
+    assert plain[1] < plain[0]
+
+
+def test_row_gains_of_a_row_the_inputs_never_reach_stay_one() -> None:
+    weight = torch.randn(4, 64)
+    sliced = slice_weight(weight, group_size=64, num_slices=2)
+    assert torch.equal(fit_row_gains(weight, torch.zeros(64, 64), sliced), torch.ones(2, 4, dtype=torch.float16))
+
+
+def test_row_gains_up_to_a_slice_count_leave_the_finer_ones_at_one() -> None:
+    weight = torch.randn(8, 64)
+    inputs = torch.randn(100, 64)
+    sliced = slice_weight(weight, group_size=32, num_slices=4, clip=0.6)
+    every = fit_row_gains(weight, inputs.T @ inputs, sliced)
+    first_two = fit_row_gains(weight, inputs.T @ inputs, sliced, 2)
+    assert torch.equal(first_two[:2], every[:2]) and torch.equal(first_two[2:], torch.ones(2, 8, dtype=torch.float16))

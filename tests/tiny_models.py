@@ -67,8 +67,8 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
 
 
 def quantize_tiny(model: PreTrainedModel, seed: int = 0, router_hidden: int | None = ROUTER) -> PreTrainedModel:
-    """Replace the model's quantized linears by MoBiLinear layers holding their sliced weights, with random routers
-    and a random (increasing) threshold table, so that every stored tensor matters."""
+    """Replace the model's quantized linears by MoBiLinear layers holding their sliced weights, with random row
+    gains, random routers and a random (increasing) threshold table, so that every stored tensor matters."""
     arch = architecture_for(model.config.model_type)
     originals = {
         f"{arch.block_prefix(i)}{name}": (linear.weight.detach().clone(), linear.bias)
@@ -79,7 +79,9 @@ def quantize_tiny(model: PreTrainedModel, seed: int = 0, router_hidden: int | No
     gen = torch.Generator().manual_seed(seed)
     for name, layer in mobi_layers(model).items():
         weight, bias = originals[name]
-        layer.load_sliced(slice_weight(weight, GROUP, SLICES), bias)
+        sliced = slice_weight(weight, GROUP, SLICES)
+        sliced.gains = (0.8 + 0.4 * torch.rand(SLICES, layer.out_features, generator=gen)).half()
+        layer.load_sliced(sliced, bias)
         if layer.router is not None:
             with torch.no_grad():
                 for param in layer.router.parameters():

@@ -155,7 +155,8 @@ def calibrate_block(
         if config.error_compensation:
             for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
                                      disable=not progress, leave=False):
-                errors = module.fix_codes(hessians[name], config.compensation_objective(name), config.damp)
+                errors = module.fix_codes(hessians[name], config.compensation_objective(name), config.damp,
+                                          config.row_gain_slices)
                 losses[f"gptq {name}"] = [errors[k] for k in sorted(errors)]
             _report(on_progress, block_index, "gptq codes")
         if config.routed:

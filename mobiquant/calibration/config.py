@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mobiquant.arch import Architecture
-from mobiquant.slicing import check_num_slices
+from mobiquant.slicing import FORMAT, check_num_slices
 
 MODES = ("parallel", "sequential")
 COMPUTE_DTYPES = ("float32", "tfloat32", "bfloat16")
@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 8
+ALGORITHM_REVISION = 9
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -39,6 +39,9 @@ DEFAULT_PRECISION_WEIGHTS = (2.0, 24.0, 32.0, 8.0)
 DEFAULT_MODULE_PRECISION_WEIGHTS = {"v_proj": (32.0, 24.0, 32.0, 8.0)}
 DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS = {"v_proj": (1.0, 1.0, 1.0, 0.0)}
 MAX_COMPENSATED_SLICES = 4
+# Row gains at 1 and 2 slices only: measured at 3 and 4 slices they cost the calibration domain 0.5%
+# (docs/quality.md), where the nested codes' compromise is small and a fitted gain adds more than it removes.
+DEFAULT_ROW_GAIN_SLICES = 2
 DEFAULT_ELASTIC_DAMP = 0.1
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
@@ -65,6 +68,9 @@ class CalibrationConfig:
     weighs only its own slice count); ``None`` takes ``DEFAULT_CLIP_SEARCH_WEIGHTS``."""
     error_compensation: bool = True
     """Choose the codes by GPTQ (``mobiquant.gptq``) once the clipping is final, instead of flooring the grid."""
+    row_gain_slices: int = DEFAULT_ROW_GAIN_SLICES
+    """With compensated codes, fit the row gains (``mobiquant.slicing.fit_row_gains``) of 1..``row_gain_slices``
+    slices to the block's inputs; finer precisions, and all of them at 0, keep gain 1 (the v1 weights)."""
     damp: float = DEFAULT_ELASTIC_DAMP
     """GPTQ's dampening: ``damp * mean(diag H)`` added to the Hessian's diagonal before it is inverted. Above
     GPTQ's customary 0.01 by default: nested codes fitted to one corpus's Hessian too closely lose on others
@@ -97,6 +103,8 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not 0 <= self.row_gain_slices <= self.num_slices:
+            raise ValueError(f"row_gain_slices must be in 0..{self.num_slices}, got {self.row_gain_slices!r}")
         if not 0.0 < self.damp <= MAX_DAMP:
             raise ValueError(f"damp must be in (0, {MAX_DAMP:g}], got {self.damp!r}")
         for option in ("clip_search_weights", "precision_weights"):
@@ -209,7 +217,7 @@ def quantization_config(
     """
     return {
         "quant_method": "mobiquant",
-        "format": "bitplanes-msb-int32-v1",
+        "format": FORMAT,
         "num_slices": config.num_slices,
         "group_size": config.group_size,
         "router_hidden": config.router_hidden if config.routed else 0,

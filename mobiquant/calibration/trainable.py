@@ -15,7 +15,7 @@ from mobiquant.slicing import (
     PARAM_DTYPE,
     SlicedWeight,
     check_slicing_shape,
-    dequantize_codes,
+    fit_row_gains,
     group_min_max,
     pack_codes,
     round_params,
@@ -68,22 +68,27 @@ class TrainableSlicedLinear(nn.Module):
             self.upper_logit.copy_(clip_logit(upper))
             self.lower_logit.copy_(clip_logit(lower))
 
-    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float) -> dict[int, float]:
-        """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``).
+    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float,
+                  row_gain_slices: int = 0) -> dict[int, float]:
+        """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``),
+        then the row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``).
 
         From here on the layer computes with these codes, so the router fit and its truncation errors see
         the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
-        the grid under codes chosen for it). Returns the output error at each weighted slice count and at K.
+        the grid under codes chosen for it). Returns the output error at each weighted slice count and at K
+        (of the codes, before the gains).
         """
         upper, lower = (factor.detach() for factor in self.clip_factors())
         scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
         bits = {BITS_PER_SLICE * k: w for k, w in slice_weights.items()}
-        codes, errors = nested_codes(self.weight, hessian.to(self.weight.device), scale, zero,
-                                     BITS_PER_SLICE * self.num_slices, bits, damp=damp)
+        hessian = hessian.to(self.weight.device)
+        codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
+                                     damp=damp)
         self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
                                   self.group_size)
-        self._fixed_weights = [dequantize_codes(codes >> (BITS_PER_SLICE * (self.num_slices - k)), scale, zero, k,
-                                                torch.float32) for k in range(1, self.num_slices + 1)]
+        if row_gain_slices:
+            self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
+        self._fixed_weights = [self.fixed.dequantize(k) for k in range(1, self.num_slices + 1)]
         self.upper_logit.requires_grad_(False)
         self.lower_logit.requires_grad_(False)
         return {b // BITS_PER_SLICE: error for b, error in errors.items()}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, dequantize_codes, unpack_codes
+from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, dequantize_codes, group_centres, unpack_codes
 
 from ._compile import (
     DEFAULT_ARCHS,
@@ -38,6 +38,7 @@ __all__ = [
     "CompileResult",
     "KernelCompileError",
     "NvrtcUnavailableError",
+    "apply_row_gains",
     "compile_kernels",
     "compile_source",
     "default_cache_dir",
@@ -108,15 +109,37 @@ def reference_elastic_linear(
     zero: torch.Tensor,
     slices: torch.Tensor,
     group_size: int,
+    gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch path: dequantise ``W_k`` for each slice count present, then one matmul per group."""
     del group_size  # implied by the shapes of scale and planes
     out = x.new_empty(x.shape[0], planes.shape[1])
     for k in torch.unique(slices).tolist():
         rows = (slices == k).nonzero(as_tuple=True)[0]
-        weight = dequantize_codes(unpack_codes(planes, k), scale, zero, k, x.dtype)
+        gain = None if gains is None else gains[k - 1]
+        weight = dequantize_codes(unpack_codes(planes, k), scale, zero, k, x.dtype, gain)
         out[rows] = x[rows] @ weight.T
     return out
+
+
+def apply_row_gains(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slices: torch.Tensor,
+    gains: torch.Tensor,
+) -> torch.Tensor:
+    """Turn ``out = x W_k^T`` into ``x (C + g_k (W_k - C))^T`` in place, per token's ``k`` (``mobiquant.slicing``).
+
+    ``x C^T`` needs only each group's input sum: ``sum_g s_g (2 - z_g) sum(x_g)``, a product with
+    ``in / group_size`` columns, so the kernels' reading of the planes is unchanged.
+    """
+    tokens, groups = x.shape[0], scale.shape[1]
+    group_sums = x.float().reshape(tokens, groups, -1).sum(dim=-1)
+    centred = group_sums @ group_centres(scale, zero).T
+    gain = gains.float()[slices.clamp(1, gains.shape[0]) - 1]
+    return out.copy_(gain * out.float() + (1.0 - gain) * centred)
 
 
 def _check_shapes(
@@ -163,6 +186,7 @@ def elastic_linear(
     slices: torch.Tensor,
     group_size: int,
     out: torch.Tensor | None = None,
+    gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x[t] @ W_{slices[t]}^T`` for every token: ``x`` [T, in], ``slices`` [T] in 1..K -> [T, out].
 
@@ -171,9 +195,15 @@ def elastic_linear(
     device-to-host read): the caller checks them, and the kernels clamp them to 1..K so a bad value
     cannot read out of bounds.
     ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
-    live on any device: it is moved to ``x``'s; planes, scale and zero must already be there.
+    live on any device: it is moved to ``x``'s; planes, scale and zero must already be there. Row ``gains``
+    (``[K, out]``, format v2) are folded into the decode kernel's group parameters, and applied after the
+    product on the prefill paths (``apply_row_gains``).
     """
     _check_shapes(x, planes, scale, zero, slices, group_size)
+    if gains is not None and (gains.dim() != 2 or gains.shape[0] < planes.shape[0] // BITS_PER_SLICE
+                              or gains.shape[1] != planes.shape[1] or gains.device != x.device):
+        raise ValueError(f"gains must be [K, {planes.shape[1]}] on {x.device} with a row per slice held, "
+                         f"got {tuple(gains.shape)} on {gains.device}")
     shape = (x.shape[0], planes.shape[1])
     if out is not None:
         _check_out(out, x, shape)
@@ -186,7 +216,7 @@ def elastic_linear(
         or num_slices > MAX_SLICES
         or not _device_supported(x.device.index)
     ):
-        result = reference_elastic_linear(x, planes, scale, zero, slices, group_size)
+        result = reference_elastic_linear(x, planes, scale, zero, slices, group_size, gains)
         return result if out is None else out.copy_(result)
 
     from . import _launch
@@ -201,8 +231,11 @@ def elastic_linear(
         x = x.clone()
     tensors = (planes.contiguous(), scale.contiguous(), zero.contiguous(), slices)
     if tokens <= DECODE_MAX_TOKENS:
-        _launch.launch_decode(x, *tensors, out, group_size)
-    elif prefill_path(tokens) == "grouped":
+        # The decode layout folds the gains into its group parameters: nothing to apply afterwards. The
+        # tensor itself is passed (not a slice of it): the layout is cached by the tensors' identities.
+        _launch.launch_decode(x, *tensors, out, group_size, gains)
+        return out
+    if prefill_path(tokens) == "grouped":
         _launch.launch_prefill(x, *tensors, out, group_size)
     else:
         planes, scale, zero = tensors[:3]
@@ -213,4 +246,6 @@ def elastic_linear(
             return weight
 
         dequant_matmul(x, slices, num_slices, dequantise, out)
+    if gains is not None:
+        apply_row_gains(out, x, scale, zero, slices, gains[:num_slices])
     return out

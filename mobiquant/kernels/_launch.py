@@ -132,14 +132,16 @@ def launch_decode(
     slices: torch.Tensor,
     out: torch.Tensor,
     group_size: int,
+    gains: torch.Tensor | None = None,
 ) -> None:
     """Decode kernel on up to 16 tokens; ``slices`` int64 on the device, read by the kernel itself. The
-    weights are regrouped for it once (``_repack.decode_weights``) and cached with the weight tensors."""
+    weights (and row ``gains``, folded into the group parameters) are regrouped for it once
+    (``_repack.decode_weights``) and cached with the weight tensors."""
     tokens, in_features = x.shape
     num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
     token_tiles = -(-tokens // DECODE_TOKENS_PER_TILE)
     group_mode = 128 if group_size % TILE_COLS == 0 else 32
-    weights = decode_weights(planes, scale, zero, group_size, x.dtype)
+    weights = decode_weights(planes, scale, zero, group_size, x.dtype, gains)
     kernels = device_kernels(x.device)
     grid = (-(-out_features // TILE_ROWS), 1)
     args = (

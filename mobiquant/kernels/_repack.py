@@ -4,8 +4,9 @@ The checkpoint keeps ``mobiquant.slicing``'s bit planes (its on-disk format does
 kernel reads each slice's 2-bit codes regrouped so that one 16-byte load per lane and slice brings the
 codes of the lane's tensor-core fragments for a 16-row x 128-column tile (see kernels/decode.cu, "Fragment
 order"), and the group parameters as ``(s, b_k)`` pairs in the activations' type, one table per slice
-count. Both are pure functions of the planes, scale and zero, written with torch ops so that they run on
-the weights' device and on the CPU (the emulator in tests/kernels reads the same tensors).
+count, with the row gains of a v2 checkpoint folded in (so they cost the kernel nothing). Both are pure
+functions of the planes, scale, zero and gains, written with torch ops so that they run on the weights'
+device and on the CPU (the emulator in tests/kernels reads the same tensors).
 """
 
 from __future__ import annotations
@@ -86,11 +87,17 @@ def affine_units_per_tile(group_size: int) -> int:
 
 
 def decode_affine(
-    scale: torch.Tensor, zero: torch.Tensor, num_slices: int, group_size: int, dtype: torch.dtype
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    num_slices: int,
+    group_size: int,
+    dtype: torch.dtype,
+    gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int32 ``[K, row_tiles, units, 8, 2]``: per slice count k, row tile, unit (tile or span) and row
     ``g + 8 rh`` the pair (s, b'_k) in ``dtype`` (s in bits 0-15), ``b'_k = s * (0.5 / 4^(k-1) - z + 2)``: the
-    kernel multiplies s by the centred code ``c_k / 4^(k-1) - 2``."""
+    kernel multiplies s by the centred code ``c_k / 4^(k-1) - 2``. With row gains ``g`` (``[K, out]``) the pair
+    is ``(g s, g b'_k + (1 - g) s (2 - z))``: ``C + g (W_k - C)`` with ``C = s (2 - z)``, the same two numbers."""
     out_features, groups = scale.shape
     in_features = groups * group_size
     row_tiles, tiles = ceil_div(out_features, TILE_ROWS), ceil_div(in_features, TILE_COLS)
@@ -102,7 +109,11 @@ def decode_affine(
     z = zero.float()[:, unit_group]
     tables = []
     for k in range(1, num_slices + 1):
-        pair = torch.stack([s, s * (0.5 / 4 ** (k - 1) - z + 2)]).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        step, offset = s, s * (0.5 / 4 ** (k - 1) - z + 2)
+        if gains is not None:
+            gain = gains[k - 1].float().unsqueeze(-1)
+            step, offset = gain * s, gain * offset + (1.0 - gain) * s * (2.0 - z)
+        pair = torch.stack([step, offset]).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
         word = torch.zeros(row_tiles * TILE_ROWS, tiles * per_tile, dtype=torch.int64, device=scale.device)
         word[:out_features] = pair[0] | (pair[1] << 16)
         # row = 16 rt + 8 rh + g -> [rt, unit, g, rh]
@@ -121,21 +132,28 @@ _lock = threading.Lock()
 
 
 def decode_weights(
-    planes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype
+    planes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype,
+    gains: torch.Tensor | None = None,
 ) -> DecodeWeights:
-    """The decode layout of these weights for activations of ``dtype``, built once per weight tensor.
+    """The decode layout of these weights (and row gains) for activations of ``dtype``, built once per weight.
 
     Keyed by the tensors' identities and version counters (an in-place update rebuilds it); an entry is
     dropped when its planes tensor is freed. Build it before capturing a CUDA graph (a warm-up call does).
     """
-    key = (id(planes), id(scale), id(zero), group_size, dtype)
-    versions = (planes._version, scale._version, zero._version, planes.data_ptr(), planes.device)
+    key = (id(planes), id(scale), id(zero), id(gains), group_size, dtype)
+    versions = (planes._version, scale._version, zero._version, None if gains is None else gains._version,
+                planes.data_ptr(), planes.device)
     with _lock:
         entry = _cache.get(key)
         if entry is not None and entry[0] == versions:
             return entry[1]
     built = DecodeWeights(
-        pack_decode_weights(planes), decode_affine(scale, zero, planes.shape[0] // BITS_PER_SLICE, group_size, dtype)
+        pack_decode_weights(planes),
+        decode_affine(scale, zero, planes.shape[0] // BITS_PER_SLICE, group_size, dtype, gains),
     )
     with _lock:
         if key not in _cache:

@@ -444,13 +444,14 @@ def emulate_decode(
     slices: torch.Tensor,
     group_size: int,
     bugs: frozenset[str] = frozenset(),
+    gains: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """y [tokens, out] as the decode kernel computes it, and how often each output was written."""
     tokens, in_features = x.shape
     out_features = planes.shape[1]
     if tokens > 16:
         raise ValueError("the decode kernel takes at most 16 tokens")
-    weights = _repack.decode_weights(planes, scale, zero, group_size, x.dtype)
+    weights = _repack.decode_weights(planes, scale, zero, group_size, x.dtype, gains)
     dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
     return run_decode_kernel(
         dtype, 1 if tokens <= 8 else 2, _repack.affine_units_per_tile(group_size) > 1, -(-out_features // TILE_ROWS),

@@ -60,13 +60,16 @@ def draw(out_features: int, in_features: int, group_size: int, tokens: int, mix:
 
 
 def float64_reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Tensor:
-    """x[t] @ W_{k_t}^T with W_k = s * ((c_k + 0.5) / 4^(k-1) - z), from the planes by mobiquant.slicing."""
+    """x[t] @ W_{k_t}^T with W_k = s * ((c_k + 0.5) / 4^(k-1) - z), from the planes by mobiquant.slicing; with
+    row gains g, C + g_k (W_k - C) where C = s * (2 - z)."""
     s = sliced.scale.double().repeat_interleave(sliced.group_size, dim=1)
     z = sliced.zero.double().repeat_interleave(sliced.group_size, dim=1)
     out = torch.empty(x.shape[0], sliced.planes.shape[1], dtype=torch.float64)
     for t in range(x.shape[0]):
         k = int(slices[t])
         weight = s * ((unpack_codes(sliced.planes, k).double() + 0.5) / 4 ** (k - 1) - z)
+        if sliced.gains is not None:
+            weight = s * (2 - z) + sliced.gains[k - 1].double()[:, None] * (weight - s * (2 - z))
         out[t] = weight @ x[t].double()
     return out
 
@@ -84,6 +87,23 @@ def test_decode_kernel_matches_float64(case: tuple) -> None:
     assert (writes == 1).all(), f"outputs written {writes.min()}..{writes.max()} times (seed {seed})"
     errors = token_errors(got, float64_reference(x, sliced, slices))
     assert errors.max() <= TOLERANCE[dtype], f"per-token errors {errors.tolist()} (seed {seed})"
+
+
+@pytest.mark.parametrize(("in_features", "group_size", "tokens", "dtype"),
+                         [(320, 64, 7, torch.float16), (384, 128, 12, torch.bfloat16), (1056, 32, 3, torch.float16)])
+def test_row_gains_folded_into_the_group_parameters_match_float64(
+    in_features: int, group_size: int, tokens: int, dtype: torch.dtype
+) -> None:
+    """A v2 checkpoint's row gains cost the kernel nothing: the repacked (s, b_k) pairs carry them."""
+    sliced, x, slices = draw(40, in_features, group_size, tokens, "routed", dtype, 4, seed=tokens)
+    sliced.gains = (0.7 + 0.6 * torch.rand(4, 40, generator=torch.Generator().manual_seed(tokens))).half()
+    got, writes = emulate_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, group_size, gains=sliced.gains)
+    assert (writes == 1).all()
+    errors = token_errors(got, float64_reference(x, sliced, slices))
+    assert errors.max() <= TOLERANCE[dtype], errors
+    plain = token_errors(emulate_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, group_size)[0],
+                         float64_reference(x, sliced, slices))
+    assert plain.max() > 10 * TOLERANCE[dtype]  # the gains matter in this check
 
 
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
@@ -120,17 +140,20 @@ class EmulatedDevice:
 
 
 @pytest.mark.parametrize(
-    ("tokens", "in_features", "group_size", "dtype"), [(3, 320, 64, torch.float16), (12, 384, 128, torch.bfloat16)]
+    ("tokens", "in_features", "group_size", "dtype", "gained"),
+    [(3, 320, 64, torch.float16, False), (12, 384, 128, torch.bfloat16, False), (5, 320, 64, torch.float16, True)],
 )
 def test_host_launch_matches_the_kernel_contract(
-    monkeypatch: pytest.MonkeyPatch, tokens: int, in_features: int, group_size: int, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch, tokens: int, in_features: int, group_size: int, dtype: torch.dtype, gained: bool
 ) -> None:
     sliced, x, slices = draw(40, in_features, group_size, tokens, "routed", dtype, 4, seed=tokens)
-    weights = _repack.decode_weights(sliced.planes, sliced.scale, sliced.zero, group_size, dtype)
+    if gained:
+        sliced.gains = (0.7 + 0.6 * torch.rand(4, 40)).half()
+    weights = _repack.decode_weights(sliced.planes, sliced.scale, sliced.zero, group_size, dtype, sliced.gains)
     out = torch.full((tokens, 40), float("nan"), dtype=dtype)
     device = EmulatedDevice([x, weights.packed, weights.affine, slices, out])
     monkeypatch.setattr(_launch, "device_kernels", lambda _device: device)
-    _launch.launch_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, out, group_size)
+    _launch.launch_decode(x, sliced.planes, sliced.scale, sliced.zero, slices, out, group_size, sliced.gains)
     ((kernel, grid, block, smem),) = device.launches
     assert grid == (3, 1) and block == 256 and smem == 0
     errors = token_errors(out.double(), float64_reference(x, sliced, slices))

@@ -49,6 +49,7 @@ class Case:
     stored: int = 4  # slices held: fewer after loading with max_slices, so the planes are [2 * stored, ...]
     misaligned: bool = False  # x starts 2 bytes past a 16-byte boundary: elastic_linear must realign it
     host_slices: bool = False  # slices passed as a CPU tensor: elastic_linear must move it to x's device
+    gains: bool = False  # random row gains (format v2), applied after each path's product
 
 
 def cases() -> list[Case]:
@@ -74,6 +75,9 @@ def cases() -> list[Case]:
     for tokens in (5, 40):
         found.append(Case("", 200, 320, 64, tokens, "routed", "float16", "auto", misaligned=True))
         found.append(Case("", 200, 320, 64, tokens, "routed", "float16", "auto", host_slices=True))
+    for tokens, path in ((1, "auto"), (16, "auto"), (300, "auto"), (300, "dequant")):
+        for dtype in ("float16", "bfloat16"):
+            found.append(Case("", 200, 320, 64, tokens, "routed", dtype, path, gains=True))
     return [replace(c, name=case_name(c)) for c in found]
 
 
@@ -81,7 +85,8 @@ def case_name(c: Case) -> str:
     name = f"{c.dtype}-{c.path}-{c.out_features}x{c.in_features}-g{c.group_size}-t{c.tokens}-{c.mix}"
     if c.stored != 4:
         name += f"-stored{c.stored}"
-    return name + ("-misaligned" if c.misaligned else "") + ("-host-slices" if c.host_slices else "")
+    name += "-misaligned" if c.misaligned else ""
+    return name + ("-host-slices" if c.host_slices else "") + ("-gains" if c.gains else "")
 
 
 def draw_slices(mix: str, tokens: int, stored: int, generator: torch.Generator) -> torch.Tensor:
@@ -93,7 +98,8 @@ def draw_slices(mix: str, tokens: int, stored: int, generator: torch.Generator) 
 
 
 def reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Tensor:
-    """x[t] @ W_{k_t}^T in float64, W_k = s * ((c_k + 0.5) / 4^(k-1) - z) with c_k from the planes."""
+    """x[t] @ W_{k_t}^T in float64, W_k = s * ((c_k + 0.5) / 4^(k-1) - z) with c_k from the planes; with row
+    gains g, C + g_k (W_k - C) where C = s * (2 - z)."""
     from mobiquant.slicing import unpack_codes
 
     s = sliced.scale.double().repeat_interleave(sliced.group_size, dim=1)
@@ -103,6 +109,9 @@ def reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Tensor:
         rows = (slices == k).nonzero(as_tuple=True)[0]
         if len(rows):
             weight = s * ((unpack_codes(sliced.planes, k).double() + 0.5) / 4 ** (k - 1) - z)
+            if sliced.gains is not None:
+                centre = s * (2 - z)
+                weight = centre + sliced.gains[k - 1].double()[:, None] * (weight - centre)
             out[rows] = x[rows].double() @ weight.T
     return out
 
@@ -116,6 +125,8 @@ def run_case(case: Case, seed: int) -> dict[str, object]:
     dtype = getattr(torch, case.dtype)
     weight = torch.randn(case.out_features, case.in_features, generator=generator)
     sliced = slice_weight(weight, group_size=case.group_size, num_slices=4).truncate(case.stored)
+    if case.gains:
+        sliced.gains = (0.7 + 0.6 * torch.rand(case.stored, case.out_features, generator=generator)).half()
     x = torch.randn(case.tokens, case.in_features, generator=generator).to(dtype)
     slices = draw_slices(case.mix, case.tokens, case.stored, generator)
     expected = reference(x, sliced, slices)
@@ -130,7 +141,9 @@ def run_case(case: Case, seed: int) -> dict[str, object]:
     if case.path in ("auto", "dequant"):
         if case.path == "dequant":
             os.environ[kernels.PREFILL_ENV] = "dequant"
-        kernels.elastic_linear(*args, slices if case.host_slices else slices.to(device), case.group_size, out=out)
+        gains = None if sliced.gains is None else sliced.gains.to(device)
+        kernels.elastic_linear(*args, slices if case.host_slices else slices.to(device), case.group_size, out=out,
+                               gains=gains)
         os.environ.pop(kernels.PREFILL_ENV, None)
     else:
         launch = _launch.launch_prefill if case.path == "prefill" else _launch.launch_decode
@@ -167,7 +180,9 @@ def run_layer_case(seed: int) -> dict[str, object]:
         setattr(_launch, name, counted(name))
     generator = torch.Generator().manual_seed(seed)
     layer = MoBiLinear(256, 200, num_slices=4, group_size=64, router_hidden=None, dtype=torch.float16)
-    layer.load_sliced(slice_weight(torch.randn(200, 256, generator=generator), group_size=64, num_slices=4))
+    sliced = slice_weight(torch.randn(200, 256, generator=generator), group_size=64, num_slices=4)
+    sliced.gains = (0.7 + 0.6 * torch.rand(4, 200, generator=generator)).half()  # the layer passes them on
+    layer.load_sliced(sliced)
     layer = layer.cuda()
     device_before = torch.cuda.current_device()
     errors, launches_when_off = [], 0

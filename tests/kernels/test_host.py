@@ -187,3 +187,25 @@ def test_launch_leaves_an_already_current_context_alone(monkeypatch: pytest.Monk
     device.index, device.context, device.functions = 0, FakeContext(11), {"kernel": "function"}
     device.launch("kernel", (1, 1), 128, 0, (), ())
     assert calls == [("launch", "function", ("stream", 5))]
+
+
+def test_row_gains_after_the_product_match_the_gained_weights_in_float64() -> None:
+    """``apply_row_gains`` (what the CUDA paths run after their product) and the PyTorch path with gains, both
+    against ``x (C + g_k (W_k - C))^T`` per token in float64, on a routed mix of slice counts."""
+    sliced = slice_weight(torch.randn(40, 128) * 0.05, group_size=64, num_slices=3)
+    gains = (0.7 + 0.6 * torch.rand(3, 40)).half()
+    x = torch.randn(9, 128)
+    slices = torch.randint(1, 4, (9,))
+    centre = (sliced.scale.double() * (2 - sliced.zero.double())).repeat_interleave(64, dim=1)
+    expected = torch.empty(9, 40, dtype=torch.float64)
+    for t in range(9):
+        k = int(slices[t])
+        gained = centre + gains[k - 1].double()[:, None] * (sliced.dequantize(k, torch.float64) - centre)
+        expected[t] = x[t].double() @ gained.T
+    plain = kernels.reference_elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, slices, 64)
+    after = kernels.apply_row_gains(plain.clone(), x, sliced.scale, sliced.zero, slices, gains)
+    torch.testing.assert_close(after.double(), expected, rtol=1e-4, atol=1e-5)
+    routed = kernels.elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, slices, 64, gains=gains)
+    torch.testing.assert_close(routed.double(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"gains must be \[K, 40\]"):
+        kernels.elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, slices, 64, gains=gains[:2])
