@@ -245,6 +245,7 @@ def test_bfloat16_load_keeps_exact_group_parameters_and_thresholds(tmp_path: Pat
         source = mobi_layers(model)[name]
         assert layer.thresholds.dtype == torch.float32 and torch.equal(layer.thresholds, source.thresholds)
         assert layer.scale.dtype == torch.float16 and torch.equal(layer.scale, source.scale)
+        assert layer.gains.dtype == torch.float16 and torch.equal(layer.gains, source.gains)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.isfinite(logits(loaded, torch.randint(0, VOCAB, (1, 5))).float()).all()
 
