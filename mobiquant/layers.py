@@ -117,7 +117,7 @@ class MoBiLinear(nn.Module):
         self._cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
         self._codes: torch.Tensor | None = None
-        self._gained: bool | None = None
+        self._gained: tuple[tuple[int, int], bool] | None = None
         self._register_load_state_dict_pre_hook(self._drop_cache)
 
     @property
@@ -185,10 +185,12 @@ class MoBiLinear(nn.Module):
 
     @property
     def gained(self) -> bool:
-        """Whether any row gain differs from 1 (read once per load: on a GPU it waits for the device)."""
-        if self._gained is None:
-            self._gained = bool((self.gains != 1).any())
-        return self._gained
+        """Whether any row gain differs from 1. Read once per gains tensor and version (on a GPU the read waits
+        for the device), so a reassigned or edited tensor is read again."""
+        key = (id(self.gains), self.gains._version)
+        if self._gained is None or self._gained[0] != key:
+            self._gained = (key, bool((self.gains != 1).any()))
+        return self._gained[1]
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
@@ -237,7 +239,6 @@ class MoBiLinear(nn.Module):
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
         self._dense.clear()
         self._codes = None
-        self._gained = None
 
 
 def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,7 @@ def _check_shapes(
     zero: torch.Tensor,
     slices: torch.Tensor,
     group_size: int,
+    gains: torch.Tensor | None,
 ) -> None:
     if x.dim() != 2 or planes.dim() != 3 or planes.shape[0] % BITS_PER_SLICE:
         raise ValueError(f"expected x [T, in] and planes [2K, out, in/32], got {tuple(x.shape)}, {tuple(planes.shape)}")
@@ -165,7 +166,11 @@ def _check_shapes(
         raise ValueError("scale and zero must be float16 (the packed format)")
     if tuple(slices.shape) != (tokens,):
         raise ValueError(f"slices must be [{tokens}], got {tuple(slices.shape)}")
-    for name, tensor in (("planes", planes), ("scale", scale), ("zero", zero)):
+    if gains is not None and (gains.dim() != 2 or gains.shape[0] < planes.shape[0] // BITS_PER_SLICE
+                              or gains.shape[1] != out_features):
+        raise ValueError(f"gains must be [K, {out_features}] with a row per slice held, got {tuple(gains.shape)}")
+    named = (("planes", planes), ("scale", scale), ("zero", zero)) + (() if gains is None else (("gains", gains),))
+    for name, tensor in named:
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}: move the layer to x's device")
 
@@ -199,11 +204,7 @@ def elastic_linear(
     (``[K, out]``, format v2) are folded into the decode kernel's group parameters, and applied after the
     product on the prefill paths (``apply_row_gains``).
     """
-    _check_shapes(x, planes, scale, zero, slices, group_size)
-    if gains is not None and (gains.dim() != 2 or gains.shape[0] < planes.shape[0] // BITS_PER_SLICE
-                              or gains.shape[1] != planes.shape[1] or gains.device != x.device):
-        raise ValueError(f"gains must be [K, {planes.shape[1]}] on {x.device} with a row per slice held, "
-                         f"got {tuple(gains.shape)} on {gains.device}")
+    _check_shapes(x, planes, scale, zero, slices, group_size, gains)
     shape = (x.shape[0], planes.shape[1])
     if out is not None:
         _check_out(out, x, shape)
