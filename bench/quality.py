@@ -36,6 +36,7 @@ import pydoc_data.topics
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from mobiquant.clip_search import input_hessians, search_clipping
 from mobiquant.data import calibration_samples, evaluation_tokens, token_windows
 from mobiquant.evaluation import rtn_model
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
-from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits
+from mobiquant.precision import calibrate_thresholds, hold_budget, mobi_layers, set_precision, track_bits
 from mobiquant.slicing import full_codes, group_min_max, round_params, scale_zero_from_range
 from mobiquant.sources import materialize, smollm2_gguf_path
 from mobiquant.streaming import first_block_inputs
@@ -264,6 +265,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         options["precision_weights"] = tuple(args.precision_weights)
     if args.damp is not None:
         options["damp"] = args.damp
+    if args.gain_aware_passes is not None:
+        options["gain_aware_passes"] = args.gain_aware_passes
     if args.clip_weights:
         options["clip_search_weights"] = tuple(args.clip_weights)
     for option, given in (("module_precision_weights", args.module_precision_weights),
@@ -286,6 +289,10 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
     for bits in ROUTED_BITS:
         set_precision(elastic, avg_bits=bits)
         record("MoBiQuant routed", f"avg {bits:g} bits", elastic)
+    for bits in ROUTED_BITS:
+        # A fresh hold per text: each text's windows start from the tables fitted on the calibration text.
+        record("MoBiQuant routed, budget held", f"avg {bits:g} bits", elastic,
+               around_text=lambda bits=bits: hold_budget(elastic, bits))
     calibrate_thresholds(elastic, served)
     for bits in ROUTED_BITS:
         set_precision(elastic, avg_bits=bits)
@@ -311,6 +318,8 @@ def main() -> None:
                         help="clip search weights of the output error at 1..4 slices (default: the config's)")
     parser.add_argument("--damp", type=float, help="GPTQ dampening of the elastic codes and the clip-search peers "
                         "(default: the config's)")
+    parser.add_argument("--gain-aware-passes", type=int,
+                        help="passes choosing the elastic codes again for their row gains (default: the config's)")
     parser.add_argument("--mode", choices=("parallel", "sequential"), default="sequential",
                         help="block inputs of the elastic calibration (default: sequential, the GPTQ peers' protocol)")
     parser.add_argument("--elastic-only", action="store_true",
@@ -345,11 +354,12 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
     def record(method: str, setting: str, model: nn.Module, bits: float | None = None, key: str | None = None,
-               texts_used: tuple[str, ...] = tuple(texts)) -> None:
+               texts_used: tuple[str, ...] = tuple(texts),
+               around_text: Callable[[], AbstractContextManager] = nullcontext) -> None:
         row = {"method": method, "setting": setting, "ppl": {}, "bits": {}}
         for text in texts_used:
             if bits is None:
-                with track_bits(model) as meter:
+                with around_text(), track_bits(model) as meter:
                     nll = token_nll(model, texts[text], args.eval_seqlen, args.eval_windows)
                 row["bits"][text] = meter.avg_bits
             else:
@@ -458,6 +468,9 @@ def print_targets(rows: list[dict], texts: list[str], minutes_per_block: float) 
         checks.append((text, "3 slices / full precision (<= 1.01)", uniform[3][text] / fp[text], 1.01))
         best3 = min(peer(3, "min-max")[text], peer(3, "clip search")[text])
         checks.append((text, "routed 3 bits / better GPTQ-3 (< 1)", routed3[text] / best3, 1.0))
+        held3 = ppl_of.get(("MoBiQuant routed, budget held", "avg 3 bits"), {})
+        if text in held3:
+            checks.append((text, "routed 3 bits, budget held / better GPTQ-3 (< 1)", held3[text] / best3, 1.0))
         served3 = ppl_of.get(("MoBiQuant routed, thresholds fitted on python docs", "avg 3 bits"), {})
         if text in served3:
             checks.append((text, "routed 3 bits, thresholds fitted on python docs / better GPTQ-3 (< 1)",

@@ -30,6 +30,7 @@ _EXPORTS = {
     "MoBiLinear": "mobiquant.layers",
     "MoBiRouter": "mobiquant.layers",
     "calibrate_thresholds": "mobiquant.precision",
+    "hold_budget": "mobiquant.precision",
     "set_precision": "mobiquant.precision",
     "track_bits": "mobiquant.precision",
     "SlicedWeight": "mobiquant.slicing",

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -216,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument(
+        "--hold-budget", action="store_true",
+        help="routed budgets: keep the measured bits at the budget on this text by feedback (hold_budget) instead "
+        "of reading the thresholds fitted on the calibration text as they are",
+    )
+    evaluate.add_argument(
         "--tasks", type=_name_list, metavar="T,...", help="lm-eval-harness tasks to run instead of perplexity"
     )
     evaluate.add_argument("--include-path", metavar="DIR", help="also read lm-eval task YAMLs from DIR")
@@ -377,7 +383,7 @@ def precision_settings(uniform: Sequence[int], avg_bits: Sequence[float]) -> lis
 def _setting_name(row: dict[str, Any]) -> str:
     if row["mode"] == "uniform":
         return f"uniform {row['target']} slice{'s' if row['target'] > 1 else ''}"
-    return f"routed {row['target']:g} bits"
+    return f"routed {row['target']:g} bits{' held' if row.get('budget_held') else ''}"
 
 
 def evaluate_settings(
@@ -388,18 +394,22 @@ def evaluate_settings(
     seqlen: int,
     max_windows: int | None,
     progress: bool = True,
+    hold: bool = False,
 ) -> list[dict[str, Any]]:
-    """Perplexity and measured average bits for each uniform slice count, then each routed budget."""
+    """Perplexity and measured average bits for each uniform slice count, then each routed budget (held on
+    the text by ``hold_budget`` with ``hold``, from the budget's tables as they are)."""
     from mobiquant.evaluation import perplexity
-    from mobiquant.precision import set_precision, track_bits
+    from mobiquant.precision import hold_budget, set_precision, track_bits
 
     rows = []
     for mode, target, kwargs in precision_settings(uniform, avg_bits):
         set_precision(model, **kwargs)
-        with track_bits(model) as meter:
+        held = hold and mode == "routed"
+        with hold_budget(model, target) if held else nullcontext(), track_bits(model) as meter:
             desc = f"perplexity, {target} slices" if mode == "uniform" else f"perplexity, routed {target:g} bits"
             ppl = perplexity(model, tokens, seqlen=seqlen, max_windows=max_windows, progress=progress, desc=desc)
-        rows.append({"mode": mode, "target": target, "avg_bits": meter.avg_bits, "perplexity": ppl})
+        rows.append({"mode": mode, "target": target, "avg_bits": meter.avg_bits, "perplexity": ppl,
+                     "budget_held": held})
     return rows
 
 
@@ -445,6 +455,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     path = _checkpoint_dir(args.checkpoint)
     # Settings, data and task names are checked before the model is loaded, so a typo fails in seconds.
     uniform, avg_bits = eval_settings(read_quantization_config(path), args)
+    if args.hold_budget and args.tasks:
+        raise CommandError("--hold-budget applies to perplexity: lm-eval tasks run each budget as fitted")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.tasks:
         from mobiquant.harness import check_tasks, task_manager
@@ -461,7 +473,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     windows = tokens.shape[1] // seqlen
     if args.max_windows is not None:
         windows = min(windows, args.max_windows)
-    rows = evaluate_settings(model, tokens, uniform, avg_bits, seqlen, args.max_windows, progress=not args.json)
+    rows = evaluate_settings(model, tokens, uniform, avg_bits, seqlen, args.max_windows, progress=not args.json,
+                             hold=args.hold_budget)
     if args.json:
         report = {"checkpoint": str(path), "data": args.data, "seqlen": seqlen, "windows": windows, "results": rows}
         print(json.dumps(report, indent=2))

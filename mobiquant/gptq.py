@@ -112,6 +112,7 @@ def nested_codes(
     block_size: int = DEFAULT_BLOCK_SIZE,
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
+    row_gains: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """Codes ``c`` of ``code_bits`` bits (int64 ``[out, in]``) on the floor-aligned grid, and each precision's error.
 
@@ -121,7 +122,10 @@ def nested_codes(
     of its own (3 bits: 8 levels) for a single-precision control. ``bit_weights`` maps precisions (bits) to
     the weight of their output error. Bits below the finest weighted precision are not in the objective:
     they round a copy of their own at ``code_bits``, compensated by its own error, inside the interval the
-    weighted precisions chose (the weighted copies' corrections answer other errors than its own). Returns
+    weighted precisions chose (the weighted copies' corrections answer other errors than its own).
+    ``row_gains`` maps weighted precisions to per-row gains ``[out]`` (positive at the finest): such a precision's value
+    is ``C + g (v - C)`` with ``C = s (2 - z)`` the group's centre (``mobiquant.slicing.fit_row_gains``), so
+    the codes are chosen for the weight the checkpoint will compute with. Returns
     ``(codes, {bits: ||X (W - Q_bits)^T||^2})`` with the damped Hessian, for every weighted precision and
     ``code_bits``.
     """
@@ -133,6 +137,13 @@ def nested_codes(
     if min(weighted) < 1 or finest > min(code_bits, MAX_SEARCHED_BITS):
         raise ValueError(f"weighted precisions must lie in 1..{min(code_bits, MAX_SEARCHED_BITS)} bits, "
                          f"got {sorted(weighted)}")
+    gains = {int(b): g.double().to(weight.device) for b, g in (row_gains or {}).items()}
+    if not set(gains) <= set(weighted):
+        raise ValueError(f"row gains apply to weighted precisions only ({sorted(weighted)}), got {sorted(gains)}")
+    if any(g.shape != weight.shape[:1] or not bool(torch.isfinite(g).all()) for g in gains.values()):
+        raise ValueError(f"row gains must be finite, one per output row ({weight.shape[0]})")
+    if max(weighted) in gains and not bool((gains[max(weighted)] > 0).all()):
+        raise ValueError("the finest weighted precision's row gains must be positive (its codes aim through them)")
     group_size = weight.shape[1] // scale.shape[1]
     scale, zero = scale.double(), zero.double()
     precisions = sorted(weighted)
@@ -148,12 +159,20 @@ def nested_codes(
     lowest, highest = prefixes * span, prefixes * span + span - 1
 
     def value(codes: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return s * ((codes + 0.5) / 2.0 ** (bits - 2) - z)
+        plain = s * ((codes + 0.5) / 2.0 ** (bits - 2) - z)
+        if bits not in gains:
+            return plain
+        gain = gains[bits] if s.dim() == 1 else gains[bits][:, None]
+        centre = s * (2.0 - z)
+        return centre + gain * (plain - centre)
 
     def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = scale[:, column // group_size, None], zero[:, column // group_size, None]
         top = values[len(precisions) - 1].unsqueeze(-1)
-        nearest = torch.floor((top / s + z) * 2.0 ** (finest - 2))
+        # The finest term is convex in the code (a positive gain keeps the value increasing in it): aim
+        # the plain grid at the value whose gained image is the target.
+        aim = top if finest not in gains else s * (2.0 - z) + (top - s * (2.0 - z)) / gains[finest][:, None]
+        nearest = torch.floor((aim / s + z) * 2.0 ** (finest - 2))
         leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
         total = coefficients[-1] * (value(leaves, finest, s, z) - top).pow(2)
         for index, bits in enumerate(precisions[:-1]):

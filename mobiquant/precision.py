@@ -28,6 +28,8 @@ from mobiquant.slicing import BITS_PER_SLICE
 
 # Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
 THRESHOLD_ORDER = "slice-major"
+# Where a model keeps the BudgetHold that moves its budget, so that set_precision can release it.
+_HOLD_ATTRIBUTE = "_mobiquant_budget_hold"
 
 
 def mobi_layers(model: nn.Module) -> list[MoBiLinear]:
@@ -159,6 +161,7 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
     if (avg_bits is None) == (slices is None):
         raise ValueError("give exactly one of avg_bits= or slices=")
     layers = mobi_layers(model)
+    _release_hold(model)
     held = min(layer.stored_slices for layer in layers)
     if slices is not None:
         if isinstance(slices, bool) or not isinstance(slices, numbers.Integral):
@@ -168,6 +171,20 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
         for layer in layers:
             layer.uniform_slices = int(slices)
         return
+    tables, budget = _routed_budget(layers, avg_bits, held)
+    _read_tables(layers, tables, budget)
+
+
+def _release_hold(model: nn.Module) -> None:
+    hold = getattr(model, _HOLD_ATTRIBUTE, None)
+    if hold is not None:
+        hold.release()
+
+
+def _routed_budget(layers: list[MoBiLinear], avg_bits: float,
+                   held: int) -> tuple[list[tuple[list[float], list[float]]], float]:
+    """Every layer's ``(grid, thresholds)`` and the budget to read them at for ``avg_bits``, after checking
+    ``avg_bits`` and that the tables can run it."""
     if isinstance(avg_bits, bool) or not isinstance(avg_bits, numbers.Real):
         raise TypeError(f"avg_bits must be a number of bits such as 3.5, got {type(avg_bits).__name__} {avg_bits!r}")
     top = BITS_PER_SLICE * held
@@ -190,9 +207,83 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
     budget = float(avg_bits)
     if any(layer.stored_slices < layer.num_slices for layer in layers):
         budget = _budget_over_held_slices(layers, tables, budget)
+    return tables, budget
+
+
+def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[float]]], budget: float) -> None:
     for layer, (grid, table) in zip(layers, tables, strict=True):
         layer.threshold = _interpolate(grid, table, budget)
         layer.uniform_slices = None
+
+
+class BudgetHold:
+    """Holds a routed model's measured average bits at ``avg_bits`` on the text it serves (``hold_budget``).
+
+    The threshold tables spend a budget exactly on the text they were fitted on; on text of another domain
+    the router scores shift and the same tables spend other bits (docs/quality.md). After every forward pass
+    of the model the hold reads the bits that pass spent and moves the budget it reads the tables at by
+    ``(avg_bits - spent) * min(1, tokens / horizon_tokens)``: integral feedback whose time constant is about
+    ``horizon_tokens`` tokens, whether they come as whole prompts or one decoded token at a time, so the bits
+    spent over ``n`` passes miss ``avg_bits`` by at most the budget's range over ``n`` full steps. Causal: a
+    pass runs at the budget the passes before it set. The outputs then depend on what the model served
+    before; for a fixed model use ``set_precision`` (or fit the thresholds on the serving text, ``mobiquant
+    thresholds``). The budget moves between forward passes, so a captured CUDA graph, which freezes the
+    thresholds, would not follow it.
+    """
+
+    def __init__(self, model: nn.Module, avg_bits: float, horizon_tokens: int = 512) -> None:
+        if isinstance(horizon_tokens, bool) or not isinstance(horizon_tokens, numbers.Integral) or horizon_tokens < 1:
+            raise ValueError(f"horizon_tokens must be a whole number of tokens >= 1, got {horizon_tokens!r}")
+        layers = mobi_layers(model)
+        held = min(layer.stored_slices for layer in layers)
+        self._tables, self.budget = _routed_budget(layers, avg_bits, held)
+        _release_hold(model)
+        _read_tables(layers, self._tables, self.budget)
+        self.model, self.avg_bits, self.horizon_tokens = model, float(avg_bits), int(horizon_tokens)
+        self._layers = layers
+        # The budget's range: a model holding fewer slices than it was calibrated with reads its tables
+        # above what it holds (_budget_over_held_slices).
+        self._range = (float(BITS_PER_SLICE), float(BITS_PER_SLICE * max(layer.num_slices for layer in layers)))
+        self._weights = float(sum(layer.in_features * layer.out_features for layer in layers))
+        self._this_pass = BitMeter()
+        self.meter = BitMeter()
+        for layer in layers:
+            layer.bit_meters += [self._this_pass, self.meter]
+        self._handle = model.register_forward_hook(self._update)
+        setattr(model, _HOLD_ATTRIBUTE, self)
+
+    def _update(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self._this_pass.weighted_tokens:
+            return
+        spent = self._this_pass.avg_bits
+        tokens = self._this_pass.weighted_tokens / self._weights
+        self._this_pass.weighted_slices = self._this_pass.weighted_tokens = 0.0
+        moved = self.budget + min(1.0, tokens / self.horizon_tokens) * (self.avg_bits - spent)
+        self.budget = min(max(moved, self._range[0]), self._range[1])
+        _read_tables(self._layers, self._tables, self.budget)
+
+    def release(self) -> None:
+        """Stop moving the budget; the model keeps the thresholds of the last one."""
+        self._handle.remove()
+        for layer in self._layers:
+            layer.bit_meters = [m for m in layer.bit_meters if m is not self._this_pass and m is not self.meter]
+        if getattr(self.model, _HOLD_ATTRIBUTE, None) is self:
+            delattr(self.model, _HOLD_ATTRIBUTE)
+
+    def __enter__(self) -> BudgetHold:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def hold_budget(model: nn.Module, avg_bits: float, horizon_tokens: int = 512) -> BudgetHold:
+    """Run ``model`` routed at ``avg_bits`` and keep its measured average there on whatever text it serves.
+
+    Use as ``with hold_budget(model, 3.0) as hold: ...`` or keep the returned ``BudgetHold`` and ``release()``
+    it; ``set_precision`` releases it too. ``hold.meter`` counts the bits spent while it holds.
+    """
+    return BudgetHold(model, avg_bits, horizon_tokens)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from mobiquant.checkpoint import load_checkpoint, replace_linears, save_checkpoi
 from mobiquant.data import calibration_samples, evaluation_tokens
 from mobiquant.evaluation import perplexity
 from mobiquant.layers import MoBiLinear
-from mobiquant.precision import calibrate_thresholds, set_precision
+from mobiquant.precision import calibrate_thresholds, hold_budget, set_precision
 from mobiquant.slicing import slice_weight
 
 TEXT = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}." for i in range(80))
@@ -216,6 +216,28 @@ def test_eval_uniform_and_routed_json(capsys: pytest.CaptureFixture, checkpoint:
         expected = perplexity(model, tokens, seqlen=64, max_windows=3, progress=False)
         assert row["perplexity"] == pytest.approx(expected, rel=1e-6)
     assert rows[0]["perplexity"] > rows[1]["perplexity"]
+
+
+def test_eval_hold_budget_runs_the_routed_budgets_held(
+    capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path
+) -> None:
+    base = ("eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "3",
+            "--device", "cpu")
+    code, out, err = run(capsys, *base, "--uniform", "2", "--avg-bits", "3", "--hold-budget", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [(r["mode"], r["budget_held"]) for r in rows] == [("uniform", False), ("routed", True)]
+    model = load_checkpoint(checkpoint)
+    tokens = evaluation_tokens(byte_tokenizer(), str(text_file))
+    with hold_budget(model, 3.0) as hold:
+        expected = perplexity(model, tokens, seqlen=64, max_windows=3, progress=False)
+    assert rows[1]["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert rows[1]["avg_bits"] == pytest.approx(hold.meter.avg_bits, rel=1e-9)
+    code, out, err = run(capsys, *base, "--avg-bits", "3", "--hold-budget")
+    assert code == 0, err
+    assert "routed 3 bits held" in out
+    code, _, err = run(capsys, *base, "--avg-bits", "3", "--hold-budget", "--tasks", "arc_easy")
+    assert code == 1 and "--hold-budget applies to perplexity" in one_line(err)
 
 
 def test_eval_table_defaults_to_every_slice_count(

@@ -5,6 +5,7 @@ Gaussian elimination (OBQ, Frantar & Alistarh 2022), one column at a time, with 
 no lazy batches; GPTQ must reach the same codes and the same output error.
 """
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -79,21 +80,30 @@ def grid_value(code: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) 
     return s * ((code.double() + 0.5) / 2.0 ** (bits - 2) - z)
 
 
+def gained_value(code: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor,
+                 gain: torch.Tensor | None) -> torch.Tensor:
+    """The grid value pulled towards (gain < 1) or pushed from its group's centre ``s (2 - z)``."""
+    plain = grid_value(code, bits, s, z)
+    return plain if gain is None else s * (2 - z) + gain * (plain - s * (2 - z))
+
+
 def weighted_chooser(scale: torch.Tensor, zero: torch.Tensor, weights: dict[int, float],
-                     code_bits: int) -> tuple[Callable, int]:
+                     code_bits: int, gains: dict[int, torch.Tensor] | None = None) -> tuple[Callable, int]:
     """Brute force over every code of the finest weighted precision, coarser codes by shifting; finer bits
     (unweighted) round a copy of their own inside the chosen code's interval. Returns the chooser and its copies."""
     precisions = sorted(weights)
     finest = precisions[-1]
+    gains = gains or {}
 
     def choose(column: int, values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         s, z = scale[:, column // GROUP].double(), zero[:, column // GROUP].double()
         candidates = torch.arange(2**finest).unsqueeze(0)
         weighted_values = values[: len(precisions)]
-        cost = sum(weights[b] * (grid_value(candidates >> (finest - b), b, s[:, None], z[:, None])
+        cost = sum(weights[b] * (gained_value(candidates >> (finest - b), b, s[:, None], z[:, None],
+                                              gains[b][:, None] if b in gains else None)
                                  - v[:, None]).pow(2) for b, v in zip(precisions, weighted_values, strict=True))
         best = cost.argmin(dim=-1)
-        quantized = [grid_value(best >> (finest - b), b, s, z) for b in precisions]
+        quantized = [gained_value(best >> (finest - b), b, s, z, gains.get(b)) for b in precisions]
         if code_bits == finest:
             return best, quantized
         spread = 2 ** (code_bits - finest)
@@ -144,6 +154,49 @@ def test_weighted_precisions_match_brute_force_reference() -> None:
     assert torch.equal(codes, expected)
     for bits, loss in zip([*sorted(weights), 8], losses, strict=True):
         assert errors[bits] == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize(("weights", "gained"), [({2: 4.0, 4: 1.0, 6: 2.0}, (2, 4)), ({2: 1.0, 8: 1.0}, (2, 8)),
+                                                  ({4: 1.0}, (4,))])
+def test_row_gains_choose_codes_for_the_gained_weights(weights: dict[int, float], gained: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(sum(weights) + len(gained))
+    torch.manual_seed(int(sum(gained)))
+    weight, x = heavy_tailed(12, 64, generator), correlated_inputs(200, 64, generator)
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, 4, clip=0.9)
+    gains = {b: torch.rand(12, generator=generator, dtype=torch.float64) * 0.8 + 0.5 for b in gained}
+    codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16,
+                                 row_gains=gains)
+    expected, losses = reference_obq(weight, hessian, *weighted_chooser(sliced.scale, sliced.zero, weights, 8, gains),
+                                     True)
+    assert torch.equal(codes, expected)
+    plain, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16)
+    assert not torch.equal(codes, plain)
+    s = sliced.scale.double().repeat_interleave(GROUP, 1)
+    z = sliced.zero.double().repeat_interleave(GROUP, 1)
+    for bits in weights:
+        # The reported error is the gained weight's true output error under the damped Hessian.
+        gain = gains[bits][:, None] if bits in gains else None
+        quantized = gained_value(expected >> (8 - bits), bits, s, z, gain)
+        assert errors[bits] == pytest.approx(output_error(weight, quantized, damped(hessian, 0.01)), rel=1e-9)
+    assert [errors[b] for b in sorted(weights)] == pytest.approx(losses[: len(weights)], rel=1e-9)
+
+
+def test_row_gains_must_be_finite_on_weighted_precisions_and_positive_at_the_finest() -> None:
+    weight = torch.randn(8, 32)
+    sliced = slice_weight(weight, GROUP, 4)
+    with pytest.raises(ValueError, match="weighted precisions only"):
+        nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {4: 1.0}, row_gains={2: torch.ones(8)})
+    for bad in (torch.full((8,), float("nan")), torch.ones(7)):
+        with pytest.raises(ValueError, match="must be finite, one per output row"):
+            nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 1.0, 4: 1.0}, row_gains={2: bad})
+    with pytest.raises(ValueError, match="finest weighted precision's row gains must be positive"):
+        nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 1.0, 4: 1.0},
+                     row_gains={4: torch.zeros(8)})
+    # A coarser precision's gain may be anything finite: its candidates are all tried.
+    codes, _ = nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 1.0, 4: 1.0},
+                            row_gains={2: -torch.ones(8)})
+    assert codes.shape == weight.shape
 
 
 def test_diagonal_hessian_gives_nearest_rounding() -> None:
@@ -249,6 +302,32 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
     for name in linears:
         assert torch.equal(without.state[f"{name}.planes"], result.state[f"{name}.planes"]), name
         assert torch.equal(without.state[f"{name}.gains"], torch.ones_like(result.state[f"{name}.gains"])), name
+
+
+def test_gain_aware_passes_choose_the_codes_for_the_gains_and_refit_them() -> None:
+    generator = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    linear = torch.nn.Linear(64, 24, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(heavy_tailed(24, 64, generator))
+    x = correlated_inputs(300, 64, generator)
+    hessian = x.T @ x
+    weights = {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}
+    bits = {2 * k: w for k, w in weights.items()}
+    module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP, router_hidden=0))
+    module.fix_codes(hessian, weights, damp=0.1, row_gain_slices=2)
+    first = copy.deepcopy(module.fixed)
+    errors = module.fix_codes(hessian, weights, damp=0.1, row_gain_slices=2, gain_aware_passes=1)
+    scale, zero = first.scale.float(), first.zero.float()
+    # The same steps by hand: codes for the first codes' gains at 1 and 2 slices, then the gains of those codes.
+    row_gains = {2: first.gains[0].double(), 4: first.gains[1].double()}
+    expected, expected_errors = nested_codes(linear.weight.detach(), hessian, scale, zero, 8, bits, damp=0.1,
+                                             row_gains=row_gains)
+    assert torch.equal(unpack_codes(module.fixed.planes, 4), expected)
+    assert not torch.equal(module.fixed.planes, first.planes)
+    plain = SlicedWeight(module.fixed.planes, first.scale, first.zero, GROUP)
+    assert torch.equal(module.fixed.gains, fit_row_gains(linear.weight.detach(), hessian, plain, 2))
+    assert errors == {k // 2: e for k, e in expected_errors.items()}
 
 
 def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from mobiquant.checkpoint import mobi_layers
 from mobiquant.layers import MoBiLinear
-from mobiquant.precision import calibrate_thresholds, set_precision, track_bits
+from mobiquant.precision import calibrate_thresholds, hold_budget, set_precision, track_bits
 from mobiquant.slicing import MAX_SLICES, slice_weight
 from tests.tiny_models import VOCAB, quantize_tiny, tiny_model
 
@@ -102,3 +102,69 @@ def test_nested_bit_tracking_keeps_the_outer_count(calibrated: tuple) -> None:
     # Three equal passes at 2, 8 and 2 bits.
     assert outer.avg_bits == pytest.approx(4.0)
     assert all(layer.bit_meters == [] for layer in mobi_layers(model).values())
+
+
+def shifted_domain(model: torch.nn.Module, shift: float) -> torch.nn.Module:
+    """A copy whose router scores all sit ``shift`` lower on their slice-major scale than on the text the
+    thresholds were fitted on (as on text of another domain): the same tables then spend other bits."""
+    shifted = copy.deepcopy(model)
+    for layer in mobi_layers(shifted).values():
+        layer.thresholds = (layer.thresholds + shift).clamp(0.0, layer.num_slices - 1.0)
+    return shifted
+
+
+@pytest.mark.parametrize(("shift", "bits"), [(0.3, 3.0), (-0.25, 3.5), (0.3, 2.5)])
+def test_a_held_budget_spends_the_bits_asked_for_on_shifted_scores(calibrated: tuple, shift: float,
+                                                                    bits: float) -> None:
+    model, samples = calibrated
+    shifted = shifted_domain(model, shift)
+    unheld = measured_bits(shifted, samples, avg_bits=bits)
+    assert abs(unheld - bits) > 0.15
+    set_precision(shifted, avg_bits=bits)
+    with torch.no_grad():
+        expected_first = shifted(samples).logits
+    passes = 24
+    with hold_budget(shifted, bits, horizon_tokens=samples.numel()) as hold, torch.no_grad():
+        start = hold.budget
+        # Causal: the first pass runs at the tables' own budget, exactly as set_precision.
+        assert torch.equal(shifted(samples).logits, expected_first)
+        for _ in range(passes - 1):
+            shifted(samples)
+    # Integral feedback with a full step per pass: what the passes spent sums to the target, less the budget's
+    # movement (the bits per pass jump between the few steps a tiny model has, so no single pass hits it).
+    assert hold.meter.avg_bits == pytest.approx(bits - (hold.budget - start) / passes, abs=1e-9)
+    assert hold.meter.avg_bits == pytest.approx(bits, abs=0.05)
+    assert (hold.budget - bits) * shift > 0
+    layers = mobi_layers(shifted).values()
+    assert all(layer.bit_meters == [] for layer in layers)
+    # Released: the budget no longer moves.
+    thresholds = [layer.threshold for layer in layers]
+    with torch.no_grad():
+        shifted(samples)
+    assert [layer.threshold for layer in layers] == thresholds
+
+
+def test_a_held_budget_follows_single_tokens_and_set_precision_releases_it(calibrated: tuple) -> None:
+    model, samples = calibrated
+    shifted = shifted_domain(model, 0.3)
+    horizon = 64
+    hold = hold_budget(shifted, 3.0, horizon_tokens=horizon)
+    start = hold.budget
+    tokens = samples.reshape(-1, 1).repeat(3, 1)
+    with torch.no_grad():
+        for token in tokens:
+            shifted(token.unsqueeze(0))
+    # One token moves the budget by 1/horizon of its error.
+    assert hold.meter.avg_bits == pytest.approx(3.0 - (hold.budget - start) * horizon / len(tokens), abs=1e-9)
+    assert hold.meter.avg_bits == pytest.approx(3.0, abs=0.1)
+    set_precision(shifted, avg_bits=3.0)
+    with torch.no_grad():
+        before = [layer.threshold for layer in mobi_layers(shifted).values()]
+        shifted(samples)
+    assert [layer.threshold for layer in mobi_layers(shifted).values()] == before
+    assert not hasattr(shifted, "_mobiquant_budget_hold")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="horizon_tokens must be a whole number"):
+            hold_budget(shifted, 3.0, horizon_tokens=bad)
+    with pytest.raises(ValueError, match="avg_bits must be in"):
+        hold_budget(shifted, 9.0)

@@ -71,6 +71,9 @@ class CalibrationConfig:
     row_gain_slices: int = DEFAULT_ROW_GAIN_SLICES
     """With compensated codes, fit the row gains (``mobiquant.slicing.fit_row_gains``) of 1..``row_gain_slices``
     slices to the block's inputs; finer precisions, and all of them at 0, keep gain 1 (the v1 weights)."""
+    gain_aware_passes: int = 0
+    """After the first codes and their gains: passes that choose the codes again for the gained weights
+    (``nested_codes(row_gains=...)``) and refit the gains."""
     damp: float = DEFAULT_ELASTIC_DAMP
     """GPTQ's dampening: ``damp * mean(diag H)`` added to the Hessian's diagonal before it is inverted. Above
     GPTQ's customary 0.01 by default: nested codes fitted to one corpus's Hessian too closely lose on others

@@ -69,14 +69,15 @@ class TrainableSlicedLinear(nn.Module):
             self.lower_logit.copy_(clip_logit(lower))
 
     def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float,
-                  row_gain_slices: int = 0) -> dict[int, float]:
+                  row_gain_slices: int = 0, gain_aware_passes: int = 0) -> dict[int, float]:
         """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``),
-        then the row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``).
+        then the row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``); each of
+        ``gain_aware_passes`` then chooses the codes again for the gained weights and refits the gains.
 
         From here on the layer computes with these codes, so the router fit and its truncation errors see
         the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
         the grid under codes chosen for it). Returns the output error at each weighted slice count and at K
-        (of the codes, before the gains).
+        (of the last codes chosen, with the gains they were chosen for).
         """
         upper, lower = (factor.detach() for factor in self.clip_factors())
         scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
@@ -87,6 +88,16 @@ class TrainableSlicedLinear(nn.Module):
         self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
                                   self.group_size)
         if row_gain_slices:
+            self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
+        # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
+        # aim the coarser precisions' codes through their gains.
+        aimed = [k for k in range(1, row_gain_slices + 1) if 0 < BITS_PER_SLICE * k < max(bits)]
+        for _pass in range(gain_aware_passes if aimed else 0):
+            gains = {BITS_PER_SLICE * k: self.fixed.gains[k - 1].double() for k in aimed
+                     if BITS_PER_SLICE * k in bits}
+            codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
+                                         damp=damp, row_gains=gains)
+            self.fixed.planes = pack_codes(codes, self.num_slices)
             self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
         self._fixed_weights = [self.fixed.dequantize(k) for k in range(1, self.num_slices + 1)]
         self.upper_logit.requires_grad_(False)
