@@ -106,6 +106,9 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if isinstance(self.gain_aware_passes, bool) or not isinstance(self.gain_aware_passes, int) \
+                or self.gain_aware_passes < 0:
+            raise ValueError(f"gain_aware_passes must be a whole number >= 0, got {self.gain_aware_passes!r}")
         if not 0 <= self.row_gain_slices <= self.num_slices:
             raise ValueError(f"row_gain_slices must be in 0..{self.num_slices}, got {self.row_gain_slices!r}")
         if not 0.0 < self.damp <= MAX_DAMP:
