@@ -171,8 +171,12 @@ def nested_codes(
         top = values[len(precisions) - 1].unsqueeze(-1)
         # The finest term is convex in the code (a positive gain keeps the value increasing in it): aim
         # the plain grid at the value whose gained image is the target.
-        aim = top if finest not in gains else s * (2.0 - z) + (top - s * (2.0 - z)) / gains[finest][:, None]
-        nearest = torch.floor((aim / s + z) * 2.0 ** (finest - 2))
+        if finest in gains:
+            centre = s * (2.0 - z)
+            top_aim = centre + (top - centre) / gains[finest][:, None]
+        else:
+            top_aim = top
+        nearest = torch.floor((top_aim / s + z) * 2.0 ** (finest - 2))
         leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
         total = coefficients[-1] * (value(leaves, finest, s, z) - top).pow(2)
         for index, bits in enumerate(precisions[:-1]):

@@ -304,12 +304,18 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
         assert torch.equal(without.state[f"{name}.gains"], torch.ones_like(result.state[f"{name}.gains"])), name
 
 
-def test_gain_aware_passes_choose_the_codes_for_the_gains_and_refit_them() -> None:
-    generator = torch.Generator().manual_seed(8)
-    torch.manual_seed(8)
-    linear = torch.nn.Linear(64, 24, bias=False)
+def heavy_tailed_linear(seed: int, bias: bool) -> tuple[torch.nn.Linear, torch.Generator]:
+    """A 64 -> 24 linear with heavy-tailed weights, and the generator that drew them (seeded with ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(64, 24, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(heavy_tailed(24, 64, generator))
+    return linear, generator
+
+
+def test_gain_aware_passes_choose_the_codes_for_the_gains_and_refit_them() -> None:
+    linear, generator = heavy_tailed_linear(8, bias=False)
     x = correlated_inputs(300, 64, generator)
     hessian = x.T @ x
     weights = {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}
@@ -331,11 +337,7 @@ def test_gain_aware_passes_choose_the_codes_for_the_gains_and_refit_them() -> No
 
 
 def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None:
-    generator = torch.Generator().manual_seed(5)
-    torch.manual_seed(5)
-    linear = torch.nn.Linear(64, 24, bias=True)
-    with torch.no_grad():
-        linear.weight.copy_(heavy_tailed(24, 64, generator))
+    linear, generator = heavy_tailed_linear(5, bias=True)
     x = correlated_inputs(300, 64, generator).float()
     module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
     module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}, damp=0.1, row_gain_slices=4)

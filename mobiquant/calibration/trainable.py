@@ -91,10 +91,10 @@ class TrainableSlicedLinear(nn.Module):
             self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
         # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
         # aim the coarser precisions' codes through their gains.
-        aimed = [k for k in range(1, row_gain_slices + 1) if 0 < BITS_PER_SLICE * k < max(bits)]
+        aimed = [k for k in range(1, row_gain_slices + 1) if BITS_PER_SLICE * k in bits
+                 and BITS_PER_SLICE * k < max(bits)]
         for _pass in range(gain_aware_passes if aimed else 0):
-            gains = {BITS_PER_SLICE * k: self.fixed.gains[k - 1].double() for k in aimed
-                     if BITS_PER_SLICE * k in bits}
+            gains = {BITS_PER_SLICE * k: self.fixed.gains[k - 1].double() for k in aimed}
             codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
                                          damp=damp, row_gains=gains)
             self.fixed.planes = pack_codes(codes, self.num_slices)
