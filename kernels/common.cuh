@@ -118,3 +118,14 @@ __device__ __forceinline__ GroupAffine group_affine(u16 scale, u16 zero, int k) 
     g.b = s * (0.5f * step - half_to_float(zero));
     return g;
 }
+
+// Format v2's row gain g of the precision being rebuilt: W' = C + g (W - C), C = s * (2 - z) the centre of the
+// group's range, is again one multiply-add per weight, a' = g a and b' = C + g (b - C), so a gained weight
+// costs the inner loop nothing (the decode layout folds the same two numbers on the host).
+__device__ __forceinline__ GroupAffine fold_row_gain(GroupAffine affine, u16 scale, u16 zero, float gain) {
+    const float centre = half_to_float(scale) * (2.0f - half_to_float(zero));
+    GroupAffine g;
+    g.a = affine.a * gain;
+    g.b = fmaf(gain, affine.b - centre, centre);
+    return g;
+}

@@ -5,6 +5,7 @@
 //   planes  [2K, out, in/32]    u32 bit planes, MSB first: c_k is read from planes 0..2k-1 alone
 //   scale,  [out, in/group]     fp16 group parameters
 //   zero
+//   gains   [K', out]           fp16 row gains of format v2 (K' >= K), or null (fold_row_gain in common.cuh)
 //   order   [tokens]            int32: token indices sorted by slice count (a stable argsort)
 //   offsets [K+1]               int32: tokens with k slices are order[offsets[k-1] : offsets[k]]
 //   y       [tokens, out]       same dtype as x; every element is written exactly once
@@ -24,7 +25,8 @@
 //   * B: the tile's 2k plane words per row are copied (cp.async, 3 stages) next to it. Each thread then
 //     rebuilds 16 weights of one row: the first 2k planes are shifted and added into the code c_k
 //     (four columns per register, append_slice), turned into floats and mapped through the group's
-//     scale and zero (W = a * c_k + b in fp32), and stored as fp16/bf16 into a [BN][BK] tile.
+//     scale and zero (W = a * c_k + b in fp32, the row's gain at k slices folded into a and b), and
+//     stored as fp16/bf16 into a [BN][BK] tile.
 //     Dequantising once per block tile reuses every weight for 128 tokens.
 //   * 8 warps as 2 (tokens) x 4 (outputs); each warp computes 64 x 32 outputs as 4 x 4
 //     mma.m16n8k16 tiles with fp32 accumulators, fragments loaded with ldmatrix. Shared rows are
@@ -87,9 +89,9 @@ __device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
 template <typename T>
 __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u32* __restrict__ planes,
                                              const u16* __restrict__ scale, const u16* __restrict__ zero,
-                                             const int* __restrict__ order, const int* __restrict__ offsets,
-                                             u16* __restrict__ y, int out_features, int in_features,
-                                             int num_slices, int group_size) {
+                                             const u16* __restrict__ gains, const int* __restrict__ order,
+                                             const int* __restrict__ offsets, u16* __restrict__ y,
+                                             int out_features, int in_features, int num_slices, int group_size) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     PrefillSmem& sm = *reinterpret_cast<PrefillSmem*>(smem_raw);
 
@@ -144,6 +146,8 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     // loads into registers) so that their latency hides behind the mma of the current chunk.
     const int dq_row = n0 + tid / 2;
     const bool dq_row_ok = dq_row < out_features;
+    const float dq_gain =
+        gains != nullptr && dq_row_ok ? half_to_float(gains[(size_t)(level - 1) * out_features + dq_row]) : 1.0f;
     auto load_params = [&](int chunk, u16& s, u16& z) {
         const size_t at = (size_t)dq_row * groups + chunk * BK / group_size;
         s = dq_row_ok ? scale[at] : (u16)0;
@@ -162,7 +166,8 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
             }
             return;
         }
-        const GroupAffine ga = group_affine(s, z, level);
+        GroupAffine ga = group_affine(s, z, level);
+        if (gains != nullptr) ga = fold_row_gain(ga, s, z, dq_gain);
         u32 codes[4] = {0u, 0u, 0u, 0u};
         for (int e = 0; e < level; ++e) {
             const u32 hi = sm.planes[stage][2 * e][r];
@@ -265,13 +270,16 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     }
 }
 
+// Two blocks per multiprocessor (53760 bytes of shared memory each): the bound keeps the registers at 128,
+// which the folded row gains would otherwise raise past the 64K-register file's share of two blocks.
 #define PREFILL_KERNEL(NAME, TYPE)                                                                           \
-    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)                                            \
+    extern "C" __global__ void __launch_bounds__(PREFILL_THREADS, 2)                                         \
         NAME(const u16* __restrict__ x, const u32* __restrict__ planes, const u16* __restrict__ scale,       \
-             const u16* __restrict__ zero, const int* __restrict__ order, const int* __restrict__ offsets,   \
-             u16* __restrict__ y, int out_features, int in_features, int num_slices, int group_size) {       \
-        prefill_impl<TYPE>(x, planes, scale, zero, order, offsets, y, out_features, in_features, num_slices, \
-                           group_size);                                                                      \
+             const u16* __restrict__ zero, const u16* __restrict__ gains, const int* __restrict__ order,     \
+             const int* __restrict__ offsets, u16* __restrict__ y, int out_features, int in_features,         \
+             int num_slices, int group_size) {                                                               \
+        prefill_impl<TYPE>(x, planes, scale, zero, gains, order, offsets, y, out_features, in_features,      \
+                           num_slices, group_size);                                                          \
     }
 
 PREFILL_KERNEL(mbq_prefill_f16, F16)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, dequantize_codes, group_centres, unpack_codes
+from mobiquant.slicing import BITS_PER_SLICE, WORD_BITS, dequantize_codes, unpack_codes
 
 from ._compile import (
     DEFAULT_ARCHS,
@@ -38,7 +38,6 @@ __all__ = [
     "CompileResult",
     "KernelCompileError",
     "NvrtcUnavailableError",
-    "apply_row_gains",
     "compile_kernels",
     "compile_source",
     "default_cache_dir",
@@ -122,26 +121,6 @@ def reference_elastic_linear(
     return out
 
 
-def apply_row_gains(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    slices: torch.Tensor,
-    gains: torch.Tensor,
-) -> torch.Tensor:
-    """Turn ``out = x W_k^T`` into ``x (C + g_k (W_k - C))^T`` in place, per token's ``k`` (``mobiquant.slicing``).
-
-    ``x C^T`` needs only each group's input sum: ``sum_g s_g (2 - z_g) sum(x_g)``, a product with
-    ``in / group_size`` columns, so the kernels' reading of the planes is unchanged.
-    """
-    tokens, groups = x.shape[0], scale.shape[1]
-    group_sums = x.float().reshape(tokens, groups, -1).sum(dim=-1)
-    centred = group_sums @ group_centres(scale, zero).T
-    gain = gains.float()[slices.clamp(1, gains.shape[0]) - 1]
-    return out.copy_(gain * out.float() + (1.0 - gain) * centred)
-
-
 def _check_shapes(
     x: torch.Tensor,
     planes: torch.Tensor,
@@ -164,6 +143,8 @@ def _check_shapes(
         raise ValueError(f"scale/zero must be {groups}, got {tuple(scale.shape)} and {tuple(zero.shape)}")
     if scale.dtype != torch.float16 or zero.dtype != torch.float16:
         raise ValueError("scale and zero must be float16 (the packed format)")
+    if gains is not None and gains.dtype != torch.float16:
+        raise ValueError(f"gains must be float16 (the packed format), got {gains.dtype}")
     if tuple(slices.shape) != (tokens,):
         raise ValueError(f"slices must be [{tokens}], got {tuple(slices.shape)}")
     if gains is not None and (gains.dim() != 2 or gains.shape[0] < planes.shape[0] // BITS_PER_SLICE
@@ -201,8 +182,8 @@ def elastic_linear(
     cannot read out of bounds.
     ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
     live on any device: it is moved to ``x``'s; planes, scale and zero must already be there. Row ``gains``
-    (``[K, out]``, format v2) are folded into the decode kernel's group parameters, and applied after the
-    product on the prefill paths (``apply_row_gains``).
+    (float16 ``[K, out]``, format v2) are folded into the group parameters by every kernel, so a gained
+    weight costs no pass of its own.
     """
     _check_shapes(x, planes, scale, zero, slices, group_size, gains)
     shape = (x.shape[0], planes.shape[1])
@@ -236,17 +217,16 @@ def elastic_linear(
         # tensor itself is passed (not a slice of it): the layout is cached by the tensors' identities.
         _launch.launch_decode(x, *tensors, out, group_size, gains)
         return out
+    gains = None if gains is None else gains.contiguous()
     if prefill_path(tokens) == "grouped":
-        _launch.launch_prefill(x, *tensors, out, group_size)
+        _launch.launch_prefill(x, *tensors, out, group_size, gains)
     else:
         planes, scale, zero = tensors[:3]
 
         def dequantise(k: int) -> torch.Tensor:
             weight = torch.empty(planes.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-            _launch.launch_dequant(planes, scale, zero, k, group_size, weight)
+            _launch.launch_dequant(planes, scale, zero, k, group_size, weight, gains)
             return weight
 
         dequant_matmul(x, slices, num_slices, dequantise, out)
-    if gains is not None:
-        apply_row_gains(out, x, scale, zero, slices, gains[:num_slices])
     return out

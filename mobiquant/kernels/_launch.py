@@ -124,6 +124,15 @@ def dtype_tag(dtype: torch.dtype) -> str:
     return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
+def gains_pointer(gains: torch.Tensor | None) -> int:
+    """The kernels' ``gains`` argument: the address of contiguous float16 row gains, or null for none."""
+    if gains is None:
+        return 0
+    if gains.dtype != torch.float16 or not gains.is_contiguous():
+        raise ValueError(f"gains must be contiguous float16, got {gains.dtype}")
+    return gains.data_ptr()
+
+
 def launch_decode(
     x: torch.Tensor,
     planes: torch.Tensor,
@@ -161,8 +170,10 @@ def launch_prefill(
     slices: torch.Tensor,
     out: torch.Tensor,
     group_size: int,
+    gains: torch.Tensor | None = None,
 ) -> None:
-    """Grouped-GEMM kernel: tokens sorted by slice count on the device, no host read-back."""
+    """Grouped-GEMM kernel: tokens sorted by slice count on the device, no host read-back. Row ``gains``
+    (``[K', out]``, K' >= K) are folded into the group parameters as each weight tile is rebuilt."""
     tokens, in_features = x.shape
     num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
     # Clamped like the decode kernel does, so that a count outside 1..K can never index past the planes.
@@ -181,22 +192,29 @@ def launch_prefill(
         (tokens + PREFILL_BM - 1) // PREFILL_BM + num_slices - 1,
     )
     args = (
-        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), order.data_ptr(), offsets.data_ptr(),
-        out.data_ptr(), out_features, in_features, num_slices, group_size,
+        x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), gains_pointer(gains), order.data_ptr(),
+        offsets.data_ptr(), out.data_ptr(), out_features, in_features, num_slices, group_size,
     )  # fmt: skip
-    types = (_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
+    types = (_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)
     kernels.launch(f"mbq_prefill_{dtype_tag(x.dtype)}", grid, PREFILL_THREADS, PREFILL_SMEM_BYTES, args, types)
 
 
 def launch_dequant(
-    planes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group_size: int, weight: torch.Tensor
+    planes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    k: int,
+    group_size: int,
+    weight: torch.Tensor,
+    gains: torch.Tensor | None = None,
 ) -> None:
-    """``weight`` [out, in] (fp16 or bf16, 16-byte aligned) <- W_k from the first 2k planes."""
+    """``weight`` [out, in] (fp16 or bf16, 16-byte aligned) <- W_k from the first 2k planes, with row ``gains``
+    (``[K', out]``, K' >= k) folded in when given."""
     out_features, in_features = weight.shape
     words = out_features * (in_features // 32)
     kernels = device_kernels(weight.device)
     grid = (-(-words // DEQUANT_THREADS), 1)
-    args = (planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), weight.data_ptr(), out_features, in_features, k,
-            group_size)  # fmt: skip
-    types = (_P, _P, _P, _P, _I, _I, _I, _I)
+    args = (planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), gains_pointer(gains), weight.data_ptr(),
+            out_features, in_features, k, group_size)  # fmt: skip
+    types = (_P, _P, _P, _P, _P, _I, _I, _I, _I)
     kernels.launch(f"mbq_dequant_{dtype_tag(weight.dtype)}", grid, DEQUANT_THREADS, 0, args, types)

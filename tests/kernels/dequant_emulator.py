@@ -18,6 +18,7 @@ PLANTED_BUGS = {
     "planes_swapped",  # the high and low plane of a slice exchanged
     "pair_swapped",  # the two weights of a 32-bit store exchanged
     "last_thread_skipped",  # the bounds test drops the launch's last word
+    "gain_of_next_precision",  # the row gain read at k + 1 slices instead of k
 }
 
 
@@ -38,10 +39,11 @@ def emulate_dequant(
     k: int,
     group_size: int,
     dtype: torch.dtype,
+    gains: torch.Tensor | None = None,
     bugs: frozenset[str] = frozenset(),
 ) -> torch.Tensor:
-    """W_k [out, in] in ``dtype`` as the kernel writes it; raises EmulatorError on an illegal access or an
-    element written other than once."""
+    """W_k [out, in] in ``dtype`` as the kernel writes it, with float16 row ``gains`` [K', out] folded in when
+    given; raises EmulatorError on an illegal access or an element written other than once."""
     unknown = set(bugs) - PLANTED_BUGS
     if unknown:
         raise ValueError(f"unknown planted bugs {unknown}")
@@ -66,6 +68,12 @@ def emulate_dequant(
     z = to_float(load(zero_bits, row * groups + group, "zero"), "float16")
     a = fp32(s * step)
     b = fp32(s * fp32(fp32(0.5 * step) - z))
+    if gains is not None:  # fold_row_gain
+        gain_bits = gains.contiguous().view(-1).numpy().view(np.uint16).astype(np.uint32)
+        gain_row = k if "gain_of_next_precision" in bugs else k - 1
+        gain = to_float(load(gain_bits, gain_row * out_features + row, "gains"), "float16")
+        centre = fp32(s * fp32(2.0 - z))
+        a, b = fp32(a * gain), fp32(gain * fp32(b - centre) + centre)  # fmaf: one rounding
     codes = [np.zeros(index.size, dtype=np.uint64) for _ in range(8)]
     for e in range(k):
         high_plane, low_plane = (2 * e + 1, 2 * e) if "planes_swapped" in bugs else (2 * e, 2 * e + 1)

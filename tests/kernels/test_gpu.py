@@ -49,7 +49,7 @@ class Case:
     stored: int = 4  # slices held: fewer after loading with max_slices, so the planes are [2 * stored, ...]
     misaligned: bool = False  # x starts 2 bytes past a 16-byte boundary: elastic_linear must realign it
     host_slices: bool = False  # slices passed as a CPU tensor: elastic_linear must move it to x's device
-    gains: bool = False  # random row gains (format v2), applied after each path's product
+    gains: bool = False  # random row gains (format v2), folded into each kernel's group parameters
 
 
 def cases() -> list[Case]:

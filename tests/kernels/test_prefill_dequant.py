@@ -1,5 +1,5 @@
 """The prefill path that dequantises each precision group's W_k and multiplies it with cuBLAS, on the CPU:
-the kernel by its emulator (tests/kernels/dequant_emulator.py), the host grouping by
+the kernel by its emulator (tests/kernels/dequant_emulator.py), row gains folded in, the host grouping by
 ``mobiquant.kernels.dequant_matmul`` with torch.matmul standing in for cuBLAS, against float64."""
 
 from __future__ import annotations
@@ -17,27 +17,37 @@ from tests.kernels.test_emulator import float64_reference, token_errors
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def random_gains(rows: int, out_features: int, generator: torch.Generator) -> torch.Tensor:
+    """Row gains as calibration fits them (float16, about 1), one row per slice count."""
+    return (0.7 + 0.6 * torch.rand(rows, out_features, generator=generator)).half()
+
+
 @pytest.mark.parametrize(
-    ("out_features", "in_features", "group_size", "tokens", "dtype", "stored"),
+    ("out_features", "in_features", "group_size", "tokens", "dtype", "stored", "gained"),
     [
-        (19, 96, 32, 37, torch.float16, 4),
-        (24, 320, 64, 40, torch.bfloat16, 4),
-        (17, 256, 128, 33, torch.float16, 2),
+        (19, 96, 32, 37, torch.float16, 4, False),
+        (24, 320, 64, 40, torch.bfloat16, 4, False),
+        (17, 256, 128, 33, torch.float16, 2, False),
+        (19, 96, 32, 37, torch.float16, 4, True),
+        (24, 320, 64, 40, torch.bfloat16, 3, True),
     ],
 )
 def test_dequant_then_matmul_matches_float64(
-    out_features: int, in_features: int, group_size: int, tokens: int, dtype: torch.dtype, stored: int
+    out_features: int, in_features: int, group_size: int, tokens: int, dtype: torch.dtype, stored: int, gained: bool
 ) -> None:
-    generator = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    generator = torch.Generator().manual_seed(out_features * 1000 + in_features + stored)
     sliced = slice_weight(torch.randn(out_features, in_features, generator=generator) * 0.05, group_size, 4)
     sliced = sliced.truncate(stored)
+    # Gains for all 4 slice counts on a truncated checkpoint, as a layer loaded with max_slices passes them.
+    gains = random_gains(4, out_features, generator) if gained else None
+    sliced.gains = None if gains is None else gains[:stored]
     x = torch.randn(tokens, in_features, generator=generator).to(dtype)
     slices = torch.randint(1, stored + 1, (tokens,), generator=generator)
     dequantised: list[int] = []
 
     def dequantise(k: int) -> torch.Tensor:
         dequantised.append(k)
-        return emulate_dequant(sliced.planes, sliced.scale, sliced.zero, k, group_size, dtype)
+        return emulate_dequant(sliced.planes, sliced.scale, sliced.zero, k, group_size, dtype, gains)
 
     out = torch.full((tokens, out_features), float("nan"), dtype=dtype)
     kernels.dequant_matmul(x, slices, stored, dequantise, out)
@@ -66,8 +76,10 @@ def test_uniform_batch_is_one_product_into_out() -> None:
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_planted_dequant_bugs_are_caught(bug: str) -> None:
     sliced = slice_weight(torch.randn(19, 96) * 0.05, 32, 4)
+    sliced.gains = random_gains(4, 19, torch.Generator().manual_seed(3))
     try:
-        weight = emulate_dequant(sliced.planes, sliced.scale, sliced.zero, 3, 32, torch.float16, frozenset({bug}))
+        weight = emulate_dequant(sliced.planes, sliced.scale, sliced.zero, 3, 32, torch.float16, sliced.gains,
+                                 frozenset({bug}))  # fmt: skip
     except EmulatorError:
         return
     x = torch.randn(5, 96).half()
