@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +77,13 @@ QuantizerOf = Callable[[int, str], LinearQuantizer]
 
 def python_docs_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+
+
+def environment() -> dict[str, object]:
+    """What the numbers depend on besides the code: another transformers or torch sums in another order, and
+    calibration carries such differences from block to block (docs/quality.md, session 14)."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 def token_nll(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int, batch: int = 4) -> torch.Tensor:
@@ -344,7 +352,7 @@ def main() -> None:
     fp_nll: dict[str, torch.Tensor] = {}
     timings: dict[str, dict[str, float]] = {}
     report = {"settings": vars(args) | {"work_dir": str(args.work_dir), "out": str(args.out)},
-              "model_sha256": source.sha, "rows": rows, "calibration_minutes": timings,
+              "model_sha256": source.sha, "environment": environment(), "rows": rows, "calibration_minutes": timings,
               "texts": {"plays": "shakespeare:test (Hamlet + The Tempest)",
                         "python docs": f"pydoc_data.topics of CPython {platform.python_version()}"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
