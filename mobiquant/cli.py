@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--clip-weights", type=slice_weights_arg, metavar="K:W,...",
         help="weights of the output error at K slices in the clip search that sets every group's range, e.g. "
-        "1:1,2:24,3:32 to keep more of 2 bits (default: 1:1,2:24,3:32,4:32; v_proj 1:1,2:1,3:1)",
+        "1:1,2:24,3:32 to keep more of 2 bits (default: 1:1,2:24,3:32,4:32, every linear)",
     )
     quantize.add_argument(
         "--module-clip-weights", type=linear_weights_arg, action="append", metavar="LINEAR=K:W,...",

@@ -433,9 +433,9 @@ def test_per_linear_weight_names_are_checked() -> None:
     assert config.compensation_objective("self_attn.v_proj") == {1: 1.0}
     assert config.compensation_objective("mlp.down_proj") == {2: 1.0}
     assert config.compensation_objective("self_attn.q_proj") == {1: 2.0, 2: 24.0, 3: 32.0, 4: 8.0}
-    # The defaults: the value projection weighs one slice most, in its clip search and its codes.
+    # The defaults: the value projection weighs one slice most in its codes; its clip search is the shared one.
     assert CalibrationConfig().compensation_objective("self_attn.v_proj") == {1: 32.0, 2: 24.0, 3: 32.0, 4: 8.0}
-    assert CalibrationConfig(num_slices=2).clip_objective("self_attn.v_proj") == {1: 1.0, 2: 1.0}
+    assert CalibrationConfig(num_slices=2).clip_objective("self_attn.v_proj") == {1: 1.0, 2: 24.0}
     assert CalibrationConfig().clip_objective("mlp.up_proj") == {1: 1.0, 2: 24.0, 3: 32.0, 4: 32.0}
     assert CalibrationConfig(target_bits=4.0).clip_objective("self_attn.v_proj") == {2: 1.0}
     with pytest.raises(ValueError, match=r"'proj', which is not a quantized linear of llama blocks \(self_attn.q_proj"):

@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 9
+ALGORITHM_REVISION = 10
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -34,10 +34,12 @@ DEFAULT_CLIP_SEARCH_WEIGHTS = (1.0, 24.0, 32.0, 32.0)
 # that the codes minimise, chosen by measurement (docs/quality.md). GPTQ can weigh at most 8-bit codes.
 DEFAULT_PRECISION_WEIGHTS = (2.0, 24.0, 32.0, 8.0)
 # Per-linear defaults (keyed as ``module_precision_weights``; a user's entries add to them and win). The
-# value projection decides one slice's quality (docs/quality.md): it gets a 2-bit clipping and codes that
-# weigh one slice most, at a small cost at 4 and 6 bits.
+# value projection decides one slice's quality (docs/quality.md): its codes weigh one slice most. Its range
+# keeps the shared clip search: a 2-bit clipping of its own (1:1, 2:1, 3:1, the default until revision 10)
+# halves one slice's perplexity but costs text of another domain at 4, 6 and 8 bits, where clipped weights
+# stay lost; a user who needs 2 bits most can ask for it with module_clip_search_weights.
 DEFAULT_MODULE_PRECISION_WEIGHTS = {"v_proj": (32.0, 24.0, 32.0, 8.0)}
-DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS = {"v_proj": (1.0, 1.0, 1.0, 0.0)}
+DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS: dict[str, tuple[float, ...]] = {}
 MAX_COMPENSATED_SLICES = 4
 # Row gains at 1 and 2 slices only: measured at 3 and 4 slices they cost the calibration domain 0.5%
 # (docs/quality.md), where the nested codes' compromise is small and a fitted gain adds more than it removes.
