@@ -162,6 +162,27 @@ def launch_decode(
     kernels.launch(name, grid, DECODE_THREADS, 0, args, types)
 
 
+def prefill_schedule(
+    slices: torch.Tensor, num_slices: int, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The grouped GEMM's ``order`` (token indices sorted by slice count, int32), ``offsets`` ([K+1] int32:
+    tokens with k slices are ``order[offsets[k-1]:offsets[k]]``) and grid, computed on ``slices``' device with
+    no read-back to the host."""
+    # Clamped like the decode kernel does, so that a count outside 1..K can never index past the planes.
+    levels = slices.clamp(1, num_slices)
+    order = torch.argsort(levels, stable=True).to(torch.int32)
+    # scatter_add rather than bincount: CUDA bincount reads the maximum back to the host (a sync).
+    counts = torch.zeros(num_slices + 1, dtype=torch.int64, device=slices.device)
+    counts.scatter_add_(0, levels, torch.ones_like(levels))
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    # Each precision group rounds up to whole tiles: at most num_slices - 1 more tiles than for one group.
+    grid = (
+        (out_features + PREFILL_BN - 1) // PREFILL_BN,
+        (slices.shape[0] + PREFILL_BM - 1) // PREFILL_BM + num_slices - 1,
+    )
+    return order, offsets, grid
+
+
 def launch_prefill(
     x: torch.Tensor,
     planes: torch.Tensor,
@@ -174,23 +195,12 @@ def launch_prefill(
 ) -> None:
     """Grouped-GEMM kernel: tokens sorted by slice count on the device, no host read-back. Row ``gains``
     (``[K', out]``, K' >= K) are folded into the group parameters as each weight tile is rebuilt."""
-    tokens, in_features = x.shape
+    in_features = x.shape[1]
     num_slices, out_features = planes.shape[0] // 2, planes.shape[1]
-    # Clamped like the decode kernel does, so that a count outside 1..K can never index past the planes.
-    levels = slices.clamp(1, num_slices)
-    order = torch.argsort(levels, stable=True).to(torch.int32)
-    # scatter_add rather than bincount: CUDA bincount reads the maximum back to the host (a sync).
-    counts = torch.zeros(num_slices + 1, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(0, levels, torch.ones_like(levels))
     # order and offsets may be freed before the queued kernel runs; that is safe because torch's caching
     # allocator hands a freed block only to later work on the same stream.
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    order, offsets, grid = prefill_schedule(slices, num_slices, out_features)
     kernels = device_kernels(x.device)
-    # Each precision group rounds up to whole tiles: at most num_slices - 1 more tiles than for one group.
-    grid = (
-        (out_features + PREFILL_BN - 1) // PREFILL_BN,
-        (tokens + PREFILL_BM - 1) // PREFILL_BM + num_slices - 1,
-    )
     args = (
         x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr(), gains_pointer(gains), order.data_ptr(),
         offsets.data_ptr(), out.data_ptr(), out_features, in_features, num_slices, group_size,

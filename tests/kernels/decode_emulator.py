@@ -107,23 +107,26 @@ def byte_permute(a: np.ndarray, selector: int) -> np.ndarray:  # prmt.b32 d, a, 
 
 
 def mma_m16n8k16(acc: np.ndarray, a: list[np.ndarray], b0: np.ndarray, b1: np.ndarray, dtype: str) -> np.ndarray:
-    """D = A B + C for one warp. acc [4, 32] float32; a: 4 registers [32]; b0, b1 [32]."""
+    """D = A B + C for one warp. acc [4, 32] float32; a: 4 registers [32]; b0, b1 [32]. Leading dimensions
+    (the same on every operand, or broadcast) run a batch of independent products."""
     lane = np.arange(LANES)
     g, t = lane // 4, lane % 4
-    A = np.zeros((16, 16))
-    B = np.zeros((16, 8))
+    batch = np.broadcast_shapes(np.shape(acc)[:-2], *(np.shape(r)[:-1] for r in (*a, b0, b1)))
+    A = np.zeros((*batch, 16, 16))
+    B = np.zeros((*batch, 16, 8))
     for reg, (row_add, col_add) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
         low, high = unpack2(a[reg], dtype)
-        A[g + row_add, 2 * t + col_add] = low
-        A[g + row_add, 2 * t + col_add + 1] = high
+        A[..., g + row_add, 2 * t + col_add] = low
+        A[..., g + row_add, 2 * t + col_add + 1] = high
     for reg, k_add in ((b0, 0), (b1, 8)):
         low, high = unpack2(reg, dtype)
-        B[2 * t + k_add, g] = low
-        B[2 * t + k_add + 1, g] = high
-    C = np.zeros((16, 8))
-    C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = acc
+        B[..., 2 * t + k_add, g] = low
+        B[..., 2 * t + k_add + 1, g] = high
+    C = np.zeros((*batch, 16, 8))
+    for j, (row_add, col_add) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+        C[..., g + row_add, 2 * t + col_add] = acc[..., j, :]
     D = (A @ B + C).astype(np.float32)
-    return np.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]])
+    return np.stack([D[..., g, 2 * t], D[..., g, 2 * t + 1], D[..., g + 8, 2 * t], D[..., g + 8, 2 * t + 1]], axis=-2)
 
 
 # --- memory ------------------------------------------------------------------------------------------------

@@ -32,6 +32,37 @@ def load(array: np.ndarray, index: np.ndarray, name: str) -> np.ndarray:
     return array[index]
 
 
+# --- common.cuh ------------------------------------------------------------------------------------------
+
+
+def group_affine(scale_bits: np.ndarray, zero_bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of W = a c_k + b for float16 scale and zero bits, each product rounded to fp32 as the source does."""
+    step = fp32(1.0 / (1 << (2 * (k - 1))))
+    s, z = to_float(scale_bits, "float16"), to_float(zero_bits, "float16")
+    return fp32(s * step), fp32(s * fp32(fp32(0.5 * step) - z))
+
+
+def fold_row_gain(
+    a: np.ndarray, b: np.ndarray, scale_bits: np.ndarray, zero_bits: np.ndarray, gain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """a' = g a and b' = fmaf(g, b - C, C) with C = s (2 - z)."""
+    centre = fp32(to_float(scale_bits, "float16") * fp32(2.0 - to_float(zero_bits, "float16")))
+    return fp32(a * gain), fp32(gain * fp32(b - centre) + centre)
+
+
+def append_slice(codes: np.ndarray, high: np.ndarray, low: np.ndarray, j: int | np.ndarray) -> np.ndarray:
+    """c = 4 c + 2 high + low for the columns j, j+8, j+16, j+24 of a 32-column word, held byte-wise (j may
+    differ per thread)."""
+    j = np.asarray(j).astype(np.uint64)
+    spread_high = (high.astype(np.uint64) >> j) & 0x01010101
+    spread_low = (low.astype(np.uint64) >> j) & 0x01010101
+    return ((codes.astype(np.uint64) << np.uint64(2)) | (spread_high << np.uint64(1)) | spread_low) & 0xFFFFFFFF
+
+
+def byte_to_float(codes: np.ndarray, b: int) -> np.ndarray:
+    return ((codes.astype(np.uint64) >> np.uint64(8 * b)) & 0xFF).astype(np.float64)
+
+
 def emulate_dequant(
     planes: torch.Tensor,
     scale: torch.Tensor,
@@ -63,31 +94,26 @@ def emulate_dequant(
     row, word = index // words, index % words
     groups = in_features // group_size
     group = word * 32 // group_size
-    step = fp32(1.0 / (1 << (2 * (k - 1))))
-    s = to_float(load(scale_bits, row * groups + group, "scale"), "float16")
-    z = to_float(load(zero_bits, row * groups + group, "zero"), "float16")
-    a = fp32(s * step)
-    b = fp32(s * fp32(fp32(0.5 * step) - z))
-    if gains is not None:  # fold_row_gain
+    scale_at = load(scale_bits, row * groups + group, "scale")
+    zero_at = load(zero_bits, row * groups + group, "zero")
+    a, b = group_affine(scale_at, zero_at, k)
+    if gains is not None:
         gain_bits = gains.contiguous().view(-1).numpy().view(np.uint16).astype(np.uint32)
         gain_row = k if "gain_of_next_precision" in bugs else k - 1
         gain = to_float(load(gain_bits, gain_row * out_features + row, "gains"), "float16")
-        centre = fp32(s * fp32(2.0 - z))
-        a, b = fp32(a * gain), fp32(gain * fp32(b - centre) + centre)  # fmaf: one rounding
+        a, b = fold_row_gain(a, b, scale_at, zero_at, gain)
     codes = [np.zeros(index.size, dtype=np.uint64) for _ in range(8)]
     for e in range(k):
         high_plane, low_plane = (2 * e + 1, 2 * e) if "planes_swapped" in bugs else (2 * e, 2 * e + 1)
         high = load(plane_words, (high_plane * out_features + row) * words + word, "planes")
         low = load(plane_words, (low_plane * out_features + row) * words + word, "planes")
-        for j in range(8):  # append_slice
-            spread_high, spread_low = (high >> np.uint64(j)) & 0x01010101, (low >> np.uint64(j)) & 0x01010101
-            codes[j] = ((codes[j] << np.uint64(2)) | (spread_high << np.uint64(1)) | spread_low) & 0xFFFFFFFF
+        for j in range(8):
+            codes[j] = append_slice(codes[j], high, low, j)
     pairs = []  # 16 pairs of (first, second) column values, as T::pack makes them
     for c in range(0, 32, 2):
         values = []
         for column in (c, c + 1):
-            code = (codes[column % 8] >> np.uint64(8 * (column // 8))) & 0xFF  # byte_to_float: exact
-            values.append(fp32(code.astype(np.float64) * a + b))  # fmaf: one rounding
+            values.append(fp32(byte_to_float(codes[column % 8], column // 8) * a + b))  # fmaf: one rounding
         pairs.append((values[1], values[0]) if "pair_swapped" in bugs else tuple(values))
     for q in range(4):  # four 16-byte stores of 8 weights each
         destination = row * in_features + word * 32 + 8 * q

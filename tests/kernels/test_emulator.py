@@ -65,12 +65,12 @@ def float64_reference(x: torch.Tensor, sliced, slices: torch.Tensor) -> torch.Te
     s = sliced.scale.double().repeat_interleave(sliced.group_size, dim=1)
     z = sliced.zero.double().repeat_interleave(sliced.group_size, dim=1)
     out = torch.empty(x.shape[0], sliced.planes.shape[1], dtype=torch.float64)
-    for t in range(x.shape[0]):
-        k = int(slices[t])
+    for k in slices.unique().tolist():
         weight = s * ((unpack_codes(sliced.planes, k).double() + 0.5) / 4 ** (k - 1) - z)
         if sliced.gains is not None:
             weight = s * (2 - z) + sliced.gains[k - 1].double()[:, None] * (weight - s * (2 - z))
-        out[t] = weight @ x[t].double()
+        rows = slices == k
+        out[rows] = x[rows].double() @ weight.T
     return out
 
 
