@@ -46,6 +46,9 @@
 #define STAGES 3
 #define PREFILL_THREADS 256
 #define SROW 40  // padded shared-memory row length in 16-bit elements (see the bank note above)
+#define X_COPIES_PER_ROW (BK / 8)                                       // 16-byte copies per x row and chunk
+#define X_COPIES_PER_THREAD (BM * X_COPIES_PER_ROW / PREFILL_THREADS)  // 2
+#define PLANES_PER_THREAD_STEP (PREFILL_THREADS / BN)                   // 2: threads cover two planes at once
 
 struct PrefillSmem {
     u16 x[STAGES][BM][SROW];
@@ -86,6 +89,11 @@ __device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
                  : "r"(shared_address(p)));
 }
 
+// The tile row of thread tid's j-th x copy.
+__device__ __forceinline__ int x_row(int tid, int j) {
+    return tid / X_COPIES_PER_ROW + j * (PREFILL_THREADS / X_COPIES_PER_ROW);
+}
+
 template <typename T>
 __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u32* __restrict__ planes,
                                              const u16* __restrict__ scale, const u16* __restrict__ zero,
@@ -117,41 +125,69 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     const int n0 = blockIdx.x * BN;
     const int words = in_features / 32;
     const int groups = in_features / group_size;
-    const int nplanes = 2 * level;
     const int chunks = in_features / BK;
 
     for (int i = tid; i < BM; i += PREFILL_THREADS) sm.token[i] = i < rows ? order[first + i] : -1;
     __syncthreads();
 
+    // Every thread's share of a stage is fixed for the whole kernel, so its sources are computed once here
+    // and each chunk only adds its column offset (loops with a trip count known to the compiler, no
+    // division in the steady state):
+    //   * x: rows tid / 4 and tid / 4 + 64 of the tile, 8 columns at (tid % 4) * 8 each (BM x BK / 8 = 512
+    //     16-byte copies over 256 threads); a row past the group's last token is zero-filled.
+    //   * planes: row tid % 128 of the tile, planes tid / 128 + 2j for j < level (2k x BN words over 256
+    //     threads).
+    // A share with nothing to read (a row past the group's tokens or past the output rows) keeps a source
+    // that stays at the tensor's first element (a step of 0) and copies 0 bytes, which zero-fills.
+    const int x_part = tid % X_COPIES_PER_ROW;
+    const u16* x_src[X_COPIES_PER_THREAD];
+    int x_bytes[X_COPIES_PER_THREAD], x_step[X_COPIES_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < X_COPIES_PER_THREAD; ++j) {
+        const int token = sm.token[x_row(tid, j)];
+        x_src[j] = token >= 0 ? x + (size_t)token * in_features + x_part * 8 : x;
+        x_bytes[j] = token >= 0 ? 16 : 0;
+        x_step[j] = token >= 0 ? BK : 0;
+    }
+    const int plane_row = tid % BN;
+    const bool plane_row_ok = n0 + plane_row < out_features;
+    const u32* plane_src = plane_row_ok ? planes + ((size_t)(tid / BN) * out_features + n0 + plane_row) * words : planes;
+    const size_t plane_step = plane_row_ok ? (size_t)PLANES_PER_THREAD_STEP * out_features * words : 0;
+    const int plane_chunk_step = plane_row_ok ? 1 : 0;
+    const int plane_bytes = plane_row_ok ? 4 : 0;
+
     auto load_stage = [&](int stage, int chunk) {
-        for (int i = tid; i < BM * (BK / 8); i += PREFILL_THREADS) {
-            const int r = i / (BK / 8);
-            const int part = i % (BK / 8);
-            const int token = sm.token[r];
-            const u16* src = token >= 0 ? x + (size_t)token * in_features + chunk * BK + part * 8 : x;
-            cp_async16(&sm.x[stage][r][part * 8], src, token >= 0 ? 16 : 0);
-        }
-        for (int i = tid; i < nplanes * BN; i += PREFILL_THREADS) {
-            const int p = i / BN;
-            const int r = i % BN;
-            const int row = n0 + r;
-            const bool ok = row < out_features;
-            const u32* src = ok ? planes + ((size_t)p * out_features + row) * words + chunk : planes;
-            cp_async4(&sm.planes[stage][p][r], src, ok ? 4 : 0);
+#pragma unroll
+        for (int j = 0; j < X_COPIES_PER_THREAD; ++j)
+            cp_async16(&sm.x[stage][x_row(tid, j)][x_part * 8], x_src[j] + chunk * x_step[j], x_bytes[j]);
+        const u32* src = plane_src + chunk * plane_chunk_step;
+#pragma unroll
+        for (int j = 0; j < MAX_SLICES; ++j) {
+            if (j < level) {
+                cp_async4(&sm.planes[stage][PLANES_PER_THREAD_STEP * j + tid / BN][plane_row], src, plane_bytes);
+                src += plane_step;
+            }
         }
     };
 
     // Thread tid rebuilds columns {4h..4h+3} + {0, 8, 16, 24} of row tid / 2, where h = tid % 2.
     // The dequantising thread's row is fixed; its group parameters are fetched one chunk ahead (plain
-    // loads into registers) so that their latency hides behind the mma of the current chunk.
+    // loads into registers) so that their latency hides behind the mma of the current chunk. A group spans
+    // group_size / BK chunks: the parameters' address advances by one every that many chunks.
     const int dq_row = n0 + tid / 2;
     const bool dq_row_ok = dq_row < out_features;
     const float dq_gain =
         gains != nullptr && dq_row_ok ? half_to_float(gains[(size_t)(level - 1) * out_features + dq_row]) : 1.0f;
-    auto load_params = [&](int chunk, u16& s, u16& z) {
-        const size_t at = (size_t)dq_row * groups + chunk * BK / group_size;
-        s = dq_row_ok ? scale[at] : (u16)0;
-        z = dq_row_ok ? zero[at] : (u16)0;
+    const int chunks_per_group = group_size / BK;
+    const size_t params_row = (size_t)(dq_row_ok ? dq_row : 0) * groups;
+    int params_group = 0, params_chunk = 0;  // the group of the next chunk to fetch, and its chunk within
+    auto load_params = [&](u16& s, u16& z) {
+        s = dq_row_ok ? scale[params_row + params_group] : (u16)0;
+        z = dq_row_ok ? zero[params_row + params_group] : (u16)0;
+        if (++params_chunk == chunks_per_group) {
+            params_chunk = 0;
+            ++params_group;
+        }
     };
 
     auto dequantize = [&](int stage, u16 s, u16 z) {
@@ -169,11 +205,15 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
         GroupAffine ga = group_affine(s, z, level);
         if (gains != nullptr) ga = fold_row_gain(ga, s, z, dq_gain);
         u32 codes[4] = {0u, 0u, 0u, 0u};
-        for (int e = 0; e < level; ++e) {
-            const u32 hi = sm.planes[stage][2 * e][r];
-            const u32 lo = sm.planes[stage][2 * e + 1][r];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) codes[q] = append_slice(codes[q], hi, lo, 4 * h + q);
+        for (int e = 0; e < MAX_SLICES; ++e) {
+            if (e < level) {
+                // The thread's columns start at 4h: shifting the plane words once leaves constant shifts below.
+                const u32 hi = sm.planes[stage][2 * e][r] >> (4 * h);
+                const u32 lo = sm.planes[stage][2 * e + 1][r] >> (4 * h);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) codes[q] = append_slice(codes[q], hi, lo, q);
+            }
         }
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
@@ -204,12 +244,12 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     }
 
     u16 s_next, z_next;
-    load_params(0, s_next, z_next);
+    load_params(s_next, z_next);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int stage = chunk % STAGES;
         const u16 s_cur = s_next, z_cur = z_next;
-        if (chunk + 1 < chunks) load_params(chunk + 1, s_next, z_next);
+        if (chunk + 1 < chunks) load_params(s_next, z_next);
         cp_async_wait<STAGES - 2>();
         // After this barrier chunk `chunk` is in shared memory for every thread, and every warp has
         // finished the mma of the previous chunk, so its stage and the weight tile may be overwritten.

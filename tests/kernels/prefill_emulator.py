@@ -26,6 +26,9 @@ from tests.kernels.dequant_emulator import append_slice, byte_to_float, fold_row
 
 # prefill.cu's compile-time constants.
 BM, BN, BK, STAGES, THREADS, SROW, MAX_PLANES = 128, 128, 32, 3, 256, 40, 8
+X_COPIES_PER_ROW = BK // 8
+X_COPIES_PER_THREAD = BM * X_COPIES_PER_ROW // THREADS
+PLANES_PER_THREAD_STEP = THREADS // BN
 WARPS = THREADS // LANES
 # PrefillSmem in 32-bit words: u16 x[STAGES][BM][SROW], u32 planes[STAGES][MAX_PLANES][BN], u16 w[BN][SROW],
 # int token[BM].
@@ -208,7 +211,6 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
     n0 = column_block * BN
     words = in_features // 32
     groups = in_features // launch.group_size
-    nplanes = 2 * level
     chunks = in_features // BK
 
     fill = tid[tid < BM]
@@ -218,26 +220,32 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
     shared.store(TOKEN_WORD + fill, token.astype(np.int32).view(np.uint32), fill)
     shared.barrier()
 
+    # Each thread's share of a stage, fixed for the kernel: x rows tid / 4 + 64 j (j < 2) at columns
+    # 8 (tid % 4); planes tid / 128 + 2 j (j < level) of row tid % 128.
+    x_part = tid % X_COPIES_PER_ROW
+    x_rows = [tid // X_COPIES_PER_ROW + j * (THREADS // X_COPIES_PER_ROW) for j in range(X_COPIES_PER_THREAD)]
+    x_tokens = [shared.load(TOKEN_WORD + r, tid).view(np.int32).astype(np.int64) for r in x_rows]
+    plane_row = tid % BN
+    plane_row_ok = n0 + plane_row < out_features
+
     def load_stage(stage: int, chunk: int) -> None:
-        i = np.arange(BM * (BK // 8))
-        thread, r, part = i % THREADS, i // (BK // 8), i % (BK // 8)
-        tokens = shared.load(TOKEN_WORD + r, thread).view(np.int32).astype(np.int64)
-        present = tokens >= 0
-        halves = np.zeros((8, i.size), dtype=np.uint32)  # src_bytes = 0 zero-fills
-        halves[:, present] = global_load(launch.x, tokens[present] * in_features + chunk * BK + part[present] * 8,
-                                         8, "x")  # fmt: skip
-        element = (stage * BM + r) * SROW + part * 8
-        if ((X_WORD * 4 + element * 2) % 16).any():
-            raise EmulatorError("cp.async 16: shared destination misaligned")
-        data = halves[0::2] | (halves[1::2] << 16)
-        shared.copy_async(element // 2 + X_WORD + np.arange(4)[:, None], data, thread)
-        i = np.arange(nplanes * BN)
-        thread, p, r = i % THREADS, i // BN, i % BN
-        row = n0 + r
-        ok = row < out_features
-        value = np.zeros(i.size, dtype=np.uint32)
-        value[ok] = global_load(launch.planes, (p[ok] * out_features + row[ok]) * words + chunk, 1, "planes")[0]
-        shared.copy_async(PLANES_WORD + (stage * MAX_PLANES + p) * BN + r, value, thread)
+        for r, tokens in zip(x_rows, x_tokens, strict=True):
+            present = tokens >= 0
+            halves = np.zeros((8, THREADS), dtype=np.uint32)  # src_bytes = 0 zero-fills
+            at = tokens[present] * in_features + x_part[present] * 8 + chunk * BK
+            halves[:, present] = global_load(launch.x, at, 8, "x")
+            element = (stage * BM + r) * SROW + x_part * 8
+            if ((X_WORD * 4 + element * 2) % 16).any():
+                raise EmulatorError("cp.async 16: shared destination misaligned")
+            data = halves[0::2] | (halves[1::2] << 16)
+            shared.copy_async(element // 2 + X_WORD + np.arange(4)[:, None], data, tid)
+        for j in range(level):
+            plane = PLANES_PER_THREAD_STEP * j + tid // BN
+            ok = plane_row_ok
+            value = np.zeros(THREADS, dtype=np.uint32)
+            at = (plane[ok] * out_features + n0 + plane_row[ok]) * words + chunk
+            value[ok] = global_load(launch.planes, at, 1, "planes")[0]
+            shared.copy_async(PLANES_WORD + (stage * MAX_PLANES + plane) * BN + plane_row, value, tid)
 
     # Thread tid rebuilds columns {4h..4h+3} + {0, 8, 16, 24} of row tid / 2, h = tid % 2.
     dq_r, dq_h = tid // 2, tid % 2
@@ -249,11 +257,18 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
         at = gain_level * out_features + dq_row[dq_ok]
         gain[dq_ok] = to_float(global_load(launch.gains, at, 1, "gains")[0], "float16")
 
-    def load_params(chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    # The parameters of the next chunk to fetch: a group spans group_size / BK chunks.
+    chunks_per_group = launch.group_size // BK
+    params = {"group": 0, "chunk": 0}
+
+    def load_params() -> tuple[np.ndarray, np.ndarray]:
         s, z = np.zeros(THREADS, dtype=np.uint32), np.zeros(THREADS, dtype=np.uint32)
-        at = dq_row[dq_ok] * groups + chunk * BK // launch.group_size
+        at = dq_row[dq_ok] * groups + params["group"]
         s[dq_ok] = global_load(launch.scale, at, 1, "scale")[0]
         z[dq_ok] = global_load(launch.zero, at, 1, "zero")[0]
+        params["chunk"] += 1
+        if params["chunk"] == chunks_per_group:
+            params["chunk"], params["group"] = 0, params["group"] + 1
         return s, z
 
     def dequantize(stage: int, s: np.ndarray, z: np.ndarray) -> None:
@@ -271,10 +286,11 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
         read_stage = (stage + 1) % STAGES if "stage_of_next_chunk" in launch.bugs else stage
         codes = [np.zeros(busy.size, dtype=np.uint64) for _ in range(4)]
         for e in range(level):
-            high = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e) * BN + dq_r[busy], busy)
-            low = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e + 1) * BN + dq_r[busy], busy)
+            columns = (4 * dq_h[busy]).astype(np.uint32)  # the plane words shifted once to the thread's columns
+            high = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e) * BN + dq_r[busy], busy) >> columns
+            low = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e + 1) * BN + dq_r[busy], busy) >> columns
             for q in range(4):
-                codes[q] = append_slice(codes[q], high, low, 4 * dq_h[busy] + q)
+                codes[q] = append_slice(codes[q], high, low, q)
         packed = np.zeros((busy.size, 2, 4), dtype=np.uint32)
         for b_ in range(4):
             for pair in range(2):
@@ -309,12 +325,12 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
         if stage < chunks:
             load_stage(stage, stage)
         shared.commit()
-    s_next, z_next = load_params(0)
+    s_next, z_next = load_params()
     for chunk in range(chunks):
         stage = chunk % STAGES
         s_cur, z_cur = s_next, z_next
         if chunk + 1 < chunks:
-            s_next, z_next = load_params(chunk + 1)
+            s_next, z_next = load_params()
         shared.wait(STAGES - 1 if "wait_one_short" in launch.bugs else STAGES - 2)
         if "no_refill_barrier" not in launch.bugs:
             shared.barrier()
