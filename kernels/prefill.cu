@@ -49,6 +49,9 @@
 #define X_COPIES_PER_ROW (BK / 8)                                       // 16-byte copies per x row and chunk
 #define X_COPIES_PER_THREAD (BM * X_COPIES_PER_ROW / PREFILL_THREADS)  // 2
 #define PLANES_PER_THREAD_STEP (PREFILL_THREADS / BN)                   // 2: threads cover two planes at once
+#define X_STAGE_BYTES (BM * SROW * 2)
+#define X_COPY_ROWS_BYTES (PREFILL_THREADS / X_COPIES_PER_ROW * SROW * 2)  // from one x copy of a thread to the next
+#define PLANES_STAGE_BYTES (MAX_PLANES * BN * 4)
 
 struct PrefillSmem {
     u16 x[STAGES][BM][SROW];
@@ -65,15 +68,15 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
     return address;
 }
 
+// Shared-memory operands are 32-bit shared-window addresses, computed once per thread (shared_address) and
+// stepped with 32-bit adds: a generic pointer would cost a 64-bit computation and a conversion per use.
 // 16-byte asynchronous copy; src_bytes = 0 zero-fills the destination without reading `src`.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(src_bytes));
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(src_bytes));
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
@@ -83,10 +86,10 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_address(p)));
+                 : "r"(address));
 }
 
 // The tile row of thread tid's j-th x copy.
@@ -156,16 +159,22 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     const int plane_chunk_step = plane_row_ok ? 1 : 0;
     const int plane_bytes = plane_row_ok ? 4 : 0;
 
+    const u32 x_dst = shared_address(&sm.x[0][x_row(tid, 0)][x_part * 8]);
+    const u32 plane_dst = shared_address(&sm.planes[0][tid / BN][plane_row]);
     auto load_stage = [&](int stage, int chunk) {
 #pragma unroll
-        for (int j = 0; j < X_COPIES_PER_THREAD; ++j)
-            cp_async16(&sm.x[stage][x_row(tid, j)][x_part * 8], x_src[j] + chunk * x_step[j], x_bytes[j]);
+        for (int j = 0; j < X_COPIES_PER_THREAD; ++j) {
+            cp_async16(x_dst + stage * X_STAGE_BYTES + j * X_COPY_ROWS_BYTES, x_src[j] + chunk * x_step[j],
+                       x_bytes[j]);
+        }
         const u32* src = plane_src + chunk * plane_chunk_step;
+        u32 dst = plane_dst + stage * PLANES_STAGE_BYTES;
 #pragma unroll
         for (int j = 0; j < MAX_SLICES; ++j) {
             if (j < level) {
-                cp_async4(&sm.planes[stage][PLANES_PER_THREAD_STEP * j + tid / BN][plane_row], src, plane_bytes);
+                cp_async4(dst, src, plane_bytes);  // planes[stage][PLANES_PER_THREAD_STEP * j + tid / BN][plane_row]
                 src += plane_step;
+                dst += PLANES_PER_THREAD_STEP * BN * 4;
             }
         }
     };
@@ -228,6 +237,9 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
 
     const int warp_m = warp / 4;  // 64-token slice of the tile
     const int warp_n = warp % 4;  // 32-output slice of the tile
+    // This lane's ldmatrix rows at stage 0 and kk = 0 (see the loads below).
+    const u32 a_rows = shared_address(&sm.x[0][warp_m * 64 + lane % 16][(lane / 16) * 8]);
+    const u32 b_rows = shared_address(&sm.w[warp_n * 32 + lane % 8 + (lane / 16) * 8][((lane / 8) % 2) * 8]);
     float acc[4][4][4];
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
@@ -260,17 +272,19 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
         dequantize(stage, s_cur, z_cur);
         __syncthreads();
 
+        const u32 a_stage = a_rows + stage * X_STAGE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             u32 a[4][4];
 #pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                ldmatrix_x4(a[mi], &sm.x[stage][warp_m * 64 + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
+            for (int mi = 0; mi < 4; ++mi)  // sm.x[stage][warp_m * 64 + mi * 16 + lane % 16][kk + (lane / 16) * 8]
+                ldmatrix_x4(a[mi], a_stage + (mi * 16 * SROW + kk) * 2);
             u32 b[4][2];
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
                 u32 t[4];
-                ldmatrix_x4(t, &sm.w[warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8][kk + ((lane / 8) % 2) * 8]);
+                // sm.w[warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8][kk + ((lane / 8) % 2) * 8]
+                ldmatrix_x4(t, b_rows + (nj * 16 * SROW + kk) * 2);
                 b[2 * nj][0] = t[0];
                 b[2 * nj][1] = t[1];
                 b[2 * nj + 1][0] = t[2];

@@ -30,6 +30,9 @@ X_COPIES_PER_ROW = BK // 8
 X_COPIES_PER_THREAD = BM * X_COPIES_PER_ROW // THREADS
 PLANES_PER_THREAD_STEP = THREADS // BN
 WARPS = THREADS // LANES
+X_STAGE_BYTES = BM * SROW * 2
+X_COPY_ROWS_BYTES = THREADS // X_COPIES_PER_ROW * SROW * 2
+PLANES_STAGE_BYTES = MAX_PLANES * BN * 4
 # PrefillSmem in 32-bit words: u16 x[STAGES][BM][SROW], u32 planes[STAGES][MAX_PLANES][BN], u16 w[BN][SROW],
 # int token[BM].
 X_WORD = 0
@@ -153,13 +156,13 @@ def global_load(array: np.ndarray, index: np.ndarray, count: int, name: str) -> 
     return np.stack([array[index + j] for j in range(count)])
 
 
-def ldmatrix_x4(shared: SharedWords, element: np.ndarray, thread: np.ndarray) -> list[np.ndarray]:
-    """ldmatrix.m8n8.x4.b16: lanes 8j..8j+7 give the rows of matrix j (16-byte rows at 16-bit ``element``
-    offsets); register j of lane l holds matrix j's row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1."""
-    if ((element * 2) % 16).any():
+def ldmatrix_x4(shared: SharedWords, address: np.ndarray, thread: np.ndarray) -> list[np.ndarray]:
+    """ldmatrix.m8n8.x4.b16: lanes 8j..8j+7 give the rows of matrix j (16-byte rows at shared byte
+    ``address``es); register j of lane l holds matrix j's row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1."""
+    if (address % 16).any():
         raise EmulatorError("ldmatrix: row address not 16-byte aligned")
     lane = np.arange(LANES)
-    row_word = element // 2
+    row_word = address // 4
     words = np.stack([row_word[8 * j + lane // 4] + lane % 4 for j in range(4)])
     return list(shared.load(words, thread))
 
@@ -228,24 +231,31 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
     plane_row = tid % BN
     plane_row_ok = n0 + plane_row < out_features
 
+    # Shared byte addresses, as the source computes them: &sm.x[0][x_row(tid, 0)][x_part * 8] and
+    # &sm.planes[0][tid / BN][plane_row], stepped by constants.
+    x_dst = X_WORD * 4 + (x_rows[0] * SROW + x_part * 8) * 2
+    plane_dst = PLANES_WORD * 4 + ((tid // BN) * BN + plane_row) * 4
+
     def load_stage(stage: int, chunk: int) -> None:
-        for r, tokens in zip(x_rows, x_tokens, strict=True):
+        for j, tokens in enumerate(x_tokens):
             present = tokens >= 0
             halves = np.zeros((8, THREADS), dtype=np.uint32)  # src_bytes = 0 zero-fills
             at = tokens[present] * in_features + x_part[present] * 8 + chunk * BK
             halves[:, present] = global_load(launch.x, at, 8, "x")
-            element = (stage * BM + r) * SROW + x_part * 8
-            if ((X_WORD * 4 + element * 2) % 16).any():
+            dst = x_dst + stage * X_STAGE_BYTES + j * X_COPY_ROWS_BYTES
+            if (dst % 16).any():
                 raise EmulatorError("cp.async 16: shared destination misaligned")
             data = halves[0::2] | (halves[1::2] << 16)
-            shared.copy_async(element // 2 + X_WORD + np.arange(4)[:, None], data, tid)
+            shared.copy_async(dst // 4 + np.arange(4)[:, None], data, tid)
+        dst = plane_dst + stage * PLANES_STAGE_BYTES
         for j in range(level):
             plane = PLANES_PER_THREAD_STEP * j + tid // BN
             ok = plane_row_ok
             value = np.zeros(THREADS, dtype=np.uint32)
             at = (plane[ok] * out_features + n0 + plane_row[ok]) * words + chunk
             value[ok] = global_load(launch.planes, at, 1, "planes")[0]
-            shared.copy_async(PLANES_WORD + (stage * MAX_PLANES + plane) * BN + plane_row, value, tid)
+            shared.copy_async(dst // 4, value, tid)
+            dst = dst + PLANES_PER_THREAD_STEP * BN * 4
 
     # Thread tid rebuilds columns {4h..4h+3} + {0, 8, 16, 24} of row tid / 2, h = tid % 2.
     dq_r, dq_h = tid // 2, tid % 2
@@ -306,13 +316,15 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
     def warp_products(stage: int) -> None:
         for w in range(WARPS):
             thread = w * LANES + lane
+            # This lane's ldmatrix rows at stage 0 and kk = 0, as shared byte addresses.
+            a_rows = X_WORD * 4 + ((warp_m[w] * 64 + lane % 16) * SROW + (lane // 16) * 8) * 2
+            b_rows = W_WORD * 4 + ((warp_n[w] * 32 + lane % 8 + (lane // 16) * 8) * SROW + ((lane // 8) % 2) * 8) * 2
+            a_stage = a_rows + stage * X_STAGE_BYTES
             for kk in (0, 16):
-                a = [ldmatrix_x4(shared, (stage * BM + warp_m[w] * 64 + mi * 16 + lane % 16) * SROW + kk
-                                 + (lane // 16) * 8, thread) for mi in range(4)]  # fmt: skip
+                a = [ldmatrix_x4(shared, a_stage + (mi * 16 * SROW + kk) * 2, thread) for mi in range(4)]
                 b = []
                 for nj in range(2):
-                    row = warp_n[w] * 32 + nj * 16 + lane % 8 + (lane // 16) * 8
-                    t = ldmatrix_x4(shared, W_WORD * 2 + row * SROW + kk + ((lane // 8) % 2) * 8, thread)
+                    t = ldmatrix_x4(shared, b_rows + (nj * 16 * SROW + kk) * 2, thread)
                     halves = [(t[1], t[0]), (t[3], t[2])] if "b_halves_swapped" in launch.bugs else \
                         [(t[0], t[1]), (t[2], t[3])]  # fmt: skip
                     b += halves

@@ -97,3 +97,21 @@ def test_shipped_kernels_do_not_spill() -> None:
             resources = kernel_sass.ptxas_resources(result.log, arch)
             assert set(resources) == set(_compile.MODULES[module][1])
             assert all(spills == 0 for _, spills in resources.values()), resources
+
+
+# The grouped GEMM issues 256 mma.m16n8k16 per 32-column chunk and block (about 512 tensor-core cycles of an
+# H100 multiprocessor); its 8 warps' loop instructions at 4 per cycle must stay within 1.5x of that, with two
+# blocks per multiprocessor (at most 128 registers) and no spills (docs/kernels.md).
+PREFILL_LOOP_BUDGET = int(1.5 * 512 * 4 / 8)
+
+
+def test_prefill_loop_stays_within_its_issue_budget_at_sm90() -> None:
+    try:
+        kernel_sass.tool_path("nvdisasm")
+    except FileNotFoundError as exc:
+        pytest.skip(f"nvdisasm is not installed ({exc})")
+    for instance in kernel_sass.instances():
+        if instance.module == "prefill":
+            row = kernel_sass.measure(instance, "sm_90")
+            assert row["loop_instructions"] <= PREFILL_LOOP_BUDGET and row["registers"] <= 128, row
+            assert row["spills"] == 0, row
