@@ -154,7 +154,8 @@ __device__ __forceinline__ void prefill_impl(const u16* __restrict__ x, const u3
     }
     const int plane_row = tid % BN;
     const bool plane_row_ok = n0 + plane_row < out_features;
-    const u32* plane_src = plane_row_ok ? planes + ((size_t)(tid / BN) * out_features + n0 + plane_row) * words : planes;
+    const u32* plane_src =
+        plane_row_ok ? planes + ((size_t)(tid / BN) * out_features + n0 + plane_row) * words : planes;
     const size_t plane_step = plane_row_ok ? (size_t)PLANES_PER_THREAD_STEP * out_features * words : 0;
     const int plane_chunk_step = plane_row_ok ? 1 : 0;
     const int plane_bytes = plane_row_ok ? 4 : 0;
