@@ -159,6 +159,11 @@ class Output:
     data: np.ndarray  # uint16 bits, poisoned with NaN
     writes: np.ndarray
 
+    def result(self, dtype: str, tokens: int, out_features: int) -> tuple[torch.Tensor, np.ndarray]:
+        """y [tokens, out] as float64 and how often each element was written."""
+        values = to_float(self.data, dtype).reshape(tokens, out_features)
+        return torch.from_numpy(values), self.writes.reshape(tokens, out_features)
+
     def store(self, index: int, bits: int) -> None:
         if not 0 <= index < self.data.size:
             raise EmulatorError(f"y: store at {index} outside [0, {self.data.size})")
@@ -435,8 +440,7 @@ def run_decode_kernel(
     )
     for block in range(grid):
         decode_block(launch, block)
-    values = to_float(launch.y.data, dtype).reshape(tokens, out_features)
-    return torch.from_numpy(values), launch.y.writes.reshape(tokens, out_features)
+    return launch.y.result(dtype, tokens, out_features)
 
 
 def emulate_decode(

@@ -438,8 +438,7 @@ def run_prefill_kernel(
     for tile in range(grid[1]):
         for column_block in range(grid[0]):
             prefill_block(launch, column_block, tile)
-    values = to_float(launch.y.data, dtype).reshape(tokens, out_features)
-    return torch.from_numpy(values), launch.y.writes.reshape(tokens, out_features)
+    return launch.y.result(dtype, tokens, out_features)
 
 
 def emulate_prefill(
