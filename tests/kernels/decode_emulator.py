@@ -398,8 +398,9 @@ def decode_block(launch: Launch, block: int) -> None:
             launch.y.store(token * launch.out_features + row, int(from_float(np.float64(total), launch.dtype)))
 
 
-def u32(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.contiguous().view(-1).numpy().view(np.uint32).copy()
+def bits(tensor: torch.Tensor, dtype: type[np.generic]) -> np.ndarray:
+    """A copy of a tensor's raw bits as a flat numpy array of ``dtype`` (same item size)."""
+    return tensor.contiguous().view(-1).numpy().view(dtype).copy()
 
 
 def run_decode_kernel(
@@ -427,9 +428,9 @@ def run_decode_kernel(
         dtype=dtype,
         token_tiles=token_tiles,
         span_affine=span_affine,
-        x=GlobalArray("x", x.contiguous().view(torch.int16).view(-1).numpy().view(np.uint16).copy()),
-        packed=GlobalArray("packed", u32(packed)),
-        affine=GlobalArray("affine", u32(affine)),
+        x=GlobalArray("x", bits(x.view(torch.int16), np.uint16)),
+        packed=GlobalArray("packed", bits(packed, np.uint32)),
+        affine=GlobalArray("affine", bits(affine, np.uint32)),
         slices=slices.numpy().astype(np.int64),
         y=Output(np.full(tokens * out_features, poison, dtype=np.uint32), np.zeros(tokens * out_features, dtype=int)),
         tokens=tokens,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mobiquant.kernels import _launch
-from tests.kernels.decode_emulator import LANES, EmulatorError, Output, from_float, mma_m16n8k16, to_float
+from tests.kernels.decode_emulator import LANES, EmulatorError, Output, bits, from_float, mma_m16n8k16, pack2, to_float
 from tests.kernels.dequant_emulator import append_slice, byte_to_float, fold_row_gain, fp32, group_affine
 
 # prefill.cu's compile-time constants.
@@ -185,11 +185,6 @@ class Launch:
     bugs: frozenset[str]
 
 
-def pack(low: np.ndarray, high: np.ndarray, dtype: str) -> np.ndarray:
-    """T::pack: two fp32 values rounded to 16 bits, the first in the low half."""
-    return from_float(low, dtype) | (from_float(high, dtype) << 16)
-
-
 def find_tile(launch: Launch, tile: int) -> tuple[int, int, int]:
     """The block's precision group (level), first position in ``order`` and token count; level 0: no tile."""
     offsets = global_load(launch.offsets, np.arange(launch.num_slices + 1), 1, "offsets")[0].astype(np.int64)
@@ -250,10 +245,9 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
         dst = plane_dst + stage * PLANES_STAGE_BYTES
         for j in range(level):
             plane = PLANES_PER_THREAD_STEP * j + tid // BN
-            ok = plane_row_ok
             value = np.zeros(THREADS, dtype=np.uint32)
-            at = (plane[ok] * out_features + n0 + plane_row[ok]) * words + chunk
-            value[ok] = global_load(launch.planes, at, 1, "planes")[0]
+            at = (plane[plane_row_ok] * out_features + n0 + plane_row[plane_row_ok]) * words + chunk
+            value[plane_row_ok] = global_load(launch.planes, at, 1, "planes")[0]
             shared.copy_async(dst // 4, value, tid)
             dst = dst + PLANES_PER_THREAD_STEP * BN * 4
 
@@ -295,8 +289,8 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
             a, b = fold_row_gain(a, b, s[dq_ok], z[dq_ok], gain[dq_ok])
         read_stage = (stage + 1) % STAGES if "stage_of_next_chunk" in launch.bugs else stage
         codes = [np.zeros(busy.size, dtype=np.uint64) for _ in range(4)]
+        columns = (4 * dq_h[busy]).astype(np.uint32)  # the plane words shifted once to the thread's columns
         for e in range(level):
-            columns = (4 * dq_h[busy]).astype(np.uint32)  # the plane words shifted once to the thread's columns
             high = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e) * BN + dq_r[busy], busy) >> columns
             low = shared.load(PLANES_WORD + (read_stage * MAX_PLANES + 2 * e + 1) * BN + dq_r[busy], busy) >> columns
             for q in range(4):
@@ -306,7 +300,7 @@ def prefill_block(launch: Launch, column_block: int, tile: int) -> None:
             for pair in range(2):
                 w0 = fp32(byte_to_float(codes[2 * pair], b_) * a + b)  # fmaf: one rounding
                 w1 = fp32(byte_to_float(codes[2 * pair + 1], b_) * a + b)
-                packed[:, pair, b_] = pack(w0, w1, dtype)
+                packed[:, pair, b_] = pack2(w0, w1, dtype)  # T::pack
         shared.store(address[dq_ok], packed, thread[dq_ok])
 
     warp_m, warp_n = np.arange(WARPS) // 4, np.arange(WARPS) % 4
@@ -390,10 +384,6 @@ def store_pairs(launch: Launch, token: np.ndarray, col: np.ndarray, first: np.nd
     if (y.writes[index] > 1).any():
         raise EmulatorError(f"y: element {index[y.writes[index] > 1][0]} written twice")
     y.data[index] = from_float(values, launch.dtype)
-
-
-def bits(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    return tensor.contiguous().view(-1).numpy().view(dtype).copy()
 
 
 def run_prefill_kernel(
