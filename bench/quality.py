@@ -50,6 +50,8 @@ from mobiquant.arch import Architecture, architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
 from mobiquant.calibration.capture import block_outputs
 from mobiquant.calibration.config import linear_weight_tuples
+from mobiquant.calibration.saliency import token_weights
+from mobiquant.calibration.store import read_manifest
 from mobiquant.cli import linear_weights_arg
 from mobiquant.clip_search import input_hessians, search_clipping
 from mobiquant.data import calibration_samples, evaluation_tokens, token_windows
@@ -160,15 +162,19 @@ def hqq_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
     return Quantizer.dequantize(quantized, meta).reshape(weight.shape).float()
 
 
-def sequential_peer(base: nn.Module, arch: Architecture, samples: torch.Tensor,
-                    quantizer_of: QuantizerOf) -> dict[str, nn.Module]:
-    """Dense models with every quantized linear replaced, block by block, on the quantized blocks' outputs."""
+def sequential_peer(base: nn.Module, arch: Architecture, samples: torch.Tensor, quantizer_of: QuantizerOf,
+                    token_weights_of: Callable[[int], dict[str, torch.Tensor]] | None = None) -> dict[str, nn.Module]:
+    """Dense models with every quantized linear replaced, block by block, on the quantized blocks' outputs.
+
+    ``token_weights_of(block)``: the tokens' weights in each linear's Hessian (default: GPTQ's ``X^T X``).
+    """
     models: dict[str, nn.Module] = {}
     hidden, block_kwargs = first_block_inputs(base, arch, samples)
     for index, block in enumerate(arch.block_list(base)):
         linears = arch.quantized_linears(block)
         hessians, _ = input_hessians(linears, functools.partial(block_outputs, block, hidden, block_kwargs, 4,
-                                                                torch.float32))
+                                                                torch.float32),
+                                     None if token_weights_of is None else token_weights_of(index))
         for name, linear in linears.items():
             for variant, weight in quantizer_of(index, name)(linear.weight.detach(), hessians[name]).items():
                 if variant not in models:
@@ -275,6 +281,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         options["damp"] = args.damp
     if args.gain_aware_passes is not None:
         options["gain_aware_passes"] = args.gain_aware_passes
+    if args.uniform_hessians:
+        options["loss_weighted_hessians"] = False
     if args.clip_weights:
         options["clip_search_weights"] = tuple(args.clip_weights)
     for option, given in (("module_precision_weights", args.module_precision_weights),
@@ -289,7 +297,12 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         layer.cache_dense = True  # one dense W_k per slice count in use: the evaluation's speed, not its result
     # Each block records its own calibration time, so a resumed run still reports what calibration costs.
     block_seconds = [read_result_report(path)["seconds"] for path in sorted((work_dir / "blocks").glob("block_*"))]
-    timings["elastic"] = {"minutes": sum(block_seconds) / 60, "minutes_per_block": statistics.mean(block_seconds) / 60,
+    # The loss saliencies' backward walk runs once per capture: its share is spread over the blocks.
+    saliency_seconds = read_manifest(work_dir / "capture").get("saliency_seconds", 0.0)
+    timings["elastic"] = {"minutes": (sum(block_seconds) + saliency_seconds) / 60,
+                          "minutes_per_block": (statistics.mean(block_seconds) + saliency_seconds / len(block_seconds))
+                          / 60,
+                          "saliency_minutes": saliency_seconds / 60,
                           "this_run_minutes": (time.perf_counter() - started) / 60}
     for k in range(1, config.num_slices + 1):
         set_precision(elastic, slices=k)
@@ -328,6 +341,11 @@ def main() -> None:
                         "(default: the config's)")
     parser.add_argument("--gain-aware-passes", type=int,
                         help="passes choosing the elastic codes again for their row gains (default: the config's)")
+    parser.add_argument("--uniform-hessians", action="store_true",
+                        help="elastic codes on GPTQ's X^T X, every calibration token alike (default: loss-weighted)")
+    parser.add_argument("--loss-weighted-peer", action="store_true",
+                        help="also clip-searched GPTQ-4 on the elastic run's loss-weighted Hessians (the same "
+                        "objective as the checkpoint's codes, one precision weighted)")
     parser.add_argument("--mode", choices=("parallel", "sequential"), default="sequential",
                         help="block inputs of the elastic calibration (default: sequential, the GPTQ peers' protocol)")
     parser.add_argument("--elastic-only", action="store_true",
@@ -389,6 +407,13 @@ def main() -> None:
                            args.seed, "python docs after the evaluated windows")
     elastic_config = run_elastic(args, base, samples, timings, record, served)
     report["config"] = elastic_config.to_dict()
+    if args.loss_weighted_peer:
+        capture_dir = args.work_dir / f"elastic-{elastic_config.digest()}" / "capture"
+        quantizer = clip_search_gptq(4, args.group_size, elastic_config.damp)
+        models = sequential_peer(base, arch, samples, lambda _index, _name: quantizer,
+                                 functools.partial(token_weights, capture_dir))
+        record("GPTQ-4, clip search, loss-weighted Hessians", f"W4g{args.group_size}", models[""], 4.0)
+        del models
     if args.elastic_only:
         save()
         return

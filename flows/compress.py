@@ -204,6 +204,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         clip_search_weights=None if clip is None else precision_weight_tuple(clip, params.num_slices),
         module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
         module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
+        loss_weighted_hessians=params.loss_weighted_hessians,
         **damp,
     ).to_dict()
 
@@ -237,6 +238,7 @@ def compress(
     module_precision_weights: dict[str, dict[int, float]] | None = None,
     module_clip_search_weights: dict[str, dict[int, float]] | None = None,
     damp: float | None = None,
+    loss_weighted_hessians: bool = True,
     seed: int = 0,
     budgets: list[float] | None = None,
     eval_seqlen: int = 256,

@@ -145,6 +145,9 @@ class CompressParams(BaseModel):
     damp: float | None = Field(
         None, gt=0, le=10, description="GPTQ dampening of the compensated codes, times mean(diag H) (default: config)"
     )
+    loss_weighted_hessians: bool = Field(
+        True, description="weigh calibration tokens in the Hessians by their loss saliency (False: GPTQ's X^T X)"
+    )
     seed: int = 0
     budgets: list[float] = Field(default_factory=lambda: [2.5, 3.0, 4.0, 6.0])
     eval_seqlen: int = Field(256, ge=8, le=32768)

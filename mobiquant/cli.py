@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPTQ dampening of the error-compensated codes, as a fraction of the Hessian's mean diagonal "
         "(default: 0.1)",
     )
+    quantize.add_argument(
+        "--uniform-hessians", action="store_true",
+        help="weigh every calibration token alike in the Hessians (GPTQ's X^T X) instead of by its loss "
+        "saliency, the squared loss gradient at each linear's outputs (default: loss-weighted)",
+    )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
     quantize.add_argument(
         "--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
@@ -329,6 +334,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["epochs_stage1"], options["epochs_stage2"] = args.epochs
     if args.damp is not None:
         options["damp"] = args.damp
+    if args.uniform_hessians:
+        options["loss_weighted_hessians"] = False
     num_slices = options.get("num_slices", 4)
     if args.precision_weights is not None:
         options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)

@@ -113,15 +113,30 @@ def clip_logit(factor: torch.Tensor) -> torch.Tensor:
 
 
 def input_hessians(
-    modules: Mapping[str, torch.nn.Module], run: Callable[[], torch.Tensor]
+    modules: Mapping[str, torch.nn.Module],
+    run: Callable[[], torch.Tensor],
+    token_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``X^T X`` (float64 sums) of the inputs each module sees while ``run()`` executes, and its result."""
+    """``X^T X`` (float64 sums) of the inputs each module sees while ``run()`` executes, and its result.
+
+    With ``token_weights`` (per module, one weight per input row in the order ``run`` feeds them) the sums
+    are ``X^T diag(w) X``; every module named there must see exactly that many rows.
+    """
     sums: dict[str, torch.Tensor] = {}
+    rows_seen: dict[str, int] = dict.fromkeys(modules, 0)
 
     def accumulate(name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            product = x.T @ x
+            start = rows_seen[name]
+            rows_seen[name] = start + len(x)
+            weighted = x
+            if token_weights is not None and name in token_weights:
+                weights = token_weights[name][start : start + len(x)]
+                if len(weights) != len(x):
+                    raise ValueError(f"{name} saw more input rows than its {len(token_weights[name])} token weights")
+                weighted = x * weights.to(device=x.device, dtype=x.dtype).unsqueeze(1)
+            product = weighted.T @ x
             sums[name] = sums[name] + product if name in sums else product
 
         return hook
@@ -135,5 +150,9 @@ def input_hessians(
     missing = set(modules) - set(sums)
     if missing:
         raise RuntimeError(f"no calibration input reached {sorted(missing)}")
+    weighted = token_weights or {}
+    short = sorted(name for name in weighted if name in modules and rows_seen[name] != len(weighted[name]))
+    if short:
+        raise ValueError(f"{short} saw fewer input rows than their token weights")
     return sums, result
 

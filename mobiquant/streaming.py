@@ -85,6 +85,13 @@ def logits_from_last_hidden(
     stem: nn.Module, arch: Architecture, row: torch.Tensor, last_hidden: torch.Tensor, returns_tuple: bool
 ) -> torch.Tensor:
     """The model's logits for ``row`` (``[seqlen]``) given the last block's output ``last_hidden``."""
+    return head_logits(stem, arch, row, last_hidden, returns_tuple)
+
+
+def head_logits(
+    stem: nn.Module, arch: Architecture, row: torch.Tensor, last_hidden: torch.Tensor, returns_tuple: bool
+) -> torch.Tensor:
+    """:func:`logits_from_last_hidden` differentiable in ``last_hidden`` (the model's final norm and head)."""
     blocks = arch.block_list(stem)
     dtype = next(p.dtype for p in stem.parameters() if p.device.type != "meta")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,10 +108,13 @@ def calibrate_block(
     block_index: int = 0,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
+    token_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> BlockResult:
     """Calibrate one block; ``targets`` default to the full-precision block's outputs on ``inputs``.
 
-    The block's own linears are left untouched; the result holds the quantized state.
+    ``token_weights`` (per linear, one per input token) weigh the tokens in the Hessians of the clip search,
+    the codes and the row gains (:mod:`mobiquant.calibration.saliency`). The block's own linears are left
+    untouched; the result holds the quantized state.
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + block_index)
@@ -128,7 +131,7 @@ def calibrate_block(
             # One pass of the unquantized block gives the clip search and GPTQ their inputs' X^T X (in
             # sequential mode the quantized blocks' outputs) and, in parallel mode, the targets.
             hessians, outputs = input_hessians(
-                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size)
+                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size), token_weights
             )
             targets = outputs.float() if targets is None else targets
         elif targets is None:

@@ -3,24 +3,28 @@
 The stem computes block 0's inputs; then each block is loaded, run over the calibration samples and
 dropped, its outputs being the next block's inputs. Each block's inputs are written as they are known,
 in the source dtype unless asked otherwise, so an interrupted capture resumes from the last written block.
+Then the blocks are walked backwards from the calibration loss for every token's saliency at every linear
+(:mod:`mobiquant.calibration.saliency`), which weighs the tokens in the Hessians.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from mobiquant.calibration.saliency import capture_token_saliency
 from mobiquant.calibration.store import (
     KWARGS_FILE,
     MANIFEST,
     atomic_save,
-    file_metadata,
     fp_input_path,
+    holds_capture,
     load_block_kwargs,
     load_hidden,
     save_block_kwargs,
@@ -28,6 +32,8 @@ from mobiquant.calibration.store import (
 from mobiquant.model_files import BlockSource
 from mobiquant.streaming import first_block_inputs, run_block
 
+# Part of the capture's key: captures of an older format (before the token saliencies) are taken again.
+CAPTURE_FORMAT = "inputs+loss-saliency-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +56,7 @@ def block_outputs(
 
 def capture_key(samples: torch.Tensor, model_key: str, dtype: torch.dtype) -> dict[str, str]:
     return {"samples_sha256": hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest(), "model": model_key,
-            "dtype": dtype_name(dtype)}
+            "dtype": dtype_name(dtype), "format": CAPTURE_FORMAT}
 
 
 def capture_block_inputs(
@@ -65,7 +71,7 @@ def capture_block_inputs(
     batch_size: int = 4,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write every block's full-precision inputs and the block arguments under ``capture_dir``.
+    """Write every block's full-precision inputs, the block arguments and the token saliencies under ``capture_dir``.
 
     Returns the manifest (also written as ``manifest.json``). A finished capture of the same samples, model
     and dtype is reused; an unfinished one resumes after its last written block.
@@ -84,10 +90,10 @@ def capture_block_inputs(
     capture_dir.mkdir(parents=True, exist_ok=True)
     tag = json.dumps(key, sort_keys=True)
     written = 0
-    while written < source.num_blocks and _holds(fp_input_path(capture_dir, written), tag):
+    while written < source.num_blocks and holds_capture(fp_input_path(capture_dir, written), tag):
         written += 1
     kwargs_path = capture_dir / KWARGS_FILE
-    if written == 0 or not _holds(kwargs_path, tag):
+    if written == 0 or not holds_capture(kwargs_path, tag):
         stem = source.stem(device)
         hidden, block_kwargs = first_block_inputs(stem, source.arch, samples, dtype=dtype)
         save_block_kwargs(block_kwargs, kwargs_path, {"capture": tag})
@@ -100,7 +106,7 @@ def capture_block_inputs(
                disable=not progress)
     for index in range(start, source.num_blocks):
         path = fp_input_path(capture_dir, index)
-        if not _holds(path, tag):
+        if not holds_capture(path, tag):
             atomic_save({"hidden": hidden}, path, {"block": str(index), "capture": tag})
         if index + 1 < source.num_blocks:
             block = source.block(index, device)
@@ -108,15 +114,13 @@ def capture_block_inputs(
             del block
         bar.update(1)
     bar.close()
-    files = [fp_input_path(capture_dir, i).name for i in range(source.num_blocks)] + [KWARGS_FILE]
+    started = time.perf_counter()
+    saliencies = capture_token_saliency(source, samples, capture_dir, block_kwargs, tag, device=device,
+                                        batch_size=batch_size, progress=progress)
+    files = [fp_input_path(capture_dir, i).name for i in range(source.num_blocks)] + [KWARGS_FILE, *saliencies]
     manifest = {**key, "num_blocks": source.num_blocks, "shape": list(hidden.shape), "files": files,
-                "provenance": provenance or {}}
+                "saliency_seconds": time.perf_counter() - started, "provenance": provenance or {}}
     partial = manifest_path.with_name(MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=2))
     partial.replace(manifest_path)
     return manifest
-
-
-def _holds(path: Path, tag: str) -> bool:
-    return path.exists() and file_metadata(path).get("capture") == tag
-

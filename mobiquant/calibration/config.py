@@ -19,7 +19,7 @@ SEQUENTIAL_PROPAGATION_SLICES = 2
 RESULT_FORMAT = "mobiquant-block-v1"
 # Part of every resume key: bump it when a change to the algorithm changes calibration results, so that
 # results saved by an older version are recomputed rather than reused.
-ALGORITHM_REVISION = 10
+ALGORITHM_REVISION = 11
 # Router fitting: tokens sampled per layer and full-batch Adam steps (docs/method.md gives the measured
 # gap to the oracle allocation this budget leaves).
 ROUTER_FIT_TOKENS = 2048
@@ -76,6 +76,10 @@ class CalibrationConfig:
     gain_aware_passes: int = 0
     """After the first codes and their gains: passes that choose the codes again for the gained weights
     (``nested_codes(row_gains=...)``) and refit the gains."""
+    loss_weighted_hessians: bool = True
+    """Weigh each calibration token in the Hessians by its saliency, the squared gradient of the calibration
+    loss at the linear's outputs (:mod:`mobiquant.calibration.saliency`); ``False``: every token alike, GPTQ's
+    ``X^T X``."""
     damp: float = DEFAULT_ELASTIC_DAMP
     """GPTQ's dampening: ``damp * mean(diag H)`` added to the Hessian's diagonal before it is inverted. Above
     GPTQ's customary 0.01 by default: nested codes fitted to one corpus's Hessian too closely lose on others

@@ -2,7 +2,8 @@
 
 A run is four steps over files, each resumable:
 
-1. :func:`capture_block_inputs` writes every block's full-precision inputs (one block in memory at a time);
+1. :func:`capture_block_inputs` writes every block's full-precision inputs (one block in memory at a time)
+   and every token's loss saliency at every linear;
 2. :func:`calibrate_one_block` calibrates one block from its captured inputs and saves the result under the
    resume key; in sequential mode it also writes the next block's quantized inputs. The pipeline runs it as
    one task per block, :func:`calibrate_blocks` runs it in a loop;
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from mobiquant.calibration.block import ProgressCallback, calibrate_block, compute_precision, quantized_block
 from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs
 from mobiquant.calibration.config import SEQUENTIAL_PROPAGATION_SLICES, CalibrationConfig, quantization_config
+from mobiquant.calibration.saliency import token_weights
 from mobiquant.calibration.store import (
     KWARGS_FILE,
     atomic_save,
@@ -95,8 +97,9 @@ def calibrate_one_block(
         with compute_precision(config, device):
             targets = block_outputs(block, fp_inputs, block_kwargs, config.batch_size, torch.float32)
     if not cached:
+        weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
         result = calibrate_block(block, inputs, block_kwargs, source.arch, config, targets, index, progress,
-                                 on_progress)
+                                 on_progress, weights)
         save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device))
     if needs_next:
         state = load_block_result(out_path)

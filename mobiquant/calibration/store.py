@@ -56,6 +56,11 @@ def quantized_input_path(capture_dir: Path, index: int, key: str) -> Path:
     return Path(capture_dir) / f"block_{index:04d}.quantized-{key}.safetensors"
 
 
+def holds_capture(path: Path, tag: str) -> bool:
+    """Whether ``path`` exists and was written by the capture ``tag`` names."""
+    return path.exists() and file_metadata(path).get("capture") == tag
+
+
 def load_hidden(path: Path, device: torch.device | str = "cpu") -> torch.Tensor:
     return load_file(str(path), device=str(device))["hidden"]
 

@@ -1,0 +1,164 @@
+"""How much each calibration token's output error at each linear costs the model's loss.
+
+GPTQ and the clip search minimise a linear's output error summed over the calibration tokens, every token
+alike: ``H = X^T X``. The model's loss does not weigh tokens alike. Its second-order estimate for a change
+``dW`` of one linear is ``1/2 sum_t sum_j (dL/dz_tj)^2 (x_t dW^T)_j^2`` (the empirical Fisher diagonal at
+the linear's outputs ``z``, as the allocation uses it). Averaging the squared gradient over output channels
+leaves one weight per token, ``s_t = sum_j (dL/dz_tj)^2``, and one Hessian per linear, ``X^T diag(s) X``,
+so GPTQ's column loop and the clip search run unchanged on it (GuidedQuant keeps one weight per group of
+output channels instead, and one Hessian per group).
+
+The gradients come from the full-precision model, one block in memory at a time, walking the blocks
+backwards from the loss: block ``i`` runs again on its captured inputs, and the gradient at its outputs is
+the gradient that block ``i + 1`` left at its inputs. Each block's saliencies are written beside its
+captured inputs; an interrupted walk resumes below the last block it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from mobiquant.arch import Architecture
+from mobiquant.calibration.store import atomic_save, fp_input_path, holds_capture, load_hidden
+from mobiquant.model_files import BlockSource
+from mobiquant.streaming import block_returns_tuple, head_logits, run_block
+
+GRADIENT_KEY = "input_gradient"
+
+
+def saliency_path(capture_dir: Path, index: int) -> Path:
+    return Path(capture_dir) / f"saliency_{index:04d}.safetensors"
+
+
+def input_gradient_path(capture_dir: Path, index: int) -> Path:
+    """The loss's gradient at block ``index``'s inputs: the next step of the walk starts from it."""
+    return Path(capture_dir) / f"saliency_{index:04d}.input-gradient.safetensors"
+
+
+def block_token_saliency(
+    block: torch.nn.Module,
+    arch: Architecture,
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    loss_of_outputs: Callable[[int, torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each quantized linear's ``[tokens]`` saliencies ``s_t``, and the loss's gradient at ``inputs``.
+
+    ``loss_of_outputs(start, outputs)`` is the loss (or any scalar with the loss's gradient at ``outputs``)
+    as a function of the block's outputs for samples ``start:start + len(outputs)``. The block's parameters
+    get no gradient.
+    """
+    device = next(block.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in arch.quantized_linears(block)}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            def on_gradient(grad: torch.Tensor) -> None:
+                parts[name].append(grad.detach().float().pow(2).sum(dim=-1).reshape(-1).cpu())
+
+            output.register_hook(on_gradient)
+
+        return hook
+
+    handles = [linear.register_forward_hook(record(name)) for name, linear in arch.quantized_linears(block).items()]
+    gradient = torch.empty(inputs.shape, dtype=torch.float32)
+    try:
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size].to(device=device, dtype=torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                loss = loss_of_outputs(start, run_block(block, chunk, block_kwargs))
+                (chunk_gradient,) = torch.autograd.grad(loss, chunk)
+            gradient[start : start + len(chunk)] = chunk_gradient.cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(values) for name, values in parts.items()}, gradient
+
+
+def capture_token_saliency(
+    source: BlockSource,
+    samples: torch.Tensor,
+    capture_dir: Path,
+    block_kwargs: dict[str, Any],
+    tag: str,
+    *,
+    device: torch.device,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> list[str]:
+    """Write every block's token saliencies under ``capture_dir`` (its inputs captured there); returns the names.
+
+    ``tag`` marks the files as this capture's; files of another capture are recomputed. The walk starts at
+    the last block and resumes below the lowest block already written.
+    """
+    capture_dir = Path(capture_dir)
+    names = [saliency_path(capture_dir, i).name for i in range(source.num_blocks)]
+    index = source.num_blocks
+    while index > 0 and holds_capture(saliency_path(capture_dir, index - 1), tag):
+        index -= 1
+    if index == 0:
+        return names
+    gradient = None
+    if index < source.num_blocks:
+        if holds_capture(input_gradient_path(capture_dir, index), tag):
+            gradient = load_file(str(input_gradient_path(capture_dir, index)))[GRADIENT_KEY]
+        else:
+            index = source.num_blocks
+    stem = source.stem(device).float() if gradient is None else None
+    returns_tuple: list[bool] = []
+
+    def loss_at_the_head(start: int, outputs: torch.Tensor) -> torch.Tensor:
+        # The calibration loss itself: next-token cross entropy summed over every sample's positions.
+        loss = outputs.new_zeros(())
+        for offset, row in enumerate(samples[start : start + len(outputs)]):
+            logits = head_logits(stem, source.arch, row, outputs[offset : offset + 1], returns_tuple[0])
+            loss = loss + F.cross_entropy(logits[0, :-1].float(), row[1:].to(logits.device), reduction="sum")
+        return loss
+
+    def loss_through_later_blocks(start: int, outputs: torch.Tensor) -> torch.Tensor:
+        # Its gradient at ``outputs`` is the gradient the later blocks left at their inputs.
+        return (outputs * gradient[start : start + len(outputs)].to(outputs.device)).sum()
+
+    bar = tqdm(total=source.num_blocks, initial=source.num_blocks - index, desc="loss saliency (blocks backwards)",
+               unit="block", disable=not progress)
+    for block_index in reversed(range(index)):
+        block = source.block(block_index, device).float()
+        block.requires_grad_(False)
+        inputs = load_hidden(fp_input_path(capture_dir, block_index))
+        if gradient is None:
+            returns_tuple.append(block_returns_tuple(block, inputs[:1].to(device).float(), block_kwargs))
+        saliency, input_gradient = block_token_saliency(
+            block, source.arch, inputs, block_kwargs,
+            loss_at_the_head if gradient is None else loss_through_later_blocks, batch_size,
+        )
+        del block
+        if block_index > 0:
+            # Written before the saliencies, so a block whose saliencies exist always left its gradient.
+            atomic_save({GRADIENT_KEY: input_gradient}, input_gradient_path(capture_dir, block_index),
+                        {"capture": tag})
+        atomic_save(saliency, saliency_path(capture_dir, block_index), {"capture": tag, "block": str(block_index)})
+        input_gradient_path(capture_dir, block_index + 1).unlink(missing_ok=True)
+        gradient = input_gradient
+        bar.update(1)
+    bar.close()
+    return names
+
+
+def token_weights(capture_dir: Path, index: int) -> dict[str, torch.Tensor]:
+    """Block ``index``'s saliencies scaled to mean 1 per linear (the Hessians' scale stays that of ``X^T X``).
+
+    A linear whose outputs never reach the loss (every saliency 0) keeps uniform weights.
+    """
+    weights = {}
+    for name, saliency in load_file(str(saliency_path(capture_dir, index))).items():
+        mean = saliency.double().mean()
+        weights[name] = saliency.double() / mean if mean > 0 else torch.ones_like(saliency, dtype=torch.float64)
+    return weights
