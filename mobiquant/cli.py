@@ -287,6 +287,34 @@ def auto_group_size(block: Any, arch: Any) -> int:
     raise CommandError(f"no group size in {AUTO_GROUP_SIZES} divides the input sizes {sorted(sizes)}")
 
 
+def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, Any]:
+    """``CalibrationConfig`` keyword arguments from ``mobiquant quantize``'s options."""
+    from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
+
+    options: dict[str, Any] = {"group_size": group_size, "seed": args.seed, "compute_dtype": args.compute_dtype}
+    if args.slices is not None:
+        options["num_slices"] = args.slices
+    if args.router_hidden is not None:
+        options["router_hidden"] = args.router_hidden
+    if args.mode is not None:
+        options["mode"] = args.mode
+    if args.epochs is not None:
+        options["epochs_stage1"], options["epochs_stage2"] = args.epochs
+    if args.damp is not None:
+        options["damp"] = args.damp
+    if args.uniform_hessians:
+        options["loss_weighted_hessians"] = False
+    num_slices = options.get("num_slices", 4)
+    if args.precision_weights is not None:
+        options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
+    if args.clip_weights is not None:
+        options["clip_search_weights"] = precision_weight_tuple(args.clip_weights, num_slices)
+    for option, given in (("module_precision_weights", args.module_precision_weights),
+                          ("module_clip_search_weights", args.module_clip_weights)):
+        options[option] = linear_weight_tuples(dict(given or ()), num_slices)
+    return options
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mobiquant.data import cache_root
     from mobiquant.devices import set_threads
@@ -309,7 +337,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
-    from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
@@ -323,28 +350,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     check_tokenizer(tokenizer, files.config)
     group_size = args.group_size or auto_group_size(files.block_structure(0), files.arch)
-    options: dict[str, Any] = {"group_size": group_size, "seed": args.seed, "compute_dtype": args.compute_dtype}
-    if args.slices is not None:
-        options["num_slices"] = args.slices
-    if args.router_hidden is not None:
-        options["router_hidden"] = args.router_hidden
-    if args.mode is not None:
-        options["mode"] = args.mode
-    if args.epochs is not None:
-        options["epochs_stage1"], options["epochs_stage2"] = args.epochs
-    if args.damp is not None:
-        options["damp"] = args.damp
-    if args.uniform_hessians:
-        options["loss_weighted_hessians"] = False
-    num_slices = options.get("num_slices", 4)
-    if args.precision_weights is not None:
-        options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
-    if args.clip_weights is not None:
-        options["clip_search_weights"] = precision_weight_tuple(args.clip_weights, num_slices)
-    for option, given in (("module_precision_weights", args.module_precision_weights),
-                          ("module_clip_search_weights", args.module_clip_weights)):
-        options[option] = linear_weight_tuples(dict(given or ()), num_slices)
-    config = CalibrationConfig(**options)
+    config = CalibrationConfig(**calibration_options(args, group_size))
     print(
         f"mobiquant: {source.source} ({source.kind} {source.sha[:12]}), group size {group_size}, "
         f"{args.samples} x {args.seqlen} tokens of {args.data}, on {device} ({threads} CPU threads)",

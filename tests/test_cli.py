@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import mobiquant
 from mobiquant import cli, slicing
 from mobiquant.arch import architecture_for
+from mobiquant.calibration import CalibrationConfig
 from mobiquant.checkpoint import load_checkpoint, replace_linears, save_checkpoint
 from mobiquant.data import calibration_samples, evaluation_tokens
 from mobiquant.evaluation import perplexity
@@ -164,6 +165,9 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
     code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--precision-weights", "1=4")
     assert code == 2 and "SLICES:WEIGHT" in one_line(err)
     assert cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--damp", "0.25"]).damp == 0.25
+    for flags, weighted in (([], True), (["--uniform-hessians"], False)):
+        options = cli.calibration_options(cli.build_parser().parse_args(["quantize", "m", "-o", "x", *flags]), 64)
+        assert CalibrationConfig(**options).loss_weighted_hessians is weighted
     args = cli.build_parser().parse_args(["quantize", "m", "-o", "x", "--clip-weights", "1:1,2:24,3:32"])
     assert precision_weight_tuple(args.clip_weights, 4) == (1.0, 24.0, 32.0, 0.0)
     for bad in ("0", "-1", "nan", "inf", "x"):

@@ -33,6 +33,7 @@ def test_checkpoint_is_safetensors_only_with_mobiquant_config(checkpoint: Path) 
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in names)
     quant = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["num_slices"], quant["group_size"]) == ("mobiquant", 4, 64)
+    assert quant["calibration"]["loss_weighted_hessians"] is True
 
 
 def test_eval_reports_budgets_and_precisions(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:

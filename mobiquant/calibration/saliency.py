@@ -5,8 +5,9 @@ alike: ``H = X^T X``. The model's loss does not weigh tokens alike. Its second-o
 ``dW`` of one linear is ``1/2 sum_t sum_j (dL/dz_tj)^2 (x_t dW^T)_j^2`` (the empirical Fisher diagonal at
 the linear's outputs ``z``, as the allocation uses it). Averaging the squared gradient over output channels
 leaves one weight per token, ``s_t = sum_j (dL/dz_tj)^2``, and one Hessian per linear, ``X^T diag(s) X``,
-so GPTQ's column loop and the clip search run unchanged on it (GuidedQuant keeps one weight per group of
-output channels instead, and one Hessian per group).
+so GPTQ's column loop and the clip search run unchanged on it. This is GuidedQuant's objective (arXiv
+2505.07004) with every output channel in one group; it averages the per-channel Fisher blocks within
+several groups instead, one Hessian per group.
 
 The gradients come from the full-precision model, one block in memory at a time, walking the blocks
 backwards from the loss: block ``i`` runs again on its captured inputs, and the gradient at its outputs is
@@ -112,7 +113,8 @@ def capture_token_saliency(
             gradient = load_file(str(input_gradient_path(capture_dir, index)))[GRADIENT_KEY]
         else:
             index = source.num_blocks
-    stem = source.stem(device).float() if gradient is None else None
+    # In the source's dtype (the caller's own model, for an in-memory source: never converted here).
+    stem = source.stem(device) if gradient is None else None
     returns_tuple: list[bool] = []
 
     def loss_at_the_head(start: int, outputs: torch.Tensor) -> torch.Tensor:

@@ -57,14 +57,17 @@ def test_method_parameters_reach_the_calibration_config() -> None:
     from mobiquant.calibration import CalibrationConfig
 
     given = CompressParams(model="org/model", damp=0.4, clip_search_weights={1: 2.0, 3: 5.0},
-                           precision_weights={2: 1.0}, module_clip_search_weights={"v_proj": {1: 1.0}})
+                           precision_weights={2: 1.0}, module_clip_search_weights={"v_proj": {1: 1.0}},
+                           loss_weighted_hessians=False)
     config = CalibrationConfig.from_dict(params_config(given))
     assert config.damp == 0.4 and config.clip_search_weights == (2.0, 0.0, 5.0, 0.0)
+    assert config.loss_weighted_hessians is False
     assert config.precision_weights == (0.0, 1.0, 0.0, 0.0)
     assert config.clip_objective("self_attn.v_proj") == {1: 1.0}
     assert config.clip_objective("mlp.up_proj") == {1: 2.0, 3: 5.0}
     defaults = CalibrationConfig.from_dict(params_config(CompressParams(model="org/model")))
     assert defaults.damp == CalibrationConfig().damp and defaults.clip_search_weights is None
+    assert defaults.loss_weighted_hessians is True
 
 
 def test_gate_passes_and_fails_on_each_rule() -> None:
