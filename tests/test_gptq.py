@@ -15,11 +15,10 @@ import torch
 
 from mobiquant.calibration import CalibrationConfig, TrainableSlicedLinear, calibrate_block
 from mobiquant.calibration.block import truncation_errors
-from mobiquant.calibration.capture import block_outputs
 from mobiquant.evaluation import rtn_quantize
 from mobiquant.gptq import minmax_gptq_weight, nested_codes
 from mobiquant.slicing import SlicedWeight, dequantize_codes, fit_row_gains, full_codes, slice_weight, unpack_codes
-from tests.test_method import heavy_tailed_block, one_slice_block_error
+from tests.test_method import heavy_tailed_block, linear_inputs, one_slice_block_error
 
 GROUP = 32
 
@@ -270,17 +269,11 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
     # A dampening neither GPTQ's 0.01 nor the config's default: the codes must be chosen with the one asked.
     config = CalibrationConfig(group_size=GROUP, epochs_stage1=1, epochs_stage2=1, batch_size=4,
                                precision_weights=(4.0, 24.0, 32.0, 0.0), damp=0.37)
-    seen: dict[str, list[torch.Tensor]] = {}
+    seen = linear_inputs(arch, block, inputs, block_kwargs)
     linears = arch.quantized_linears(block)
-    handles = [linear.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for name, linear in linears.items()]
-    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
-    for handle in handles:
-        handle.remove()
     result = calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
     for name, linear in linears.items():
-        x = torch.cat(seen[name]).double()
+        x = seen[name].double()
         scale, zero = result.state[f"{name}.scale"], result.state[f"{name}.zero"]
         # The value projection has weights of its own by default (checked in the per-linear tests below).
         objective = {2: 32.0, 4: 24.0, 6: 32.0, 8: 8.0} if name == "self_attn.v_proj" else {2: 4.0, 4: 24.0, 6: 32.0}
@@ -394,13 +387,7 @@ def test_per_linear_weights_change_that_linear_only_and_in_the_direction_asked()
     torch.manual_seed(23)
     arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
         *shape, torch.Generator().manual_seed(shape[0] * 7 + shape[1])))
-    seen: dict[str, list[torch.Tensor]] = {}
-    handles = [linear.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for name, linear in arch.quantized_linears(block).items()]
-    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
-    for handle in handles:
-        handle.remove()
+    seen = linear_inputs(arch, block, inputs, block_kwargs)
     common = {"group_size": GROUP, "epochs_stage1": 0, "epochs_stage2": 0, "router_hidden": 0}
     favour_one_slice = (1.0, 0.0, 0.0, 0.0)
     default = calibrate_block(block, inputs, block_kwargs, arch, CalibrationConfig(**common), progress=False)
@@ -413,7 +400,7 @@ def test_per_linear_weights_change_that_linear_only_and_in_the_direction_asked()
                 for key in ("planes", "scale", "zero")]
         assert not any(same) if name == "self_attn.q_proj" else all(same), name
     name = "self_attn.q_proj"
-    x = torch.cat(seen[name]).double()
+    x = seen[name].double()
     weight = arch.quantized_linears(block)[name].weight.detach().double()
 
     def output_error(state: dict[str, torch.Tensor], k: int) -> float:

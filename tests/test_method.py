@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import mobiquant.calibration as calibration
 import mobiquant.calibration.driver as driver
 from mobiquant import slicing
-from mobiquant.arch import architecture_for
+from mobiquant.arch import Architecture, architecture_for
 from mobiquant.calibration import CalibrationConfig, quantize_model
 from mobiquant.calibration.capture import block_outputs
 from mobiquant.layers import UNCALIBRATED, MoBiLinear, gate_scores, ordered_scores, slices_from_scores
@@ -227,6 +228,21 @@ def heavy_tailed_block(sample_weight: Callable[[tuple[int, ...]], torch.Tensor])
             linear.weight.copy_(sample_weight(tuple(linear.weight.shape)))
     targets = block_outputs(block, inputs, block_kwargs, 4, torch.float32)
     return arch, block, inputs, block_kwargs, targets
+
+
+def linear_inputs(arch: Architecture, block: nn.Module, inputs: torch.Tensor,
+                  block_kwargs: dict) -> dict[str, torch.Tensor]:
+    """Each quantized linear's input rows, ``[tokens, in]``, in the order a batched pass over ``inputs`` feeds them."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [linear.register_forward_pre_hook(
+        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name, linear in arch.quantized_linears(block).items()]
+    try:
+        block_outputs(block, inputs, block_kwargs, 4, torch.float32)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(rows) for name, rows in seen.items()}
 
 
 def one_slice_block_error(setup: tuple, config: CalibrationConfig) -> float:

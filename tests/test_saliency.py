@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM
 
 from mobiquant.arch import architecture_for
 from mobiquant.calibration import CalibrationConfig, calibrate_block
-from mobiquant.calibration.capture import block_outputs, capture_block_inputs
+from mobiquant.calibration.capture import capture_block_inputs
 from mobiquant.calibration.saliency import input_gradient_path, saliency_path, token_weights
 from mobiquant.calibration.store import atomic_save, file_metadata
 from mobiquant.clip_search import input_hessians
 from mobiquant.gptq import nested_codes
 from mobiquant.model_files import ModelFiles
 from mobiquant.slicing import unpack_codes
-from tests.test_method import heavy_tailed_block
+from tests.test_method import heavy_tailed_block, linear_inputs
 from tests.tiny_models import GROUP, VOCAB, tiny_config, tiny_model
 
 CPU = torch.device("cpu")
@@ -141,14 +141,8 @@ def test_calibrated_block_chooses_its_codes_on_the_weighted_hessian() -> None:
     arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(
         lambda shape: torch.distributions.StudentT(3.0).sample(shape) * 0.02)
     config = CalibrationConfig(group_size=GROUP, router_hidden=0, epochs_stage1=0, epochs_stage2=0, batch_size=4)
-    seen: dict[str, list[torch.Tensor]] = {}
+    seen = linear_inputs(arch, block, inputs, block_kwargs)
     linears = arch.quantized_linears(block)
-    handles = [linear.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for name, linear in linears.items()]
-    block_outputs(block, inputs, block_kwargs, 4, torch.float32)
-    for handle in handles:
-        handle.remove()
     # Heavy-tailed weights, as the loss gives them: a few tokens decide.
     tokens = inputs.shape[0] * inputs.shape[1]
     weights = {name: torch.distributions.Exponential(1.0).sample((tokens,)).double() ** 3 for name in linears}
@@ -156,7 +150,7 @@ def test_calibrated_block_chooses_its_codes_on_the_weighted_hessian() -> None:
     plain = calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
     differs = 0
     for name, linear in linears.items():
-        x = torch.cat(seen[name]).double()
+        x = seen[name].double()
         hessian = torch.einsum("ti,t,tj->ij", x, weights[name], x)
         scale, zero = weighted.state[f"{name}.scale"], weighted.state[f"{name}.zero"]
         objective = {2 * slices: weight for slices, weight in config.compensation_objective(name).items()}
