@@ -31,7 +31,7 @@ from mobiquant.arch import architecture_for
 from mobiquant.calibration import CalibrationConfig, calibrate_block
 from mobiquant.calibration.capture import capture_block_inputs
 from mobiquant.calibration.saliency import token_weights
-from mobiquant.calibration.store import fp_input_path, load_block_kwargs, load_hidden
+from mobiquant.calibration.store import KWARGS_FILE, fp_input_path, load_block_kwargs, load_hidden
 from mobiquant.data import calibration_samples
 from mobiquant.model_files import InMemoryModel
 from mobiquant.sources import materialize, smollm2_gguf_path
@@ -62,7 +62,7 @@ def main() -> None:
         capture_dir = Path(work) / "capture"
         manifest = capture_block_inputs(source, samples, capture_dir, device=torch.device("cpu"),
                                         model_key=source.fingerprint(), store_dtype=torch.float32)
-        block_kwargs = load_block_kwargs(capture_dir / "kwargs.safetensors")
+        block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE)
         for turn, index in enumerate(args.blocks):
             inputs = load_hidden(fp_input_path(capture_dir, index))
             # Alternate which configuration runs first, so a machine that warms up or slows down favours neither.

@@ -150,8 +150,8 @@ def input_hessians(
     missing = set(modules) - set(sums)
     if missing:
         raise RuntimeError(f"no calibration input reached {sorted(missing)}")
-    weighted = token_weights or {}
-    short = sorted(name for name in weighted if name in modules and rows_seen[name] != len(weighted[name]))
+    given = token_weights or {}
+    short = sorted(name for name in given if name in modules and rows_seen[name] != len(given[name]))
     if short:
         raise ValueError(f"{short} saw fewer input rows than their token weights")
     return sums, result
