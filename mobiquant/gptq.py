@@ -83,23 +83,26 @@ def compensate_columns(
     order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(hessian.shape[0], device=hessian.device))
     factor = inverse_hessian_factor(hessian[order][:, order], damp)
-    work = weight.double()[:, order].unsqueeze(0).repeat(copies, 1, 1)
     out_features, in_features = weight.shape
-    codes = torch.empty(out_features, in_features, dtype=torch.int64, device=weight.device)
+    # Column-major working copies [in, copies, out]: the column being quantized and the rows of the updates
+    # below are contiguous.
+    work = weight.double().T[order].unsqueeze(1).repeat(1, copies, 1)
+    codes = torch.empty(in_features, out_features, dtype=torch.int64, device=weight.device)
     errors_sum = torch.zeros(copies, dtype=torch.float64, device=weight.device)
+    columns = order.tolist()
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block_errors = torch.empty(copies, out_features, end - start, dtype=torch.float64, device=weight.device)
+        block_errors = torch.empty(end - start, copies, out_features, dtype=torch.float64, device=weight.device)
         for position in range(start, end):
-            column = int(order[position])
-            column_codes, quantized = quantize_column(column, work[:, :, position])
-            codes[:, column] = column_codes
-            error = (work[:, :, position] - quantized) / factor[position, position]
-            errors_sum += error.pow(2).sum(dim=-1)
-            work[:, :, position + 1 : end] -= error.unsqueeze(-1) * factor[position, position + 1 : end]
-            block_errors[:, :, position - start] = error
-        work[:, :, end:] -= block_errors @ factor[start:end, end:]
-    return codes, errors_sum
+            column_codes, quantized = quantize_column(columns[position], work[position])
+            codes[position] = column_codes
+            error = torch.sub(work[position], quantized, out=block_errors[position - start])
+            error /= factor[position, position]
+            work[position + 1 : end].addcmul_(factor[position, position + 1 : end, None, None], error, value=-1.0)
+        errors_sum += block_errors.pow(2).sum(dim=(0, 2))
+        work[end:].view(in_features - end, copies * out_features).addmm_(
+            factor[start:end, end:].T, block_errors.view(end - start, -1), alpha=-1.0)
+    return codes[torch.argsort(order)].T.contiguous(), errors_sum
 
 
 def nested_codes(
@@ -147,51 +150,61 @@ def nested_codes(
     group_size = weight.shape[1] // scale.shape[1]
     scale, zero = scale.double(), zero.double()
     precisions = sorted(weighted)
-    coefficients = [weighted[b] for b in precisions]
+    coarser = len(precisions) - 1
+    options = {"dtype": torch.float64, "device": weight.device}
 
     # Candidates: every code of the second finest weighted precision (one empty prefix if only one is
     # weighted). Below such a prefix only the finest term varies, a convex quadratic in the code, so its
     # best finest code is the nearest level clamped into the prefix's interval: exact, at a quarter of
     # the cost of trying every finest code for the default 2/4/6/8-bit weights.
-    coarse = precisions[-2] if len(precisions) > 1 else 0
+    coarse = precisions[-2] if coarser else 0
     prefixes = torch.arange(2**coarse, device=weight.device)
     span = 2 ** (finest - coarse)
     lowest, highest = prefixes * span, prefixes * span + span - 1
-
-    def value(codes: torch.Tensor, bits: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        plain = s * ((codes + 0.5) / 2.0 ** (bits - 2) - z)
-        if bits not in gains:
-            return plain
-        gain = gains[bits] if s.dim() == 1 else gains[bits][:, None]
-        centre = s * (2.0 - z)
-        return centre + gain * (plain - centre)
+    # Each precision's value is affine in its grid coordinate a = (code + 0.5) / 2^(b-2): alpha a + beta, with
+    # alpha = g s and beta = C (1 - g) - g s z per row (g = 1 without a gain, C = s (2 - z) the group's centre).
+    # A coarser term lambda (alpha a + beta - x)^2 is, up to a constant the argmin ignores,
+    # [lambda alpha^2, -2 lambda alpha (x - beta)] . [a^2, a]: every candidate's coarser terms are one product
+    # [rows, 2 * coarser] @ [2 * coarser, candidates]. Per group and precision, [groups, precisions, rows]:
+    steps = torch.tensor([2.0 ** (b - 2) for b in precisions], **options)
+    row_gains_all = torch.stack([gains.get(b, torch.ones(weight.shape[0], **options)) for b in precisions])
+    alphas = (row_gains_all[:, :, None] * scale).permute(2, 0, 1).contiguous()
+    betas = (scale * (2.0 - zero) * (1.0 - row_gains_all[:, :, None])).permute(2, 0, 1) - alphas * zero.T[:, None]
+    lambdas = torch.tensor([weighted[b] for b in precisions[:-1]], **options)[None, :, None]
+    squared_coefficients = lambdas * alphas[:, :-1].pow(2)
+    linear_coefficients = -2.0 * lambdas * alphas[:, :-1]
+    coordinates = torch.stack([((prefixes >> (coarse - b)).double() + 0.5) / 2.0 ** (b - 2) for b in precisions[:-1]]
+                              ) if coarser else torch.empty(0, 1, **options)
+    candidate_terms = torch.cat([coordinates.pow(2), coordinates])
+    # The finest term in its own code c: alpha_f (c + 0.5) / 2^(f-2) + beta_f - x, slope and intercept per group.
+    finest_slopes = alphas[:, -1] / steps[-1]
+    finest_offsets = finest_slopes * 0.5 + betas[:, -1]
+    # Every weighted precision's coordinate for every finest code, so the chosen codes' values are one lookup.
+    code_coordinates = ((torch.arange(2**finest, device=weight.device)[None] >> torch.tensor(
+        [finest - b for b in precisions], device=weight.device)[:, None]).double() + 0.5) / steps[:, None]
 
     def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, z = scale[:, column // group_size, None], zero[:, column // group_size, None]
-        top = values[len(precisions) - 1].unsqueeze(-1)
-        # The finest term is convex in the code (a positive gain keeps the value increasing in it): aim
-        # the plain grid at the value whose gained image is the target.
-        if finest in gains:
-            centre = s * (2.0 - z)
-            top_aim = centre + (top - centre) / gains[finest][:, None]
-        else:
-            top_aim = top
-        nearest = torch.floor((top_aim / s + z) * 2.0 ** (finest - 2))
-        leaves = torch.minimum(torch.maximum(nearest, lowest), highest)
-        total = coefficients[-1] * (value(leaves, finest, s, z) - top).pow(2)
-        for index, bits in enumerate(precisions[:-1]):
-            grid = value((prefixes >> (coarse - bits)).double(), bits, s, z)
-            total += coefficients[index] * (grid - values[index].unsqueeze(-1)).pow(2)
+        group = column // group_size
+        alpha, beta, slope = alphas[group], betas[group], finest_slopes[group]
+        coarser_rows = torch.cat([squared_coefficients[group],
+                                  linear_coefficients[group] * (values[:coarser] - beta[:coarser])])
+        # The finest precision's nearest code to its target (a positive gain keeps the value increasing in the
+        # code), clamped into each candidate's interval.
+        nearest = torch.floor((values[coarser] - beta[coarser]) / slope)[:, None]
+        leaves = torch.clamp(nearest, lowest, highest)
+        miss = torch.addcmul((finest_offsets[group] - values[coarser])[:, None], leaves, slope[:, None])
+        total = torch.mm(coarser_rows.T, candidate_terms).addcmul_(miss, miss, value=weighted[finest])
         best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
-        quantized = [value((best >> (finest - bits)).double(), bits, s[:, 0], z[:, 0]) for bits in precisions]
+        quantized = torch.addcmul(beta, alpha, code_coordinates[:, best])
         if code_bits == finest:
-            return best, torch.stack(quantized)
+            return best, quantized
         # The unweighted finer bits: the nearest level to their own copy inside the chosen code's interval.
+        s, z = scale[:, group], zero[:, group]
         spread = 2 ** (code_bits - finest)
-        nearest = torch.floor((values[-1] / s[:, 0] + z[:, 0]) * 2.0 ** (code_bits - 2))
+        nearest = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2))
         codes = torch.minimum(torch.maximum(nearest, (best * spread).double()), (best * spread + spread - 1).double())
-        quantized.append(value(codes, code_bits, s[:, 0], z[:, 0]))
-        return codes.to(torch.int64), torch.stack(quantized)
+        finer = s * ((codes + 0.5) / 2.0 ** (code_bits - 2) - z)
+        return codes.to(torch.int64), torch.cat([quantized, finer[None]])
 
     tracked = precisions if code_bits == finest else [*precisions, code_bits]
     codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order)

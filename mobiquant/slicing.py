@@ -122,16 +122,13 @@ def pack_codes(codes: torch.Tensor, num_slices: int) -> torch.Tensor:
     """Bit planes (int32 ``[2K, out, in // 32]``) of codes ``c_K``, most significant bit first."""
     out_features, in_features = codes.shape
     total_bits = BITS_PER_SLICE * num_slices
-    shifts = torch.arange(total_bits - 1, -1, -1, device=codes.device)
-    bits = (codes.unsqueeze(0) >> shifts.view(-1, 1, 1)) & 1
-    bits = bits.reshape(total_bits, out_features, in_features // WORD_BITS, WORD_BITS)
-    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=codes.device) << torch.arange(
-        WORD_BITS, device=codes.device
-    )
-    words = (bits * weights).sum(dim=-1)
-    # Two's complement wrap so bit 31 fits a signed int32 word.
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    words = codes.to(torch.int32).view(out_features, in_features // WORD_BITS, WORD_BITS)
+    bit_index = torch.arange(WORD_BITS, dtype=torch.int32, device=codes.device)
+    # A word's bits are distinct powers of two, so their int32 sum is the word; bit 31 is -2^31 in int32,
+    # and the sum lands on the two's complement word without overflowing. One plane at a time keeps the
+    # temporaries at the size of the codes.
+    return torch.stack([(((words >> (total_bits - 1 - plane)) & 1) << bit_index).sum(dim=-1, dtype=torch.int32)
+                        for plane in range(total_bits)])
 
 
 def unpack_codes(planes: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -139,14 +136,14 @@ def unpack_codes(planes: torch.Tensor, num_slices: int) -> torch.Tensor:
     total_bits = BITS_PER_SLICE * num_slices
     if planes.shape[0] < total_bits:
         raise ValueError(f"{num_slices} slices need {total_bits} bit planes, only {planes.shape[0]} are held")
-    used = planes[:total_bits].to(torch.int64) & 0xFFFFFFFF
-    bit_index = torch.arange(WORD_BITS, device=planes.device)
-    bits = (used.unsqueeze(-1) >> bit_index) & 1
-    bits = bits.reshape(total_bits, planes.shape[1], planes.shape[2] * WORD_BITS)
-    place = torch.ones(total_bits, dtype=torch.int64, device=planes.device) << torch.arange(
-        total_bits - 1, -1, -1, device=planes.device
-    )
-    return (bits * place.view(-1, 1, 1)).sum(dim=0)
+    bit_index = torch.arange(WORD_BITS, dtype=torch.int32, device=planes.device)
+    codes = torch.zeros(*planes.shape[1:], WORD_BITS, dtype=torch.int32, device=planes.device)
+    # Most significant plane first: shift the bits read so far up and add the next one. An arithmetic shift
+    # of a negative word still leaves the wanted bit lowest.
+    for plane in planes[:total_bits]:
+        codes <<= 1
+        codes |= (plane.unsqueeze(-1) >> bit_index) & 1
+    return codes.view(planes.shape[1], -1).to(torch.int64)
 
 
 def group_centres(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
