@@ -86,3 +86,17 @@ def test_slicing_extreme_values(rows: int, groups: int, kind: str, seed: int) ->
         assert max(errors) <= abs(float(weight[0, 0])) * 1e-3 + 1e-7
     else:
         assert all(later <= earlier * (1 + 1e-6) + 1e-30 for earlier, later in itertools.pairwise(errors))
+
+
+def test_plane_layout_matches_a_bit_by_bit_reference() -> None:
+    """Plane p holds bit 2K-1-p of every code (most significant first); word w's bit i is column 32 w + i."""
+    num_slices, rows, cols = 3, 4, 2 * WORD_BITS
+    codes = torch.randint(0, 4**num_slices, (rows, cols), generator=torch.Generator().manual_seed(
+        int(torch.randint(0, 2**31, ()))))
+    planes = pack_codes(codes, num_slices)
+    for plane in range(2 * num_slices):
+        for row in range(rows):
+            for word in range(cols // WORD_BITS):
+                value = sum(((int(codes[row, word * WORD_BITS + i]) >> (2 * num_slices - 1 - plane)) & 1) << i
+                            for i in range(WORD_BITS))
+                assert int(planes[plane, row, word]) & 0xFFFFFFFF == value
