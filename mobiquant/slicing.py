@@ -122,7 +122,7 @@ def pack_codes(codes: torch.Tensor, num_slices: int) -> torch.Tensor:
     """Bit planes (int32 ``[2K, out, in // 32]``) of codes ``c_K``, most significant bit first."""
     out_features, in_features = codes.shape
     total_bits = BITS_PER_SLICE * num_slices
-    words = codes.to(torch.int32).view(out_features, in_features // WORD_BITS, WORD_BITS)
+    words = codes.to(torch.int32).reshape(out_features, in_features // WORD_BITS, WORD_BITS)
     bit_index = torch.arange(WORD_BITS, dtype=torch.int32, device=codes.device)
     # A word's bits are distinct powers of two, so their int32 sum is the word; bit 31 is -2^31 in int32,
     # and the sum lands on the two's complement word without overflowing. One plane at a time keeps the

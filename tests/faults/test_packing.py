@@ -100,3 +100,9 @@ def test_plane_layout_matches_a_bit_by_bit_reference() -> None:
                 value = sum(((int(codes[row, word * WORD_BITS + i]) >> (2 * num_slices - 1 - plane)) & 1) << i
                             for i in range(WORD_BITS))
                 assert int(planes[plane, row, word]) & 0xFFFFFFFF == value
+
+
+def test_codes_in_any_integer_dtype_and_layout_pack_alike() -> None:
+    codes = torch.randint(0, 4**3, (2 * WORD_BITS, 5))
+    transposed = codes.to(torch.int32).T  # a non-contiguous int32 view
+    assert torch.equal(pack_codes(transposed, 3), pack_codes(codes.T.contiguous(), 3))
