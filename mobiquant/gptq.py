@@ -173,15 +173,15 @@ def nested_codes(
     lambdas = torch.tensor([weighted[b] for b in precisions[:-1]], **options)[None, :, None]
     squared_coefficients = lambdas * alphas[:, :-1].pow(2)
     linear_coefficients = -2.0 * lambdas * alphas[:, :-1]
-    coordinates = torch.stack([((prefixes >> (coarse - b)).double() + 0.5) / 2.0 ** (b - 2) for b in precisions[:-1]]
-                              ) if coarser else torch.empty(0, 1, **options)
+    # Every weighted precision's coordinate for every finest code, so the chosen codes' values are one lookup;
+    # a candidate prefix's coarser coordinates are those of the lowest finest code below it.
+    code_coordinates = ((torch.arange(2**finest, device=weight.device)[None] >> torch.tensor(
+        [finest - b for b in precisions], device=weight.device)[:, None]).double() + 0.5) / steps[:, None]
+    coordinates = code_coordinates[:coarser, lowest]
     candidate_terms = torch.cat([coordinates.pow(2), coordinates])
     # The finest term in its own code c: alpha_f (c + 0.5) / 2^(f-2) + beta_f - x, slope and intercept per group.
     finest_slopes = alphas[:, -1] / steps[-1]
     finest_offsets = finest_slopes * 0.5 + betas[:, -1]
-    # Every weighted precision's coordinate for every finest code, so the chosen codes' values are one lookup.
-    code_coordinates = ((torch.arange(2**finest, device=weight.device)[None] >> torch.tensor(
-        [finest - b for b in precisions], device=weight.device)[:, None]).double() + 0.5) / steps[:, None]
 
     def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         group = column // group_size
