@@ -282,6 +282,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         options["damp"] = args.damp
     if args.gain_aware_passes is not None:
         options["gain_aware_passes"] = args.gain_aware_passes
+    if args.descent_sweeps is not None:
+        options["descent_sweeps"] = args.descent_sweeps
     if args.uniform_hessians:
         options["loss_weighted_hessians"] = False
     if args.clip_weights:
@@ -342,6 +344,9 @@ def main() -> None:
                         "(default: the config's)")
     parser.add_argument("--gain-aware-passes", type=int,
                         help="passes choosing the elastic codes again for their row gains (default: the config's)")
+    parser.add_argument("--descent-sweeps", type=int,
+                        help="coordinate-descent sweeps over the elastic codes after GPTQ's pass (default: the "
+                        "config's; the GPTQ peers never sweep)")
     parser.add_argument("--uniform-hessians", action="store_true",
                         help="elastic codes on GPTQ's X^T X, every calibration token alike (default: loss-weighted)")
     parser.add_argument("--loss-weighted-peer", action="store_true",

@@ -190,7 +190,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
     weights, clip = params.precision_weights, params.clip_search_weights
-    damp = {} if params.damp is None else {"damp": params.damp}
+    chosen = {name: getattr(params, name) for name in ("damp", "descent_sweeps") if getattr(params, name) is not None}
     return CalibrationConfig(
         num_slices=params.num_slices,
         group_size=params.group_size,
@@ -205,7 +205,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
         module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
         loss_weighted_hessians=params.loss_weighted_hessians,
-        **damp,
+        **chosen,
     ).to_dict()
 
 
@@ -238,6 +238,7 @@ def compress(
     module_precision_weights: dict[str, dict[int, float]] | None = None,
     module_clip_search_weights: dict[str, dict[int, float]] | None = None,
     damp: float | None = None,
+    descent_sweeps: int | None = None,
     loss_weighted_hessians: bool = True,
     seed: int = 0,
     budgets: list[float] | None = None,

@@ -145,6 +145,9 @@ class CompressParams(BaseModel):
     damp: float | None = Field(
         None, gt=0, le=10, description="GPTQ dampening of the compensated codes, times mean(diag H) (default: config)"
     )
+    descent_sweeps: int | None = Field(
+        None, ge=0, le=64, description="coordinate-descent sweeps over the codes after GPTQ's pass (default: config)"
+    )
     loss_weighted_hessians: bool = Field(
         True, description="weigh calibration tokens in the Hessians by their loss saliency (False: GPTQ's X^T X)"
     )

@@ -109,6 +109,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -177,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--damp", type=_positive_float, metavar="D",
         help="GPTQ dampening of the error-compensated codes, as a fraction of the Hessian's mean diagonal "
         "(default: 0.1)",
+    )
+    quantize.add_argument(
+        "--descent-sweeps", type=_whole_number, metavar="N",
+        help="sweeps of coordinate descent over the codes after GPTQ's pass, on the same objective "
+        "(default: 0, GPTQ's codes)",
     )
     quantize.add_argument(
         "--uniform-hessians", action="store_true",
@@ -302,6 +317,8 @@ def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, 
         options["epochs_stage1"], options["epochs_stage2"] = args.epochs
     if args.damp is not None:
         options["damp"] = args.damp
+    if args.descent_sweeps is not None:
+        options["descent_sweeps"] = args.descent_sweeps
     if args.uniform_hessians:
         options["loss_weighted_hessians"] = False
     num_slices = options.get("num_slices", 4)

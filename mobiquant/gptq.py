@@ -33,6 +33,20 @@ chosen to minimise ``sum_b lambda_b (w_i^(b) - q_b(c))^2``, exactly over every c
 weighted precision (every prefix is tried; the finest bits below a prefix have a closed-form best).
 With one precision weighted this is plain GPTQ (round to nearest). MatGPTQ corrects one shared copy
 by the precisions' mean error instead; measured worse on this format (issue 16).
+
+Coordinate descent after the pass (QuantEase: Behdin et al., "QuantEase: Optimization-based Quantization
+for Language Models", 2023). GPTQ fixes each column once, against the columns still open, and never
+revisits it. With every other column fixed, a row's error ``e = w - q`` enters the objective through
+column ``i`` as ``H_ii e_i^2 + 2 e_i sum_{j != i} H_ij e_j``, so column ``i``'s best value is the target
+
+    q_i + (e H)_i / H_ii          (the current value plus the error's gradient over the curvature),
+
+one per copy, and its code is chosen for those targets exactly as in the pass (``H_ii`` is shared by all
+copies). A sweep visits every column in the pass's order; each step lowers the weighted objective or leaves
+it, and ``G = E H`` is kept current with GPTQ's lazy blocks (a column's change reaches the rest of its
+block at once and the later columns once per block). The pass's greedy choices weigh the finer
+precisions' accurate copies against the coarser ones' large errors only column by column; the sweeps
+trade them over the whole row (docs/method.md has what they move).
 """
 
 from __future__ import annotations
@@ -51,8 +65,8 @@ MAX_SEARCHED_BITS = 8
 ColumnQuantizer = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` in float64.
+def damped_hessian(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64, the Hessian every error here is measured with.
 
     A column no input ever reaches (``H_ii = 0``) gets ``H_ii = 1``: its weight cannot change the output,
     and the unit diagonal keeps ``H`` invertible without moving any other column.
@@ -61,7 +75,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) ->
     diagonal = damped.diagonal()
     diagonal[diagonal == 0] = 1.0
     diagonal += damp * diagonal.mean()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    return damped
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``damped_hessian(H, damp)^-1`` in float64."""
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped_hessian(hessian, damp)))
     return torch.linalg.cholesky(inverse, upper=True)
 
 
@@ -73,36 +92,72 @@ def compensate_columns(
     block_size: int = DEFAULT_BLOCK_SIZE,
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
+    descent_sweeps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPTQ column loop: codes ``[out, in]`` (int64) and each copy's output error ``[copies]``.
+    """The GPTQ column loop, then ``descent_sweeps`` sweeps of coordinate descent (see the module notes): codes
+    ``[out, in]`` (int64) and each copy's output error ``[copies]``.
 
-    The error is ``||X (W - Q)^T||^2`` with the damped Hessian (see the module notes), returned because it
-    falls out of the loop for free.
+    The error is ``||X (W - Q)^T||^2`` with the damped Hessian, returned because it falls out of the loop
+    for free (after sweeps, from the error's gradient the last sweep keeps).
     """
+    if isinstance(descent_sweeps, bool) or not isinstance(descent_sweeps, int) or descent_sweeps < 0:
+        raise ValueError(f"descent_sweeps must be a whole number >= 0, got {descent_sweeps!r}")
     hessian = hessian.double()
     order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(hessian.shape[0], device=hessian.device))
-    factor = inverse_hessian_factor(hessian[order][:, order], damp)
+    damped = damped_hessian(hessian[order][:, order], damp)
+    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     out_features, in_features = weight.shape
     # Column-major working copies [in, copies, out]: the column being quantized and the rows of the updates
     # below are contiguous.
-    work = weight.double().T[order].unsqueeze(1).repeat(1, copies, 1)
+    target = weight.double().T[order].unsqueeze(1)
+    work = target.repeat(1, copies, 1)
     codes = torch.empty(in_features, out_features, dtype=torch.int64, device=weight.device)
+    values = torch.empty_like(work)
     errors_sum = torch.zeros(copies, dtype=torch.float64, device=weight.device)
     columns = order.tolist()
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         block_errors = torch.empty(end - start, copies, out_features, dtype=torch.float64, device=weight.device)
         for position in range(start, end):
-            column_codes, quantized = quantize_column(columns[position], work[position])
-            codes[position] = column_codes
-            error = torch.sub(work[position], quantized, out=block_errors[position - start])
+            codes[position], values[position] = quantize_column(columns[position], work[position])
+            error = torch.sub(work[position], values[position], out=block_errors[position - start])
             error /= factor[position, position]
             work[position + 1 : end].addcmul_(factor[position, position + 1 : end, None, None], error, value=-1.0)
         errors_sum += block_errors.pow(2).sum(dim=(0, 2))
         work[end:].view(in_features - end, copies * out_features).addmm_(
             factor[start:end, end:].T, block_errors.view(end - start, -1), alpha=-1.0)
+    if descent_sweeps:
+        errors_sum = _descend(target, values, codes, damped, columns, quantize_column, descent_sweeps, block_size)
     return codes[torch.argsort(order)].T.contiguous(), errors_sum
+
+
+def _descend(target: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, damped: torch.Tensor,
+             columns: list[int], quantize_column: ColumnQuantizer, sweeps: int, block_size: int) -> torch.Tensor:
+    """Coordinate-descent sweeps over ``codes``/``values`` (``[in, ...]``, in the pass's order), in place.
+
+    ``target`` is the weight ``[in, 1, out]``, ``damped`` the damped Hessian in the same order. Returns each
+    copy's error ``sum_rows e H e^T`` after the sweeps.
+    """
+    in_features, copies, out_features = values.shape
+    for _sweep in range(sweeps):
+        errors = target - values
+        gradient = (damped @ errors.view(in_features, -1)).view_as(errors)
+        for start in range(0, in_features, block_size):
+            end = min(start + block_size, in_features)
+            # A change of a value is minus the change of its error: the gradient moves by -change H.
+            changes = torch.empty(end - start, copies, out_features, dtype=torch.float64, device=values.device)
+            for position in range(start, end):
+                aim = torch.addcdiv(values[position], gradient[position], damped[position, position])
+                codes[position], quantized = quantize_column(columns[position], aim)
+                torch.sub(quantized, values[position], out=changes[position - start])
+                values[position] = quantized
+                gradient[position + 1 : end].addcmul_(damped[position, position + 1 : end, None, None],
+                                                       changes[position - start], value=-1.0)
+            gradient[end:].view(in_features - end, copies * out_features).addmm_(
+                damped[end:, start:end], changes.view(end - start, -1), alpha=-1.0)
+    errors = target - values
+    return (errors * (damped @ errors.view(in_features, -1)).view_as(errors)).sum(dim=(0, 2))
 
 
 def nested_codes(
@@ -116,6 +171,7 @@ def nested_codes(
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
     row_gains: Mapping[int, torch.Tensor] | None = None,
+    descent_sweeps: int = 0,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """Codes ``c`` of ``code_bits`` bits (int64 ``[out, in]``) on the floor-aligned grid, and each precision's error.
 
@@ -128,9 +184,9 @@ def nested_codes(
     weighted precisions chose (the weighted copies' corrections answer other errors than its own).
     ``row_gains`` maps weighted precisions to per-row gains ``[out]`` (positive at the finest): such a precision's value
     is ``C + g (v - C)`` with ``C = s (2 - z)`` the group's centre (``mobiquant.slicing.fit_row_gains``), so
-    the codes are chosen for the weight the checkpoint will compute with. Returns
-    ``(codes, {bits: ||X (W - Q_bits)^T||^2})`` with the damped Hessian, for every weighted precision and
-    ``code_bits``.
+    the codes are chosen for the weight the checkpoint will compute with. ``descent_sweeps`` sweeps of
+    coordinate descent follow GPTQ's pass (module notes). Returns ``(codes, {bits: ||X (W - Q_bits)^T||^2})``
+    with the damped Hessian, for every weighted precision and ``code_bits``.
     """
     weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
     if not weighted or min(bit_weights.values()) < 0:
@@ -207,7 +263,8 @@ def nested_codes(
         return codes.to(torch.int64), torch.cat([quantized, finer[None]])
 
     tracked = precisions if code_bits == finest else [*precisions, code_bits]
-    codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order)
+    codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order,
+                                       descent_sweeps)
     return codes, dict(zip(tracked, errors.tolist(), strict=True))
 
 

@@ -173,6 +173,12 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
     for bad in ("0", "-1", "nan", "inf", "x"):
         code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--damp", bad)
         assert code == 2 and "expected a positive number" in one_line(err)
+    for flags, sweeps in (([], CalibrationConfig().descent_sweeps), (["--descent-sweeps", "3"], 3)):
+        options = cli.calibration_options(cli.build_parser().parse_args(["quantize", "m", "-o", "x", *flags]), 64)
+        assert CalibrationConfig(**options).descent_sweeps == sweeps
+    for bad in ("-1", "1.5", "x"):
+        code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--descent-sweeps", bad)
+        assert code == 2 and "expected a whole number >= 0" in one_line(err)
 
 
 def test_missing_checkpoint_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

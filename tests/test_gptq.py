@@ -198,6 +198,70 @@ def test_row_gains_must_be_finite_on_weighted_precisions_and_positive_at_the_fin
     assert codes.shape == weight.shape
 
 
+def weighted_objective(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       weights: dict[int, float], hessian: torch.Tensor) -> float:
+    """``sum_b lambda_b ||X (W - Q_b)^T||^2`` of 8-bit codes, each precision read by shifting."""
+    s, z = scale.double().repeat_interleave(GROUP, 1), zero.double().repeat_interleave(GROUP, 1)
+    return sum(w * output_error(weight, grid_value(codes >> (8 - b), b, s, z), hessian) for b, w in weights.items())
+
+
+@pytest.mark.parametrize(("weights", "code_bits"), [({2: 2.0, 4: 24.0, 6: 32.0, 8: 8.0}, 8), ({2: 4.0, 4: 1.0}, 8),
+                                                     ({4: 1.0}, 4)])
+def test_descent_sweeps_lower_the_weighted_error_and_report_it(weights: dict[int, float], code_bits: int) -> None:
+    generator = torch.Generator().manual_seed(len(weights) * 11 + code_bits)
+    torch.manual_seed(len(weights) + code_bits)
+    weight, x = heavy_tailed(20, 96, generator), correlated_inputs(300, 96, generator)
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, code_bits // 2, clip=0.85)
+    reference = damped(hessian, 0.1)
+    s, z = sliced.scale.double().repeat_interleave(GROUP, 1), sliced.zero.double().repeat_interleave(GROUP, 1)
+    objectives = []
+    for sweeps in range(4):
+        codes, errors = nested_codes(weight, hessian, sliced.scale, sliced.zero, code_bits, weights, block_size=16,
+                                     damp=0.1, descent_sweeps=sweeps)
+        objectives.append(sum(w * output_error(weight, grid_value(codes >> (code_bits - b), b, s, z), reference)
+                              for b, w in weights.items()))
+        for bits in [*weights, code_bits]:
+            quantized = grid_value(codes >> (code_bits - bits), bits, s, z)
+            assert errors[bits] == pytest.approx(output_error(weight, quantized, reference), rel=1e-9)
+    assert objectives[1] < objectives[0] * 0.999
+    assert objectives[3] <= objectives[2] * (1 + 1e-12) and objectives[2] <= objectives[1] * (1 + 1e-12)
+
+
+def test_descent_converges_to_codes_no_single_change_improves() -> None:
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    weights = {2: 2.0, 4: 24.0, 6: 32.0, 8: 8.0}
+    weight, x = heavy_tailed(3, 64, generator), correlated_inputs(200, 64, generator)
+    hessian = x.T @ x
+    sliced = slice_weight(weight, GROUP, 4, clip=0.85)
+    reference = damped(hessian, 0.1)
+    gptq_codes, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16, damp=0.1)
+    codes, _ = nested_codes(weight, hessian, sliced.scale, sliced.zero, 8, weights, block_size=16, damp=0.1,
+                            descent_sweeps=40)
+    assert not torch.equal(codes, gptq_codes)
+    best = weighted_objective(weight, codes, sliced.scale, sliced.zero, weights, reference)
+    assert best < weighted_objective(weight, gptq_codes, sliced.scale, sliced.zero, weights, reference)
+    # Every single code changed to every other value, the whole objective evaluated afresh.
+    s, z = sliced.scale.double().repeat_interleave(GROUP, 1), sliced.zero.double().repeat_interleave(GROUP, 1)
+    for row in range(codes.shape[0]):
+        for column in range(codes.shape[1]):
+            trials = codes.repeat(256, 1, 1)
+            trials[:, row, column] = torch.arange(256)
+            costs = sum(w * torch.einsum("trc,cd,trd->t", error, reference, error)
+                        for b, w in weights.items()
+                        for error in [grid_value(trials >> (8 - b), b, s, z) - weight.double()])
+            assert float(costs.min()) >= best * (1 - 1e-9), (row, column)
+
+
+@pytest.mark.parametrize("sweeps", [-1, 1.5, True])
+def test_descent_sweeps_are_checked(sweeps: object) -> None:
+    weight = torch.randn(4, 32)
+    sliced = slice_weight(weight, GROUP, 4)
+    with pytest.raises(ValueError, match="descent_sweeps must be a whole number >= 0"):
+        nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {4: 1.0}, descent_sweeps=sweeps)
+
+
 def test_diagonal_hessian_gives_nearest_rounding() -> None:
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
@@ -295,6 +359,28 @@ def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> No
     for name in linears:
         assert torch.equal(without.state[f"{name}.planes"], result.state[f"{name}.planes"]), name
         assert torch.equal(without.state[f"{name}.gains"], torch.ones_like(result.state[f"{name}.gains"])), name
+
+
+def test_calibrated_block_sweeps_its_codes_when_asked() -> None:
+    torch.manual_seed(22)
+    arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
+        *shape, torch.Generator().manual_seed(shape[0] * 3 + shape[1])))
+    config = CalibrationConfig(group_size=GROUP, epochs_stage1=0, epochs_stage2=0, router_hidden=0, batch_size=4,
+                               precision_weights=(4.0, 24.0, 32.0, 8.0), row_gain_slices=0, descent_sweeps=2)
+    seen = linear_inputs(arch, block, inputs, block_kwargs)
+    result = calibrate_block(block, inputs, block_kwargs, arch, config, progress=False)
+    swept = 0
+    for name, linear in arch.quantized_linears(block).items():
+        x = seen[name].double()
+        scale, zero = result.state[f"{name}.scale"].float(), result.state[f"{name}.zero"].float()
+        objective = config.compensation_objective(name)
+        bits = {2 * k: w for k, w in objective.items()}
+        expected, _ = nested_codes(linear.weight.detach(), x.T @ x, scale, zero, 8, bits, damp=config.damp,
+                                   descent_sweeps=2)
+        assert torch.equal(unpack_codes(result.state[f"{name}.planes"], 4), expected), name
+        gptq, _ = nested_codes(linear.weight.detach(), x.T @ x, scale, zero, 8, bits, damp=config.damp)
+        swept += not torch.equal(expected, gptq)
+    assert swept > 0
 
 
 def heavy_tailed_linear(seed: int, bias: bool) -> tuple[torch.nn.Linear, torch.Generator]:

@@ -322,6 +322,7 @@ def test_invalid_configuration_is_refused() -> None:
         CalibrationConfig(target_bits=3.0)
     with pytest.raises(ValueError, match="unknown calibration options"):
         CalibrationConfig.from_dict({"epochs": 3})
-    for passes in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="gain_aware_passes must be a whole number >= 0"):
-            CalibrationConfig(gain_aware_passes=passes)
+    for option in ("gain_aware_passes", "descent_sweeps"):
+        for passes in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=f"{option} must be a whole number >= 0"):
+                CalibrationConfig(**{option: passes})

@@ -159,7 +159,7 @@ def calibrate_block(
             for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
                                      disable=not progress, leave=False):
                 errors = module.fix_codes(hessians[name], config.compensation_objective(name), config.damp,
-                                          config.row_gain_slices, config.gain_aware_passes)
+                                          config.row_gain_slices, config.gain_aware_passes, config.descent_sweeps)
                 losses[f"gptq {name}"] = [errors[k] for k in sorted(errors)]
             _report(on_progress, block_index, "gptq codes")
         if config.routed:

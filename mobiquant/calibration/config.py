@@ -45,6 +45,8 @@ MAX_COMPENSATED_SLICES = 4
 # (docs/quality.md), where the nested codes' compromise is small and a fitted gain adds more than it removes.
 DEFAULT_ROW_GAIN_SLICES = 2
 DEFAULT_ELASTIC_DAMP = 0.1
+# Coordinate-descent sweeps after GPTQ's pass (mobiquant.gptq): what two sweeps move is measured in docs/quality.md.
+DEFAULT_DESCENT_SWEEPS = 0
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
 
@@ -76,6 +78,9 @@ class CalibrationConfig:
     gain_aware_passes: int = 0
     """After the first codes and their gains: passes that choose the codes again for the gained weights
     (``nested_codes(row_gains=...)``) and refit the gains."""
+    descent_sweeps: int = DEFAULT_DESCENT_SWEEPS
+    """Sweeps of coordinate descent over the codes' columns after GPTQ's pass, on the same weighted objective
+    (``nested_codes(descent_sweeps=...)``); 0 keeps GPTQ's codes."""
     loss_weighted_hessians: bool = True
     """Weigh each calibration token in the Hessians by its saliency, the squared gradient of the calibration
     loss at the linear's outputs (:mod:`mobiquant.calibration.saliency`); ``False``: every token alike, GPTQ's
@@ -112,9 +117,10 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if isinstance(self.gain_aware_passes, bool) or not isinstance(self.gain_aware_passes, int) \
-                or self.gain_aware_passes < 0:
-            raise ValueError(f"gain_aware_passes must be a whole number >= 0, got {self.gain_aware_passes!r}")
+        for option in ("gain_aware_passes", "descent_sweeps"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{option} must be a whole number >= 0, got {value!r}")
         if not 0 <= self.row_gain_slices <= self.num_slices:
             raise ValueError(f"row_gain_slices must be in 0..{self.num_slices}, got {self.row_gain_slices!r}")
         if not 0.0 < self.damp <= MAX_DAMP:

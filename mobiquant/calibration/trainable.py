@@ -69,10 +69,11 @@ class TrainableSlicedLinear(nn.Module):
             self.lower_logit.copy_(clip_logit(lower))
 
     def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float,
-                  row_gain_slices: int = 0, gain_aware_passes: int = 0) -> dict[int, float]:
+                  row_gain_slices: int = 0, gain_aware_passes: int = 0, descent_sweeps: int = 0) -> dict[int, float]:
         """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``),
         then the row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``); each of
-        ``gain_aware_passes`` then chooses the codes again for the gained weights and refits the gains.
+        ``gain_aware_passes`` then chooses the codes again for the gained weights and refits the gains. Every
+        choice of codes ends with ``descent_sweeps`` sweeps of coordinate descent.
 
         From here on the layer computes with these codes, so the router fit and its truncation errors see
         the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
@@ -84,7 +85,7 @@ class TrainableSlicedLinear(nn.Module):
         bits = {BITS_PER_SLICE * k: w for k, w in slice_weights.items()}
         hessian = hessian.to(self.weight.device)
         codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
-                                     damp=damp)
+                                     damp=damp, descent_sweeps=descent_sweeps)
         self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
                                   self.group_size)
         if row_gain_slices:
@@ -96,7 +97,7 @@ class TrainableSlicedLinear(nn.Module):
         for _pass in range(gain_aware_passes if aimed else 0):
             gains = {BITS_PER_SLICE * k: self.fixed.gains[k - 1].double() for k in aimed}
             codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
-                                         damp=damp, row_gains=gains)
+                                         damp=damp, row_gains=gains, descent_sweeps=descent_sweeps)
             self.fixed.planes = pack_codes(codes, self.num_slices)
             self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
         self._fixed_weights = [self.fixed.dequantize(k) for k in range(1, self.num_slices + 1)]
