@@ -78,12 +78,6 @@ def damped_hessian(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.T
     return damped
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``damped_hessian(H, damp)^-1`` in float64."""
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped_hessian(hessian, damp)))
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
 def compensate_columns(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -98,7 +92,7 @@ def compensate_columns(
     ``[out, in]`` (int64) and each copy's output error ``[copies]``.
 
     The error is ``||X (W - Q)^T||^2`` with the damped Hessian, returned because it falls out of the loop
-    for free (after sweeps, from the error's gradient the last sweep keeps).
+    for free (after sweeps, computed afresh from the final codes).
     """
     if isinstance(descent_sweeps, bool) or not isinstance(descent_sweeps, int) or descent_sweeps < 0:
         raise ValueError(f"descent_sweeps must be a whole number >= 0, got {descent_sweeps!r}")
@@ -106,6 +100,7 @@ def compensate_columns(
     order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(hessian.shape[0], device=hessian.device))
     damped = damped_hessian(hessian[order][:, order], damp)
+    # U, the upper Cholesky factor of the damped Hessian's inverse (module notes).
     factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     out_features, in_features = weight.shape
     # Column-major working copies [in, copies, out]: the column being quantized and the rows of the updates
