@@ -195,12 +195,13 @@ def cost(args: argparse.Namespace) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        phase = _phases(marks, start, calibration)
+        phase = _phases(marks, start)
         tokens = args.samples * args.seqlen
         target_tokens = TARGET["samples"] * TARGET["seqlen"]
         rate1 = phase["stage1"] / max(tokens * calibration.epochs_stage1, 1)
         rate2 = phase["stage2"] / max(tokens * calibration.epochs_stage2, 1)
-        projected_block = (phase["prepare"] + phase["router fit"] + rate1 / 3 * (target_tokens - tokens)
+        projected_block = (phase["prepare"] + phase["gptq codes"] + phase["router fit"]
+                           + rate1 / 3 * (target_tokens - tokens)
                            + rate1 * target_tokens * TARGET["epochs_stage1"]
                            + rate2 * target_tokens * TARGET["epochs_stage2"])
         if device.type == "cuda":
@@ -230,6 +231,14 @@ def cost(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _shape_names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown shape {unknown[0]!r}; known: {', '.join(SHAPES)}")
+    return names
+
+
 def _recorder(marks: list[tuple[str, float]]) -> object:
     def record(event: dict) -> None:
         marks.append((str(event["stage"]), time.perf_counter()))
@@ -237,9 +246,10 @@ def _recorder(marks: list[tuple[str, float]]) -> object:
     return record
 
 
-def _phases(marks: list[tuple[str, float]], start: float, config: object) -> dict[str, float]:
-    """Seconds per phase from the progress events: preparation (clip search), stage 1, router fit, stage 2."""
-    times = {"prepare": 0.0, "stage1": 0.0, "router fit": 0.0, "stage2": 0.0}
+def _phases(marks: list[tuple[str, float]], start: float) -> dict[str, float]:
+    """Seconds per phase from the progress events: preparation (Hessians, clip search), stage 1, the compensated
+    codes, router fit, stage 2."""
+    times = {"prepare": 0.0, "stage1": 0.0, "gptq codes": 0.0, "router fit": 0.0, "stage2": 0.0}
     previous = start
     for stage, at in marks:
         key = "prepare" if stage == "clip search" else stage
@@ -281,7 +291,7 @@ def main() -> int:
     mem.add_argument("--layers", type=lambda t: tuple(int(x) for x in t.split(",")), default=(2, 10))
     mem.add_argument("--threads", type=int, default=2)
     run = commands.add_parser("cost")
-    run.add_argument("--shapes", type=lambda t: t.split(","), default=["smollm2", "llama-3.2-1b"])
+    run.add_argument("--shapes", type=_shape_names, default=["smollm2", "llama-3.2-1b"])
     run.add_argument("--device", default="auto")
     run.add_argument("--compute-dtype", default="float32", choices=["float32", "tfloat32", "bfloat16"])
     run.add_argument("--samples", type=int, default=4)

@@ -201,7 +201,14 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         self._precision: dict[str, float] = {}
 
     def update_attn_implementation(self, config: Any) -> Any:
-        # The only hook that sees the model config before transformers resolves the weight files: drop the guard
+        return self._take_model_config(config)
+
+    def update_tp_plan(self, config: Any) -> Any:
+        # transformers before 5.23 (the GPU image's 5.17) hands the config to this hook instead.
+        return self._take_model_config(config)
+
+    def _take_model_config(self, config: Any) -> Any:
+        # The only hooks that see the model config before transformers resolves the weight files: drop the guard
         # that makes loading without this quantizer fail.
         # Checkpoints written by earlier versions carry an earlier wording of the guard.
         if str(getattr(config, "transformers_weights", None)).startswith(_LOAD_GUARD_PREFIX):

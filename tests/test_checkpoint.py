@@ -134,6 +134,22 @@ def test_loading_without_import_fails_clearly(tmp_path: Path) -> None:
     assert "pip install ." in INSTALL_HINT and "not on PyPI" in INSTALL_HINT
 
 
+@pytest.mark.parametrize("hook", ["update_attn_implementation", "update_tp_plan"])
+def test_either_config_hook_drops_the_guard_and_reads_the_precision(tmp_path: Path, hook: str) -> None:
+    # transformers 5.23 and later show the quantizer the model config through update_attn_implementation, earlier
+    # 5.x releases (the GPU image's 5.17) through update_tp_plan: each must drop the guard before the weight files
+    # are resolved.
+    from transformers import AutoConfig
+
+    _, out = saved(tmp_path, seed=19)
+    config = AutoConfig.from_pretrained(out, mobiquant_slices=2)
+    assert config.transformers_weights == LOAD_GUARD
+    quantizer = checkpoint.MoBiQuantHfQuantizer(checkpoint.MoBiQuantConfig(**config.quantization_config))
+    assert getattr(quantizer, hook)(config) is config
+    assert config.transformers_weights is None
+    assert quantizer._precision == {"slices": 2}
+
+
 def test_import_is_light_and_registers_when_transformers_is_first_used(tmp_path: Path) -> None:
     _, out = saved(tmp_path, seed=18)
     # A checkpoint written before the install line changed: its guard is still recognised.
