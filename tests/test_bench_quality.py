@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.quality import clip_search_gptq, mixed_precision_bits, output_error_costs, record_mixed_peer, sequential_peer
+from bench.quality import (
+    clip_search_gptq,
+    mixed_precision_bits,
+    output_error_costs,
+    print_tables,
+    record_mixed_peer,
+    sequential_peer,
+)
 from mobiquant.arch import architecture_for
 from tests.tiny_models import GROUP, VOCAB, tiny_model
 
@@ -106,3 +113,46 @@ def test_mixed_peer_holds_the_budget_and_uses_only_the_two_grids() -> None:
             low_params += linear.weight.numel() * (levels <= 4)
             total += linear.weight.numel()
     assert average == pytest.approx(4.0 - 2.0 * low_params / total)
+
+
+def _report(ppl: dict[tuple[str, str], tuple[float, float]]) -> dict:
+    rows = [{"method": method, "setting": setting, "ppl": {"plays": a, "python docs": b},
+             "bits": {"plays": 4.0, "python docs": 4.0}} for (method, setting), (a, b) in ppl.items()]
+    return {"rows": rows, "calibration_minutes": {"elastic": {"minutes": 6.0, "minutes_per_block": 0.2}},
+            "top10_overlap": {"elastic (GPTQ codes): 2 vs 4 bits": 0.25}}
+
+
+def test_targets_are_printed_as_ratios_to_their_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    drawn = iter((10 + 90 * torch.rand(64, generator=generator, dtype=torch.float64)).tolist())
+    ppl = {("full precision", "fp32"): (next(drawn), next(drawn)), ("RTN", "W2g64"): (next(drawn), next(drawn))}
+    ppl |= {("MoBiQuant uniform", f"{k} slices"): (next(drawn), next(drawn)) for k in (1, 2, 3)}
+    ppl |= {("MoBiQuant routed", "avg 3 bits"): (next(drawn), next(drawn)),
+            ("HQQ", "W4g64"): (next(drawn), next(drawn)),
+            ("GPTQ-2/4 by layer, clip search", "avg 3 bits"): (next(drawn), next(drawn))}
+    ppl |= {(f"GPTQ-{bits}, {grid}", f"W{bits}g64"): (next(drawn), next(drawn))
+            for bits in (2, 3, 4, 6) for grid in ("min-max", "clip search")}
+    print_tables(_report(ppl))
+    printed = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line.strip("|").split("|")[2:]
+               for line in capsys.readouterr().out.splitlines() if line.startswith("| plays") or
+               line.startswith("| python docs")}
+    for column, text in enumerate(("plays", "python docs")):
+        def at(method: str, setting: str, column: int = column) -> float:
+            return ppl[(method, setting)][column]
+
+        two = at("MoBiQuant uniform", "2 slices")
+        expected = {
+            "2 slices / clip-search GPTQ-4 (<= 1.02)": (two / at("GPTQ-4, clip search", "W4g64"), 1.02),
+            "2 slices / better of min-max GPTQ-4 and HQQ-4 (<= 0.92)":
+                (two / min(at("GPTQ-4, min-max", "W4g64"), at("HQQ", "W4g64")), 0.92),
+            "3 slices / full precision (<= 1.01)": (at("MoBiQuant uniform", "3 slices") / at("full precision", "fp32"),
+                                                    1.01),
+            "routed 3 bits / better GPTQ-3 (< 1)": (at("MoBiQuant routed", "avg 3 bits") / min(
+                at("GPTQ-3, min-max", "W3g64"), at("GPTQ-3, clip search", "W3g64")), 1.0),
+            "1 slice / better GPTQ-2 (<= 5)": (at("MoBiQuant uniform", "1 slices") / min(
+                at("GPTQ-2, min-max", "W2g64"), at("GPTQ-2, clip search", "W2g64")), 5.0),
+        }
+        for target, (ratio, bound) in expected.items():
+            shown, verdict = (cell.strip() for cell in printed[(text, target)])
+            assert float(shown) == pytest.approx(ratio, abs=5e-4)
+            assert verdict == ("met" if ratio <= bound and (bound != 1.0 or ratio < bound) else "missed")
