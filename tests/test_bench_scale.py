@@ -18,7 +18,9 @@ def test_cost_times_every_calibration_phase_and_projects_from_them(monkeypatch: 
     [row] = scale.cost(args)
     phases = row["phases_seconds"]
     assert set(phases) == {"prepare", "stage1", "gptq codes", "router fit", "stage2"}
-    assert all(seconds > 0 for seconds in phases.values())
+    # Rounded to 0.01 s, the tiny block's training stages may read 0; its codes and Hessian pass do not.
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["prepare"] > 0 and phases["gptq codes"] > 0
     # The phases split the block's time between them (each rounded to 0.01 s).
     assert sum(phases.values()) == pytest.approx(row["block_seconds"], abs=0.05 + 0.01 * len(phases))
     # The projection keeps the token-independent phases and scales the stages up to 128 x 2048 tokens, 2 + 20 epochs.
