@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mobiquant.calibration import CalibrationConfig, quantize_files
+from mobiquant.checkpoint import refuse_quantized
 from mobiquant.data import Corpus, DataSourceError, calibration_samples, corpus_samples
 from mobiquant.devices import resolve_device
 
@@ -60,6 +61,7 @@ def quantize(
     fields. Non-quantized tensors keep the model's dtype. Blocks calibrate on ``device`` (``auto``: CUDA
     when present). Save the result with ``save_pretrained`` or ``mobiquant.save_checkpoint``.
     """
+    refuse_quantized(model)
     if not isinstance(config, CalibrationConfig):
         config = CalibrationConfig.from_dict(dict(config or {}))
     compute = resolve_device(device)

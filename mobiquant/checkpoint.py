@@ -55,6 +55,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, architecture_for
 from mobiquant.layers import MoBiLinear
+from mobiquant.outputs import holds_mobiquant_checkpoint
 from mobiquant.precision import set_precision
 from mobiquant.slicing import BITS_PER_SLICE, FORMAT, FORMAT_V1, PARAM_DTYPE, WORD_BITS, check_num_slices
 
@@ -140,6 +141,12 @@ def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MoBiLinear)}
 
 
+def refuse_quantized(model: nn.Module) -> None:
+    """Refuse to calibrate a model that already has MoBiQuant layers (its full-precision weights are gone)."""
+    if any(isinstance(module, MoBiLinear) for module in model.modules()):
+        raise ValueError("the model is already a MoBiQuant model: quantize its full-precision source")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # transformers integration
 
@@ -195,8 +202,13 @@ class MoBiQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: MoBiQuantConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.max_slices = _MAX_SLICES.get()
-        if self.max_slices is not None and not 1 <= self.max_slices <= quantization_config.num_slices:
-            raise CheckpointError(f"max_slices must be in 1..{quantization_config.num_slices}, got {self.max_slices}")
+        if self.max_slices is not None and (
+            isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int)
+            or not 1 <= self.max_slices <= quantization_config.num_slices
+        ):
+            raise CheckpointError(
+                f"max_slices must be a whole number in 1..{quantization_config.num_slices}, got {self.max_slices!r}"
+            )
         self._checkpoint_files: list[str] = []
         self._precision: dict[str, float] = {}
 
@@ -244,10 +256,7 @@ class MoBiQuantHfQuantizer(HfQuantizer):
                                          device=layer.scale.device)
         if self._precision:
             set_precision(model, **self._precision)
-        # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
-        # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
-        model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
-        model._upload_modified_files = types.MethodType(_upload_with_guard, model)
+        _guard_saving(model)
         return model
 
     def is_serializable(self) -> bool:
@@ -270,6 +279,22 @@ class MoBiQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def attach_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """Give an elastic model built in memory (``mobiquant.quantize``) what loading a checkpoint gives it:
+    ``save_pretrained`` and ``push_to_hub`` then write what :func:`save_checkpoint` writes (the quantization
+    config recomputed from the layers, the precision keys, the load guard), not a plain model's files."""
+    model.hf_quantizer = MoBiQuantHfQuantizer(MoBiQuantConfig(**quantization_config_of(model)))
+    _guard_saving(model)
+    return model
+
+
+def _guard_saving(model: PreTrainedModel) -> None:
+    # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
+    # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
+    model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
+    model._upload_modified_files = types.MethodType(_upload_with_guard, model)
 
 
 def _write_load_guard(folder: str | os.PathLike) -> None:
@@ -536,14 +561,19 @@ def save_checkpoint(
 
     Everything is written into a temporary folder beside ``out_dir``, flushed to disk, then renamed into place: after
     a failure ``out_dir`` is as it was (absent, or the previous checkpoint when overwriting). An existing non-empty
-    ``out_dir`` is replaced only with ``overwrite=True``. ``extra_config`` entries (calibration settings, source
-    revision, ...) are added to ``quantization_config``. Returns the folder.
+    ``out_dir`` is replaced only with ``overwrite=True``, and only if it holds a MoBiQuant checkpoint.
+    ``extra_config`` entries (calibration settings, source revision, ...) are added to ``quantization_config``.
+    Returns the folder.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+        if not holds_mobiquant_checkpoint(out):
+            raise CheckpointError(f"{out} is not empty and holds no MoBiQuant checkpoint: overwrite=True only "
+                                  "replaces an earlier checkpoint")
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,9 +85,12 @@ def slice_weights_arg(text: str) -> dict[int, float]:
     for item in text.split(","):
         count, _, weight = item.partition(":")
         try:
-            weights[int(count)] = float(weight)
+            slices, value = int(count), float(weight)
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected SLICES:WEIGHT pairs like 1:4,2:1,3:1, got {text!r}") from err
+        if slices in weights:
+            raise argparse.ArgumentTypeError(f"{slices} slices weighted twice in {text!r}")
+        weights[slices] = value
     return weights
 
 
@@ -334,36 +337,36 @@ def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mobiquant.data import cache_root
     from mobiquant.devices import set_threads
-    from mobiquant.outputs import check_output_dir
+    from mobiquant.outputs import check_output_dir, check_work_dir
 
     output = Path(args.output).expanduser().absolute()
     work_root = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.mobiquant-work"
-    protected = [("work folder", work_root), ("mobiquant cache", cache_root())]
     model_path = Path(args.model).expanduser()
-    if model_path.exists():
-        protected.append(("source model", model_path))
+    local_source = [("source model", model_path)] if model_path.exists() else []
+    protected = [("work folder", work_root), ("mobiquant cache", cache_root()), *local_source]
     # Checked before anything slow runs: a calibration must not end in a refused write or a deleted source.
     check_output_dir(output, args.force, protected)
+    check_work_dir(work_root, output, local_source)
     device = _device(args.device)
     if args.compute_dtype != "float32" and device.type != "cuda":
         raise CommandError(f"--compute-dtype {args.compute_dtype} needs a CUDA device; {device} computes in float32")
     threads = set_threads(args.threads)
 
     import torch
-    from transformers import AutoTokenizer
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
-    from mobiquant.sources import check_tokenizer, materialize, with_safetensors
+    from mobiquant.sources import check_tokenizer, load_tokenizer, materialize, with_safetensors
 
     source = materialize(args.model, revision=args.revision, allow_pickle=args.allow_pickle)
     check_output_dir(output, args.force, [*protected, ("source model", source.path)])
+    check_work_dir(work_root, output, [("source model", source.path)])
     source = with_safetensors(source)
     files = ModelFiles(source.path)
     files.check()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    tokenizer = load_tokenizer(source.path)
     check_tokenizer(tokenizer, files.config)
     group_size = args.group_size or auto_group_size(files.block_structure(0), files.arch)
     config = CalibrationConfig(**calibration_options(args, group_size))
@@ -379,14 +382,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     }
     # The calibration resumes from blocks keyed by the source's content sha, samples and settings; one folder
     # per source model keeps the work of different models apart.
+    run_work = work_root / source.sha[:16]
     model = quantize_files(
-        source.path, samples, config, work_root / source.sha[:16], model_key=source.sha, device=device,
+        source.path, samples, config, run_work, model_key=source.sha, device=device,
         provenance=provenance, store_dtype=torch.float32 if args.float32_inputs else None,
     )
     # save_checkpoint writes beside the output and renames into place: no half checkpoint after a failure.
     save_checkpoint(model, output, tokenizer, overwrite=args.force)
     if not args.keep_work:
-        shutil.rmtree(work_root, ignore_errors=True)
+        # Only this run's folder: a --work-dir the user named may hold other models' work or their own files.
+        shutil.rmtree(run_work, ignore_errors=True)
+        if work_root.is_dir() and not any(work_root.iterdir()):
+            work_root.rmdir()
     print(f"mobiquant: wrote {output}", file=sys.stderr)
 
 
@@ -475,18 +482,17 @@ def _device(name: str | None) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from mobiquant.checkpoint import load_checkpoint, read_quantization_config
     from mobiquant.data import evaluation_tokens
     from mobiquant.evaluation import model_context
+    from mobiquant.sources import load_tokenizer
 
     path = _checkpoint_dir(args.checkpoint)
     # Settings, data and task names are checked before the model is loaded, so a typo fails in seconds.
     uniform, avg_bits = eval_settings(read_quantization_config(path), args)
     if args.hold_budget and args.tasks:
         raise CommandError("--hold-budget applies to perplexity: lm-eval tasks run each budget as fitted")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if args.tasks:
         from mobiquant.harness import check_tasks, task_manager
 
@@ -549,12 +555,11 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
     scores shift and a budget spends other bits than asked (docs/quality.md). One pass over a sample of the serving
     text, with no recalibration, gives budgets that hold there.
     """
-    from transformers import AutoTokenizer
-
     from mobiquant.checkpoint import load_checkpoint, read_quantization_config, save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.outputs import check_output_dir
     from mobiquant.precision import calibrate_thresholds
+    from mobiquant.sources import load_tokenizer
 
     path = _checkpoint_dir(args.checkpoint)
     if not read_quantization_config(path).get("router_hidden"):
@@ -564,7 +569,7 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
         output = check_output_dir(path, force=True)
     else:
         output = check_output_dir(args.output, args.force, [("checkpoint it reads", path)])
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     # Drawn before the model loads: too little text fails in seconds, and the checkpoint is untouched.
     samples = calibration_samples(tokenizer, args.data, args.samples, args.seqlen, args.seed)
     model = load_checkpoint(path, device=_device(args.device)).eval()

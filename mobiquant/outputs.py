@@ -63,3 +63,17 @@ def check_output_dir(output: str | os.PathLike, force: bool, protected: Iterable
     if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
         raise OutputError(f"output {out} is not writable")
     return out
+
+
+def check_work_dir(work: str | os.PathLike, output: Path, protected: Iterable[tuple[str, str | os.PathLike]] = ()
+                   ) -> Path:
+    """The resolved work folder, or one clear :class:`OutputError`: the output may not lie inside it (the run
+    removes its work when done) and it may not lie inside a ``protected`` folder (the run writes there)."""
+    resolved = Path(work).expanduser().resolve()
+    if is_within(output.expanduser().resolve(), resolved):
+        raise OutputError(f"output {output} is inside the work folder {resolved}: choose an output outside it")
+    for what, path in protected:
+        guarded = Path(path).expanduser().resolve()
+        if is_within(resolved, guarded):
+            raise OutputError(f"work folder {resolved} is inside the {what} ({guarded}): choose another folder")
+    return resolved

@@ -156,7 +156,9 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
 
     No recalibration: routed budgets move along the threshold tables stored in the checkpoint. A model
     loaded with fewer slices than it was calibrated with (``max_slices``) runs budgets up to what it holds,
-    re-allocated over the slices held.
+    re-allocated over the slices held; that re-allocation estimates what each capped layer gives back, so
+    such a model can miss the budget by a few tenths of a bit even on the calibration text (``hold_budget``
+    holds it on the text served).
     """
     if (avg_bits is None) == (slices is None):
         raise ValueError("give exactly one of avg_bits= or slices=")

@@ -272,6 +272,21 @@ def _http_error(where: str, error: HfHubHTTPError) -> SourceError:
 # Checks on a loaded model
 
 
+# A folder with none of these holds no tokenizer (transformers would blame a missing sentencepiece instead).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    """The tokenizer saved in the model or checkpoint ``folder`` (no remote code), or one clear error."""
+    from transformers import AutoTokenizer
+
+    root = Path(folder)
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise SourceError(f"{root} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                          "tokenizer into it")
+    return AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+
+
 def check_tokenizer(tokenizer: Any, config: Any) -> None:
     """Refuse a tokenizer whose ids run past the model's embedding table (it belongs to another model).
 

@@ -93,22 +93,20 @@ def capture(
 
     One block is in memory at a time; block inputs are stored in the source dtype unless ``float32_inputs``.
     """
-    from transformers import AutoTokenizer
-
     from mobiquant.calibration import CalibrationConfig
     from mobiquant.calibration.capture import capture_block_inputs
     from mobiquant.calibration.driver import check_config
     from mobiquant.data import calibration_samples
     from mobiquant.devices import resolve_device
     from mobiquant.model_files import ModelFiles
-    from mobiquant.sources import check_tokenizer
+    from mobiquant.sources import check_tokenizer, load_tokenizer
 
     start = time.perf_counter()
     # Every check on the inputs runs before the first file is written: bad input leaves the work folder as it was.
     files = ModelFiles(model_dir)
     files.check()
     check_config(files, CalibrationConfig.from_dict(config))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir)
     check_tokenizer(tokenizer, files.config)
     ids = calibration_samples(tokenizer, calibration_data, samples, seqlen, seed)
     provenance = {
@@ -176,13 +174,12 @@ def assemble(model_dir: Path, capture_dir: Path, block_paths: list[str], config:
 
     Only the packed model is held: the full-precision blocks are not loaded again.
     """
-    from transformers import AutoTokenizer
-
     from mobiquant.calibration import CalibrationConfig, assemble
     from mobiquant.calibration.config import quantization_config
     from mobiquant.calibration.store import read_manifest, read_result_report
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import load_tokenizer
 
     start = time.perf_counter()
     files = ModelFiles(model_dir)
@@ -191,22 +188,21 @@ def assemble(model_dir: Path, capture_dir: Path, block_paths: list[str], config:
     model = assemble(files, paths, calibration)
     provenance = read_manifest(capture_dir).get("provenance", {})
     model.config.quantization_config = quantization_config(calibration, files.arch, provenance)
-    save_checkpoint(model, out_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir), overwrite=True)
+    save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
     return {"path": str(out_dir), "seconds": time.perf_counter() - start}
 
 
 def thresholds(assembled_dir: Path, samples_path: Path, out_dir: Path, device: str) -> dict[str, Any]:
     """Router thresholds calibrated on the calibration samples (on ``device``); writes the final checkpoint."""
-    from transformers import AutoTokenizer
-
     from mobiquant.checkpoint import load_checkpoint, save_checkpoint
     from mobiquant.devices import resolve_device
     from mobiquant.precision import calibrate_thresholds
+    from mobiquant.sources import load_tokenizer
 
     start = time.perf_counter()
     model = load_checkpoint(assembled_dir, device=resolve_device(device))
     calibrate_thresholds(model, load_file(str(samples_path))["ids"])
-    save_checkpoint(model, out_dir, tokenizer=AutoTokenizer.from_pretrained(assembled_dir), overwrite=True)
+    save_checkpoint(model, out_dir, tokenizer=load_tokenizer(assembled_dir), overwrite=True)
     return {"path": str(out_dir), "files": tree_manifest(out_dir), "seconds": time.perf_counter() - start}
 
 
@@ -259,18 +255,17 @@ def validate(
     Full precision and RTN stream the source one block at a time; the packed elastic model is the only
     whole model held.
     """
-    from transformers import AutoTokenizer
-
     from mobiquant.checkpoint import load_checkpoint
     from mobiquant.data import evaluation_tokens
     from mobiquant.devices import resolve_device
     from mobiquant.evaluation import perplexity, rtn_transform, streamed_perplexities
     from mobiquant.model_files import ModelFiles
     from mobiquant.precision import set_precision, track_bits
+    from mobiquant.sources import load_tokenizer
 
     start = time.perf_counter()
     compute = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     tokens = evaluation_tokens(tokenizer, evaluation_data)
     files = ModelFiles(model_dir)
     rtn_bits = sorted({int(b) for b in budgets if float(b).is_integer()} | {2 * k for k in range(1, num_slices + 1)})

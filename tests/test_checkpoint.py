@@ -236,8 +236,9 @@ def test_max_slices_reads_and_keeps_only_the_first_slices(tmp_path: Path, monkey
         set_uniform(partial, None, threshold=0.5)
         set_uniform(full, m)
         assert torch.equal(logits(full, ids), logits(partial, ids))
-    with pytest.raises(CheckpointError, match=r"max_slices must be in 1\.\.4"):
-        load_checkpoint(out, max_slices=5)
+    for wrong in (5, 0, 2.5, "2", True):
+        with pytest.raises(CheckpointError, match=r"max_slices must be a whole number in 1\.\.4"):
+            load_checkpoint(out, max_slices=wrong)
     with pytest.raises(CheckpointError, match="max_slices"):
         save_checkpoint(load_checkpoint(out, max_slices=2), tmp_path / "partial")
 
@@ -302,6 +303,12 @@ def test_existing_folders_are_protected(tmp_path: Path) -> None:
     empty.mkdir()
     save_checkpoint(other, empty)
     assert (empty / "model.safetensors").is_file()
+    unrelated = tmp_path / "unrelated"
+    (unrelated / "sub").mkdir(parents=True)
+    (unrelated / "notes.txt").write_text("kept")
+    with pytest.raises(CheckpointError, match="holds no MoBiQuant checkpoint"):
+        save_checkpoint(other, unrelated, overwrite=True)
+    assert sorted(p.name for p in unrelated.iterdir()) == ["notes.txt", "sub"]
 
 
 def test_plain_models_and_other_folders_are_refused(tmp_path: Path) -> None:

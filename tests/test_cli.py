@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -179,6 +180,13 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
     for bad in ("-1", "1.5", "x"):
         code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--descent-sweeps", bad)
         assert code == 2 and "expected a whole number >= 0" in one_line(err)
+    for option in ("--precision-weights", "--clip-weights"):
+        for bad in ("1:inf,2:1", "1:nan,2:1"):
+            args = cli.build_parser().parse_args(["quantize", "m", "-o", "x", option, bad])
+            with pytest.raises(ValueError, match="finite non-negative weights"):
+                CalibrationConfig(**cli.calibration_options(args, 64))
+        code, err = run_usage(capsys, "quantize", "m", "-o", "x", option, "1:1,1:2")
+        assert code == 2 and "1 slices weighted twice" in one_line(err)
 
 
 def test_missing_checkpoint_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -484,6 +492,33 @@ def test_quantize_writes_a_checkpoint(
     assert sum(isinstance(m, MoBiLinear) for m in model.modules()) == 14
 
 
+def test_a_one_slice_checkpoint_is_written_and_evaluated(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    out = tmp_path / "ckpt"
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(out), "--data", str(text_file), *QUICK,
+                       "--slices", "1")
+    assert code == 0, err
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["num_slices"] == 1 and quant["calibration"]["row_gain_slices"] == 1
+    code, out_text, err = run(capsys, "eval", str(out), "--data", str(text_file), "--seqlen", "32", "--uniform", "1",
+                              "--max-windows", "2")
+    assert code == 0, err
+    row = next(line.split() for line in out_text.splitlines() if line.startswith("uniform 1 slice "))
+    assert float(row[3]) == 2.0 and 1.0 < float(row[4]) < math.inf, out_text
+
+
+def test_a_model_folder_without_a_tokenizer_is_named(
+    capsys: pytest.CaptureFixture, tmp_path: Path, text_file: Path
+) -> None:
+    folder = tmp_path / "no-tokenizer"
+    tiny_llama().save_pretrained(folder)
+    capsys.readouterr()
+    code, _, err = run(capsys, "quantize", str(folder), "-o", str(tmp_path / "c"), "--data", str(text_file), *QUICK)
+    assert code == 1 and f"{folder} holds no tokenizer" in one_line(err), err
+    assert not (tmp_path / "c").exists()
+
+
 def test_failed_quantize_leaves_no_output(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_folder: Path, text_file: Path
 ) -> None:
@@ -555,6 +590,28 @@ def test_output_over_the_source_or_a_foreign_folder_is_refused_and_nothing_delet
                        str(text_file), *QUICK)
     assert code == 1 and "holds no MoBiQuant checkpoint" in one_line(err)
     assert _folder_tree(tmp_path) == {**before, "photos/cat.jpg": b"\xff\xd8"}, "nothing deleted or written"
+
+
+def test_a_named_work_folder_loses_only_the_runs_own_work(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    work = tmp_path / "work"
+    (work / "other-model").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / "ckpt"), "--data", str(text_file),
+                       "--work-dir", str(work), *QUICK)
+    assert code == 0, err
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "other-model"]
+    before = _folder_tree(tmp_path)
+    cases = [
+        (model_folder / "work", tmp_path / "elsewhere", "is inside the source model"),
+        (work, work / "ckpt", "is inside the work folder"),
+    ]
+    for work_dir, output, message in cases:
+        code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(output), "--data", str(text_file),
+                           "--work-dir", str(work_dir), *QUICK)
+        assert code == 1 and message in one_line(err), err
+    assert _folder_tree(tmp_path) == before, "nothing written or deleted"
 
 
 def test_dangling_output_link_and_cuda_on_a_cpu_torch_fail_before_work(

@@ -323,6 +323,24 @@ def test_invalid_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown calibration options"):
         CalibrationConfig.from_dict({"epochs": 3})
     for option in ("gain_aware_passes", "descent_sweeps"):
-        for passes in (-1, 1.5, True):
-            with pytest.raises(ValueError, match=f"{option} must be a whole number >= 0"):
-                CalibrationConfig(**{option: passes})
+        with pytest.raises(ValueError, match=f"{option} must be a whole number >= 0"):
+            CalibrationConfig(**{option: -1})
+    with pytest.raises(ValueError, match="router_hidden must be >= 0"):
+        CalibrationConfig(router_hidden=-1)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("group_size", "128", "a whole number"), ("batch_size", 2.5, "a whole number"),
+     ("descent_sweeps", True, "a whole number"), ("num_slices", True, "a whole number"),
+     ("lr_clip", "x", "a number"), ("damp", "0.1", "a number"), ("target_bits", "4", "a number"),
+     ("clip_search", 1, "True or False"), ("mode", 2, "a string")],
+)
+def test_options_of_the_wrong_type_are_refused_by_name(option: str, value: object, expected: str) -> None:
+    with pytest.raises(TypeError, match=f"^{option} must be {expected}, got {value!r}$"):
+        CalibrationConfig(**{option: value})
+
+
+def test_numbers_of_either_kind_and_unset_options_are_accepted() -> None:
+    config = CalibrationConfig(lr_clip=1, damp=1, target_bits=4, precision_weights=None)
+    assert (config.lr_clip, config.damp, config.target_bits) == (1, 1, 4)

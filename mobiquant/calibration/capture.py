@@ -76,6 +76,10 @@ def capture_block_inputs(
     Returns the manifest (also written as ``manifest.json``). A finished capture of the same samples, model
     and dtype is reused; an unfinished one resumes after its last written block.
     """
+    positions = getattr(source.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and samples.shape[-1] > positions:
+        raise ValueError(f"calibration windows of {samples.shape[-1]} tokens are longer than the model's "
+                         f"{positions} positions (max_position_embeddings): use a shorter seqlen")
     capture_dir = Path(capture_dir)
     dtype = store_dtype or source.source_dtype
     key = capture_key(samples, model_key, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -49,6 +50,8 @@ DEFAULT_ELASTIC_DAMP = 0.1
 DEFAULT_DESCENT_SWEEPS = 0
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class CalibrationConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -117,12 +121,15 @@ class CalibrationConfig:
             raise ValueError(f"a control's target_bits must be an even number of bits in 2..{2 * self.num_slices}")
         if min(self.epochs_stage1, self.epochs_stage2) < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.router_hidden < 0:
+            raise ValueError(f"router_hidden must be >= 0 (0: no routers), got {self.router_hidden}")
         for option in ("gain_aware_passes", "descent_sweeps"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{option} must be a whole number >= 0, got {value!r}")
-        if not 0 <= self.row_gain_slices <= self.num_slices:
-            raise ValueError(f"row_gain_slices must be in 0..{self.num_slices}, got {self.row_gain_slices!r}")
+            if getattr(self, option) < 0:
+                raise ValueError(f"{option} must be a whole number >= 0, got {getattr(self, option)!r}")
+        if self.row_gain_slices < 0:
+            raise ValueError(f"row_gain_slices must be >= 0, got {self.row_gain_slices!r}")
+        # Gains at 1..row_gain_slices slices: a checkpoint with fewer slices fits them at every slice it has.
+        object.__setattr__(self, "row_gain_slices", min(self.row_gain_slices, self.num_slices))
         if not 0.0 < self.damp <= MAX_DAMP:
             raise ValueError(f"damp must be in (0, {MAX_DAMP:g}], got {self.damp!r}")
         for option in ("clip_search_weights", "precision_weights"):
@@ -136,11 +143,23 @@ class CalibrationConfig:
             raise ValueError(f"error-compensated codes reach at most {2 * MAX_COMPENSATED_SLICES} bits; a control "
                              f"at {self.target_bits} bits needs error_compensation=False")
 
+    def _check_types(self) -> None:
+        """Every scalar option of the type it is declared with (an int is a float; a bool is not a number)."""
+        for option in fields(self):
+            declared, _, optional = option.type.partition(" | ")
+            allowed = _SCALAR_TYPES.get(declared)
+            value = getattr(self, option.name)
+            if allowed is None or (value is None and optional == "None"):
+                continue
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"{option.name} must be {_TYPE_NAMES[declared]}, got {value!r}")
+
     def _checked(self, option: str, weights: tuple[float, ...]) -> tuple[float, ...]:
         """``weights`` as floats: one per slice count, non-negative, not all zero, none past 8-bit codes."""
         values = tuple(float(w) for w in weights)
-        if len(values) != self.num_slices or min(values) < 0 or max(values) <= 0:
-            raise ValueError(f"{option} needs {self.num_slices} non-negative weights, not all zero; got {list(values)}")
+        if len(values) != self.num_slices or not all(0 <= w < math.inf for w in values) or max(values) <= 0:
+            raise ValueError(f"{option} needs {self.num_slices} finite non-negative weights, not all zero; "
+                             f"got {list(values)}")
         if option.endswith("precision_weights") and any(values[MAX_COMPENSATED_SLICES:]):
             raise ValueError(f"{option} may weigh at most {MAX_COMPENSATED_SLICES} slices (8-bit codes); "
                              f"got {list(values)}")

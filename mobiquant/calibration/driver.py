@@ -40,7 +40,7 @@ from mobiquant.calibration.store import (
     resume_key,
     save_block_result,
 )
-from mobiquant.checkpoint import CheckpointError, replace_linears
+from mobiquant.checkpoint import CheckpointError, attach_quantizer, refuse_quantized, replace_linears
 from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skeleton
 from mobiquant.slicing import check_slicing_shape
 
@@ -174,7 +174,8 @@ def apply_block_results(model: torch.nn.Module, block_paths: Mapping[int, Path],
 
 def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationConfig,
            provenance: Mapping[str, Any] | None = None, progress: bool = False) -> torch.nn.Module:
-    """Record the quantization config and calibrate the router thresholds on ``samples`` (model's device)."""
+    """Record the quantization config and calibrate the router thresholds on ``samples`` (model's device); the
+    model then saves (``save_pretrained``, ``push_to_hub``) as a loaded checkpoint does."""
     from mobiquant.arch import architecture_for
     from mobiquant.precision import calibrate_thresholds
 
@@ -183,7 +184,7 @@ def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationCon
     )
     if config.routed:
         calibrate_thresholds(model, samples, progress=progress)
-    return model.eval()
+    return attach_quantizer(model.eval())
 
 
 def quantize_files(
@@ -226,6 +227,7 @@ def quantize_model(
     configuration resumes, recomputing only the unfinished blocks. Blocks calibrate on ``device``
     (default: the model's own device).
     """
+    refuse_quantized(model)
     source = InMemoryModel(model)
     check_config(source, config)
     compute_device = torch.device(device) if device is not None else next(model.parameters()).device
