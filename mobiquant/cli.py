@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # quantize keeps its work folder on interruption: finished blocks are not redone on the next run.
         hint = ": run the same command again to resume" if args.command == "quantize" else ""
-        print(f"mobiquant {args.command}: interrupted{hint}", file=sys.stderr)
+        # On a line of its own: a progress bar may have been drawn without its newline.
+        print(f"\nmobiquant {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

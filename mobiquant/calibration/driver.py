@@ -126,9 +126,11 @@ def calibrate_blocks(
     for index in range(source.num_blocks):
         report = calibrate_one_block(source, index, capture_dir, config, blocks_dir, device, progress, on_progress)
         reports.append(report)
-        bar.update(1)
         stage2 = report["losses"]["stage2"]
-        bar.set_postfix(loss=f"{stage2[-1] if stage2 else 0:.3e}", cached=report["cached"])
+        # Blocks reused from an earlier run so far, not this block's flag: a resumed run says what it kept.
+        reused = sum(bool(r["cached"]) for r in reports)
+        bar.set_postfix(loss=f"{stage2[-1] if stage2 else 0:.3e}", reused=reused, refresh=False)
+        bar.update(1)
     bar.close()
     return reports
 
