@@ -24,7 +24,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from flows.params import CompressParams, GateThresholds, PublishTarget, RunnerKind, parse_params
 from registry import tracking
-from registry.publish import HubRepoTarget, target_for
+from registry.publish import HubRepoTarget, PublishError, target_for
 from tasks import calibration, release
 from tasks.gate import GateCheck, GateFailedError, failure_message
 from tasks.stages import file_lock
@@ -40,6 +40,7 @@ def preflight(params: CompressParams) -> None:
     check_prefect_api()
     check_device(params)
     check_gated_tasks(params)
+    check_data(params)
     try:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
@@ -49,6 +50,10 @@ def preflight(params: CompressParams) -> None:
         target.check_access()
     else:
         check_publish_folder(target.path, params)
+        try:
+            target.check_branch(params.publish.staging_branch)
+        except PublishError as error:
+            raise PreflightError(str(error)) from error
 
 
 def check_publish_folder(folder: Path, params: CompressParams) -> None:
@@ -64,6 +69,17 @@ def check_publish_folder(folder: Path, params: CompressParams) -> None:
         guarded = path.expanduser().resolve()
         if is_within(guarded, resolved):
             raise PreflightError(f"publish target {folder} is or contains the {what} ({guarded}): choose another root")
+
+
+def check_data(params: CompressParams) -> None:
+    """Both texts name an existing path or a known data set: a typo in either fails before the download."""
+    from mobiquant.data import DataSourceError, check_data_source
+
+    for role, source in (("calibration_data", params.calibration_data), ("evaluation_data", params.evaluation_data)):
+        try:
+            check_data_source(source)
+        except DataSourceError as error:
+            raise PreflightError(f"{role}: {error}") from error
 
 
 def check_device(params: CompressParams) -> None:
@@ -244,6 +260,8 @@ def compress(
     budgets: list[float] | None = None,
     eval_seqlen: int = 256,
     eval_max_windows: int | None = None,
+    eval_task_include_path: str | None = None,
+    eval_task_limit: int | None = None,
     gate: GateThresholds | None = None,
     publish: PublishTarget | None = None,
     mlflow_uri: str = "sqlite:///mlflow.db",
@@ -345,7 +363,7 @@ def compress(
         summary = {
             "checkpoint": checkpoint["path"],
             "report": outcome["report_path"],
-            "mlflow_uri": params.mlflow_uri,
+            "mlflow_uri": tracking.redacted_uri(params.mlflow_uri),
             "mlflow_run_id": outcome["run_id"],
             "registered_model": params.model_name(),
             "version": outcome["version"],

@@ -213,14 +213,24 @@ class CompressParams(BaseModel):
         outside = [b for b in self.budgets if not 2.0 <= b <= top]
         if outside:
             raise ValueError(f"budgets {outside} are outside [2, {top:g}] (2 bits per slice, {self.num_slices} slices)")
-        for bits in [*self.gate.max_ratio_to_fp, *self.gate.min_task_score]:
+        for bits in [*self.gate.max_ratio_to_fp, *self.gate.min_task_score, *self._rtn_bits_named()]:
             if not 2.0 <= bits <= top:
                 raise ValueError(f"the gate names {bits:g} bits, outside [2, {top:g}]")
+        if self.gate.routed_not_worse_than_rtn:
+            fractional = [bits for bits in self._rtn_bits_named() if not float(bits).is_integer()]
+            if fractional:
+                raise ValueError(f"rtn_check_bits {fractional} are not whole numbers: RTN runs at whole bits")
+            if not any(float(bits).is_integer() for bits in self.budgets_to_validate()):
+                raise ValueError("the gate compares routed budgets with RTN at whole bits, but no budget is a whole "
+                                 "number: add one (or rtn_check_bits), or set routed_not_worse_than_rtn false")
         return self
+
+    def _rtn_bits_named(self) -> list[float]:
+        return list(self.gate.rtn_check_bits or ()) if self.gate.routed_not_worse_than_rtn else []
 
     def budgets_to_validate(self) -> list[float]:
         """The budgets, plus every bit-width the gate looks at, sorted and without repeats."""
-        return sorted({*self.budgets, *self.gate.max_ratio_to_fp, *self.gate.min_task_score})
+        return sorted({*self.budgets, *self.gate.max_ratio_to_fp, *self.gate.min_task_score, *self._rtn_bits_named()})
 
     def source_name(self) -> str:
         """A short name of the source model for experiment and repo names."""

@@ -291,10 +291,25 @@ def _local_corpus(path: Path) -> Corpus:
     return Corpus([_read_text_file(f) for f in files], description=str(path))
 
 
-def load_corpus(source: str, default_split: str = TEST, cache_dir: Path | None = None) -> Corpus:
-    """The texts of ``source`` (see the module docstring); ``default_split`` applies when none is named."""
+def check_data_source(source: str) -> None:
+    """Refuse a ``source`` that is neither an existing path nor a known data set, reading nothing (a pipeline
+    checks its data names so before any download or calibration)."""
     if not source or not source.strip():
         raise DataSourceError("empty data source")
+    key = source.partition(":")[0].strip().lower()
+    if Path(source).expanduser().exists() or key in _HUB_ALIASES or key == "shakespeare":
+        return
+    if source.endswith(".txt") or os.sep in source:
+        raise DataSourceError(f"no such file or folder: {source}")
+    raise DataSourceError(
+        f"unknown data source {source!r}: use wikitext2, c4, ptb or shakespeare (optionally :split), "
+        "or a path to a .txt file or folder"
+    )
+
+
+def load_corpus(source: str, default_split: str = TEST, cache_dir: Path | None = None) -> Corpus:
+    """The texts of ``source`` (see the module docstring); ``default_split`` applies when none is named."""
+    check_data_source(source)
     local = Path(source).expanduser()
     if local.exists():
         return _local_corpus(local)
@@ -309,16 +324,10 @@ def load_corpus(source: str, default_split: str = TEST, cache_dir: Path | None =
             sample_by_document=hub.sample_by_document and selector.lower() == TRAIN,
             description=f"{_HUB_ALIASES[key]}:{selector}",
         )
-    if key == "shakespeare":
-        works = shakespeare_works(cache_dir)
-        chosen = shakespeare_selection(selector.lower(), list(works))
-        return Corpus([works[w].read_text(encoding="utf-8") for w in chosen], description=f"shakespeare:{selector}")
-    if source.endswith(".txt") or os.sep in source:
-        raise DataSourceError(f"no such file or folder: {source}")
-    raise DataSourceError(
-        f"unknown data source {source!r}: use wikitext2, c4, ptb or shakespeare (optionally :split), "
-        "or a path to a .txt file or folder"
-    )
+    # The Shakespeare plays: check_data_source admits nothing else.
+    works = shakespeare_works(cache_dir)
+    chosen = shakespeare_selection(selector.lower(), list(works))
+    return Corpus([works[w].read_text(encoding="utf-8") for w in chosen], description=f"shakespeare:{selector}")
 
 
 def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -83,18 +83,29 @@ class LocalRepoTarget:
         tmp.write_text(json.dumps(refs, indent=2, sort_keys=True))
         os.replace(tmp, self.path / "refs.json")
 
+    def check_branch(self, branch: str) -> None:
+        """Refuse, before anything is written, a repo folder that cannot be made or a ``branch`` folder holding
+        files this target did not publish (the preflight runs it, and so does every commit)."""
+        existing = next(folder for folder in (self.path, *self.path.parents) if folder.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PublishError(f"cannot publish into {self.path}: {existing} is not a writable folder")
+        target = self.path / branch
+        if not target.exists():
+            return
+        known = branch in self._refs()["branches"]
+        if not target.is_dir() or (any(target.iterdir()) and not (known or holds_mobiquant_checkpoint(target))):
+            raise PublishError(f"{target} holds files this target did not publish: not replacing them")
+
     def _commit(self, source: Path, branch: str) -> str:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_branch(branch)
         tmp = self.path / f".incoming-{uuid.uuid4().hex}"
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, tmp)
             manifest = tree_manifest(tmp)
             commit = manifest_digest(manifest)
             target = self.path / branch
             retired = self.path / f".retired-{uuid.uuid4().hex}"
-            known = branch in self._refs()["branches"]
-            if target.is_dir() and any(target.iterdir()) and not (known or holds_mobiquant_checkpoint(target)):
-                raise PublishError(f"{target} holds files this target did not publish: not replacing them")
             if target.exists():
                 os.replace(target, retired)
             os.replace(tmp, target)

@@ -43,6 +43,11 @@ def evaluation_setup(
     return EvaluationSetup(params.evaluation_data, seqlen, windows, fp_dtype)
 
 
+def recorded_params(params: CompressParams) -> dict[str, Any]:
+    """The run's parameters as the MLflow run and the report record them: the tracking URI without a password."""
+    return {**params.model_dump(mode="json"), "mlflow_uri": tracking.redacted_uri(params.mlflow_uri)}
+
+
 def published_uri(publish: PublishTarget, repo_id: str) -> str:
     """Where a release of ``repo_id`` is published: the repo, whose ``v<version>`` tag names a version's files."""
     target = target_for(publish, repo_id)
@@ -93,7 +98,7 @@ def build_bundle(
     report = markdown_report(
         title=f"MoBiQuant compression of {source['source']}",
         source=source,
-        config=params.model_dump(mode="json", exclude={"gate", "publish"}),
+        config={key: value for key, value in recorded_params(params).items() if key not in ("gate", "publish")},
         validation=validation,
         setup=setup,
         checks=checks,
@@ -162,7 +167,7 @@ def record(
         params.mlflow_uri,
         experiment=f"mobiquant/{params.source_name()}",
         run_name=run_name,
-        params=params.model_dump(mode="json"),
+        params=recorded_params(params),
         metrics=metrics_of(validation, stages, bundle["overhead"]),
         step_metrics=step_metrics,
         artifacts_dir=Path(bundle["report_dir"]),
@@ -224,7 +229,7 @@ def promote_release(
             f"{name} version {record_.version} cannot be promoted: gate={tags.get('gate')}, "
             f"publish_status={tags.get('publish_status')}"
         )
-    expected = json.loads(tracking.run_artifact(mlflow_uri, record_.run_id, MANIFEST_ARTIFACT).read_text())
+    expected = json.loads(tracking.run_artifact_text(mlflow_uri, record_.run_id, MANIFEST_ARTIFACT))
     target_params = PublishTarget(
         kind=tags["publish.kind"],
         root=tags["publish.root"],

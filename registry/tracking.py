@@ -12,7 +12,9 @@ import fcntl
 import json
 import re
 import subprocess
+import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             response = httpx.get(uri.rstrip("/") + "/health", timeout=timeout)
         except httpx.HTTPError as error:
-            raise TrackingUnavailableError(f"MLflow at {uri} is unreachable: {error}") from error
+            raise TrackingUnavailableError(f"MLflow at {redacted_uri(uri)} is unreachable: {error}") from error
         if response.status_code != 200:
-            raise TrackingUnavailableError(f"MLflow at {uri} answered /health with HTTP {response.status_code}")
+            raise TrackingUnavailableError(
+                f"MLflow at {redacted_uri(uri)} answered /health with HTTP {response.status_code}"
+            )
         return
     database = sqlite_path(uri)
     if database is not None and not database.parent.is_dir():
@@ -60,7 +64,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as error:
-        raise TrackingUnavailableError(f"MLflow at {uri} cannot be used: {error}") from error
+        raise TrackingUnavailableError(f"MLflow at {redacted_uri(uri)} cannot be used: {error}") from error
+
+
+def redacted_uri(uri: str) -> str:
+    """``uri`` with the password it may carry (``https://user:password@host``) replaced by ``***``: what may be
+    logged, shown in an error or recorded."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -209,6 +223,7 @@ def get_version(uri: str, name: str, version: str | None = None, alias: str | No
         raise LookupError(f"registered model {name!r} has no {what} in {uri}") from error
 
 
-def run_artifact(uri: str, run_id: str, path: str) -> Path:
-    """Download one artifact of a run to a local temporary path."""
-    return Path(MlflowClient(uri).download_artifacts(run_id, path))
+def run_artifact_text(uri: str, run_id: str, path: str) -> str:
+    """The text of one artifact of a run, downloaded into a temporary folder that is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="mobiquant-artifact-") as scratch:
+        return Path(MlflowClient(uri).download_artifacts(run_id, path, dst_path=scratch)).read_text()

@@ -116,7 +116,9 @@ def capture(
     with file_lock(capture_dir.parent / f"{capture_dir.name}.lock"):
         capture_dir.mkdir(parents=True, exist_ok=True)
         samples_path = capture_dir / SAMPLES_FILE
-        if not samples_path.exists():
+        # Rewritten whenever the drawn samples differ (the text changed under the same name): the thresholds stage
+        # reads this file and must fit on the text the blocks were calibrated on.
+        if not (samples_path.exists() and torch.equal(load_file(str(samples_path))["ids"], ids)):
             partial = samples_path.with_name(samples_path.name + ".partial")
             save_file({"ids": ids.contiguous()}, str(partial))
             partial.replace(samples_path)

@@ -61,6 +61,12 @@ def test_log_run_batches_metrics_and_tags_the_code(
     assert tags["mobiquant.version"] == mobiquant.__version__
     assert tags["mobiquant.git_commit"] == tags["mlflow.source.git.commit"] == commit.stdout.strip()
     assert tags["mobiquant.git_dirty"] in ("true", "false") and tags["gate"] == "passed"
+    # Reading an artifact back (promotion does) leaves no temporary folder behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    assert tracking.run_artifact_text(uri, run_id, "report.md") == "report"
+    assert list(scratch.iterdir()) == []
 
 
 def test_code_tags_outside_a_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

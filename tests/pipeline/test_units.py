@@ -37,6 +37,9 @@ VALIDATION = {
         ({"publish": {"staging_branch": "main"}}, "other than 'main'"),
         ({"publish": {"token": "hf_x"}}, "Extra inputs are not permitted"),
         ({"kernel_archs": ["ampere"]}, "sm_80"),
+        ({"gate": {"rtn_check_bits": [2.5]}}, "rtn_check_bits [2.5] are not whole numbers"),
+        ({"gate": {"rtn_check_bits": [9.0]}}, "the gate names 9 bits"),
+        ({"budgets": [2.5, 3.5], "gate": {"max_ratio_to_fp": {3.5: 1.2}}}, "no budget is a whole number"),
     ],
 )
 def test_invalid_parameters_name_the_problem(override: dict, fragment: str) -> None:
@@ -50,6 +53,17 @@ def test_defaults_are_valid_and_derive_names() -> None:
     assert params.default_repo_id() == "HuggingFaceTB/SmolLM2-135M-mobiquant"
     assert params.model_name() == "mobiquant-SmolLM2-135M"
     assert params.budgets_to_validate() == [2.5, 3.0, 4.0, 6.0]
+    # The budgets the gate compares with RTN are validated too, so that its checks run.
+    checked = CompressParams(model="org/model", budgets=[2.5, 4.0], gate={"rtn_check_bits": [5.0]})
+    assert checked.budgets_to_validate() == [2.5, 4.0, 5.0]
+
+
+def test_every_parameter_can_be_passed_to_the_flow() -> None:
+    import inspect
+
+    from flows.compress import compress
+
+    assert set(inspect.signature(compress.fn).parameters) == set(CompressParams.model_fields)
 
 
 def test_method_parameters_reach_the_calibration_config() -> None:
@@ -126,6 +140,13 @@ def test_local_target_never_replaces_files_it_did_not_publish(tmp_path: Path) ->
     with pytest.raises(PublishError, match="did not publish"):
         target.stage(_release(tmp_path / "v1", "weights-1"), "v1")
     assert (foreign / "notes.txt").read_text() == "mine"
+    # A root that is a file is refused as one PublishError (the run's version is then tagged failed).
+    (tmp_path / "root-file").write_text("x")
+    on_a_file = LocalRepoTarget(tmp_path / "root-file", "org/m-mobiquant")
+    with pytest.raises(PublishError, match="root-file is not a writable folder"):
+        on_a_file.check_branch("staging")
+    with pytest.raises(PublishError, match="root-file is not a writable folder"):
+        on_a_file.stage(_release(tmp_path / "v1", "weights-1"), "v1")
 
 
 def test_publish_root_over_the_work_folder_or_source_is_refused(tmp_path: Path) -> None:
@@ -139,3 +160,46 @@ def test_publish_root_over_the_work_folder_or_source_is_refused(tmp_path: Path) 
     with pytest.raises(PreflightError, match="is or contains the work folder"):
         check_publish_folder(tmp_path, params)
     check_publish_folder(tmp_path / "published" / "org" / "repo", params)
+
+
+def test_a_password_in_the_tracking_uri_is_never_recorded() -> None:
+    from registry.release import recorded_params
+    from registry.tracking import public_params, redacted_uri
+
+    uri = "https://alice:S3cret%21pw@mlflow.example.com:5000/path?x=1"
+    assert redacted_uri(uri) == "https://alice:***@mlflow.example.com:5000/path?x=1"
+    for plain in ("sqlite:///mlflow.db", "https://alice@mlflow.example.com", "http://127.0.0.1:5000"):
+        assert redacted_uri(plain) == plain
+    recorded = public_params(recorded_params(CompressParams(model="org/model", mlflow_uri=uri)))
+    assert recorded["mlflow_uri"] == redacted_uri(uri)
+    assert not any("S3cret" in value for value in recorded.values())
+
+
+def test_preflight_refuses_a_staging_folder_it_did_not_publish(tmp_path: Path) -> None:
+    from flows.compress import PreflightError, preflight
+
+    source = tmp_path / "models" / "tiny"
+    source.mkdir(parents=True)
+    foreign = tmp_path / "pub" / "local" / "tiny-mobiquant" / "staging"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    params = CompressParams(model=str(source), work_dir=str(tmp_path / "work"), device="cpu",
+                            mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            publish={"kind": "local", "root": str(tmp_path / "pub")})
+    with pytest.raises(PreflightError, match="staging holds files this target did not publish"):
+        preflight(params)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("role", ["calibration_data", "evaluation_data"])
+def test_preflight_names_a_text_that_does_not_exist(tmp_path: Path, role: str) -> None:
+    from flows.compress import PreflightError, preflight
+
+    source = tmp_path / "models" / "tiny"
+    source.mkdir(parents=True)
+    params = CompressParams(model=str(source), work_dir=str(tmp_path / "work"), device="cpu",
+                            mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **{role: str(tmp_path / "missing.txt")},
+                            publish={"kind": "local", "root": str(tmp_path / "pub")})
+    with pytest.raises(PreflightError, match=f"^{role}: no such file or folder: .*missing.txt$"):
+        preflight(params)
+    assert not (tmp_path / "pub").exists() and not (tmp_path / "work").exists()
