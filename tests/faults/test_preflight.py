@@ -37,6 +37,17 @@ def test_missing_mlflow_database_folder(tiny_model: Path, tmp_path: Path) -> Non
         preflight(params)
 
 
+def test_a_database_store_without_its_driver_is_one_line_and_keeps_its_password_out(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # The test environment has no PostgreSQL driver: the store fails when it first connects.
+    uri = "postgresql://mlflow:S3cret@127.0.0.1:5432/mlflow"
+    params = parse_params(tiny_params(tiny_model, tmp_path, mlflow_uri=uri))
+    with pytest.raises(PreflightError, match=r"^MLflow at postgresql://mlflow:\*\*\*@127\.0\.0\.1:5432/mlflow needs a "
+                       r"database driver: No module named '\w+'$"):
+        preflight(params)
+
+
 def test_flow_stops_before_heavy_work_when_mlflow_is_down(tiny_model: Path, tmp_path: Path, prefect_env: Path) -> None:
     with pytest.raises(PreflightError, match="is unreachable"):
         compress(**tiny_params(tiny_model, tmp_path, mlflow_uri=_dead_url()))

@@ -37,6 +37,8 @@ VALIDATION = {
         ({"publish": {"staging_branch": "main"}}, "other than 'main'"),
         ({"publish": {"token": "hf_x"}}, "Extra inputs are not permitted"),
         ({"kernel_archs": ["ampere"]}, "sm_80"),
+        ({"publish": {"kind": "local", "repo_id": "x/.."}}, "owner/name"),
+        ({"publish": {"staging_branch": ".."}}, "other than 'main'"),
         ({"gate": {"rtn_check_bits": [2.5]}}, "rtn_check_bits [2.5] are not whole numbers"),
         ({"gate": {"rtn_check_bits": [9.0]}}, "the gate names 9 bits"),
         ({"budgets": [2.5, 3.5], "gate": {"max_ratio_to_fp": {3.5: 1.2}}}, "no budget is a whole number"),
@@ -203,3 +205,13 @@ def test_preflight_names_a_text_that_does_not_exist(tmp_path: Path, role: str) -
     with pytest.raises(PreflightError, match=f"^{role}: no such file or folder: .*missing.txt$"):
         preflight(params)
     assert not (tmp_path / "pub").exists() and not (tmp_path / "work").exists()
+
+
+def test_a_hub_target_needs_a_repo_id_the_hub_accepts(tmp_path: Path) -> None:
+    source = tmp_path / "my model"
+    source.mkdir()
+    with pytest.raises(ValidationError, match=r"'local/my model-mobiquant', is not a Hub id: set publish\.repo_id"):
+        CompressParams(model=str(source), publish={"kind": "hub"})
+    assert CompressParams(model=str(source), publish={"kind": "hub", "repo_id": "me/my-model"}).default_repo_id() \
+        == "me/my-model"
+    assert CompressParams(model=str(source)).default_repo_id() == "local/my model-mobiquant"
