@@ -221,7 +221,12 @@ def stage_release(params: CompressParams, bundle: dict[str, Any], version: str, 
 def promote_release(
     mlflow_uri: str, name: str, *, version: str | None, alias: str | None, reviewer: str
 ) -> dict[str, str]:
-    """A reviewer's decision: the staged files go to ``main`` (checked against MLflow's sha256 record)."""
+    """A reviewer's decision: the staged files go to ``main`` (checked against MLflow's sha256 record); the
+    version becomes ``champion`` and is no longer the ``candidate`` awaiting review."""
+    database = tracking.sqlite_path(mlflow_uri)
+    if database is not None and not database.is_file():
+        # MLflow would create an empty database here and then not find the version.
+        raise PublishError(f"no MLflow database at {database}: pass the mlflow_uri the compress run used")
     record_ = tracking.get_version(mlflow_uri, name, version=version, alias=alias)
     tags = record_.tags
     if tags.get("gate") != "passed" or tags.get("publish_status") not in ("staged", "published"):
@@ -248,4 +253,5 @@ def promote_release(
         {"publish_status": "published", "publish.main_commit": commit, "promoted_by": reviewer},
     )
     tracking.set_alias(mlflow_uri, name, tracking.CHAMPION, str(record_.version))
+    tracking.drop_alias(mlflow_uri, name, tracking.CANDIDATE, str(record_.version))
     return {"version": str(record_.version), "commit": commit, "tag": tag, "repo_id": tags["publish.repo_id"]}

@@ -214,6 +214,14 @@ def set_alias(uri: str, name: str, alias: str, version: str) -> None:
     MlflowClient(uri).set_registered_model_alias(name, alias, version)
 
 
+def drop_alias(uri: str, name: str, alias: str, version: str) -> None:
+    """Remove ``alias`` if it points at ``version`` (a newer version that took it keeps it)."""
+    client = MlflowClient(uri)
+    # The registry gives the aliases as {alias: version}, the version a number.
+    if str(client.get_registered_model(name).aliases.get(alias)) == str(version):
+        client.delete_registered_model_alias(name, alias)
+
+
 def get_version(uri: str, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
     """A version by number or alias, with a clear error when it does not exist."""
     client = MlflowClient(uri)

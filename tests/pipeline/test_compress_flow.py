@@ -13,6 +13,8 @@ from prefect import get_client
 from flows.compress import compress
 from flows.promote import promote
 from registry.hashing import tree_manifest
+from registry.publish import PublishError
+from registry.release import promote_release
 from tasks.gate import GateFailedError
 from tests.pipeline.conftest import tiny_params
 
@@ -58,6 +60,12 @@ def test_compress_stages_a_candidate_and_promotion_publishes_it(
     champion = client.get_model_version_by_alias(summary["registered_model"], "champion")
     assert champion.version == version.version and champion.tags["promoted_by"] == "alice"
     assert result["tag"] == f"v{version.version}"
+    assert set(client.get_registered_model(summary["registered_model"]).aliases) == {"champion"}
+    elsewhere = tmp_path / "elsewhere" / "mlflow.db"
+    with pytest.raises(PublishError, match=r"no MLflow database at .*elsewhere/mlflow\.db"):
+        promote_release(f"sqlite:///{elsewhere}", summary["registered_model"], version=None, alias=None,
+                        reviewer="alice")
+    assert not elsewhere.parent.exists()
 
 
 def test_failed_gate_publishes_nothing_and_keeps_the_report(
