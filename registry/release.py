@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
+
 from flows.params import CompressParams, PublishTarget
 from registry import tracking
 from registry.hashing import tree_manifest
@@ -46,6 +48,14 @@ def evaluation_setup(
 def recorded_params(params: CompressParams) -> dict[str, Any]:
     """The run's parameters as the MLflow run and the report record them: the tracking URI without a password."""
     return {**params.model_dump(mode="json"), "mlflow_uri": tracking.redacted_uri(params.mlflow_uri)}
+
+
+def publish_endpoint(publish: PublishTarget) -> str:
+    """The Hub endpoint a release goes to (HF_ENDPOINT's when none is given; empty for a local target), recorded
+    so that promotion, perhaps on another worker, goes to the same Hub."""
+    if publish.kind != "hub":
+        return ""
+    return publish.endpoint or HfApi().endpoint
 
 
 def published_uri(publish: PublishTarget, repo_id: str) -> str:
@@ -182,7 +192,7 @@ def record(
         "publish.kind": target.kind,
         "publish.repo_id": bundle["repo_id"],
         "publish.root": str(Path(target.root).expanduser().resolve()),
-        "publish.endpoint": target.endpoint or "",
+        "publish.endpoint": publish_endpoint(target),
         "publish.staging_branch": target.staging_branch,
         "publish.public_on_promotion": str(target.public_on_promotion).lower(),
         "publish_status": "pending",

@@ -215,3 +215,13 @@ def test_a_hub_target_needs_a_repo_id_the_hub_accepts(tmp_path: Path) -> None:
     assert CompressParams(model=str(source), publish={"kind": "hub", "repo_id": "me/my-model"}).default_repo_id() \
         == "me/my-model"
     assert CompressParams(model=str(source)).default_repo_id() == "local/my model-mobiquant"
+
+
+def test_the_hub_endpoint_a_release_goes_to_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.params import PublishTarget
+    from registry.release import publish_endpoint
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9/hub")
+    assert publish_endpoint(PublishTarget(kind="hub")) == "http://127.0.0.1:9/hub"
+    assert publish_endpoint(PublishTarget(kind="hub", endpoint="https://hub.example")) == "https://hub.example"
+    assert publish_endpoint(PublishTarget(kind="local")) == ""
