@@ -2,7 +2,8 @@
 
 Order of work: validate parameters and reach every service first (MLflow, Prefect API, the Hub when it
 is the target) so a typo or an outage fails in seconds; then download, capture, calibrate the blocks
-(layer-parallel on the chosen task runner), assemble, router thresholds, kernels, validation, report.
+(layer-parallel on the chosen task runner), the checkpoint (assembled, router thresholds set), kernels,
+validation, report.
 Only a run that passes the gate is registered in MLflow and staged on the publish target; a failed
 gate leaves its report and MLflow run, publishes nothing and fails the flow (non-zero exit).
 """
@@ -326,16 +327,19 @@ def compress(
     # waits here, then redoes the cheap steps from the blocks the first left, instead of mixing files with it.
     with file_lock(run_dir.parent / f"{run_dir.name}.lock"):
         started = time.perf_counter()
-        block_paths = [b["path"] for b in blocks]
-        assembled = calibration.assemble(
-            source["path"], str(capture_dir), block_paths, config, str(run_dir / "assembled")
+        checkpoint = calibration.checkpoint(
+            source["path"],
+            str(capture_dir),
+            [b["path"] for b in blocks],
+            config,
+            captured["samples_path"],
+            str(run_dir / "checkpoint"),
+            params.device,
         )
-        _timed(stage_times, "assemble", started, assembled["seconds"])
-        started = time.perf_counter()
-        checkpoint = calibration.thresholds(
-            assembled["path"], captured["samples_path"], str(run_dir / "checkpoint"), params.device
-        )
-        _timed(stage_times, "thresholds", started, checkpoint["seconds"])
+        _timed(stage_times, "checkpoint", started, checkpoint["seconds"])
+        if checkpoint["reused"]:
+            logger.info("checkpoint %s reused: built from the same blocks and samples by an earlier run",
+                        checkpoint["path"])
         started = time.perf_counter()
         kernels = calibration.compile_kernels(params.kernel_archs, str(run_dir / "kernels"))
         _timed(stage_times, "kernels", started, kernels["seconds"])

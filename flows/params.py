@@ -129,7 +129,9 @@ class CompressParams(BaseModel):
     mode: Literal["parallel", "sequential"] = "parallel"
     num_slices: int = Field(4, ge=1, le=4)
     group_size: int = Field(128, ge=8, le=4096)
-    router_hidden: int = Field(32, ge=0, le=4096)
+    router_hidden: int = Field(
+        32, ge=1, le=4096, description="router width; the gate validates routed budgets, so no routers (0) is refused"
+    )
     precision_weights: dict[int, float] | None = Field(
         None, description="slice count -> weight of its output error in the compensated codes (default: config)"
     )

@@ -45,16 +45,20 @@ def calibrate_block(
     )
 
 
-@task(name="assemble")
-def assemble(
-    model_dir: str, capture_dir: str, block_paths: list[str], config: dict[str, Any], out_dir: str
+@task(name="checkpoint")
+def checkpoint(
+    model_dir: str,
+    capture_dir: str,
+    block_paths: list[str],
+    config: dict[str, Any],
+    samples_path: str,
+    out_dir: str,
+    device: str,
 ) -> dict[str, Any]:
-    return stages.assemble(Path(model_dir), Path(capture_dir), block_paths, config, Path(out_dir))
-
-
-@task(name="router-thresholds")
-def thresholds(assembled_dir: str, samples_path: str, out_dir: str, device: str) -> dict[str, Any]:
-    return stages.thresholds(Path(assembled_dir), Path(samples_path), Path(out_dir), device)
+    """Assemble, set the router thresholds and save; an intact checkpoint of the same inputs is returned as is."""
+    return stages.checkpoint(
+        Path(model_dir), Path(capture_dir), block_paths, config, Path(samples_path), Path(out_dir), device
+    )
 
 
 @task(name="compile-kernels")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,42 +171,55 @@ def calibrate_block(
     return {**report, "started": started, "finished": time.time()}
 
 
-def assemble(model_dir: Path, capture_dir: Path, block_paths: list[str], config: dict[str, Any],
-             out_dir: Path) -> dict[str, Any]:
-    """The packed MoBiQuant model from the calibrated blocks, saved as a checkpoint (thresholds not yet set).
+def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], config: dict[str, Any],
+               samples_path: Path, out_dir: Path, device: str) -> dict[str, Any]:
+    """The final checkpoint from the calibrated blocks: assembled on ``device``, router thresholds set on the
+    calibration samples, saved once (the driver's ``finished_model``, as ``mobiquant quantize`` does).
 
-    Only the packed model is held: the full-precision blocks are not loaded again.
+    ``out_dir.key`` records what it was built from (source, samples, settings, every block result's hash)
+    and the files written: a re-run with the same inputs and an intact folder returns it without rebuilding.
     """
-    from mobiquant.calibration import CalibrationConfig, assemble
-    from mobiquant.calibration.config import quantization_config
+    from mobiquant.calibration import CalibrationConfig, finished_model
     from mobiquant.calibration.store import read_manifest, read_result_report
     from mobiquant.checkpoint import save_checkpoint
-    from mobiquant.model_files import ModelFiles
-    from mobiquant.sources import load_tokenizer
-
-    start = time.perf_counter()
-    files = ModelFiles(model_dir)
-    calibration = CalibrationConfig.from_dict(config)
-    paths = {read_result_report(Path(p))["block"]: Path(p) for p in block_paths}
-    model = assemble(files, paths, calibration)
-    provenance = read_manifest(capture_dir).get("provenance", {})
-    model.config.quantization_config = quantization_config(calibration, files.arch, provenance)
-    save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
-    return {"path": str(out_dir), "seconds": time.perf_counter() - start}
-
-
-def thresholds(assembled_dir: Path, samples_path: Path, out_dir: Path, device: str) -> dict[str, Any]:
-    """Router thresholds calibrated on the calibration samples (on ``device``); writes the final checkpoint."""
-    from mobiquant.checkpoint import load_checkpoint, save_checkpoint
     from mobiquant.devices import resolve_device
-    from mobiquant.precision import calibrate_thresholds
-    from mobiquant.sources import load_tokenizer
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import file_sha256, load_tokenizer
 
     start = time.perf_counter()
-    model = load_checkpoint(assembled_dir, device=resolve_device(device))
-    calibrate_thresholds(model, load_file(str(samples_path))["ids"])
-    save_checkpoint(model, out_dir, tokenizer=load_tokenizer(assembled_dir), overwrite=True)
-    return {"path": str(out_dir), "files": tree_manifest(out_dir), "seconds": time.perf_counter() - start}
+    calibration = CalibrationConfig.from_dict(config)
+    reports = [read_result_report(Path(p)) for p in block_paths]
+    manifest = read_manifest(capture_dir)
+    key = {
+        "model": manifest["model"],
+        "samples": file_sha256(samples_path),
+        "config": calibration.digest(),
+        "blocks": {str(r["block"]): r["sha256"] for r in sorted(reports, key=lambda r: r["block"])},
+    }
+    record = out_dir.with_name(out_dir.name + ".key")
+    if record.exists():
+        kept = json.loads(record.read_text())
+        if out_dir.is_dir() and kept.get("key") == key and kept.get("files") == tree_manifest(out_dir):
+            return {"path": str(out_dir), "files": kept["files"], "reused": True,
+                    "seconds": time.perf_counter() - start}
+        # The record says this stage wrote the folder: a stale or damaged one goes, whatever is left of it.
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        record.unlink()
+    model = finished_model(
+        ModelFiles(model_dir),
+        {r["block"]: Path(r["path"]) for r in reports},
+        calibration,
+        load_file(str(samples_path))["ids"],
+        resolve_device(device),
+        manifest.get("provenance", {}),
+    )
+    save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
+    files = tree_manifest(out_dir)
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps({"key": key, "files": files}, indent=2))
+    partial.replace(record)
+    return {"path": str(out_dir), "files": files, "reused": False, "seconds": time.perf_counter() - start}
 
 
 def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:

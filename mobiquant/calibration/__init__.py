@@ -11,6 +11,7 @@ from mobiquant.calibration.driver import (
     calibrate_blocks,
     calibrate_one_block,
     finish,
+    finished_model,
     quantize_files,
     quantize_model,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "calibrate_blocks",
     "calibrate_one_block",
     "finish",
+    "finished_model",
     "fit_routers_to_errors",
     "quantization_config",
     "quantize_files",

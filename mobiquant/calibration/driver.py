@@ -9,7 +9,7 @@ A run is four steps over files, each resumable:
    one task per block, :func:`calibrate_blocks` runs it in a loop;
 3. :func:`assemble` builds the packed elastic model from the source's files and the block results;
 4. :func:`finish` sets the quantization config (one builder, with the capture's provenance) and the router
-   thresholds.
+   thresholds. :func:`finished_model` is steps 3 and 4 on one device, for a model calibrated from files.
 """
 
 from __future__ import annotations
@@ -189,6 +189,14 @@ def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationCon
     return attach_quantizer(model.eval())
 
 
+def finished_model(files: ModelFiles, block_paths: Mapping[int, Path], config: CalibrationConfig,
+                   samples: torch.Tensor, device: torch.device, provenance: Mapping[str, Any] | None = None,
+                   progress: bool = False) -> torch.nn.Module:
+    """The elastic model from the source's files and the block results, on ``device``, thresholds set on
+    ``samples``: what ``quantize_files`` returns and the pipeline saves."""
+    return finish(assemble(files, block_paths, config).to(device), samples, config, provenance, progress)
+
+
 def quantize_files(
     model_dir: Path,
     samples: torch.Tensor,
@@ -210,8 +218,8 @@ def quantize_files(
     capture_block_inputs(files, samples, capture_dir, device=device, model_key=model_key, store_dtype=store_dtype,
                          provenance=dict(provenance or {}), batch_size=config.batch_size, progress=progress)
     reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
-    model = assemble(files, {r["block"]: Path(r["path"]) for r in reports}, config).to(device)
-    return finish(model, samples, config, provenance, progress)
+    block_paths = {r["block"]: Path(r["path"]) for r in reports}
+    return finished_model(files, block_paths, config, samples, device, provenance, progress)
 
 
 def quantize_model(

@@ -287,6 +287,7 @@ INVALID_PARAMETERS = {
     ),
     "budget-over-slices": ({"budgets": [5.0], "num_slices": 2}, "budgets [5.0] are outside [2, 4]"),
     "no-samples": ({"samples": 0}, "samples: Input should be greater than or equal to 1"),
+    "no-routers": ({"router_hidden": 0}, "router_hidden: Input should be greater than or equal to 1"),
     "unknown-mode": ({"mode": "fast"}, "mode: Input should be 'parallel' or 'sequential'"),
     "unknown-publish-kind": ({"publish": {"kind": "s3"}}, "publish.kind: Input should be 'local' or 'hub'"),
     "token-in-parameters": (

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from mobiquant import load_checkpoint, set_precision, track_bits
 from mobiquant.calibration import CalibrationConfig
+from mobiquant.calibration.store import file_metadata
 from mobiquant.data import calibration_samples
 from mobiquant.sources import load_tokenizer
+from registry.hashing import tree_manifest
 from tasks import stages
 from tests.pipeline.tiny import corpus
 
@@ -29,3 +33,59 @@ def test_capture_draws_its_samples_again_when_the_text_under_the_same_name_chang
         stored = load_file(captured["samples_path"])["ids"]
         # The thresholds stage fits on this file: it must hold the samples of the text calibrated now.
         assert torch.equal(stored, calibration_samples(tokenizer, str(text), 4, 32, 0)), seed
+
+
+def _calibrated_blocks(tiny_model: Path, tmp_path: Path, config: dict) -> tuple[dict, list[str]]:
+    source = {"sha": "0" * 64, "source": "tiny", "kind": "local"}
+    captured = stages.capture(
+        tiny_model, tmp_path / "capture", calibration_data=str(tiny_model.parent / "train.txt"), samples=4,
+        seqlen=32, seed=0, config=config, device="cpu", source_model=source,
+    )  # fmt: skip
+    blocks = [
+        stages.calibrate_block(tiny_model, i, tmp_path / "capture", config, tmp_path / "blocks", 1, ["cpu"])
+        for i in range(captured["num_blocks"])
+    ]
+    return captured, [b["path"] for b in blocks]
+
+
+def test_the_checkpoint_stage_saves_once_and_keeps_an_intact_checkpoint_of_the_same_inputs(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = CalibrationConfig(group_size=32, router_hidden=8, epochs_stage1=0, epochs_stage2=1).to_dict()
+    captured, block_paths = _calibrated_blocks(tiny_model, tmp_path, config)
+    out = tmp_path / "run" / "checkpoint"
+
+    def build() -> dict:
+        return stages.checkpoint(tiny_model, tmp_path / "capture", block_paths, config,
+                                 Path(captured["samples_path"]), out, "cpu")
+
+    first = build()
+    assert not first["reused"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint", "checkpoint.key"], "no second copy"
+    # The thresholds were fitted on the calibration samples: on them a routed budget is spent as asked.
+    model = load_checkpoint(out)
+    samples = load_file(captured["samples_path"])["ids"]
+    for bits in (3.0, 5.0):
+        set_precision(model, avg_bits=bits)
+        with torch.no_grad(), track_bits(model) as meter:
+            model(samples)
+        assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+
+    # The same inputs and an intact folder: nothing is rebuilt.
+    monkeypatch.setattr("mobiquant.calibration.finished_model", _must_not_build)
+    again = build()
+    assert again["reused"] and again["files"] == first["files"]
+
+    # A damaged file, or a block result that changed, is rebuilt.
+    monkeypatch.undo()
+    (out / "config.json").write_text("{}")
+    assert not build()["reused"] and tree_manifest(out) == first["files"]
+    tensors, metadata = load_file(block_paths[0]), file_metadata(Path(block_paths[0]))
+    tensors[next(iter(tensors))].add_(1)
+    save_file(tensors, block_paths[0], metadata)
+    rebuilt = build()
+    assert not rebuilt["reused"] and rebuilt["files"] != first["files"]
+
+
+def _must_not_build(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("an intact checkpoint of the same inputs was rebuilt")
