@@ -345,8 +345,10 @@ def compress(
         _timed(stage_times, "kernels", started, kernels["seconds"])
         started = time.perf_counter()
         validation, checks, passed = release.validate(
-            source["path"], checkpoint["path"], params, str(run_dir / "validation.json")
+            source["path"], source["sha"], checkpoint, params, str(run_dir / "validation.json")
         )
+        if validation["reused"]:
+            logger.info("validation reused: the same checkpoint was measured on the same tokens by an earlier run")
         _timed(stage_times, "validate", started, validation["seconds"])
 
         run_name = flow_run.get_name() or f"compress-{source['sha'][:8]}"

@@ -16,12 +16,13 @@ from tasks.gate import GateCheck, evaluate_gate, gate_passed
 
 @task(name="validate")
 def validate(
-    model_dir: str, checkpoint_dir: str, params: CompressParams, out_path: str
+    model_dir: str, model_key: str, checkpoint: dict[str, Any], params: CompressParams, out_path: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
-    """Measure every setting, then apply the gate; returns (validation, checks, passed)."""
+    """Measure every setting (or take the measurements of the same checkpoint and settings), then apply the
+    gate; returns (validation, checks, passed)."""
     validation = stages.validate(
         Path(model_dir),
-        Path(checkpoint_dir),
+        Path(checkpoint["path"]),
         evaluation_data=params.evaluation_data,
         eval_seqlen=params.eval_seqlen,
         eval_max_windows=params.eval_max_windows,
@@ -30,6 +31,8 @@ def validate(
         group_size=params.group_size,
         device=params.device,
         out_path=Path(out_path),
+        model_key=model_key,
+        checkpoint_files=checkpoint["files"],
         tasks=params.gate.gated_tasks(),
         task_bits=sorted(params.gate.min_task_score),
         task_include_path=params.eval_task_include_path,

@@ -9,6 +9,7 @@ leaves the old state or the new one, never half of a checkpoint (``save_checkpoi
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flows.params import SMOLLM2_ALIAS
-from registry.hashing import tree_manifest
+from registry.hashing import manifest_digest, tree_manifest
 
 SAMPLES_FILE = "samples.safetensors"
 
@@ -260,6 +261,8 @@ def validate(
     group_size: int,
     device: str,
     out_path: Path,
+    model_key: str,
+    checkpoint_files: dict[str, str],
     tasks: list[str] | None = None,
     task_bits: list[float] | None = None,
     task_include_path: str | None = None,
@@ -269,7 +272,9 @@ def validate(
     ``tasks`` on the routed model at every ``task_bits`` budget.
 
     Full precision and RTN stream the source one block at a time; the packed elastic model is the only
-    whole model held.
+    whole model held. ``out_path`` keeps what was measured under which key (source ``model_key``, the
+    checkpoint's file hashes, the evaluation tokens, every setting): a re-run with the same key, such as one
+    after a failed gate with the gate changed, returns those measurements (``reused``) without measuring again.
     """
     from mobiquant.checkpoint import load_checkpoint
     from mobiquant.data import evaluation_tokens
@@ -283,6 +288,18 @@ def validate(
     compute = resolve_device(device)
     tokenizer = load_tokenizer(model_dir)
     tokens = evaluation_tokens(tokenizer, evaluation_data)
+    key = {
+        "model": model_key,
+        "checkpoint": manifest_digest(checkpoint_files),
+        "tokens": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+        "device": compute.type,
+        "settings": [eval_seqlen, eval_max_windows, sorted(budgets), num_slices, group_size],
+        "tasks": [sorted(tasks or []), sorted(task_bits or []), task_include_path, task_limit],
+    }
+    if out_path.exists():
+        kept = json.loads(out_path.read_text())
+        if kept.get("key") == key:
+            return {**kept, "reused": True, "seconds": time.perf_counter() - start}
     files = ModelFiles(model_dir)
     rtn_bits = sorted({int(b) for b in budgets if float(b).is_integer()} | {2 * k for k in range(1, num_slices + 1)})
     variants = {"fp": None, **{f"rtn{bits}": rtn_transform(files.arch, bits, group_size) for bits in rtn_bits}}
@@ -318,6 +335,9 @@ def validate(
         result["tasks"] = evaluate_tasks(model, tokenizer, manager, tasks, settings, limit=task_limit)
     result["seconds"] = time.perf_counter() - start
     result["tokens"] = int(tokens.numel())
+    result["key"] = key
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, allow_nan=True))
-    return result
+    partial = out_path.with_name(out_path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2, allow_nan=True))
+    partial.replace(out_path)
+    return {**result, "reused": False}

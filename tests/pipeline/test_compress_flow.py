@@ -68,8 +68,8 @@ def test_compress_stages_a_candidate_and_promotion_publishes_it(
     assert not elsewhere.parent.exists()
 
 
-def test_failed_gate_publishes_nothing_and_keeps_the_report(
-    tiny_model: Path, tmp_path: Path, prefect_env: Path
+def test_failed_gate_publishes_nothing_and_a_rerun_with_the_gate_changed_measures_nothing_again(
+    tiny_model: Path, tmp_path: Path, prefect_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = tiny_params(tiny_model, tmp_path, gate={"max_bits_error": 0.0, "routed_not_worse_than_rtn": False})
     with pytest.raises(GateFailedError, match="quality gate failed: bits@") as info:
@@ -81,3 +81,21 @@ def test_failed_gate_publishes_nothing_and_keeps_the_report(
     assert client.search_registered_models() == []
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.data.tags["gate"] for r in runs] == ["failed"]
+    measured = json.loads((report.parent.parent / "validation.json").read_text())
+
+    # The reviewer relaxes the gate: the same blocks, checkpoint and measurements pass it without recomputing.
+    for name in ("mobiquant.calibration.finished_model", "mobiquant.evaluation.perplexity",
+                 "mobiquant.evaluation.streamed_perplexities"):
+        monkeypatch.setattr(name, _must_not_run)
+    summary = compress(**{**params, "gate": {"max_bits_error": 1.0, "routed_not_worse_than_rtn": False}})
+    assert summary["gate_passed"] and (tmp_path / "published" / summary["repo_id"] / "staging").is_dir()
+    version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["ppl_fp"] == measured["fp"]["ppl"]
+    assert [metrics[f"ppl_uniform_{r['slices']}"] for r in measured["uniform"]] == [
+        r["ppl"] for r in measured["uniform"]
+    ]
+
+
+def _must_not_run(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("recomputed what an earlier run of the same inputs had finished")

@@ -72,7 +72,7 @@ def test_the_checkpoint_stage_saves_once_and_keeps_an_intact_checkpoint_of_the_s
         assert meter.avg_bits == pytest.approx(bits, abs=0.05)
 
     # The same inputs and an intact folder: nothing is rebuilt.
-    monkeypatch.setattr("mobiquant.calibration.finished_model", _must_not_build)
+    monkeypatch.setattr("mobiquant.calibration.finished_model", _must_not_run)
     again = build()
     assert again["reused"] and again["files"] == first["files"]
 
@@ -87,5 +87,34 @@ def test_the_checkpoint_stage_saves_once_and_keeps_an_intact_checkpoint_of_the_s
     assert not rebuilt["reused"] and rebuilt["files"] != first["files"]
 
 
-def _must_not_build(*_args: object, **_kwargs: object) -> None:
-    raise AssertionError("an intact checkpoint of the same inputs was rebuilt")
+def _must_not_run(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("recomputed what an earlier call with the same inputs had finished")
+
+
+def test_validation_measures_again_only_when_what_it_measured_changed(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = CalibrationConfig(group_size=32, router_hidden=8, epochs_stage1=0, epochs_stage2=1).to_dict()
+    captured, block_paths = _calibrated_blocks(tiny_model, tmp_path, config)
+    built = stages.checkpoint(tiny_model, tmp_path / "capture", block_paths, config, Path(captured["samples_path"]),
+                              tmp_path / "checkpoint", "cpu")
+    text = tmp_path / "eval.txt"
+    text.write_text(corpus(seed=5))
+
+    def validate(files: dict[str, str], windows: int = 2) -> dict:
+        return stages.validate(
+            tiny_model, tmp_path / "checkpoint", evaluation_data=str(text), eval_seqlen=32, eval_max_windows=windows,
+            budgets=[3.0], num_slices=4, group_size=32, device="cpu", out_path=tmp_path / "validation.json",
+            model_key="0" * 64, checkpoint_files=files,
+        )  # fmt: skip
+
+    first = validate(built["files"])
+    assert not first["reused"] and first["budgets"][0]["target_bits"] == 3.0
+    monkeypatch.setattr("mobiquant.evaluation.perplexity", _must_not_run)
+    again = validate(built["files"])
+    assert again["reused"] and again["budgets"] == first["budgets"] and again["uniform"] == first["uniform"]
+    monkeypatch.undo()
+    assert not validate(built["files"], windows=3)["reused"]
+    assert not validate({**built["files"], "model.safetensors": "0" * 64}, windows=3)["reused"]
+    text.write_text(corpus(seed=6))
+    assert not validate(built["files"], windows=3)["reused"]
