@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flows/, tasks/ and registry/ run from the checkout
 
-from flows.compress import calibrate_blocks, task_runner_for  # noqa: E402
+from flows.compress import calibrate_blocks, params_config, task_runner_for  # noqa: E402
 from flows.params import CompressParams  # noqa: E402
 from tasks import stages  # noqa: E402
 from tests.pipeline.tiny import build_tiny_llama  # noqa: E402
@@ -38,26 +38,27 @@ def main() -> int:
         work = Path(tmp)
         model = build_tiny_llama(work / "model" / "bench-llama", layers=args.layers, hidden=args.hidden)
         corpus = str(model.parent / "train.txt")
+        base = CompressParams(
+            model=str(model),
+            calibration_data=corpus,
+            samples=args.samples,
+            seqlen=64,
+            group_size=64,
+            epochs_stage1=args.epochs,
+            epochs_stage2=args.epochs,
+            runner=args.runner,
+            device="cpu",
+        )
         captured = stages.capture(
-            model, work / "capture", calibration_data=corpus, samples=args.samples, seqlen=64, seed=0, group_size=64,
-            device="cpu", source_model={"source": str(model), "kind": "local", "sha": "bench"},
+            model, work / "capture", calibration_data=corpus, samples=args.samples, seqlen=64, seed=0,
+            config=params_config(base), device="cpu",
+            source_model={"source": str(model), "kind": "local", "sha": "bench"},
         )
         times = {}
         # The first run also pays one-time costs (the ephemeral Prefect server, imports, allocator warm-up):
         # an untimed pass first, so that the two timed runs compare the task runner alone.
         for run, workers in (("warm-up", 1), ("one", 1), ("two", 2)):
-            params = CompressParams(
-                model=str(model),
-                calibration_data=corpus,
-                samples=args.samples,
-                seqlen=64,
-                group_size=64,
-                epochs_stage1=args.epochs,
-                epochs_stage2=args.epochs,
-                runner=args.runner,
-                workers=workers,
-                device="cpu",
-            )
+            params = base.model_copy(update={"workers": workers})
             start = time.perf_counter()
             calibrate_blocks.with_options(task_runner=task_runner_for(params))(
                 str(model),

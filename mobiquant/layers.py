@@ -7,6 +7,8 @@ NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,12 +36,24 @@ class MoBiRouter(nn.Module):
     move with the log of the error it would keep, whatever its norm.
     """
 
-    def __init__(self, in_features: int, num_slices: int, hidden: int = 32) -> None:
+    def __init__(self, in_features: int, num_slices: int, hidden: int = 32,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, num_slices - 1)
+        # With ``generator``: nn.Linear's initialisation, drawn from it instead of torch's global generator, which
+        # blocks calibrated in threads of one process share (a router would depend on what other threads drew).
+        # Same draws in the same order: seeded as the global one was, it gives the router a block calibrated
+        # alone got.
+        device = "meta" if generator is not None else None
+        self.fc1 = nn.Linear(in_features, hidden, device=device)
+        self.fc2 = nn.Linear(hidden, num_slices - 1, device=device)
         self.act = nn.SiLU()
         self.norm_weight = nn.Parameter(torch.ones(num_slices - 1))
+        if generator is not None:
+            for linear in (self.fc1, self.fc2):
+                linear.to_empty(device="cpu")
+                nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+                bound = 1.0 / math.sqrt(linear.in_features)
+                nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()

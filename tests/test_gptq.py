@@ -517,3 +517,22 @@ def test_per_linear_weight_names_are_checked() -> None:
         CalibrationConfig(module_precision_weights={"v_proj": (1, 2)})
     # Through JSON (the resume key and the checkpoint's config) and back.
     assert CalibrationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_a_blocks_result_does_not_depend_on_what_other_threads_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks calibrated in threads of one process share torch's global generator: another thread drawing from
+    it while a block's routers are made must not change the block's result."""
+    arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
+        *shape, torch.Generator().manual_seed(shape[0] * 7 + shape[1])))
+    config = CalibrationConfig(group_size=GROUP, epochs_stage1=1, epochs_stage2=1, batch_size=4, router_hidden=8)
+    alone = calibrate_block(copy.deepcopy(block), inputs, block_kwargs, arch, config, progress=False)
+
+    def drawn_between(linear: torch.nn.Linear, *args: object) -> TrainableSlicedLinear:
+        torch.rand(3)  # what a block in another thread draws meanwhile
+        return TrainableSlicedLinear(linear, *args)
+
+    monkeypatch.setattr("mobiquant.calibration.block.TrainableSlicedLinear", drawn_between)
+    beside = calibrate_block(copy.deepcopy(block), inputs, block_kwargs, arch, config, progress=False)
+    assert any(".router." in key for key in alone.state)
+    for key, tensor in alone.state.items():
+        assert torch.equal(tensor, beside.state[key]), key

@@ -117,8 +117,11 @@ def calibrate_block(
     untouched; the result holds the quantized state.
     """
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + block_index)
-    torch.manual_seed(config.seed * 100_003 + block_index)
+    seed = config.seed * 100_003 + block_index
+    generator = torch.Generator().manual_seed(seed)
+    # The routers' initial weights come from a generator of their own, not torch's global one, which blocks
+    # calibrated in threads of one process share.
+    router_generator = torch.Generator().manual_seed(seed)
     block = block.float()
     device = next(block.parameters()).device
     inputs = inputs.to(device=device, dtype=torch.float32)
@@ -136,7 +139,7 @@ def calibrate_block(
             targets = outputs.float() if targets is None else targets
         elif targets is None:
             targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size).float()
-    trainables = {name: TrainableSlicedLinear(linear, config) for name, linear in originals.items()}
+    trainables = {name: TrainableSlicedLinear(linear, config, router_generator) for name, linear in originals.items()}
     if config.clip_search:
         # The clip search is most of a block's time before LWC: it gets a bar of its own.
         for name, module in tqdm(trainables.items(), desc=f"block {block_index} clip search", unit="linear",

@@ -32,7 +32,7 @@ def _floor_ste(x: torch.Tensor) -> torch.Tensor:
 class TrainableSlicedLinear(nn.Module):
     """A frozen linear weight fake-quantized at 1..K slices with learnable clipping and a router."""
 
-    def __init__(self, linear: nn.Linear, config: CalibrationConfig) -> None:
+    def __init__(self, linear: nn.Linear, config: CalibrationConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         check_slicing_shape(linear.in_features, config.group_size)
         self.register_buffer("weight", linear.weight.detach().float().clone())
@@ -43,9 +43,10 @@ class TrainableSlicedLinear(nn.Module):
         self.register_buffer("w_max", w_max)
         self.upper_logit = nn.Parameter(torch.full_like(w_max, config.clip_init))
         self.lower_logit = nn.Parameter(torch.full_like(w_min, config.clip_init))
-        # Built on the CPU and moved: the same seed gives the same router on every device.
+        # Drawn on the CPU from ``generator`` and moved: the same seed gives the same router on every device and
+        # in every thread.
         self.router = (
-            MoBiRouter(linear.in_features, config.num_slices, config.router_hidden).to(self.weight.device)
+            MoBiRouter(linear.in_features, config.num_slices, config.router_hidden, generator).to(self.weight.device)
             if config.routed else None
         )
         self.uniform_slices: int = 1
