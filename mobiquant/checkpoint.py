@@ -24,6 +24,7 @@ with an error quoting :data:`LOAD_GUARD`; the registered quantizer removes the g
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -561,7 +562,12 @@ def save_checkpoint(
 
     Everything is written into a temporary folder beside ``out_dir``, flushed to disk, then renamed into place: after
     a failure ``out_dir`` is as it was (absent, or the previous checkpoint when overwriting). An existing non-empty
-    ``out_dir`` is replaced only with ``overwrite=True``, and only if it holds a MoBiQuant checkpoint.
+    ``out_dir`` is replaced only with ``overwrite=True``, and only if it holds a MoBiQuant checkpoint. Overwriting
+    keeps every file and sub-folder of the old checkpoint that this save does not write itself (model card, LICENSE,
+    eval results, chat template, ...): they are hard-linked (or copied) into the temporary folder before the rename,
+    so re-saving in place (``mobiquant thresholds DIR``, ``save_pretrained``) loses nothing and stays atomic. The old
+    weights and weight index (``*.safetensors``, ``*.safetensors.index.json``) are not kept: a shard left from an
+    earlier, differently sharded save would be stale.
     ``extra_config`` entries (calibration settings, source revision, ...) are added to ``quantization_config``.
     Returns the folder.
     """
@@ -574,6 +580,9 @@ def save_checkpoint(
         if not holds_mobiquant_checkpoint(out):
             raise CheckpointError(f"{out} is not empty and holds no MoBiQuant checkpoint: overwrite=True only "
                                   "replaces an earlier checkpoint")
+        previous = out
+    else:
+        previous = None
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -588,6 +597,9 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _apply_umask(staging)
+        if previous is not None:
+            # After _apply_umask: the carried files keep their own permissions, and hard links share them.
+            _carry_over(previous, staging)
         _fsync_tree(staging)
         _replace_dir(staging, out)
     finally:
@@ -603,6 +615,38 @@ def _apply_umask(staging: Path) -> None:
     staging.chmod(0o777 & ~umask)
     for file in staging.rglob("*"):
         file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
+
+
+# Files of an earlier checkpoint that a new save replaces rather than keeps: its weights and weight index.
+_NOT_CARRIED = ("*.safetensors", "*.safetensors.index.json")
+
+
+def _carry_over(old: Path, staging: Path) -> None:
+    """Hard-link (or copy) into ``staging`` what the old checkpoint ``old`` holds beyond what the new save wrote."""
+    for entry in old.iterdir():
+        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in _NOT_CARRIED):
+            _carry(entry, staging / entry.name)
+
+
+def _carry(source: Path, target: Path) -> None:
+    if source.is_symlink():
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        if os.path.lexists(target) and not target.is_dir():
+            return  # the new save wrote a file of that name: it wins
+        created = not target.exists()
+        if created:
+            target.mkdir()
+        for child in source.iterdir():
+            _carry(child, target / child.name)
+        if created:
+            shutil.copymode(source, target)  # last: a read-only folder must be filled first
+    elif not os.path.lexists(target):
+        try:
+            os.link(source, target)
+        except OSError:  # another file system, or links not supported
+            shutil.copy2(source, target)
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

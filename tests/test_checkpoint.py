@@ -311,6 +311,23 @@ def test_existing_folders_are_protected(tmp_path: Path) -> None:
     assert sorted(p.name for p in unrelated.iterdir()) == ["notes.txt", "sub"]
 
 
+def test_overwriting_keeps_the_other_files_but_not_stale_weights(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=14)
+    extras = {"README.md": b"# model card\n", "LICENSE": b"Apache-2.0\n", "eval_results/r.json": b'{"ppl": 9.5}\n'}
+    for name, data in extras.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(data)
+    (out / "model-00002-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (out / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": {}}')
+    other = quantize_tiny(tiny_model("llama", seed=15), seed=15)
+    save_checkpoint(other, out, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in extras} == extras
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(logits(load_checkpoint(out), ids), logits(other, ids))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_plain_models_and_other_folders_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no MoBiLinear"):
         save_checkpoint(tiny_model("llama"), tmp_path / "plain")

@@ -394,9 +394,11 @@ def test_thresholds_refit_on_serving_text_changes_only_the_thresholds(
     serving.write_text(SERVING_TEXT, encoding="utf-8")
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
+    (ckpt / "README.md").write_text("# model card\n")  # in place: files the save does not write are kept
     code, _, err = run(capsys, "thresholds", str(ckpt), "--data", str(serving), "--samples", "4", "--seqlen", "64",
                        "--device", "cpu")
     assert code == 0, err
+    assert (ckpt / "README.md").read_text() == "# model card\n"
 
     # Reference: the same samples, thresholds fitted in this process on the original checkpoint.
     samples = calibration_samples(byte_tokenizer(), str(serving), 4, 64, seed=0)
