@@ -1,17 +1,24 @@
 """The ``watch-releases`` flow: compress every new model or revision of configured authors, once per sha.
 
-What has been seen lives in a Prefect Variable (``{repo_id: [sha, ...]}``), updated right after each
-submission, so a crash between two submissions cannot submit the same sha twice on the next run.
+What has been submitted lives in one small Prefect Variable per repository (``{repo, sha, flow_run_id,
+attempts}``: the newest revision submitted), written right after each submission, so a crash between two
+submissions cannot submit the same sha twice on the next run, and no single value outgrows Prefect's
+limit on a Variable's size however many repositories are watched. A sha whose run ended without
+completing (failed, crashed, cancelled) is submitted again on a later run, up to ``max_attempts`` times.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from typing import Any
+from uuid import UUID
 
 from huggingface_hub import HfApi
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.variables import Variable
 
 SEEN_VARIABLE = "mobiquant-seen-releases"
@@ -28,6 +35,21 @@ def list_releases(authors: list[str], patterns: list[str], endpoint: str | None,
     return sorted(found.items())
 
 
+def record_name(variable: str, repo_id: str) -> str:
+    """The Variable holding what was submitted for ``repo_id`` (Variable names allow no '/')."""
+    return f"{variable}-{hashlib.sha256(repo_id.encode()).hexdigest()[:16]}"
+
+
+def run_ended_unfinished(flow_run_id: str) -> bool:
+    """Whether the flow run ended without completing (failed, crashed, cancelled) or no longer exists."""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except ObjectNotFound:
+            return True
+    return run.state is not None and run.state.is_final() and not run.state.is_completed()
+
+
 @flow(name="watch-releases", log_prints=True)
 def watch_releases(
     authors: list[str],
@@ -37,20 +59,39 @@ def watch_releases(
     endpoint: str | None = None,
     limit: int = 100,
     variable: str = SEEN_VARIABLE,
+    max_attempts: int = 2,
 ) -> list[dict[str, str]]:
-    """Run ``deployment`` for each new (model, sha); returns what was submitted."""
+    """Run ``deployment`` for each new (model, sha), and again for one whose run ended unfinished; returns what
+    was submitted. With ``endpoint`` the runs download from that Hub too (``HF_ENDPOINT`` in their environment).
+    """
     logger = get_run_logger()
-    seen: dict[str, list[str]] = dict(Variable.get(variable, default={}) or {})
+    # Before per-repository records, every sha seen was kept in one Variable: those count as submitted.
+    legacy: dict[str, list[str]] = dict(Variable.get(variable, default={}) or {})
+    job_variables = {"env": {"HF_ENDPOINT": endpoint}} if endpoint else None
     submitted = []
     for repo_id, sha in list_releases(authors, patterns or [], endpoint, limit):
-        if sha in seen.get(repo_id, []):
+        name = record_name(variable, repo_id)
+        record = Variable.get(name, default=None) or {}
+        attempts = 1
+        if record.get("sha") == sha:
+            if not run_ended_unfinished(record["flow_run_id"]):
+                continue
+            if record.get("attempts", 1) >= max_attempts:
+                logger.warning("%s@%s: flow run %s ended unfinished; %d attempts made, not submitting again",
+                               repo_id, sha, record["flow_run_id"], record.get("attempts", 1))
+                continue
+            attempts = record.get("attempts", 1) + 1
+        elif sha in legacy.get(repo_id, []):
             continue
         run = run_deployment(
-            deployment, parameters={**(parameters or {}), "model": repo_id, "revision": sha}, timeout=0
+            deployment,
+            parameters={**(parameters or {}), "model": repo_id, "revision": sha},
+            job_variables=job_variables,
+            timeout=0,
         )
-        seen.setdefault(repo_id, []).append(sha)
-        Variable.set(variable, seen, overwrite=True)
-        logger.info("new release %s@%s: flow run %s", repo_id, sha, run.id)
+        Variable.set(name, {"repo": repo_id, "sha": sha, "flow_run_id": str(run.id), "attempts": attempts},
+                     overwrite=True)
+        logger.info("release %s@%s (attempt %d): flow run %s", repo_id, sha, attempts, run.id)
         submitted.append({"model": repo_id, "revision": sha, "flow_run_id": str(run.id)})
-    logger.info("%d new release(s)", len(submitted))
+    logger.info("%d release(s) submitted", len(submitted))
     return submitted

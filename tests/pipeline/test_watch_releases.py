@@ -1,37 +1,65 @@
-"""watch-releases against the local Hub: each new (model, sha) starts the compress deployment exactly once."""
+"""watch-releases against the local Hub: each new (model, sha) starts the compress deployment once, and again only
+when its run ended unfinished."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_client
+from prefect.states import Failed
+from prefect.variables import Variable
 
 from flows.compress import compress
 from flows.watch_releases import watch_releases
 from tests.pipeline.hub_server import HubServer
 
 
-async def _runs_of(deployment_id: str) -> list[dict]:
+async def _runs_of(deployment_id: str) -> list:
     async with get_client() as client:
         runs = await client.read_flow_runs()
-    return [r.parameters for r in runs if str(r.deployment_id) == deployment_id]
+    return [r for r in runs if str(r.deployment_id) == deployment_id]
 
 
-def test_new_releases_run_once_per_sha(hub: HubServer, tiny_model: Path, prefect_env: Path) -> None:
+async def _fail(flow_run_id: str) -> None:
+    async with get_client() as client:
+        await client.set_flow_run_state(UUID(flow_run_id), Failed(), force=True)
+
+
+def test_new_releases_run_once_per_sha_and_again_after_an_unfinished_run(
+    hub: HubServer, tiny_model: Path, prefect_env: Path
+) -> None:
     deployment_id = str(compress.to_deployment(name="llama", parameters={"model": "org/placeholder"}).apply())
     hub.state.add_folder("acme/model-a", tiny_model)
     hub.state.add_folder("acme/other", tiny_model)
     hub.state.add_folder("someone/model-b", tiny_model)
+    # An earlier release of this flow kept every sha in one Variable, close to Prefect's 5000-character limit on a
+    # value; its shas still count as submitted, and it no longer has to grow.
+    legacy = {f"acme/old-{i}": [f"{i:040x}"] for i in range(80)}
+    Variable.set("seen-test", legacy)
 
-    first = watch_releases(authors=["acme"], patterns=["acme/model-*"], endpoint=hub.url, variable="seen-test")
+    def watch() -> list[dict[str, str]]:
+        return watch_releases(authors=["acme"], patterns=["acme/model-*"], endpoint=hub.url, variable="seen-test")
+
+    first = watch()
     assert [r["model"] for r in first] == ["acme/model-a"]
-    assert watch_releases(authors=["acme"], patterns=["acme/model-*"], endpoint=hub.url, variable="seen-test") == []
+    assert watch() == []
+
+    asyncio.run(_fail(first[0]["flow_run_id"]))
+    retried = watch()
+    assert [(r["model"], r["revision"]) for r in retried] == [("acme/model-a", first[0]["revision"])]
+    asyncio.run(_fail(retried[0]["flow_run_id"]))
+    assert watch() == [], "max_attempts (2) reached"
 
     repo = hub.state.repos["acme/model-a"]
     hub.state.commit(repo, "main", {"extra.txt": b"new revision"}, set(), "update")
-    third = watch_releases(authors=["acme"], patterns=["acme/model-*"], endpoint=hub.url, variable="seen-test")
+    third = watch()
     assert [(r["model"], r["revision"]) for r in third] == [("acme/model-a", repo.branches["main"])]
 
-    submitted = asyncio.run(_runs_of(deployment_id))
-    assert sorted(p["revision"] for p in submitted) == sorted([first[0]["revision"], third[0]["revision"]])
+    runs = asyncio.run(_runs_of(deployment_id))
+    revisions = [first[0]["revision"], retried[0]["revision"], third[0]["revision"]]
+    assert sorted(r.parameters["revision"] for r in runs) == sorted(revisions)
+    # The runs download from the Hub the release was found on.
+    assert {r.job_variables["env"]["HF_ENDPOINT"] for r in runs} == {hub.url}
+    assert Variable.get("seen-test") == legacy
