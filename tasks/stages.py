@@ -227,13 +227,23 @@ def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:
     """NVRTC CUBINs per architecture (no GPU needed); a summary of what compiled."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    import importlib.util  # local: this stage alone needs it
+
     try:
-        from mobiquant.kernels import compile_kernels as nvrtc_compile
-    except ImportError:
-        # The kernels are developed separately; a build without them still yields a usable checkpoint
-        # (the PyTorch path), and the report says that nothing was compiled.
-        summary: dict[str, Any] = {"results": [], "note": "mobiquant.kernels provides no compile_kernels: none built"}
+        # mobiquant.kernels imports cuda-python lazily, so importing it proves nothing: look for NVRTC itself.
+        has_nvrtc = importlib.util.find_spec("cuda.bindings.nvrtc") is not None
+    except (ImportError, ValueError):  # cuda or cuda.bindings missing (or blocked in sys.modules)
+        has_nvrtc = False
+    if not has_nvrtc:
+        # A build without cuda-python (the ``cuda`` extra) still yields a usable checkpoint (the PyTorch
+        # path), and the report says that nothing was compiled.
+        summary: dict[str, Any] = {
+            "results": [],
+            "note": "cuda-python's NVRTC is not installed (pip install '.[cuda]'): none built",
+        }
     else:
+        from mobiquant.kernels import compile_kernels as nvrtc_compile
+
         summary = {"results": [_jsonable(r) for r in nvrtc_compile(archs=tuple(archs))], "note": ""}
     (out_dir / "kernels.json").write_text(json.dumps(summary, indent=2))
     return {**summary, "seconds": time.perf_counter() - start}

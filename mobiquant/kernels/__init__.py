@@ -5,13 +5,16 @@ reading only the slices each token needs: a tensor-core decode kernel for up to 
 per shape (``prefill_path``), either a tensor-core grouped GEMM (tokens sorted by precision) or, for
 each precision group, a fused kernel that dequantises ``W_k`` to fp16/bf16 followed by cuBLAS.
 ``compile_kernels`` builds the CUBINs for a list of architectures without a GPU.
-``MOBIQUANT_KERNELS=off`` makes the layer use PyTorch.
+``MOBIQUANT_KERNELS=off`` makes the layer use PyTorch, as does a missing cuda-python (the ``cuda`` extra)
+unless ``MOBIQUANT_KERNELS`` asks for the kernels explicitly.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,6 +27,7 @@ from ._compile import (
     CompileResult,
     KernelCompileError,
     NvrtcUnavailableError,
+    UnsupportedArchError,
     compile_kernels,
     compile_source,
     default_cache_dir,
@@ -36,8 +40,10 @@ __all__ = [
     "MODULES",
     "PREFILL_DEQUANT_MIN_TOKENS",
     "CompileResult",
+    "CudaPythonMissingError",
     "KernelCompileError",
     "NvrtcUnavailableError",
+    "UnsupportedArchError",
     "compile_kernels",
     "compile_source",
     "default_cache_dir",
@@ -65,9 +71,50 @@ def _device_supported(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
+KERNELS_ENV = "MOBIQUANT_KERNELS"
+CUDA_EXTRA_HINT = "pip install '.[cuda]'"
+CUDA_PYTHON_MODULES = ("cuda.bindings.driver", "cuda.bindings.nvrtc")
+
+
+class CudaPythonMissingError(ImportError):
+    """The kernels were asked for (``MOBIQUANT_KERNELS`` set) but cuda-python is not installed."""
+
+
+@functools.cache  # asked at every forward of every layer: look once per process
+def cuda_python_available() -> bool:
+    """Whether cuda-python's driver and NVRTC bindings can be imported (the ``cuda`` extra)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in CUDA_PYTHON_MODULES)
+    except (ImportError, ValueError):  # a parent package missing, or blocked in sys.modules
+        return False
+
+
+@functools.cache
+def _warn_no_cuda_python() -> None:
+    warnings.warn(
+        f"cuda-python is not installed: the CUDA kernels are off and the layer uses PyTorch; {CUDA_EXTRA_HINT}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def enabled() -> bool:
-    """False when ``MOBIQUANT_KERNELS`` is ``off``, ``0`` or ``false``: the layer then uses PyTorch."""
-    return os.environ.get("MOBIQUANT_KERNELS", "on").lower() not in {"off", "0", "false"}
+    """False when ``MOBIQUANT_KERNELS`` is ``off``, ``0`` or ``false``: the layer then uses PyTorch.
+
+    Without cuda-python the default (unset) falls back to PyTorch with a one-time warning; any other explicit
+    value (``on``, ``1``, ...) raises ``CudaPythonMissingError`` naming the ``cuda`` extra.
+    """
+    setting = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if setting in {"off", "0", "false"}:
+        return False
+    if not cuda_python_available():
+        if setting not in {"", "auto"}:
+            raise CudaPythonMissingError(
+                f"{KERNELS_ENV}={setting} asks for the CUDA kernels but cuda-python is not installed: {CUDA_EXTRA_HINT}"
+            )
+        _warn_no_cuda_python()
+        return False
+    return True
 
 
 def prefill_path(tokens: int) -> str:

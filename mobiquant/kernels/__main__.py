@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from ._compile import DEFAULT_ARCHS, CompileResult, KernelCompileError, compile_kernels
+from ._compile import (
+    DEFAULT_ARCHS,
+    CompileResult,
+    KernelCompileError,
+    NvrtcUnavailableError,
+    UnsupportedArchError,
+    compile_kernels,
+)
 
 
 def format_table(results: list[CompileResult]) -> str:
@@ -35,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         results = compile_kernels(tuple(args.arch or DEFAULT_ARCHS), args.cache_dir)
     except KernelCompileError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except (NvrtcUnavailableError, UnsupportedArchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else format_table(results))
     if not args.json:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,9 @@ DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 # No fast-math: the kernels' rounding is part of the accuracy contract (<= 1e-3 relative for fp16).
 BASE_OPTIONS = ("--std=c++17", "--device-as-default-execution-space")
 CACHE_ENV = "MOBIQUANT_KERNEL_CACHE"
+# A real architecture (NVRTC writes no CUBIN for a virtual compute_XY) with the mma.m16n8k16 of sm_80+.
+ARCH_PATTERN = re.compile(r"sm_(\d+)a?")
+MIN_ARCH = 80
 
 
 class KernelCompileError(RuntimeError):
@@ -45,7 +50,21 @@ class KernelCompileError(RuntimeError):
 
 
 class NvrtcUnavailableError(RuntimeError):
-    """The NVRTC shared library could not be loaded."""
+    """The NVRTC shared library (or cuda-python, which loads it) could not be loaded."""
+
+
+class UnsupportedArchError(ValueError):
+    """An architecture the kernels cannot be built for: not ``sm_XY[a]`` with XY >= 80."""
+
+
+def check_arch(arch: str) -> None:
+    """Raise ``UnsupportedArchError`` unless ``arch`` is a real architecture of sm_80 or newer."""
+    match = ARCH_PATTERN.fullmatch(arch)
+    if match is None or int(match.group(1)) < MIN_ARCH:
+        raise UnsupportedArchError(
+            f"unsupported architecture {arch!r}: expected sm_XY or sm_XYa with XY >= {MIN_ARCH} "
+            "(the kernels need sm_80's mma.m16n8k16), e.g. sm_80, sm_90a"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,15 +99,18 @@ def default_cache_dir() -> Path:
 
 
 def _nvrtc():  # -> module; imported lazily so that importing mobiquant.kernels never needs cuda-python
-    from cuda.bindings import nvrtc
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise NvrtcUnavailableError("cuda-python is not installed: pip install '.[cuda]'") from exc
 
     return nvrtc
 
 
 def nvrtc_version() -> str:
+    nvrtc = _nvrtc()  # first: it turns a missing cuda-python into NvrtcUnavailableError
     from cuda.pathfinder import DynamicLibNotFoundError
 
-    nvrtc = _nvrtc()
     try:
         err, major, minor = nvrtc.nvrtcVersion()
     except DynamicLibNotFoundError as exc:
@@ -130,6 +152,7 @@ def compile_source(
     cache_dir: Path | str | None = None,
 ) -> tuple[bytes, CompileResult]:
     """CUBIN of ``source`` for ``arch`` (e.g. ``"sm_80"``), from the cache when the key matches."""
+    check_arch(arch)
     headers = headers or {}
     version = nvrtc_version()
     key = cache_key(source, headers, arch, options, version)
@@ -137,8 +160,8 @@ def compile_source(
     cubin_path = directory / f"{name}-{arch}-{key[:24]}.cubin"
     log_path = cubin_path.with_suffix(".log")
     start = time.perf_counter()
-    if cubin_path.exists():
-        cubin = cubin_path.read_bytes()
+    cubin = cubin_path.read_bytes() if cubin_path.exists() else b""
+    if cubin:  # an empty file (left by an older version) is no CUBIN: build again
         log = log_path.read_text() if log_path.exists() else ""
         return cubin, CompileResult(arch, name, len(cubin), log, time.perf_counter() - start, True, str(cubin_path))
 
@@ -146,7 +169,8 @@ def compile_source(
     directory.mkdir(parents=True, exist_ok=True)
     # Write-then-rename so that a concurrent reader never sees a half-written CUBIN.
     for path, data in ((log_path, log.encode()), (cubin_path, cubin)):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        # Unique per process and thread: two threads finishing the same module must not share a file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
     return cubin, CompileResult(arch, name, len(cubin), log, time.perf_counter() - start, False, str(cubin_path))
@@ -181,6 +205,8 @@ def _nvrtc_compile(
         cubin = b" " * size
         (err,) = nvrtc.nvrtcGetCUBIN(program, cubin)
         _check(nvrtc, err, "nvrtcGetCUBIN")
+        if not cubin.strip(b"\0 "):
+            raise KernelCompileError(name, arch, f"{log}\nNVRTC returned no CUBIN for {arch}".lstrip())
         return cubin, log
     finally:
         nvrtc.nvrtcDestroyProgram(program)
@@ -196,4 +222,6 @@ def compile_kernels(
     archs: tuple[str, ...] | list[str] = DEFAULT_ARCHS, cache_dir: Path | str | None = None
 ) -> list[CompileResult]:
     """Build every module for every architecture (no GPU needed); one result per (arch, module)."""
+    for arch in archs:  # refuse a bad architecture before spending time on the good ones
+        check_arch(arch)
     return [compile_module(name, arch, cache_dir)[1] for arch in archs for name in MODULES]
