@@ -198,6 +198,10 @@ class CompressParams(BaseModel):
         bad = [arch for arch in value if not re.match(r"^sm_\d{2,3}a?$", arch)]
         if bad:
             raise ValueError(f"kernel_archs must look like 'sm_80', got {bad}")
+        # The kernels use sm_80's tensor-core instructions (mma m16n8k16).
+        older = [arch for arch in value if int(re.sub(r"\D", "", arch)) < 80]
+        if older:
+            raise ValueError(f"kernel_archs {older} are older than sm_80, which the kernels need")
         return value
 
     @field_validator("registered_model_name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import shutil
 import time
@@ -227,8 +228,6 @@ def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:
     """NVRTC CUBINs per architecture (no GPU needed); a summary of what compiled."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    import importlib.util  # local: this stage alone needs it
-
     try:
         # mobiquant.kernels imports cuda-python lazily, so importing it proves nothing: look for NVRTC itself.
         has_nvrtc = importlib.util.find_spec("cuda.bindings.nvrtc") is not None

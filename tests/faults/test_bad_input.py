@@ -300,6 +300,7 @@ INVALID_PARAMETERS = {
     ),
     "bad-repo-id": ({"publish": {"repo_id": "no-owner"}}, "repo_id must look like 'owner/name'"),
     "bad-arch": ({"kernel_archs": ["ampere"]}, "kernel_archs must look like 'sm_80'"),
+    "old-arch": ({"kernel_archs": ["sm_90", "sm_75"]}, "kernel_archs ['sm_75'] are older than sm_80"),
     "missing-model-path": ({"model": "./no/such/folder"}, "is neither an existing folder/GGUF file nor a hub id"),
 }
 
