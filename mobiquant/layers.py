@@ -120,8 +120,9 @@ class MoBiLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.router = MoBiRouter(in_features, num_slices, router_hidden) if router_hidden and num_slices > 1 else None
         # Row i: the threshold on ordered_scores giving average bits threshold_bits[i] on calibration data;
-        # the grid is 0.5 bits apart by default (each point costs one pass over the calibration set).
-        points = threshold_grid or 4 * num_slices - 3
+        # the grid is 0.125 bits apart by default (one pass over the calibration set per half bit sets four
+        # points: mobiquant.precision).
+        points = threshold_grid or 16 * num_slices - 15
         self.register_buffer("threshold_bits", torch.linspace(2.0, 2.0 * num_slices, points, dtype=torch.float32))
         self.register_buffer("thresholds", torch.full((points,), UNCALIBRATED, dtype=torch.float32))
         self.uniform_slices: int | None = num_slices

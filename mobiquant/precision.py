@@ -4,8 +4,11 @@ Each router gives a token one score per residual slice on a slice-major scale
 (``mobiquant.layers.ordered_scores``), and slice ``e`` is on for the token where its score exceeds the
 layer's threshold. The threshold table of a layer lists, for a grid of average bit-widths, the threshold
 that gives that average on calibration data: ``count(scores > t) = tokens * (bits / 2 - 1)`` is a
-quantile of the scores, so the table is exact on the data it was built from, at every grid point (0.5
-bits apart) and interpolated between them. ``set_precision(model, avg_bits=x)`` interpolates every
+quantile of the scores, so the table is exact on the data it was built from at every grid point and
+interpolated between them. The grid is 0.125 bits apart (0.5 in earlier checkpoints, which load as they
+are): a layer's threshold is not linear in bits between points (a layer whose share grows by a whole
+slice between two points keeps its lower count over most of the interval), and 0.5 bits apart a budget
+between points was spent up to 0.3 bits short. ``set_precision(model, avg_bits=x)`` interpolates every
 layer's table at ``x``. By default a layer's table is not built for ``x`` itself but for its share of a
 model-wide ``x`` (``mobiquant.allocation``): sensitive layers run above the average, robust ones below,
 and the whole model at ``x``.
@@ -65,20 +68,27 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     layers = [layer for layer in mobi_layers(model) if layer.router is not None]
     if not layers:
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
-    grid = layers[0].threshold_bits.double().cpu()
+    grid = layers[0].threshold_bits.double().cpu().tolist()
     samples = samples.to(_device(model))
     curves = layer_cost_curves(model, layers, samples, progress=progress) if allocate else None
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
-    budgets = list(enumerate(grid[1:-1].tolist(), start=1))
-    for index, bits in tqdm(budgets, desc="router thresholds", unit="budget", disable=not progress, leave=False):
-        shares = allocate_bits(curves, bits) if curves is not None else [bits] * len(layers)
-        layer_bits = {id(layer): share for layer, share in zip(layers, shares, strict=True)}
+    points_of_pass = _points_per_pass(grid)
+    for index, points in tqdm(points_of_pass.items(), desc="router thresholds", unit="budget", disable=not progress,
+                              leave=False):
+        shares = {
+            point: allocate_bits(curves, grid[point]) if curves is not None else [grid[point]] * len(layers)
+            for point in points
+        }
+        layer_bits = {
+            id(layer): {point: shares[point][i] for point in points} for i, layer in enumerate(layers)
+        }
 
         def hook(layer: MoBiLinear, args: tuple, index: int = index, layer_bits: dict = layer_bits) -> None:
             scores = ordered_scores(layer.router(args[0].reshape(-1, layer.in_features)))
-            layer.threshold = threshold_for_bits(scores, layer_bits[id(layer)])
-            tables[id(layer)][index] = layer.threshold
+            for point, bits in layer_bits[id(layer)].items():
+                tables[id(layer)][point] = threshold_for_bits(scores, bits)
+            layer.threshold = tables[id(layer)][index]
 
         handles = [layer.register_forward_pre_hook(hook) for layer in layers]
         try:
@@ -98,6 +108,22 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     if isinstance(quant, dict):
         quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"
         quant["threshold_order"] = THRESHOLD_ORDER
+
+
+def _points_per_pass(grid: list[float]) -> dict[int, list[int]]:
+    """The grid's inner points grouped by the pass over the calibration set that sets their thresholds.
+
+    One pass per half bit (the grid points at whole multiples of 0.5 bits); a point between takes its
+    thresholds from the scores of the nearest such pass, in which the layers upstream run at most 0.25 bits
+    away: four times the points for the passes of a 0.5-bit grid.
+    """
+    inner = list(range(1, len(grid) - 1))
+    passes = [i for i in inner if float(grid[i] * 2).is_integer()] or inner
+    groups: dict[int, list[int]] = {i: [] for i in passes}
+    for point in inner:
+        nearest = min(passes, key=lambda i: (abs(grid[i] - grid[point]), i))
+        groups[nearest].append(point)
+    return groups
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -46,7 +46,7 @@ def test_folder_holds_safetensors_and_the_quantization_config(tmp_path: Path) ->
     assert quant["format"] == "bitplanes-msb-int32-v2"
     assert (quant["num_slices"], quant["group_size"], quant["router_hidden"]) == (SLICES, 32, 16)
     assert quant["linears"] == list(checkpoint.architecture_for("llama").linears)
-    assert len(quant["threshold_bits"]) == 4 * SLICES - 3
+    assert quant["threshold_bits"] == [2.0 + 0.125 * i for i in range(16 * SLICES - 15)]
     assert quant["calibration"] == {"seed": 7}
     assert config["transformers_weights"] == LOAD_GUARD
     layer = mobi_layers(model)["model.layers.1.mlp.down_proj"]
@@ -412,8 +412,8 @@ def test_a_v1_checkpoint_loads_with_unit_gains_and_is_saved_as_v2(tmp_path: Path
         ({"num_slices": 3}, r"num_slices 3, .*planes is \[8, 64, 2\], the config implies \[6, 64, 2\]"),
         ({"num_slices": 5}, r"num_slices 5, .*planes is \[8, 64, 2\], the config implies \[10, 64, 2\]"),
         ({"group_size": 64}, r"group_size 64, .*scale is \[64, 2\], the config implies \[64, 1\]"),
-        ({"threshold_bits": [2.0, 8.0]}, r"2 threshold_bits\).*threshold_bits is \[13\]"),
-        ({"threshold_bits": [2.25 + 0.5 * i for i in range(13)]}, r"threshold_bits is \[2\.0, 2\.5"),
+        ({"threshold_bits": [2.0, 8.0]}, r"2 threshold_bits\).*threshold_bits is \[49\]"),
+        ({"threshold_bits": [2.25 + 0.125 * i for i in range(49)]}, r"threshold_bits is \[2\.0, 2\.125"),
         ({"num_slices": 9}, r"num_slices must be a whole number in 1\.\.8"),
     ],
 )

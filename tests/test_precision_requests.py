@@ -71,6 +71,15 @@ def test_full_model_budgets_are_unchanged_and_exact(calibrated: tuple) -> None:
         assert measured_bits(model, samples, avg_bits=bits) == pytest.approx(bits, abs=0.02)
 
 
+def test_budgets_between_half_bits_are_spent_as_asked(calibrated: tuple) -> None:
+    # A layer's threshold is not linear in bits: between points 0.5 bits apart a layer whose share grows by a
+    # whole slice kept its lower count over most of the interval, and such budgets were spent short.
+    model, samples = calibrated
+    asked = (2.625, 2.75, 3.125, 3.375, 4.25, 4.75, 5.375, 6.875, 7.625)
+    spent = [measured_bits(model, samples, avg_bits=bits) for bits in asked]
+    assert spent == pytest.approx(asked, abs=0.04)
+
+
 def test_budgets_on_two_held_slices_are_capped_and_reallocated(calibrated: tuple) -> None:
     full, samples = calibrated
     # As loaded with max_slices=2: the first two slices of every layer, the full model's tables.
@@ -119,7 +128,7 @@ def test_a_held_budget_spends_the_bits_asked_for_on_shifted_scores(calibrated: t
     model, samples = calibrated
     shifted = shifted_domain(model, shift)
     unheld = measured_bits(shifted, samples, avg_bits=bits)
-    assert abs(unheld - bits) > 0.15
+    assert abs(unheld - bits) > 0.1  # the shift moves the spend: there is something to hold
     set_precision(shifted, avg_bits=bits)
     with torch.no_grad():
         expected_first = shifted(samples).logits
