@@ -375,7 +375,9 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
                     f"checkpoint tensors disagree with its quantization_config ({described}): {key} is {shape}, "
                     f"the config implies {list(tensor.shape)}"
                 )
-            if suffix in ("threshold_bits", "thresholds", "gains"):
+            # Read once more here (the group parameters are a few percent of a checkpoint at group 128): a NaN in
+            # any of them would turn every logit into NaN without a word.
+            if suffix in ("threshold_bits", "thresholds", "gains", "scale", "zero"):
                 tables.setdefault(file, []).append(key)
     grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
     for file, keys in tables.items():

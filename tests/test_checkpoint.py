@@ -370,8 +370,8 @@ def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path,
         load_checkpoint(out)
 
 
-@pytest.mark.parametrize("tensor", ["thresholds", "gains"])
-def test_nan_thresholds_and_gains_are_refused(tmp_path: Path, tensor: str) -> None:
+@pytest.mark.parametrize("tensor", ["thresholds", "gains", "scale", "zero"])
+def test_nan_group_parameters_thresholds_and_gains_are_refused(tmp_path: Path, tensor: str) -> None:
     _, out = saved(tmp_path, seed=15)
     key = f"model.layers.0.self_attn.k_proj.{tensor}"
 
