@@ -84,10 +84,11 @@ def check_data(params: CompressParams) -> None:
 
 
 def check_device(params: CompressParams) -> None:
-    """The device exists here (Dask workers resolve their own) and the compute dtype suits it."""
+    """The device exists here and the compute dtype suits it; a remote Dask cluster's workers resolve their own (a
+    local cluster's workers are this machine)."""
     from mobiquant.devices import DeviceError, resolve_device
 
-    if params.runner == "dask":
+    if params.runner == "dask" and params.dask_address:
         return
     try:
         device = resolve_device(params.device)

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import demo
-from flows.compress import PreflightError, compress, preflight
+from flows.compress import PreflightError, check_device, compress, preflight
 from flows.params import parse_params
 from tests.pipeline.conftest import tiny_params
 
@@ -29,6 +30,17 @@ def test_unreachable_mlflow_server_is_found_in_seconds(tiny_model: Path, tmp_pat
     with pytest.raises(PreflightError, match=r"MLflow at http://127\.0\.0\.1:\d+ is unreachable"):
         preflight(params)
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for a machine without CUDA")
+def test_a_local_dask_cluster_without_cuda_refuses_a_cuda_compute_dtype_before_any_work(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    params = parse_params(tiny_params(tiny_model, tmp_path, runner="dask", compute_dtype="bfloat16", device="auto"))
+    with pytest.raises(PreflightError, match="compute_dtype bfloat16 needs a CUDA device"):
+        check_device(params)
+    # A remote cluster's workers resolve their own devices.
+    check_device(params.model_copy(update={"dask_address": "tcp://scheduler:8786"}))
 
 
 def test_missing_mlflow_database_folder(tiny_model: Path, tmp_path: Path) -> None:
