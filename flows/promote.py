@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from registry.publish import PublishError
 from registry.release import promote_release
 from registry.tracking import CANDIDATE
 
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default=CANDIDATE)
     parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args(argv)
-    result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
+    try:
+        result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
+    except (PublishError, LookupError, ValueError, MlflowException) as error:
+        # LookupError: no such registered model, version or alias.
+        print(f"promote: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        return 1
     print(f"published {result['repo_id']}@main commit {result['commit']} (tag {result['tag']})")
     return 0
 

@@ -239,7 +239,13 @@ def promote_release(
         raise PublishError(f"no MLflow database at {database}: pass the mlflow_uri the compress run used")
     record_ = tracking.get_version(mlflow_uri, name, version=version, alias=alias)
     tags = record_.tags
-    if tags.get("gate") != "passed" or tags.get("publish_status") not in ("staged", "published"):
+    if tags.get("publish_status") == "published":
+        # Promoting again would move main to a new commit under the old tag and overwrite who promoted it.
+        raise PublishError(
+            f"{name} version {record_.version} was already promoted by {tags.get('promoted_by', 'someone')} "
+            f"(main commit {tags.get('publish.main_commit', '?')})"
+        )
+    if tags.get("gate") != "passed" or tags.get("publish_status") != "staged":
         raise PublishError(
             f"{name} version {record_.version} cannot be promoted: gate={tags.get('gate')}, "
             f"publish_status={tags.get('publish_status')}"

@@ -230,8 +230,10 @@ def get_version(uri: str, name: str, version: str | None = None, alias: str | No
             return client.get_model_version(name, version)
         return client.get_model_version_by_alias(name, alias or CANDIDATE)
     except MlflowException as error:
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            raise LookupError(f"no registered model {name!r} in {redacted_uri(uri)}") from error
         what = f"version {version}" if version is not None else f"alias {alias or CANDIDATE!r}"
-        raise LookupError(f"registered model {name!r} has no {what} in {uri}") from error
+        raise LookupError(f"registered model {name!r} has no {what} in {redacted_uri(uri)}") from error
 
 
 def run_artifact_text(uri: str, run_id: str, path: str) -> str:

@@ -61,6 +61,10 @@ def test_compress_stages_a_candidate_and_promotion_publishes_it(
     assert champion.version == version.version and champion.tags["promoted_by"] == "alice"
     assert result["tag"] == f"v{version.version}"
     assert set(client.get_registered_model(summary["registered_model"]).aliases) == {"champion"}
+    # Promoted once: a second promotion would move main under the same tag and overwrite the reviewer.
+    with pytest.raises(PublishError, match=r"was already promoted by alice \(main commit "):
+        promote_release(uri, summary["registered_model"], version=version.version, alias=None, reviewer="bob")
+    assert client.get_model_version(summary["registered_model"], version.version).tags["promoted_by"] == "alice"
     elsewhere = tmp_path / "elsewhere" / "mlflow.db"
     with pytest.raises(PublishError, match=r"no MLflow database at .*elsewhere/mlflow\.db"):
         promote_release(f"sqlite:///{elsewhere}", summary["registered_model"], version=None, alias=None,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from flows.params import CompressParams, GateThresholds
@@ -225,3 +226,18 @@ def test_the_hub_endpoint_a_release_goes_to_is_recorded(monkeypatch: pytest.Monk
     assert publish_endpoint(PublishTarget(kind="hub")) == "http://127.0.0.1:9/hub"
     assert publish_endpoint(PublishTarget(kind="hub", endpoint="https://hub.example")) == "https://hub.example"
     assert publish_endpoint(PublishTarget(kind="local")) == ""
+
+
+def test_promote_command_errors_are_one_line(
+    tmp_path: Path, prefect_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.promote import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_registered_models()  # an empty store
+    assert main(["mobiquant-nope", "--reviewer", "bob", "--mlflow-uri", uri]) == 1
+    # The flow run's own log lines come first (Prefect logs to stderr); the command's error is its last line.
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"promote: error: no registered model 'mobiquant-nope' in {uri}"
+    assert main(["mobiquant-nope", "--reviewer", " ", "--mlflow-uri", uri]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "promote: error: promotion needs the reviewer's name"
