@@ -183,6 +183,7 @@ def test_pipeline_validation_gates_on_task_scores(
     checkpoint: Path, text_file: Path, task_dir: Path, tmp_path: Path
 ) -> None:
     from flows.params import GateThresholds
+    from registry.hashing import tree_manifest
     from tasks.gate import evaluate_gate
     from tasks.stages import validate
     from tests.test_cli import tiny_llama
@@ -201,6 +202,8 @@ def test_pipeline_validation_gates_on_task_scores(
         group_size=32,
         device="cpu",
         out_path=tmp_path / "validation.json",
+        model_key="tiny-llama",
+        checkpoint_files=tree_manifest(checkpoint),
         tasks=[TASK],
         task_bits=[3.0],
         task_include_path=str(task_dir),
