@@ -225,8 +225,8 @@ def elastic_linear(
 
     fp16/bf16 CUDA inputs on sm_80 or newer run the kernels; anything else (CPU, fp32, an older GPU,
     more than 4 slices) takes the PyTorch path. Slice counts are not validated here (that would need a
-    device-to-host read): the caller checks them, and the kernels clamp them to 1..K so a bad value
-    cannot read out of bounds.
+    device-to-host read): the caller checks them, and both paths clamp them to 1..K so a bad value
+    cannot read out of bounds and a token gets the same slices on every device.
     ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
     live on any device: it is moved to ``x``'s; planes, scale and zero must already be there. Row ``gains``
     (float16 ``[K, out]``, format v2) are folded into the group parameters by every kernel, so a gained
@@ -245,7 +245,8 @@ def elastic_linear(
         or num_slices > MAX_SLICES
         or not _device_supported(x.device.index)
     ):
-        result = reference_elastic_linear(x, planes, scale, zero, slices, group_size, gains)
+        clamped = slices.clamp(1, num_slices)
+        result = reference_elastic_linear(x, planes, scale, zero, clamped, group_size, gains)
         return result if out is None else out.copy_(result)
 
     from . import _launch

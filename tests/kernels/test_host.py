@@ -108,6 +108,16 @@ def test_slices_of_any_integer_type_and_layout_are_accepted() -> None:
     assert torch.equal(got, expected)
 
 
+def test_slice_counts_out_of_range_are_clamped_as_the_kernels_clamp_them() -> None:
+    """0 and negative counts read one slice, counts above K read K: against each token's own float64 weight."""
+    sliced = slice_weight(torch.randn(24, 64) * 0.05, group_size=32, num_slices=3)
+    x = torch.randn(5, 64)
+    got = kernels.elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, torch.tensor([0, -3, 2, 4, 9]), 32)
+    for t, k in enumerate([1, 1, 2, 3, 3]):
+        expected = x[t].double() @ sliced.dequantize(k, torch.float64).T
+        torch.testing.assert_close(got[t].double(), expected, rtol=1e-4, atol=1e-5)
+
+
 class FakeContext(int):
     """A CUcontext stand-in: the driver's handles convert to int."""
 
