@@ -239,6 +239,14 @@ def _shape_names(text: str) -> list[str]:
     return names
 
 
+def _int_pair(text: str) -> tuple[int, int]:
+    """Two positive whole numbers ``A,B`` (``--layers``: the shallow and the deep model; ``--epochs``: stage 1, 2)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected two positive whole numbers A,B, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _recorder(marks: list[tuple[str, float]]) -> object:
     def record(event: dict) -> None:
         marks.append((str(event["stage"]), time.perf_counter()))
@@ -288,7 +296,7 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     mem = commands.add_parser("memory")
     mem.add_argument("--hidden", type=int, default=1024)
-    mem.add_argument("--layers", type=lambda t: tuple(int(x) for x in t.split(",")), default=(2, 10))
+    mem.add_argument("--layers", type=_int_pair, default=(2, 10))
     mem.add_argument("--threads", type=int, default=2)
     run = commands.add_parser("cost")
     run.add_argument("--shapes", type=_shape_names, default=["smollm2", "llama-3.2-1b"])
@@ -296,7 +304,7 @@ def main() -> int:
     run.add_argument("--compute-dtype", default="float32", choices=["float32", "tfloat32", "bfloat16"])
     run.add_argument("--samples", type=int, default=4)
     run.add_argument("--seqlen", type=int, default=256)
-    run.add_argument("--epochs", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 1))
+    run.add_argument("--epochs", type=_int_pair, default=(1, 1))
     run.add_argument("--threads", type=int)
     commands.add_parser("paper")
     for sub in (mem, run, commands.choices["paper"]):

@@ -37,3 +37,15 @@ def test_an_unknown_shape_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "unknown shape 'llama-4'" in error and "llama-3-8b" in error
+
+
+@pytest.mark.parametrize(
+    "argv", [["memory", "--layers", "4"], ["memory", "--layers", "2,x"], ["cost", "--epochs", "1"]]
+)
+def test_pairs_other_than_two_whole_numbers_are_refused_in_one_line(
+        argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["scale.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        scale.main()
+    assert exit_info.value.code == 2
+    assert "expected two positive whole numbers" in capsys.readouterr().err.strip().splitlines()[-1]
