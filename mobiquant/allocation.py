@@ -71,35 +71,92 @@ def lagrangian_choice(curves: list[CostCurve], price: float) -> list[int]:
     return chosen
 
 
-def _average_bits(curves: list[CostCurve], bits: list[float]) -> float:
-    total = sum(curve.params for curve in curves)
-    return sum(curve.params * b for curve, b in zip(curves, bits, strict=True)) / total
-
-
 def allocate_bits(curves: list[CostCurve], budget: float) -> list[float]:
     """Bits per layer whose parameter-weighted average is ``budget``, spending them where cost falls most."""
-    top = max(curve.top_bits for curve in curves)
-    if not BITS_PER_SLICE <= budget <= top:
-        raise ValueError(f"budget must be in [{BITS_PER_SLICE}, {top}], got {budget}")
+    return Allocator(curves).allocate(budget)
 
-    def solution(price: float) -> list[float]:
+
+class Allocator:
+    """``allocate_bits`` for many budgets over the same curves, with ``lagrangian_choice`` made cheap.
+
+    Each budget's bisection evaluates the choice at about a hundred prices, and a fine threshold grid asks for
+    many budgets; a full scan of every curve per price dominated calibration. Here the choice at a price is
+    exactly ``lagrangian_choice``'s (the same float64 operations on each objective entry, the first index of
+    the minimum), found by branch and bound over blocks of a curve: ``fl(min cost of block + fl(fl(s * first
+    step) / tokens))`` is, rounding being monotone, a lower bound on every objective entry of the block, so
+    only blocks whose bound reaches an entry's value need their entries computed. Prices repeat (the bisection
+    runs out of float64 resolution, and budgets share their first steps), so choices are remembered per price.
+    """
+
+    # Curve entries per block: near the square root of a curve's length at a few thousand calibration tokens,
+    # so that both the bounds and the entries of the blocks that survive them are few.
+    _BLOCK = 64
+
+    def __init__(self, curves: list[CostCurve]) -> None:
+        self.curves = curves
+        # NaN entries are where torch.argmin stops; the bounds cannot place them, so such curves take the scan.
+        self._scan = any(bool(torch.isnan(curve.cost).any()) for curve in curves)
+        blocks = -(-max(len(curve.cost) for curve in curves) // self._BLOCK)
+        # Padding is +inf: never below a real entry, and a later index where it ties one.
+        cost = torch.full((len(curves), blocks * self._BLOCK), float("inf"), dtype=torch.float64)
+        for row, curve in zip(cost, curves, strict=True):
+            row[: len(curve.cost)] = curve.cost
+        self._cost = cost.reshape(len(curves), blocks, self._BLOCK)
+        self._steps = torch.arange(blocks * self._BLOCK, dtype=torch.float64).reshape(blocks, self._BLOCK)
+        self._block_min = self._cost.amin(dim=-1)
+        self._block_first = self._steps[:, 0]
+        self._tokens = torch.tensor([[curve.tokens] for curve in curves], dtype=torch.float64)
+        self._total = sum(curve.params for curve in curves)
+        self._choices: dict[float, list[int]] = {}
+
+    def choice(self, price: float) -> list[int]:
+        """``lagrangian_choice(self.curves, price)`` for a ``price >= 0`` (the bounds assume a non-negative one)."""
+        if price not in self._choices:
+            self._choices[price] = lagrangian_choice(self.curves, price) if self._scan else self._bound(price)
+        return self._choices[price]
+
+    def _bound(self, price: float) -> list[int]:
+        # The per-parameter-bit price of each layer as lagrangian_choice forms it, in Python floats.
+        scale = torch.tensor([[price * curve.params * BITS_PER_SLICE] for curve in self.curves],
+                             dtype=torch.float64)
+        bound = self._block_min + scale * self._block_first / self._tokens
+        layers = torch.arange(len(self.curves))
+        # The block of lowest bound gives each layer an entry's value; every block bounded above it is out.
+        best = torch.argmin(bound, dim=1)
+        reached = (self._cost[layers, best] + scale * self._steps[best] / self._tokens).amin(dim=1)
+        layer, block = torch.nonzero(bound <= reached[:, None], as_tuple=True)
+        objective = self._cost[layer, block] + scale[layer] * self._steps[block] / self._tokens[layer]
+        lowest = torch.full_like(reached, float("inf")).scatter_reduce(0, layer, objective.amin(dim=1), "amin")
+        steps = torch.where(objective == lowest[layer, None], self._steps[block], float("inf")).amin(dim=1)
+        first = torch.full_like(reached, float("inf")).scatter_reduce(0, layer, steps, "amin")
+        return [int(n) for n in first.tolist()]
+
+    def _average_bits(self, bits: list[float]) -> float:
+        return sum(curve.params * b for curve, b in zip(self.curves, bits, strict=True)) / self._total
+
+    def _solution(self, price: float) -> list[float]:
         if price == 0.0:
-            return [curve.top_bits for curve in curves]
-        return [curve.bits(n) for curve, n in zip(curves, lagrangian_choice(curves, price), strict=True)]
+            return [curve.top_bits for curve in self.curves]
+        return [curve.bits(n) for curve, n in zip(self.curves, self.choice(price), strict=True)]
 
-    cheap, dear = 0.0, 1.0
-    while _average_bits(curves, solution(dear)) > budget:
-        dear *= 4.0
-    for _step in range(BISECTION_STEPS):
-        middle = (cheap + dear) / 2 if cheap == 0.0 else (cheap * dear) ** 0.5
-        if _average_bits(curves, solution(middle)) > budget:
-            cheap = middle
-        else:
-            dear = middle
-    above, below = solution(cheap), solution(dear)
-    high, low = _average_bits(curves, above), _average_bits(curves, below)
-    share = 0.0 if high == low else (budget - low) / (high - low)
-    return [b + share * (a - b) for a, b in zip(above, below, strict=True)]
+    def allocate(self, budget: float) -> list[float]:
+        """Bits per layer whose parameter-weighted average is ``budget`` (``allocate_bits``)."""
+        top = max(curve.top_bits for curve in self.curves)
+        if not BITS_PER_SLICE <= budget <= top:
+            raise ValueError(f"budget must be in [{BITS_PER_SLICE}, {top}], got {budget}")
+        cheap, dear = 0.0, 1.0
+        while self._average_bits(self._solution(dear)) > budget:
+            dear *= 4.0
+        for _step in range(BISECTION_STEPS):
+            middle = (cheap + dear) / 2 if cheap == 0.0 else (cheap * dear) ** 0.5
+            if self._average_bits(self._solution(middle)) > budget:
+                cheap = middle
+            else:
+                dear = middle
+        above, below = self._solution(cheap), self._solution(dear)
+        high, low = self._average_bits(above), self._average_bits(below)
+        share = 0.0 if high == low else (budget - low) / (high - low)
+        return [b + share * (a - b) for a, b in zip(above, below, strict=True)]
 
 
 def loss_gradient_passes(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, progress: bool = False) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mobiquant.allocation import BISECTION_STEPS, allocate_bits, layer_cost_curves
+from mobiquant.allocation import BISECTION_STEPS, Allocator, layer_cost_curves
 from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
 
@@ -47,12 +47,23 @@ def threshold_for_bits(scores: torch.Tensor, bits: float) -> float:
 
     A whole number of slices per token gets the whole-number threshold, which runs without the router.
     """
+    return thresholds_for_bits(scores, [bits])[0]
+
+
+def thresholds_for_bits(scores: torch.Tensor, bits: list[float]) -> list[float]:
+    """``threshold_for_bits`` at each of ``bits``, sorting the scores once for all of them."""
     tokens, gates = scores.shape
-    wanted = min(max(round(tokens * (bits / BITS_PER_SLICE - 1)), 0), tokens * gates)
-    if wanted % tokens == 0:
-        return float(gates - wanted // tokens)
-    ordered = torch.sort(scores.flatten().double(), descending=True).values
-    return float((ordered[wanted - 1] + ordered[wanted]) / 2)
+    ordered = None
+    thresholds = []
+    for value in bits:
+        wanted = min(max(round(tokens * (value / BITS_PER_SLICE - 1)), 0), tokens * gates)
+        if wanted % tokens == 0:
+            thresholds.append(float(gates - wanted // tokens))
+            continue
+        if ordered is None:
+            ordered = torch.sort(scores.flatten().double(), descending=True).values
+        thresholds.append(float((ordered[wanted - 1] + ordered[wanted]) / 2))
+    return thresholds
 
 
 def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool = True,
@@ -70,24 +81,23 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         raise ValueError("the model has no routers: only uniform precision (set_precision(slices=k)) applies")
     grid = layers[0].threshold_bits.double().cpu().tolist()
     samples = samples.to(_device(model))
-    curves = layer_cost_curves(model, layers, samples, progress=progress) if allocate else None
+    allocator = Allocator(layer_cost_curves(model, layers, samples, progress=progress)) if allocate else None
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
     points_of_pass = _points_per_pass(grid)
     for index, points in tqdm(points_of_pass.items(), desc="router thresholds", unit="budget", disable=not progress,
                               leave=False):
-        shares = {
-            point: allocate_bits(curves, grid[point]) if curves is not None else [grid[point]] * len(layers)
+        shares = [
+            allocator.allocate(grid[point]) if allocator is not None else [grid[point]] * len(layers)
             for point in points
-        }
-        layer_bits = {
-            id(layer): {point: shares[point][i] for point in points} for i, layer in enumerate(layers)
-        }
+        ]
+        layer_bits = {id(layer): [share[i] for share in shares] for i, layer in enumerate(layers)}
 
-        def hook(layer: MoBiLinear, args: tuple, index: int = index, layer_bits: dict = layer_bits) -> None:
+        def hook(layer: MoBiLinear, args: tuple, index: int = index, points: list[int] = points,
+                 layer_bits: dict = layer_bits) -> None:
             scores = ordered_scores(layer.router(args[0].reshape(-1, layer.in_features)))
-            for point, bits in layer_bits[id(layer)].items():
-                tables[id(layer)][point] = threshold_for_bits(scores, bits)
+            for point, threshold in zip(points, thresholds_for_bits(scores, layer_bits[id(layer)]), strict=True):
+                tables[id(layer)][point] = threshold
             layer.threshold = tables[id(layer)][index]
 
         handles = [layer.register_forward_pre_hook(hook) for layer in layers]

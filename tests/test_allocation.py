@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mobiquant.allocation import CostCurve, allocate_bits, cost_curve, lagrangian_choice, layer_cost_curves
+from mobiquant.allocation import (
+    Allocator,
+    CostCurve,
+    allocate_bits,
+    cost_curve,
+    lagrangian_choice,
+    layer_cost_curves,
+)
 from mobiquant.layers import ordered_scores, slices_from_scores
 from mobiquant.precision import mobi_layers
 from tests.tiny_models import quantize_tiny, tiny_model
@@ -68,6 +75,35 @@ def test_sensitive_layer_gets_more_bits() -> None:
     robust, sensitive_bits = allocate_bits([curve, sensitive], 4.0)
     assert sensitive_bits > 4.0 > robust
     assert allocate_bits([curve, cost_curve(scores, costs, params=10)], 4.0) == pytest.approx([4.0, 4.0])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_bounded_choice_is_the_full_scan(ties: bool) -> None:
+    # The allocator's branch and bound must pick lagrangian_choice's pairs exactly, ties included (first index):
+    # thresholds fitted with it are compared bit for bit with those of the full scan.
+    gen = torch.Generator().manual_seed(int(ties))
+    curves = []
+    for tokens in (300, 7, 150, 64):
+        if ties:
+            # Few distinct scores and small whole costs: equal objectives at many prices.
+            scores = torch.randint(0, 3, (tokens, 3), generator=gen).double().sort(dim=-1, descending=True).values
+            costs = torch.randint(0, 4, (tokens, 4), generator=gen).double().sort(dim=-1, descending=True).values
+        else:
+            scores = ordered_scores(torch.randn(tokens, 3, generator=gen, dtype=torch.float64))
+            costs = torch.rand(tokens, 4, generator=gen, dtype=torch.float64).sort(dim=-1, descending=True).values
+        costs[:, -1] = 0.0
+        curves.append(cost_curve(scores, costs, params=int(torch.randint(1, 50, (1,), generator=gen))))
+    allocator = Allocator(curves)
+    prices = torch.logspace(-10, 4, 800, dtype=torch.float64).tolist()
+    for price in prices + [price * (1 + 1e-15) for price in prices[::9]]:
+        assert allocator.choice(price) == lagrangian_choice(curves, price), price
+
+
+def test_allocation_with_a_nan_cost_takes_the_full_scan() -> None:
+    curve = random_curve(tokens=20, slices=4, params=3)[0]
+    curve.cost[17] = float("nan")
+    curves = [curve, random_curve(tokens=20, slices=4, params=5)[0]]
+    assert Allocator(curves).choice(0.01) == lagrangian_choice(curves, 0.01)
 
 
 def test_layer_costs_match_a_float64_fisher_reference() -> None:
