@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import math
 import os
 import re
 import shutil
@@ -54,11 +55,20 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from mobiquant import INSTALL_HINT
-from mobiquant.arch import Architecture, architecture_for
+from mobiquant.arch import Architecture, UnsupportedArchitectureError, architecture_for
 from mobiquant.layers import MoBiLinear
 from mobiquant.outputs import holds_mobiquant_checkpoint
 from mobiquant.precision import set_precision
-from mobiquant.slicing import BITS_PER_SLICE, FORMAT, FORMAT_V1, PARAM_DTYPE, WORD_BITS, check_num_slices
+from mobiquant.slicing import (
+    BITS_PER_SLICE,
+    FORMAT,
+    FORMAT_V1,
+    PARAM_DTYPE,
+    WORD_BITS,
+    SliceShapeError,
+    check_num_slices,
+    check_slicing_shape,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -86,6 +96,8 @@ _CORE_KEYS = (
     "linears",
     "threshold_bits",
 )
+# Every checkpoint written by any version has these; ``blocks`` is informative only.
+_REQUIRED_KEYS = tuple(key for key in _CORE_KEYS if key not in ("quant_method", "blocks"))
 
 
 # ``from_pretrained`` forwards no custom arguments to a quantizer, so the slice limit of the load in progress is
@@ -112,16 +124,24 @@ def replace_linears(
 ) -> nn.Module:
     """Swap every quantized ``nn.Linear`` of every block for an empty ``MoBiLinear`` (same shape, bias, dtype).
 
-    ``linears`` overrides ``arch.linears`` (a checkpoint records the ones it quantized). The new layers are created
-    on the device of the weights they replace, so this also works on a model being built on the meta device.
+    ``linears`` overrides ``arch.linears`` (a checkpoint records the ones it quantized); a name the block lacks, or
+    an input size that ``group_size`` does not split, is a :class:`CheckpointError`. The new layers are created on
+    the device of the weights they replace, so this also works on a model being built on the meta device.
     """
     names = tuple(linears) if linears is not None else arch.linears
     extra = {} if threshold_grid is None else {"threshold_grid": threshold_grid}
     for block in arch.block_list(model):
         for name in names:
-            linear = block.get_submodule(name)
+            try:
+                linear = block.get_submodule(name)
+            except AttributeError as error:
+                raise CheckpointError(f"quantized linear {name!r} is not a module of a {arch.name} block") from error
             if not isinstance(linear, nn.Linear):
                 raise CheckpointError(f"{name} in a block of {arch.name} is a {type(linear).__name__}, not nn.Linear")
+            try:
+                check_slicing_shape(linear.in_features, group_size)
+            except SliceShapeError as error:
+                raise CheckpointError(f"{name}: {error}") from error
             with torch.device(linear.weight.device):
                 layer = MoBiLinear(
                     linear.in_features,
@@ -152,41 +172,74 @@ def refuse_quantized(model: nn.Module) -> None:
 # transformers integration
 
 
-class MoBiQuantConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a MoBiQuant checkpoint. Keys beyond the core ones are kept as given."""
+def check_quantization_config(quant: object) -> dict[str, Any]:
+    """A checkpoint's ``quantization_config`` checked and normalised, or a one-line :class:`CheckpointError`.
 
-    def __init__(
-        self,
-        num_slices: int = 4,
-        group_size: int = 128,
-        router_hidden: int | None = 32,
-        linears: Sequence[str] = (),
-        format: str = FORMAT,
-        threshold_bits: Sequence[float] = (),
-        **kwargs: Any,
-    ) -> None:
-        method = kwargs.pop("quant_method", QUANT_METHOD)
-        if method != QUANT_METHOD:
-            raise CheckpointError(f"quant_method is {method!r}, expected {QUANT_METHOD!r}")
-        if format not in READ_FORMATS:
-            raise CheckpointError(
-                f"checkpoint format {format!r} is not supported (this mobiquant reads {', '.join(READ_FORMATS)}): "
-                "upgrade mobiquant"
-            )
-        try:
-            check_num_slices(num_slices)
-        except ValueError as error:
-            raise CheckpointError(f"quantization_config: {error}") from error
-        if not linears:
-            raise CheckpointError("quantization_config lists no quantized linears")
-        self.quant_method = QUANT_METHOD
-        self.format = format
-        self.num_slices = num_slices
-        self.group_size = group_size
-        self.router_hidden = router_hidden
-        self.linears = list(linears)
-        self.threshold_bits = [float(b) for b in threshold_bits]
-        for key, value in kwargs.items():
+    Every loader reads the config through here: :func:`read_quantization_config` (the commands, before anything
+    is loaded) and :class:`MoBiQuantConfig` (``from_pretrained`` and :func:`load_checkpoint`). What depends on
+    the model (each listed linear exists, ``group_size`` splits its input size) is checked by
+    :func:`replace_linears`, and the tensors against the config by :func:`check_layer_tensors`.
+    """
+    if not isinstance(quant, Mapping):
+        raise CheckpointError(f"quantization_config must be a JSON object, not {type(quant).__name__}")
+    method = quant.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise CheckpointError(f"quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    missing = [key for key in _REQUIRED_KEYS if key not in quant]
+    if missing:
+        raise CheckpointError(f"corrupt checkpoint: quantization_config lacks {', '.join(missing)}")
+    if quant["format"] not in READ_FORMATS:
+        raise CheckpointError(
+            f"checkpoint format {quant['format']!r} is not supported (this mobiquant reads {', '.join(READ_FORMATS)}): "
+            "upgrade mobiquant"
+        )
+    try:
+        check_num_slices(quant["num_slices"])
+    except ValueError as error:
+        raise CheckpointError(f"quantization_config: {error}") from error
+    group_size, router_hidden = quant["group_size"], quant["router_hidden"]
+    if not _whole(group_size) or group_size <= 0 or group_size % WORD_BITS:
+        raise CheckpointError(
+            f"quantization_config: group_size must be a positive multiple of {WORD_BITS}, got {group_size!r}"
+        )
+    if router_hidden is not None and (not _whole(router_hidden) or router_hidden < 0):
+        raise CheckpointError(
+            f"quantization_config: router_hidden must be null or a whole number, got {router_hidden!r}"
+        )
+    linears = quant["linears"]
+    if not isinstance(linears, list) or not all(isinstance(name, str) and name for name in linears):
+        raise CheckpointError(f"quantization_config: linears must be a list of module names, got {linears!r}")
+    if not linears:
+        raise CheckpointError("quantization_config lists no quantized linears")
+    bits = quant["threshold_bits"]
+    if (
+        not isinstance(bits, list) or not bits
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) and 2.0 <= b < math.inf for b in bits)
+    ):
+        raise CheckpointError(f"quantization_config: threshold_bits must be a list of average bits, got {bits!r}")
+    return {**quant, "quant_method": QUANT_METHOD, "linears": list(linears), "threshold_bits": [float(b) for b in bits]}
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MoBiQuantConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a MoBiQuant checkpoint, as :func:`check_quantization_config` accepts it.
+
+    Keys beyond the core ones are kept as given.
+    """
+
+    quant_method: str
+    format: str
+    num_slices: int
+    group_size: int
+    router_hidden: int | None
+    linears: list[str]
+    threshold_bits: list[float]
+
+    def __init__(self, **config: Any) -> None:
+        for key, value in check_quantization_config(config).items():
             setattr(self, key, value)
 
 
@@ -676,7 +729,8 @@ def _replace_dir(staging: Path, out: Path) -> None:
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``quantization_config`` of the checkpoint folder ``path``, with a clear error if it is not one."""
+    """The ``quantization_config`` of the checkpoint folder ``path`` (checked: :func:`check_quantization_config`),
+    with a clear error if it is not one or its model type is not supported."""
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path} is not a MoBiQuant checkpoint: it has no {CONFIG_NAME}")
@@ -685,9 +739,13 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
     quant = config.get("quantization_config") or {}
-    if quant.get("quant_method") != QUANT_METHOD:
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a MoBiQuant checkpoint (no quant_method {QUANT_METHOD!r} in its config)")
-    return quant
+    try:
+        architecture_for(config.get("model_type"))
+    except UnsupportedArchitectureError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    return check_quantization_config(quant)
 
 
 def load_checkpoint(

@@ -425,6 +425,42 @@ def test_config_disagreeing_with_the_tensors_is_refused(tmp_path: Path, changes:
             load(out)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda q: q.pop("num_slices"), "quantization_config lacks num_slices"),
+        (lambda q: q.pop("threshold_bits"), "quantization_config lacks threshold_bits"),
+        (lambda q: q.update(group_size=0), "group_size must be a positive multiple of 32, got 0"),
+        (lambda q: q.update(group_size="32"), "group_size must be a positive multiple of 32, got '32'"),
+        (lambda q: q.update(group_size=96), "self_attn.q_proj: input size 64 is not a multiple of group_size 96"),
+        (lambda q: q.update(linears=["self_attn.q_proj", "mlp.w9"]), "'mlp.w9' is not a module of a llama block"),
+        (lambda q: q.update(linears="mlp.up_proj"), "linears must be a list of module names"),
+        (lambda q: q.update(router_hidden="wide"), "router_hidden must be null or a whole number"),
+        (lambda q: q.update(threshold_bits=[2.0, None]), "threshold_bits must be a list of average bits"),
+    ],
+)
+def test_a_malformed_quantization_config_is_one_line_on_every_loader(
+    tmp_path: Path, edit: object, message: str
+) -> None:
+    _, out = saved(tmp_path, seed=16)
+    config = json.loads((out / "config.json").read_text())
+    edit(config["quantization_config"])
+    (out / "config.json").write_text(json.dumps(config))
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=re.escape(message)) as caught:
+            load(out)
+        assert "\n" not in str(caught.value)
+
+
+def test_an_unsupported_model_type_is_refused_before_loading(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=16)
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'gpt2'"):
+        load_checkpoint(out)
+
+
 def test_truncated_weights_file_is_refused(tmp_path: Path) -> None:
     _, out = saved(tmp_path, seed=17)
     weights = out / "model.safetensors"

@@ -338,6 +338,36 @@ def test_truncated_or_inconsistent_checkpoint_is_one_line(
     assert code == 1 and "checkpoint tensors disagree with its quantization_config" in one_line(err)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_slices", None, "quantization_config lacks num_slices"),
+        ("threshold_bits", None, "quantization_config lacks threshold_bits"),
+        ("group_size", 0, "group_size must be a positive multiple of 32, got 0"),
+        ("linears", ["mlp.w9"], "'mlp.w9' is not a module of a llama block"),
+    ],
+)
+def test_a_malformed_quantization_config_is_one_line(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, text_file: Path, key: str, value: object,
+    message: str,
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    if value is None:
+        del config["quantization_config"][key]
+    else:
+        config["quantization_config"][key] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    for command in (
+        ("info", str(broken)),
+        ("eval", str(broken), "--data", str(text_file), "--uniform", "1"),
+        ("thresholds", str(broken), "--data", str(text_file), "--samples", "1", "--seqlen", "64"),
+    ):
+        code, out, err = run(capsys, *command)
+        assert code == 1 and out == "" and message in one_line(err), command
+
+
 def test_eval_max_slices(capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path) -> None:
     code, out, err = run(
         capsys, "eval", str(checkpoint), "--data", str(text_file), "--seqlen", "64", "--max-windows", "1",

@@ -272,7 +272,8 @@ def test_flow_bad_hub_reference_is_not_retried(
 def test_cli_budget_outside_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    quant = {"quant_method": "mobiquant", "num_slices": 2, "group_size": 32, "router_hidden": 4}
+    quant = {"quant_method": "mobiquant", "format": "bitplanes-msb-int32-v2", "num_slices": 2, "group_size": 32,
+             "router_hidden": 4, "linears": ["mlp.up_proj"], "threshold_bits": [2.0, 4.0]}
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
     for bits in ("1.5", "4.5"):
         line = _cli_error(capsys, ["eval", str(checkpoint), "--avg-bits", bits, "--data", str(tmp_path)])
