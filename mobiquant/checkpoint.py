@@ -432,6 +432,14 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
             # any of them would turn every logit into NaN without a word.
             if suffix in ("threshold_bits", "thresholds", "gains", "scale", "zero"):
                 tables.setdefault(file, []).append(key)
+    listed = {f"{name}.planes" for name in mobi_layers(model)}
+    unlisted = sorted(key for key in shapes if key.endswith(".planes") and key not in listed)
+    if unlisted:
+        # transformers would load the rest, leaving that linear at random weights with only a warning.
+        raise CheckpointError(
+            f"corrupt checkpoint: it holds the bit planes of {unlisted[0].removesuffix('.planes')}, a linear its "
+            f"quantization_config does not list (linears: {', '.join(config.linears)})"
+        )
     grid = torch.tensor(config.threshold_bits, dtype=torch.float64, device="cpu")
     for file, keys in tables.items():
         with safe_open(file, framework="pt") as handle:

@@ -370,6 +370,16 @@ def test_both_loaders_refuse_a_checkpoint_missing_a_layer_tensor(tmp_path: Path,
         load_checkpoint(out)
 
 
+def test_a_quantized_linear_missing_from_the_config_is_refused_by_name(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=14)
+    linears = json.loads((out / "config.json").read_text())["quantization_config"]["linears"]
+    _rewrite_quant_config(out, linears=[name for name in linears if name != "mlp.gate_proj"])
+    for load in (AutoModelForCausalLM.from_pretrained, load_checkpoint):
+        with pytest.raises(CheckpointError, match=r"bit planes of model\.layers\.0\.mlp\.gate_proj, a linear its "
+                                                  r"quantization_config does not list"):
+            load(out)
+
+
 @pytest.mark.parametrize("tensor", ["thresholds", "gains", "scale", "zero"])
 def test_nan_group_parameters_thresholds_and_gains_are_refused(tmp_path: Path, tensor: str) -> None:
     _, out = saved(tmp_path, seed=15)
