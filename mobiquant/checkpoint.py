@@ -349,6 +349,7 @@ def _guard_saving(model: PreTrainedModel) -> None:
     # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
     model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
     model._upload_modified_files = types.MethodType(_upload_with_guard, model)
+    model.push_to_hub = types.MethodType(_push_to_hub_checked, model)
 
 
 def _write_load_guard(folder: str | os.PathLike) -> None:
@@ -365,8 +366,17 @@ def _write_load_guard(folder: str | os.PathLike) -> None:
 
 def _save_pretrained_with_guard(model: PreTrainedModel, save_directory: str | os.PathLike, *args: Any,
                                 **kwargs: Any) -> None:
+    # transformers creates the folder (and, with push_to_hub=True, the Hub repository) before the quantizer sees
+    # the model: a model that cannot be saved is refused first, leaving neither behind.
+    quantization_config_of(model)
     type(model).save_pretrained(model, save_directory, *args, **kwargs)
     _write_load_guard(save_directory)
+
+
+def _push_to_hub_checked(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+    # push_to_hub creates the Hub repository before it saves: refuse a model that cannot be saved before that.
+    quantization_config_of(model)
+    return type(model).push_to_hub(model, *args, **kwargs)
 
 
 def _upload_with_guard(model: PreTrainedModel, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

@@ -503,7 +503,8 @@ def test_save_pretrained_round_trips_like_save_checkpoint(tmp_path: Path) -> Non
             set_uniform(reloaded, setting, threshold=0.7)
             assert torch.equal(logits(model, ids), logits(reloaded, ids)), setting
     with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
-        load_checkpoint(out, max_slices=2).save_pretrained(tmp_path / "partial")
+        load_checkpoint(out, max_slices=2).save_pretrained(tmp_path / "partial" / "model")
+    assert not (tmp_path / "partial").exists()
     # Shards: each file's bit planes are found where the index puts them.
     loaded.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from huggingface_hub import hf_hub_download
 from transformers import AutoModelForCausalLM
 
-from mobiquant.checkpoint import LOAD_GUARD, mobi_layers, save_checkpoint
+from mobiquant.checkpoint import LOAD_GUARD, CheckpointError, load_checkpoint, mobi_layers, save_checkpoint
 from tests.pipeline.hub_server import HubServer
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
@@ -34,3 +35,13 @@ def test_push_to_hub_round_trips_with_identical_logits(hub: HubServer, tmp_path:
             set_uniform(original, setting, threshold=1.2)
             set_uniform(downloaded, setting, threshold=1.2)
             assert torch.equal(logits(original, ids), logits(downloaded, ids)), (repo_id, setting)
+
+
+def test_a_model_that_cannot_be_saved_creates_no_hub_repository(hub: HubServer, tmp_path: Path) -> None:
+    folder = save_checkpoint(quantize_tiny(tiny_model("llama", seed=22), seed=22), tmp_path / "ckpt")
+    partial = load_checkpoint(folder, max_slices=2)
+    with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
+        partial.push_to_hub("tester/partial")
+    with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
+        partial.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/partial-2")
+    assert not hub.state.repos and not (tmp_path / "local").exists()
