@@ -8,6 +8,7 @@ NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ from mobiquant.slicing import (
 
 # Fills a threshold table that was never calibrated; as a threshold it leaves every residual slice off.
 UNCALIBRATED = 1.0e9
+# MoBiLinear buffers whose dtype is part of the checkpoint format. A cast of the whole model (``.to(torch.bfloat16)``,
+# ``.half()``) moves them but keeps their dtype, as loading with a ``dtype`` does: recast, a later save would write
+# them rounded. The forward pass casts them where it uses them.
+FIXED_DTYPE_BUFFERS = ("scale", "zero", "gains", "threshold_bits", "thresholds")
 
 
 class MoBiRouter(nn.Module):
@@ -254,6 +259,16 @@ class MoBiLinear(nn.Module):
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
         self._dense.clear()
         self._codes = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoBiLinear:
+        kept = {name: self._buffers[name] for name in FIXED_DTYPE_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            applied = self._buffers[name]
+            if applied is not None and applied.dtype != original.dtype:
+                # From the original, not back from the cast: a round trip through bfloat16 would round it.
+                self._buffers[name] = original.to(device=applied.device)
+        return self
 
 
 def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from mobiquant.checkpoint import (
     mobi_layers,
     save_checkpoint,
 )
-from mobiquant.layers import MoBiLinear
+from mobiquant.layers import FIXED_DTYPE_BUFFERS, MoBiLinear
 from mobiquant.precision import set_precision
 from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
@@ -265,6 +265,24 @@ def test_bfloat16_load_keeps_exact_group_parameters_and_thresholds(tmp_path: Pat
         assert layer.gains.dtype == torch.float16 and torch.equal(layer.gains, source.gains)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.isfinite(logits(loaded, torch.randint(0, VOCAB, (1, 5))).float()).all()
+
+
+def test_a_dtype_cast_keeps_the_quantization_parameters_exact_through_a_save(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=9)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.bfloat16):
+        loaded.to("cpu", dtype)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.isfinite(logits(loaded, torch.randint(0, VOCAB, (1, 5))).float()).all()
+    loaded.save_pretrained(tmp_path / "resaved")
+    # The routers and biases are model weights: like the embeddings, they take the model's dtype.
+    kept = (*FIXED_DTYPE_BUFFERS, "planes")
+    for reloaded in (load_checkpoint(tmp_path / "resaved"), loaded):
+        for name, layer in mobi_layers(reloaded).items():
+            source = mobi_layers(model)[name]
+            for key in kept:
+                stored, original = getattr(layer, key), getattr(source, key)
+                assert stored.dtype == original.dtype and torch.equal(stored, original), (name, key)
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
