@@ -570,6 +570,12 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
         output = check_output_dir(path, force=True)
     else:
         output = check_output_dir(args.output, args.force, [("checkpoint it reads", path)])
+    # As quantize refuses its calibration windows: past its positions a model's scores, and the thresholds fitted
+    # on them, are not those it serves.
+    positions = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    if isinstance(positions, int) and args.seqlen > positions:
+        raise CommandError(f"--seqlen {args.seqlen} is longer than the model's {positions} positions "
+                           "(max_position_embeddings): use a shorter seqlen")
     tokenizer = load_tokenizer(path)
     # Drawn before the model loads: too little text fails in seconds, and the checkpoint is untouched.
     samples = calibration_samples(tokenizer, args.data, args.samples, args.seqlen, args.seed)

@@ -481,6 +481,18 @@ def test_thresholds_bad_input_is_one_line_and_changes_nothing(
     assert code == 1 and "has no routers" in one_line(err)
 
 
+def test_thresholds_refuses_windows_longer_than_the_model_context(
+    capsys: pytest.CaptureFixture, checkpoint: Path, text_file: Path
+) -> None:
+    original = _folder_tree(checkpoint)
+    code, out, err = run(capsys, "thresholds", str(checkpoint), "--data", str(text_file), "--samples", "1",
+                         "--seqlen", "129")
+    assert code == 1 and out == ""
+    assert one_line(err).endswith("--seqlen 129 is longer than the model's 128 positions (max_position_embeddings): "
+                                  "use a shorter seqlen")
+    assert _folder_tree(checkpoint) == original
+
+
 def test_thresholds_to_another_folder_leaves_the_source(
     capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, text_file: Path
 ) -> None:
