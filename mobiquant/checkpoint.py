@@ -771,15 +771,22 @@ def load_checkpoint(
     max_slices: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
-    """Load a checkpoint folder (safetensors only) as a causal LM with ``MoBiLinear`` layers.
+    """Load a checkpoint folder or Hub id (safetensors only) as a causal LM with ``MoBiLinear`` layers.
 
-    ``max_slices=m`` keeps only the first ``m`` slices of every layer: only those bit planes are read from disk.
-    ``dtype`` is the compute dtype of the non-quantized weights (default: the one recorded in the config). Any
-    tensor missing from, or left over in, the checkpoint is an error, not a warning.
+    A Hub id is downloaded at ``revision`` (default: the main branch): its safetensors, JSON and tokenizer files,
+    never pickles or code. ``max_slices=m`` keeps only the first ``m`` slices of every layer: only those bit planes
+    are read from disk. ``dtype`` is the compute dtype of the non-quantized weights (default: the one recorded in
+    the config). Any tensor missing from, or left over in, the checkpoint is an error, not a warning.
     """
     from transformers import AutoModelForCausalLM
 
+    if revision is not None or not Path(path).exists():
+        from mobiquant.sources import materialize
+
+        # A path that does not exist is refused there by name; a revision given with a folder is refused too.
+        path = materialize(path, revision).path
     read_quantization_config(path)
     register()
     try:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from transformers import AutoModelForCausalLM
 
 from mobiquant.checkpoint import LOAD_GUARD, CheckpointError, load_checkpoint, mobi_layers, save_checkpoint
+from mobiquant.sources import SourceError
 from tests.pipeline.hub_server import HubServer
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
@@ -45,3 +46,20 @@ def test_a_model_that_cannot_be_saved_creates_no_hub_repository(hub: HubServer, 
     with pytest.raises(CheckpointError, match="holds 2 of 4 slices"):
         partial.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/partial-2")
     assert not hub.state.repos and not (tmp_path / "local").exists()
+
+
+def test_load_checkpoint_takes_a_hub_id(hub: HubServer, tmp_path: Path) -> None:
+    original = quantize_tiny(tiny_model("llama", seed=23), seed=23)
+    folder = save_checkpoint(original, tmp_path / "ckpt")
+    api = HfApi()
+    api.create_repo("tester/elastic")
+    api.upload_folder(repo_id="tester/elastic", folder_path=folder)
+    loaded = load_checkpoint("tester/elastic", max_slices=2)
+    assert all(layer.stored_slices == 2 for layer in mobi_layers(loaded).values())
+    set_uniform(original, 2)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    assert torch.equal(logits(original, ids), logits(loaded, ids))
+    with pytest.raises(SourceError, match="tester/absent not found on the Hugging Face Hub"):
+        load_checkpoint("tester/absent")
+    with pytest.raises(SourceError, match="no such file or folder"):
+        load_checkpoint(tmp_path / "absent")
