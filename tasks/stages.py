@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import json
 import shutil
 import time
@@ -226,14 +225,13 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
 
 def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:
     """NVRTC CUBINs per architecture (no GPU needed); a summary of what compiled."""
+    # mobiquant.kernels imports cuda-python lazily, so importing it proves nothing: ask whether NVRTC is there.
+    from mobiquant.kernels import compile_kernels as nvrtc_compile
+    from mobiquant.kernels import cuda_python_available
+
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # mobiquant.kernels imports cuda-python lazily, so importing it proves nothing: look for NVRTC itself.
-        has_nvrtc = importlib.util.find_spec("cuda.bindings.nvrtc") is not None
-    except (ImportError, ValueError):  # cuda or cuda.bindings missing (or blocked in sys.modules)
-        has_nvrtc = False
-    if not has_nvrtc:
+    if not cuda_python_available():
         # A build without cuda-python (the ``cuda`` extra) still yields a usable checkpoint (the PyTorch
         # path), and the report says that nothing was compiled.
         summary: dict[str, Any] = {
@@ -241,8 +239,6 @@ def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:
             "note": "cuda-python's NVRTC is not installed (pip install '.[cuda]'): none built",
         }
     else:
-        from mobiquant.kernels import compile_kernels as nvrtc_compile
-
         summary = {"results": [_jsonable(r) for r in nvrtc_compile(archs=tuple(archs))], "note": ""}
     (out_dir / "kernels.json").write_text(json.dumps(summary, indent=2))
     return {**summary, "seconds": time.perf_counter() - start}

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,14 @@ def _without_cuda_python(setting: str | None) -> dict:
 
 
 @pytest.fixture
-def no_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_cuda_python(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """cuda-python made unimportable in this process (restored afterwards)."""
     for name in CUDA_MODULES:
         monkeypatch.setitem(sys.modules, name, None)
+    # The answer is cached per process: forget the one given with cuda-python importable, and the one given here.
+    kernels.cuda_python_available.cache_clear()
+    yield
+    kernels.cuda_python_available.cache_clear()
 
 
 def test_default_setting_falls_back_to_pytorch_without_cuda_python_and_warns_once() -> None:
@@ -67,11 +72,7 @@ def test_explicit_kernels_request_without_cuda_python_is_a_one_line_error() -> N
 
 
 def test_cuda_python_available_follows_the_import(no_cuda_python: None) -> None:
-    kernels.cuda_python_available.cache_clear()  # the answer is cached per process
-    try:
-        assert not kernels.cuda_python_available()
-    finally:
-        kernels.cuda_python_available.cache_clear()
+    assert not kernels.cuda_python_available()
 
 
 def test_compile_stage_records_none_built_without_nvrtc(no_cuda_python: None, tmp_path: Path) -> None:

@@ -118,3 +118,15 @@ def test_validation_measures_again_only_when_what_it_measured_changed(
     assert not validate({**built["files"], "model.safetensors": "0" * 64}, windows=3)["reused"]
     text.write_text(corpus(seed=6))
     assert not validate(built["files"], windows=3)["reused"]
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_the_kernel_stage_asks_mobiquant_kernels_whether_cuda_python_is_there(
+    available: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One answer per process, shared with the layers: the stage must not look for cuda-python its own way.
+    monkeypatch.setattr("mobiquant.kernels.cuda_python_available", lambda: available)
+    monkeypatch.setattr("mobiquant.kernels.compile_kernels", lambda archs: [{"arch": a, "ok": True} for a in archs])
+    summary = stages.compile_kernels(["sm_80"], tmp_path)
+    assert summary["results"] == ([{"arch": "sm_80", "ok": True}] if available else [])
+    assert ("none built" in summary["note"]) != available
