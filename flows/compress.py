@@ -358,7 +358,7 @@ def compress(
             str(run_dir),
             run_name,
             source,
-            checkpoint["path"],
+            checkpoint,
             validation,
             checks,
             passed,

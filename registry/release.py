@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 
 from flows.params import CompressParams, PublishTarget
 from registry import tracking
-from registry.hashing import tree_manifest
+from registry.hashing import sha256_file
 from registry.publish import LocalRepoTarget, PublishError, target_for
 from registry.report import (
     PLOT_NAME,
@@ -72,6 +72,7 @@ def build_bundle(
     params: CompressParams,
     source: dict[str, Any],
     checkpoint_dir: Path,
+    checkpoint_files: dict[str, str],
     validation: dict[str, Any],
     checks: list[GateCheck],
     passed: bool,
@@ -80,7 +81,11 @@ def build_bundle(
     blocks: list[dict[str, Any]],
     kernels: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write ``report/`` (for people and MLflow) and ``publish/`` (exactly the files a release holds)."""
+    """Write ``report/`` (for people and MLflow) and ``publish/`` (exactly the files a release holds).
+
+    ``checkpoint_files`` are the checkpoint's sha256s from the checkpoint stage: only the files added here are
+    hashed, since reading a large model's weights once more would cost as long as hashing them did.
+    """
     report_dir, publish_dir = run_dir / "report", run_dir / "publish"
     for folder in (report_dir, publish_dir):
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,6 +93,7 @@ def build_bundle(
     # Hard links: the release folder costs no extra disk and cannot drift from the validated checkpoint.
     shutil.copytree(checkpoint_dir, publish_dir, copy_function=os.link)
     plot_ppl_vs_bits(validation, publish_dir / PLOT_NAME)
+    files = {**checkpoint_files, PLOT_NAME: sha256_file(publish_dir / PLOT_NAME)}
     shutil.copyfile(publish_dir / PLOT_NAME, report_dir / PLOT_NAME)
     model_config = json.loads((checkpoint_dir / "config.json").read_text())
     quant_config = model_config.get("quantization_config", {})
@@ -100,10 +106,10 @@ def build_bundle(
         validation=validation,
         setup=setup,
         config=quant_config or {"num_slices": params.num_slices, "group_size": params.group_size},
-        files=tree_manifest(publish_dir),
+        files=files,
     )
     (publish_dir / "README.md").write_text(card)
-    files = tree_manifest(publish_dir)
+    files = dict(sorted({**files, "README.md": sha256_file(publish_dir / "README.md")}.items()))
     stages_md, overhead = stage_table(stages, wall_seconds)
     report = markdown_report(
         title=f"MoBiQuant compression of {source['source']}",

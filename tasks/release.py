@@ -48,7 +48,7 @@ def report(
     run_dir: str,
     run_name: str,
     source: dict[str, Any],
-    checkpoint_dir: str,
+    checkpoint: dict[str, Any],
     validation: dict[str, Any],
     checks: list[dict[str, Any]],
     passed: bool,
@@ -57,13 +57,15 @@ def report(
     blocks: list[dict[str, Any]],
     kernels: dict[str, Any],
 ) -> dict[str, Any]:
-    """Report bundle, MLflow run (and version when passed), Prefect table and markdown artifacts."""
+    """Report bundle, MLflow run (and version when passed), Prefect table and markdown artifacts; ``checkpoint``
+    is the checkpoint stage's result (its folder and its files' sha256s)."""
     gate_checks = [GateCheck(**c) for c in checks]
     bundle = release.build_bundle(
         Path(run_dir),
         params=params,
         source=source,
-        checkpoint_dir=Path(checkpoint_dir),
+        checkpoint_dir=Path(checkpoint["path"]),
+        checkpoint_files=checkpoint["files"],
         validation=validation,
         checks=gate_checks,
         passed=passed,
@@ -81,7 +83,7 @@ def report(
         passed=passed,
         stages=stage_times,
         blocks=blocks,
-        checkpoint_dir=Path(checkpoint_dir),
+        checkpoint_dir=Path(checkpoint["path"]),
         run_name=run_name,
     )
     create_table_artifact(

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 import mobiquant
 from flows.params import CompressParams
 from registry import release, tracking
-from registry.report import EvaluationSetup, model_card
+from registry.hashing import tree_manifest
+from registry.report import PLOT_NAME, EvaluationSetup, model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VALIDATION = {
@@ -123,3 +124,23 @@ def test_model_card_names_data_windows_dtype_license_and_install() -> None:
         config={"num_slices": 4, "group_size": 64}, files={},
     )  # fmt: skip
     assert "the source model names none" in unlicensed and "license: other" in unlicensed
+
+
+def test_the_report_takes_the_checkpoint_hashes_of_the_checkpoint_stage(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"quantization_config": {"num_slices": 4, "group_size": 32}}')
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    hashed = tree_manifest(checkpoint)
+    # A digest no file has: were the weights read and hashed again, the bundle would carry the real one.
+    recorded = {**hashed, "model.safetensors": "f" * 64}
+    bundle = release.build_bundle(
+        tmp_path / "run", params=CompressParams(model="tester/tiny"),
+        source={"source": "tester/tiny", "sha": "abc", "kind": "hub"}, checkpoint_dir=checkpoint,
+        checkpoint_files=recorded, validation=VALIDATION, checks=[], passed=True, stages={}, wall_seconds=1.0,
+        blocks=[], kernels={},
+    )  # fmt: skip
+    published = tree_manifest(bundle["publish_dir"])
+    assert set(bundle["files"]) == set(published) == {"config.json", "model.safetensors", PLOT_NAME, "README.md"}
+    assert bundle["files"] == {**published, "model.safetensors": "f" * 64}
+    assert "f" * 64 in (Path(bundle["publish_dir"]) / "README.md").read_text()
