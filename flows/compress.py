@@ -11,11 +11,13 @@ gate leaves its report and MLflow run, publishes nothing and fails the flow (non
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
+import httpx2
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
@@ -23,12 +25,23 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from flows.params import CompressParams, GateThresholds, PublishTarget, RunnerKind, parse_params
+from flows.params import (
+    SMOLLM2_ALIAS,
+    CompressParams,
+    GateThresholds,
+    InvalidParametersError,
+    PublishTarget,
+    RunnerKind,
+    parse_params,
+)
 from registry import tracking
 from registry.publish import HubRepoTarget, PublishError, target_for
 from tasks import calibration, release
 from tasks.gate import GateCheck, GateFailedError, failure_message
 from tasks.stages import file_lock
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class PreflightError(RuntimeError):
@@ -42,6 +55,7 @@ def preflight(params: CompressParams) -> None:
     check_device(params)
     check_gated_tasks(params)
     check_data(params)
+    check_model_shapes(params)
     try:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
@@ -70,6 +84,49 @@ def check_publish_folder(folder: Path, params: CompressParams) -> None:
         guarded = path.expanduser().resolve()
         if is_within(guarded, resolved):
             raise PreflightError(f"publish target {folder} is or contains the {what} ({guarded}): choose another root")
+
+
+def source_config(params: CompressParams) -> PretrainedConfig | None:
+    """The source model's configuration, read without its weights (for a Hub id only ``config.json`` is downloaded,
+    into the cache the download stage uses); None when it cannot be fetched or read here."""
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoConfig
+
+    from mobiquant.arch import architecture_for
+    from mobiquant.sources import smollm2_gguf_path
+
+    path = Path(params.model).expanduser()
+    try:
+        if params.model == SMOLLM2_ALIAS or path.is_file():
+            gguf = smollm2_gguf_path() if params.model == SMOLLM2_ALIAS else path
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not path.is_dir():
+            work = Path(params.work_dir).expanduser().resolve()
+            path = Path(hf_hub_download(params.model, "config.json", revision=params.revision,
+                                        cache_dir=work / "sources")).parent
+        # A family this project does not support is named in its words, before transformers reads the file in its own.
+        architecture_for(str(json.loads((path / "config.json").read_text()).get("model_type")))
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, KeyError, httpx2.HTTPError):
+        # A missing repo, revision, file or access, an unreachable Hub, a GGUF file that does not parse: the
+        # download stage names each of these in its own words.
+        return None
+
+
+def check_model_shapes(params: CompressParams) -> None:
+    """The calibration settings fit the model's shapes (every quantized linear's inputs split into whole groups of
+    ``group_size``), checked on its configuration before any weights are downloaded."""
+    from mobiquant.calibration import CalibrationConfig
+    from mobiquant.calibration.driver import check_config
+    from mobiquant.model_files import InMemoryModel, skeleton
+
+    try:
+        config = source_config(params)
+        if config is None:
+            return
+        check_config(InMemoryModel(skeleton(config)), CalibrationConfig.from_dict(params_config(params)))
+    except ValueError as error:
+        raise InvalidParametersError(f"{params.model}: {error}") from error
 
 
 def check_data(params: CompressParams) -> None:
