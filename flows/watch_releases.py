@@ -14,6 +14,7 @@ import hashlib
 from typing import Any
 from uuid import UUID
 
+import httpx2
 from huggingface_hub import HfApi
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
@@ -21,15 +22,26 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.variables import Variable
 
+from mobiquant.sources import HubUnavailableError
+
 SEEN_VARIABLE = "mobiquant-seen-releases"
 
 
 def list_releases(authors: list[str], patterns: list[str], endpoint: str | None, limit: int) -> list[tuple[str, str]]:
-    """``(repo_id, sha)`` of the newest revision of each model of ``authors`` matching a glob in ``patterns``."""
+    """``(repo_id, sha)`` of the newest revision of each model of ``authors`` matching a glob in ``patterns``.
+
+    Every author is listed before anything is submitted: an unreachable Hub fails the run with nothing submitted.
+    """
     api = HfApi(endpoint=endpoint)
     found: dict[str, str] = {}
     for author in authors:
-        for info in api.list_models(author=author, limit=limit, sort="last_modified", expand=["sha"]):
+        try:
+            models = list(api.list_models(author=author, limit=limit, sort="last_modified", expand=["sha"]))
+        except httpx2.TransportError as error:
+            raise HubUnavailableError(
+                f"cannot reach the Hugging Face Hub at {api.endpoint} to list the models of {author}: {error}"
+            ) from error
+        for info in models:
             if info.sha and (not patterns or any(fnmatch.fnmatch(info.id, p) for p in patterns)):
                 found[info.id] = info.sha
     return sorted(found.items())

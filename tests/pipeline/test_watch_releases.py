@@ -4,15 +4,18 @@ when its run ended unfinished."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from uuid import UUID
 
+import pytest
 from prefect import get_client
 from prefect.states import Failed
 from prefect.variables import Variable
 
 from flows.compress import compress
 from flows.watch_releases import watch_releases
+from mobiquant.sources import HubUnavailableError
 from tests.pipeline.hub_server import HubServer
 
 
@@ -20,6 +23,11 @@ async def _runs_of(deployment_id: str) -> list:
     async with get_client() as client:
         runs = await client.read_flow_runs()
     return [r for r in runs if str(r.deployment_id) == deployment_id]
+
+
+async def _variable_names() -> list[str]:
+    async with get_client() as client:
+        return [v.name for v in await client.read_variables()]
 
 
 async def _fail(flow_run_id: str) -> None:
@@ -63,3 +71,19 @@ def test_new_releases_run_once_per_sha_and_again_after_an_unfinished_run(
     # The runs download from the Hub the release was found on.
     assert {r.job_variables["env"]["HF_ENDPOINT"] for r in runs} == {hub.url}
     assert Variable.get("seen-test") == legacy
+
+
+def test_an_unreachable_hub_is_one_line_naming_it_and_nothing_is_recorded(
+    prefect_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    # HF_ENDPOINT as huggingface_hub reads it (once, at import).
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", closed)
+    with pytest.raises(HubUnavailableError) as info:
+        watch_releases(authors=["acme"], variable="seen-unreachable")
+    message = str(info.value)
+    assert message.startswith(f"cannot reach the Hugging Face Hub at {closed} to list the models of acme: ")
+    assert "\n" not in message
+    assert not [name for name in asyncio.run(_variable_names()) if name.startswith("seen-unreachable")]
