@@ -35,7 +35,7 @@ from flows.params import (
     parse_params,
 )
 from registry import tracking
-from registry.publish import HubRepoTarget, PublishError, target_for
+from registry.publish import HubRepoTarget, PublishError, check_writable, target_for
 from tasks import calibration, release
 from tasks.gate import GateCheck, GateFailedError, failure_message
 from tasks.stages import file_lock
@@ -48,8 +48,9 @@ class PreflightError(RuntimeError):
     """A service the run needs is unreachable or refuses us; nothing heavy has started."""
 
 
-def preflight(params: CompressParams) -> None:
-    """Reach MLflow, the Prefect API and the publish target before any download or calibration."""
+def preflight(params: CompressParams) -> CompressParams:
+    """Reach MLflow, the Prefect API and the publish target before any download or calibration; returns ``params``
+    with the Hub repo the release goes to (see :func:`resolve_hub_repo`)."""
     # The Prefect API first: checking it writes nothing, while a first MLflow check creates a sqlite database.
     check_prefect_api()
     check_device(params)
@@ -62,13 +63,24 @@ def preflight(params: CompressParams) -> None:
         raise PreflightError(str(error)) from error
     target = target_for(params.publish, params.default_repo_id())
     if isinstance(target, HubRepoTarget):
-        target.check_access()
-    else:
-        check_publish_folder(target.path, params)
-        try:
-            target.check_branch(params.publish.staging_branch)
-        except PublishError as error:
-            raise PreflightError(str(error)) from error
+        return resolve_hub_repo(params, target)
+    check_publish_folder(target.path, params)
+    try:
+        target.check_branch(params.publish.staging_branch)
+    except PublishError as error:
+        raise PreflightError(str(error)) from error
+    return params
+
+
+def resolve_hub_repo(params: CompressParams, hub: HubRepoTarget) -> CompressParams:
+    """``params`` with ``publish.repo_id`` set: without one, ``<the token's user>/<repo_name>`` (the source's owner
+    is seldom a namespace the user can write); refused unless the token can write that repo."""
+    who = hub.whoami()
+    if not params.publish.repo_id:
+        publish = params.publish.model_copy(update={"repo_id": f"{who['name']}/{params.repo_name()}"})
+        params = params.model_copy(update={"publish": publish})
+    check_writable(who, params.default_repo_id(), hub.api.endpoint)
+    return params
 
 
 def check_publish_folder(folder: Path, params: CompressParams) -> None:
@@ -338,9 +350,8 @@ def compress(
     """Compress ``model`` into one elastic MoBiQuant checkpoint and stage it for review."""
     wall_start = time.perf_counter()
     given = {k: v for k, v in locals().items() if v is not None and k != "wall_start"}
-    params = parse_params(given)
+    params = preflight(parse_params(given))
     logger = get_run_logger()
-    preflight(params)
 
     work = Path(params.work_dir).expanduser().resolve()
     stage_times: dict[str, dict[str, float]] = {}

@@ -86,7 +86,10 @@ class PublishTarget(BaseModel):
 
     kind: Literal["local", "hub"] = "local"
     root: str = Field("published", description="local target: folder holding <owner>/<name>/<branch>/")
-    repo_id: str | None = Field(None, description="target repo; default <owner-of-source>/<name>-mobiquant")
+    repo_id: str | None = Field(
+        None, description="target repo; default <token's user>/<name>-mobiquant on the Hub, locally "
+        "<owner-of-source or 'local'>/<name>-mobiquant"
+    )
     private: bool = Field(True, description="create the repo private; promotion may make it public")
     public_on_promotion: bool = False
     staging_branch: str = "staging"
@@ -222,8 +225,8 @@ class CompressParams(BaseModel):
         for bits in [*self.gate.max_ratio_to_fp, *self.gate.min_task_score, *self._rtn_bits_named()]:
             if not 2.0 <= bits <= top:
                 raise ValueError(f"the gate names {bits:g} bits, outside [2, {top:g}]")
-        if self.publish.kind == "hub" and not HUB_ID.match(self.default_repo_id()):
-            raise ValueError(f"the repo id derived from the model, {self.default_repo_id()!r}, is not a Hub id: "
+        if self.publish.kind == "hub" and not self.publish.repo_id and not HUB_ID.match(f"owner/{self.repo_name()}"):
+            raise ValueError(f"the repo name derived from the model, {self.repo_name()!r}, is not a Hub name: "
                              "set publish.repo_id")
         if self.gate.routed_not_worse_than_rtn:
             fractional = [bits for bits in self._rtn_bits_named() if not float(bits).is_integer()]
@@ -249,11 +252,16 @@ class CompressParams(BaseModel):
             return self.model.split("/", 1)[1]
         return Path(self.model).stem if Path(self.model).is_file() else Path(self.model).resolve().name
 
+    def repo_name(self) -> str:
+        return f"{self.source_name()}-mobiquant"
+
     def default_repo_id(self) -> str:
+        """``publish.repo_id``, else ``<owner of the source, or 'local'>/<repo_name>``: the local target's folder. A
+        Hub target gets its default in the preflight (``flows.compress.resolve_hub_repo``), under the token's user."""
         if self.publish.repo_id:
             return self.publish.repo_id
         owner = self.model.split("/", 1)[0] if HUB_ID.match(self.model) and not Path(self.model).exists() else "local"
-        return f"{owner}/{self.source_name()}-mobiquant"
+        return f"{owner}/{self.repo_name()}"
 
     def model_name(self) -> str:
         return self.registered_model_name or f"mobiquant-{self.source_name()}"

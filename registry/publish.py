@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
@@ -35,6 +35,8 @@ from mobiquant.outputs import holds_mobiquant_checkpoint
 from registry.hashing import manifest_digest, sha256_file, tree_manifest
 
 MAIN = "main"
+# Organization roles whose members may create and commit to the organization's repos.
+WRITER_ROLES = ("admin", "write", "contributor")
 T = TypeVar("T")
 
 
@@ -199,16 +201,20 @@ class HubRepoTarget:
         use_hub_timeout(self.timeout_s)
         return with_backoff(call, attempts=self.attempts, base_delay=self.base_delay, what=what)
 
-    def check_access(self) -> str:
-        """The user the token belongs to; fails early (before any heavy work) without a usable token."""
+    def whoami(self) -> dict[str, Any]:
+        """The Hub's account record of the token (user, organizations and roles, token role); fails early (before
+        any heavy work) without a usable token."""
         try:
-            who = self._retry(lambda: self.api.whoami(), "whoami")
+            return self._retry(lambda: self.api.whoami(), "whoami")
         except PublishError as error:
             raise PublishError(
                 f"the Hub at {self.api.endpoint} does not accept the token from HF_TOKEN or the credential store "
                 f"({error.__cause__.__class__.__name__}); log in with `hf auth login` or set HF_TOKEN"
             ) from error
-        return who["name"]
+
+    def check_access(self) -> str:
+        """The user the token belongs to; fails early (before any heavy work) without a usable token."""
+        return self.whoami()["name"]
 
     def _files(self, revision: str) -> list[str]:
         return self._retry(lambda: self.api.list_repo_files(self.repo_id, revision=revision), f"listing {revision}")
@@ -261,6 +267,20 @@ class HubRepoTarget:
             folder = snapshot_download(self.repo_id, revision=branch, local_dir=tmp, endpoint=self.api.endpoint)
             manifest = tree_manifest(folder)
         return {k: v for k, v in manifest.items() if k != ".gitattributes" and not k.startswith(".cache/")}
+
+
+def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
+    """Refuse, before any heavy work, a repo that the token of ``who`` (:meth:`HubRepoTarget.whoami`'s record) cannot
+    write: a read-only token, or a namespace that is neither the user's nor an organization where they may write."""
+    user, namespace = who["name"], repo_id.split("/", 1)[0]
+    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise PublishError(f"the token of {user} is read-only: it cannot write {repo_id} on the Hub at {endpoint}")
+    writable = {user} | {org["name"] for org in who.get("orgs", []) if org.get("roleInOrg", "write") in WRITER_ROLES}
+    if namespace not in writable:
+        raise PublishError(
+            f"{user} cannot write to {namespace}/ on the Hub at {endpoint} (writable: {', '.join(sorted(writable))}): "
+            "set publish.repo_id to a repo under one of them"
+        )
 
 
 def target_for(publish: PublishTarget, repo_id: str) -> LocalRepoTarget | HubRepoTarget:

@@ -3,7 +3,8 @@
 The real ``huggingface_hub`` client talks to it through ``HF_ENDPOINT``: repo create, whoami, model info
 (by revision), tree listing, file resolve (HEAD and GET), preupload (always "regular", so file contents
 travel inline in the commit), commit (NDJSON), branch and tag creation, settings, refs and model
-listing. Faults are injected per route so the tests can watch retries and atomicity.
+listing. Every token is one user's, who writes only their own namespace and the organizations where their role
+allows, as on the Hub. Faults are injected per route so the tests can watch retries and atomicity.
 
 Usage (``python -m tests.pipeline.hub_server`` also serves it on a fixed port for manual runs)::
 
@@ -79,6 +80,10 @@ class HubState:
 
     def __init__(self, tokens: set[str]) -> None:
         self.tokens = tokens
+        # Every token is this user's; it writes its own namespace and the organizations where its role allows.
+        self.user = "tester"
+        self.orgs: dict[str, str] = {}
+        self.token_role = "write"
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
@@ -184,9 +189,15 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
             return _error(403, f"Access to model {repo_id} is restricted.", "GatedRepo")
         return repo
 
+    def may_write(namespace: str) -> bool:
+        writer_orgs = {org for org, role in state.orgs.items() if role in ("admin", "write", "contributor")}
+        return state.token_role != "read" and namespace in {state.user, *writer_orgs}
+
     def writable(request: Request, repo_id: str) -> Repo | JSONResponse:
         if not authorized(request):
             return _error(401, "Invalid credentials in Authorization header")
+        if not may_write(repo_id.split("/")[0]):
+            return _error(403, f"You don't have the rights to write to {repo_id}")
         repo = state.repos.get(repo_id)
         return repo if repo is not None else _error(404, "Repository not found", "RepoNotFound")
 
@@ -217,12 +228,17 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
         if path == "/api/whoami-v2":
             if not authorized(request):
                 return _error(401, "Invalid credentials in Authorization header")
-            return JSONResponse({"type": "user", "name": "tester", "orgs": [], "auth": {"type": "access_token"}})
+            orgs = [{"type": "org", "name": name, "roleInOrg": role} for name, role in state.orgs.items()]
+            token = {"displayName": "test", "role": state.token_role}
+            return JSONResponse({"type": "user", "name": state.user, "orgs": orgs,
+                                 "auth": {"type": "access_token", "accessToken": token}})
         if path == "/api/repos/create" and method == "POST":
             if not authorized(request):
                 return _error(401, "Invalid credentials in Authorization header")
             body = await request.json()
-            repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
+            repo_id = f"{body.get('organization') or state.user}/{body['name']}"
+            if not may_write(repo_id.split("/")[0]):
+                return _error(403, f"You don't have the rights to create a model under the namespace {repo_id}")
             if repo_id in state.repos:
                 # The Hub's 409 carries the existing repo's url; the client reads it with exist_ok=True.
                 conflict = _error(409, "You already created this model repo", "RepoExists")

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
+from flows.compress import preflight
+from flows.params import CompressParams, parse_params
 from registry.hashing import tree_manifest
 from registry.publish import HubRepoTarget, PublishError
+from tests.pipeline.conftest import tiny_params
 from tests.pipeline.hub_server import HubServer
 
 
@@ -47,3 +50,33 @@ def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest
         target.check_access()
     assert "hf_wrong" not in str(info.value)
     assert "tester/x" not in hub.state.repos
+
+
+def test_the_hub_repo_defaults_to_the_token_user_and_one_it_cannot_write_is_refused_before_any_work(
+    hub: HubServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    hub.state.add_folder("meta-llama/tiny-llama", tiny_model)
+
+    def preflight_for(**publish: object) -> CompressParams:
+        given = tiny_params(tiny_model, tmp_path, model="meta-llama/tiny-llama",
+                            publish={"kind": "hub", "endpoint": hub.url, **publish})
+        return preflight(parse_params(given))
+
+    # Not the source's namespace, where the user cannot write, but the token's user's.
+    assert preflight_for().publish.repo_id == "tester/tiny-llama-mobiquant"
+    with pytest.raises(PublishError, match=r"^tester cannot write to meta-llama/ on the Hub at .*set publish\.repo_id"):
+        preflight_for(repo_id="meta-llama/tiny-llama-mobiquant")
+    hub.state.orgs = {"acme": "write", "readers": "read"}
+    assert preflight_for(repo_id="acme/tiny").publish.repo_id == "acme/tiny"
+    with pytest.raises(PublishError, match="cannot write to readers/"):
+        preflight_for(repo_id="readers/tiny")
+    hub.state.token_role = "read"
+    with pytest.raises(PublishError, match="the token of tester is read-only: it cannot write tester/tiny-llama-mob"):
+        preflight_for()
+    assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
+
+
+def test_the_test_hub_refuses_writes_outside_the_user_namespaces(hub: HubServer, tmp_path: Path) -> None:
+    with pytest.raises(PublishError, match="create repo refused by the Hub"):
+        HubRepoTarget("meta-llama/x", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
+    assert "meta-llama/x" not in hub.state.repos

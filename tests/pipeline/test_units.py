@@ -211,7 +211,7 @@ def test_preflight_names_a_text_that_does_not_exist(tmp_path: Path, role: str) -
 def test_a_hub_target_needs_a_repo_id_the_hub_accepts(tmp_path: Path) -> None:
     source = tmp_path / "my model"
     source.mkdir()
-    with pytest.raises(ValidationError, match=r"'local/my model-mobiquant', is not a Hub id: set publish\.repo_id"):
+    with pytest.raises(ValidationError, match=r"'my model-mobiquant', is not a Hub name: set publish\.repo_id"):
         CompressParams(model=str(source), publish={"kind": "hub"})
     assert CompressParams(model=str(source), publish={"kind": "hub", "repo_id": "me/my-model"}).default_repo_id() \
         == "me/my-model"
