@@ -5,6 +5,8 @@ attempts}``: the newest revision submitted), written right after each submission
 submissions cannot submit the same sha twice on the next run, and no single value outgrows Prefect's
 limit on a Variable's size however many repositories are watched. A sha whose run ended without
 completing (failed, crashed, cancelled) is submitted again on a later run, up to ``max_attempts`` times.
+The first run records what it finds with no flow run (seen, not submitted), and ``<variable>-baseline``
+marks that watching has begun, unless ``backfill`` asks it to submit those releases too.
 """
 
 from __future__ import annotations
@@ -72,21 +74,39 @@ def watch_releases(
     limit: int = 100,
     variable: str = SEEN_VARIABLE,
     max_attempts: int = 2,
+    backfill: bool = False,
 ) -> list[dict[str, str]]:
     """Run ``deployment`` for each new (model, sha), and again for one whose run ended unfinished; returns what
     was submitted. With ``endpoint`` the runs download from that Hub too (``HF_ENDPOINT`` in their environment).
+
+    The first run (nothing recorded under ``variable`` yet) records the releases it finds as seen and submits
+    none of them, unless ``backfill``: a filter can match hundreds of existing models, each a long run.
     """
     logger = get_run_logger()
     # Before per-repository records, every sha seen was kept in one Variable: those count as submitted.
     legacy: dict[str, list[str]] = dict(Variable.get(variable, default={}) or {})
     job_variables = {"env": {"HF_ENDPOINT": endpoint}} if endpoint else None
+    releases = list_releases(authors, patterns or [], endpoint, limit)
+    records = {repo_id: Variable.get(record_name(variable, repo_id), default=None) or {} for repo_id, _ in releases}
+    # Watching has begun once anything is recorded; the baseline also marks a begun watch that matched nothing yet.
+    baseline = f"{variable}-baseline"
+    if not (legacy or any(records.values()) or Variable.get(baseline, default=None) or backfill):
+        for repo_id, sha in releases:
+            Variable.set(record_name(variable, repo_id), {"repo": repo_id, "sha": sha, "flow_run_id": None,
+                                                          "attempts": 0}, overwrite=True)
+        Variable.set(baseline, {"releases": len(releases)}, overwrite=True)
+        logger.info("first run: %d existing release(s) recorded as seen, none submitted (backfill=True submits them)",
+                    len(releases))
+        return []
+    Variable.set(baseline, {"releases": len(releases)}, overwrite=True)
     submitted = []
-    for repo_id, sha in list_releases(authors, patterns or [], endpoint, limit):
+    for repo_id, sha in releases:
         name = record_name(variable, repo_id)
-        record = Variable.get(name, default=None) or {}
+        record = records[repo_id]
         attempts = 1
         if record.get("sha") == sha:
-            if not run_ended_unfinished(record["flow_run_id"]):
+            # A release recorded by the first run was seen, never submitted.
+            if record.get("flow_run_id") is None or not run_ended_unfinished(record["flow_run_id"]):
                 continue
             if record.get("attempts", 1) >= max_attempts:
                 logger.warning("%s@%s: flow run %s ended unfinished; %d attempts made, not submitting again",

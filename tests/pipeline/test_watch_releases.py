@@ -87,3 +87,26 @@ def test_an_unreachable_hub_is_one_line_naming_it_and_nothing_is_recorded(
     assert message.startswith(f"cannot reach the Hugging Face Hub at {closed} to list the models of acme: ")
     assert "\n" not in message
     assert not [name for name in asyncio.run(_variable_names()) if name.startswith("seen-unreachable")]
+
+
+def test_the_first_run_records_the_existing_releases_without_submitting_them_unless_backfill(
+    hub: HubServer, tiny_model: Path, prefect_env: Path
+) -> None:
+    deployment_id = str(compress.to_deployment(name="llama", parameters={"model": "org/placeholder"}).apply())
+    earlier = len(asyncio.run(_runs_of(deployment_id)))  # the session's Prefect server keeps other tests' runs
+    hub.state.add_folder("acme/model-a", tiny_model)
+
+    def watch(variable: str, **options: object) -> list[str]:
+        found = watch_releases(authors=["acme"], endpoint=hub.url, variable=variable, **options)
+        return [r["model"] for r in found]
+
+    assert watch("seen-first") == [] and len(asyncio.run(_runs_of(deployment_id))) == earlier
+    assert watch("seen-first") == []
+    hub.state.add_folder("acme/model-b", tiny_model)
+    assert watch("seen-first") == ["acme/model-b"]
+    # A first run whose filter matched nothing: what appears later is new.
+    assert watch("seen-empty", patterns=["acme/model-c*"]) == []
+    hub.state.add_folder("acme/model-c", tiny_model)
+    assert watch("seen-empty", patterns=["acme/model-c*"]) == ["acme/model-c"]
+    assert watch("seen-backfill", backfill=True) == ["acme/model-a", "acme/model-b", "acme/model-c"]
+    assert len(asyncio.run(_runs_of(deployment_id))) == earlier + 5
