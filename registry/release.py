@@ -87,6 +87,10 @@ def build_bundle(
     hashed, since reading a large model's weights once more would cost as long as hashing them did.
     """
     report_dir, publish_dir = run_dir / "report", run_dir / "publish"
+    kept = report_dir / "gate.json"
+    if kept.is_file() and not all(check["passed"] for check in json.loads(kept.read_text())):
+        # A failed gate's report tells the reviewer why the run failed: the next run of the same checkpoint keeps it.
+        report_dir.rename(run_dir / f"report-failed-{kept.stat().st_mtime_ns}")
     for folder in (report_dir, publish_dir):
         shutil.rmtree(folder, ignore_errors=True)
     report_dir.mkdir(parents=True)

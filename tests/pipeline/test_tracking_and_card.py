@@ -13,6 +13,7 @@ from flows.params import CompressParams
 from registry import release, tracking
 from registry.hashing import tree_manifest
 from registry.report import PLOT_NAME, EvaluationSetup, model_card
+from tasks.gate import GateCheck
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VALIDATION = {
@@ -126,21 +127,40 @@ def test_model_card_names_data_windows_dtype_license_and_install() -> None:
     assert "the source model names none" in unlicensed and "license: other" in unlicensed
 
 
-def test_the_report_takes_the_checkpoint_hashes_of_the_checkpoint_stage(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text('{"quantization_config": {"num_slices": 4, "group_size": 32}}')
-    (checkpoint / "model.safetensors").write_bytes(b"weights")
-    hashed = tree_manifest(checkpoint)
-    # A digest no file has: were the weights read and hashed again, the bundle would carry the real one.
-    recorded = {**hashed, "model.safetensors": "f" * 64}
-    bundle = release.build_bundle(
-        tmp_path / "run", params=CompressParams(model="tester/tiny"),
+def _checkpoint(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"quantization_config": {"num_slices": 4, "group_size": 32}}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def _bundle(run_dir: Path, checkpoint: Path, files: dict[str, str], checks: list[GateCheck]) -> dict:
+    return release.build_bundle(
+        run_dir, params=CompressParams(model="tester/tiny"),
         source={"source": "tester/tiny", "sha": "abc", "kind": "hub"}, checkpoint_dir=checkpoint,
-        checkpoint_files=recorded, validation=VALIDATION, checks=[], passed=True, stages={}, wall_seconds=1.0,
-        blocks=[], kernels={},
+        checkpoint_files=files, validation=VALIDATION, checks=checks, passed=all(c.passed for c in checks),
+        stages={}, wall_seconds=1.0, blocks=[], kernels={},
     )  # fmt: skip
+
+
+def test_the_report_takes_the_checkpoint_hashes_of_the_checkpoint_stage(tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "checkpoint")
+    # A digest no file has: were the weights read and hashed again, the bundle would carry the real one.
+    recorded = {**tree_manifest(checkpoint), "model.safetensors": "f" * 64}
+    bundle = _bundle(tmp_path / "run", checkpoint, recorded, [])
     published = tree_manifest(bundle["publish_dir"])
     assert set(bundle["files"]) == set(published) == {"config.json", "model.safetensors", PLOT_NAME, "README.md"}
     assert bundle["files"] == {**published, "model.safetensors": "f" * 64}
     assert "f" * 64 in (Path(bundle["publish_dir"]) / "README.md").read_text()
+
+
+def test_a_rerun_after_a_failed_gate_keeps_the_failed_report(tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "checkpoint")
+    run_dir = tmp_path / "run"
+    _bundle(run_dir, checkpoint, tree_manifest(checkpoint), [GateCheck("bits@4", 0.5, 0.0, False, "too far")])
+    passed = _bundle(run_dir, checkpoint, tree_manifest(checkpoint), [GateCheck("bits@4", 0.5, 1.0, True, "")])
+    assert "Gate: FAILED" not in Path(passed["report_path"]).read_text()
+    (failed,) = run_dir.glob("report-failed-*")
+    assert "Gate: FAILED" in (failed / "report.md").read_text()
+    _bundle(run_dir, checkpoint, tree_manifest(checkpoint), [GateCheck("bits@4", 0.5, 1.0, True, "")])
+    assert list(run_dir.glob("report-failed-*")) == [failed], "a passed report is replaced"
