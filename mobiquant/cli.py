@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -356,6 +356,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
+    from mobiquant.calibration.driver import WorkFolderInUse, work_folder_lock
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
@@ -392,7 +393,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     save_checkpoint(model, output, tokenizer, overwrite=args.force)
     if not args.keep_work:
         # Only this run's folder: a --work-dir the user named may hold other models' work or their own files.
-        shutil.rmtree(run_work, ignore_errors=True)
+        # Under its lock: a calibration started on it since this one finished keeps its work.
+        with suppress(WorkFolderInUse), work_folder_lock(run_work):
+            shutil.rmtree(run_work, ignore_errors=True)
         if work_root.is_dir() and not any(work_root.iterdir()):
             work_root.rmdir()
     print(f"mobiquant: wrote {output}", file=sys.stderr)

@@ -686,3 +686,30 @@ def test_force_replaces_an_earlier_checkpoint(
                        *QUICK)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["num_slices"] == 3
+
+
+def test_a_second_run_on_a_work_folder_in_use_fails_at_once_in_one_line(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    import fcntl
+
+    from mobiquant.calibration.driver import LOCK_FILE
+
+    work = tmp_path / "work"
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / "first"), "--data", str(text_file),
+                       "--work-dir", str(work), "--keep-work", *QUICK)
+    assert code == 0, err
+    (run_work,) = work.iterdir()
+    before = _folder_tree(tmp_path)
+    # Held as another calibration (another process, or another open() here) holds it while it runs.
+    with open(run_work / LOCK_FILE, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / "second"), "--data",
+                           str(text_file), "--work-dir", str(work), "--damp", "0.05", *QUICK)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line == (f"mobiquant quantize: error: work folder {run_work} is in use by another calibration running "
+                    "now: wait for it, or give this run its own work folder (--work-dir)"), err
+    assert "Traceback" not in err
+    assert _folder_tree(tmp_path) == before, "nothing written"
+    assert not (tmp_path / "second").exists()

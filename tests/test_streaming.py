@@ -184,3 +184,27 @@ def test_source_tensors_are_checked_one_by_one(tmp_path: Path) -> None:
     _rewrite(folder, {"model.layers.1.mlp.up_proj.weight": None})
     with pytest.raises(SourceError, match=r"lacks the tensor model\.layers\.1\.mlp\.up_proj\.weight"):
         ModelFiles(folder).check()
+
+
+def test_a_work_folder_in_use_by_another_calibration_is_refused_at_once(tmp_path: Path) -> None:
+    import fcntl
+
+    from mobiquant.calibration.driver import LOCK_FILE, WorkFolderInUse
+
+    model, folder = saved("llama", tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (4, 16))
+    work = tmp_path / "w"
+    work.mkdir()
+    # Another open file description of the lock file: flock conflicts with it as with another process's.
+    with open(work / LOCK_FILE, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for calibrate in (
+            lambda: quantize_files(folder, samples, CalibrationConfig(**FAST), work, model_key="k", device=CPU,
+                                   progress=False),
+            lambda: quantize_model(model, samples, CalibrationConfig(**FAST), work, progress=False),
+        ):
+            with pytest.raises(WorkFolderInUse, match="in use by another calibration running now"):
+                calibrate()
+        assert [p.name for p in work.iterdir()] == [LOCK_FILE], "nothing written"
+    # Released with its holder: the folder is free again.
+    quantize_files(folder, samples, CalibrationConfig(**FAST), work, model_key="k", device=CPU, progress=False)

@@ -59,6 +59,14 @@ def capture_key(samples: torch.Tensor, model_key: str, dtype: torch.dtype) -> di
             "dtype": dtype_name(dtype), "format": CAPTURE_FORMAT}
 
 
+def check_windows(source: BlockSource, samples: torch.Tensor) -> None:
+    """Fail if the calibration windows are longer than the model's positions."""
+    positions = getattr(source.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and samples.shape[-1] > positions:
+        raise ValueError(f"calibration windows of {samples.shape[-1]} tokens are longer than the model's "
+                         f"{positions} positions (max_position_embeddings): use a shorter seqlen")
+
+
 def capture_block_inputs(
     source: BlockSource,
     samples: torch.Tensor,
@@ -76,10 +84,7 @@ def capture_block_inputs(
     Returns the manifest (also written as ``manifest.json``). A finished capture of the same samples, model
     and dtype is reused; an unfinished one resumes after its last written block.
     """
-    positions = getattr(source.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and samples.shape[-1] > positions:
-        raise ValueError(f"calibration windows of {samples.shape[-1]} tokens are longer than the model's "
-                         f"{positions} positions (max_position_embeddings): use a shorter seqlen")
+    check_windows(source, samples)
     capture_dir = Path(capture_dir)
     dtype = store_dtype or source.source_dtype
     key = capture_key(samples, model_key, dtype)

@@ -14,7 +14,9 @@ A run is four steps over files, each resumable:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mobiquant.calibration.block import ProgressCallback, calibrate_block, compute_precision, quantized_block
-from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs
+from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs, check_windows
 from mobiquant.calibration.config import SEQUENTIAL_PROPAGATION_SLICES, CalibrationConfig, quantization_config
 from mobiquant.calibration.saliency import token_weights
 from mobiquant.calibration.store import (
@@ -43,6 +45,31 @@ from mobiquant.calibration.store import (
 from mobiquant.checkpoint import CheckpointError, attach_quantizer, refuse_quantized, replace_linears
 from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skeleton
 from mobiquant.slicing import check_slicing_shape
+
+# In a run's work folder: held by the one calibration using the folder.
+LOCK_FILE = "calibration.lock"
+
+
+class WorkFolderInUse(OSError):
+    """The work folder is held by another calibration running now."""
+
+
+@contextmanager
+def work_folder_lock(work_dir: Path) -> Iterator[None]:
+    """Hold ``work_dir`` for this calibration alone, or raise :class:`WorkFolderInUse` at once.
+
+    Block results and captures are stored by block index whatever the settings: two runs on one folder would
+    assemble each other's blocks. ``flock`` is released when its process dies, so a killed run blocks nothing.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise WorkFolderInUse(f"work folder {work_dir} is in use by another calibration running now: wait for "
+                                  "it, or give this run its own work folder (--work-dir)") from error
+        yield
 
 
 def check_config(source: BlockSource, config: CalibrationConfig) -> None:
@@ -210,16 +237,24 @@ def quantize_files(
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
 ) -> torch.nn.Module:
-    """The whole calibration of the model folder ``model_dir`` in this process; resumes from ``work_dir``."""
+    """The whole calibration of the model folder ``model_dir`` in this process; resumes from ``work_dir``.
+
+    One calibration at a time per ``work_dir``: another one using it now makes this one fail at once
+    (:class:`WorkFolderInUse`).
+    """
     files = ModelFiles(model_dir)
     files.check()
     check_config(files, config)
+    # Before the work folder is taken: refused settings leave nothing behind.
+    check_windows(files, samples)
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
-    capture_block_inputs(files, samples, capture_dir, device=device, model_key=model_key, store_dtype=store_dtype,
-                         provenance=dict(provenance or {}), batch_size=config.batch_size, progress=progress)
-    reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
-    block_paths = {r["block"]: Path(r["path"]) for r in reports}
-    return finished_model(files, block_paths, config, samples, device, provenance, progress)
+    with work_folder_lock(work_dir):
+        capture_block_inputs(files, samples, capture_dir, device=device, model_key=model_key,
+                             store_dtype=store_dtype, provenance=dict(provenance or {}),
+                             batch_size=config.batch_size, progress=progress)
+        reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
+        block_paths = {r["block"]: Path(r["path"]) for r in reports}
+        return finished_model(files, block_paths, config, samples, device, provenance, progress)
 
 
 def quantize_model(
@@ -234,16 +269,20 @@ def quantize_model(
     """Calibrate an in-memory ``model`` and return it with MoBiLinear layers and calibrated thresholds.
 
     Every finished block is saved under ``work_dir``; calling again with the same work directory and
-    configuration resumes, recomputing only the unfinished blocks. Blocks calibrate on ``device``
-    (default: the model's own device).
+    configuration resumes, recomputing only the unfinished blocks; another calibration using the work directory
+    now makes this one fail at once (:class:`WorkFolderInUse`). Blocks calibrate on ``device`` (default: the
+    model's own device).
     """
     refuse_quantized(model)
     source = InMemoryModel(model)
     check_config(source, config)
+    # Before the work folder is taken: refused settings leave nothing behind.
+    check_windows(source, samples)
     compute_device = torch.device(device) if device is not None else next(model.parameters()).device
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
-    capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),
-                         store_dtype=torch.float32, batch_size=config.batch_size, progress=progress)
-    reports = calibrate_blocks(source, capture_dir, config, blocks_dir, compute_device, progress, on_progress)
-    model = apply_block_results(model.float(), {r["block"]: Path(r["path"]) for r in reports}, config)
+    with work_folder_lock(work_dir):
+        capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),
+                             store_dtype=torch.float32, batch_size=config.batch_size, progress=progress)
+        reports = calibrate_blocks(source, capture_dir, config, blocks_dir, compute_device, progress, on_progress)
+        model = apply_block_results(model.float(), {r["block"]: Path(r["path"]) for r in reports}, config)
     return finish(model, samples, config, progress=progress)
