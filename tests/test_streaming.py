@@ -208,3 +208,31 @@ def test_a_work_folder_in_use_by_another_calibration_is_refused_at_once(tmp_path
         assert [p.name for p in work.iterdir()] == [LOCK_FILE], "nothing written"
     # Released with its holder: the folder is free again.
     quantize_files(folder, samples, CalibrationConfig(**FAST), work, model_key="k", device=CPU, progress=False)
+
+
+def test_an_empty_or_truncated_work_file_is_computed_again(tmp_path: Path) -> None:
+    _model, folder = saved("llama", tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (4, 16))
+    config = CalibrationConfig(**FAST)
+
+    def calibrated(work: Path) -> dict[str, torch.Tensor]:
+        model = quantize_files(folder, samples, config, work, model_key="k", device=CPU, progress=False)
+        return {f"{name}.{key}": t for name, layer in mobi_layers(model).items()
+                for key, t in layer.state_dict().items()}
+
+    reference = calibrated(tmp_path / "clean")
+    work = tmp_path / "w"
+    calibrated(work)
+    result, captured = work / "blocks" / "block_0001.safetensors", fp_input_path(work / "capture", 1)
+    # What a power loss can leave of files renamed into place without fsync.
+    corruptions = {
+        "empty block result": lambda: result.write_bytes(b""),
+        # The result removed as well: the block is calibrated again from its (truncated) inputs.
+        "truncated capture": lambda: (captured.write_bytes(captured.read_bytes()[:100]), result.unlink()),
+        "empty capture manifest": lambda: (work / "capture" / "manifest.json").write_bytes(b""),
+    }
+    for what, corrupt in corruptions.items():
+        corrupt()
+        again = calibrated(work)
+        assert again.keys() == reference.keys(), what
+        assert all(torch.equal(again[k], reference[k]) for k in reference), what

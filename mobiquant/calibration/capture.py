@@ -28,6 +28,7 @@ from mobiquant.calibration.store import (
     load_block_kwargs,
     load_hidden,
     save_block_kwargs,
+    stored_manifest,
 )
 from mobiquant.model_files import BlockSource
 from mobiquant.streaming import first_block_inputs, run_block
@@ -89,15 +90,15 @@ def capture_block_inputs(
     dtype = store_dtype or source.source_dtype
     key = capture_key(samples, model_key, dtype)
     manifest_path = capture_dir / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if all(manifest.get(k) == v for k, v in key.items()) and all(
-            (capture_dir / name).exists() for name in manifest["files"]
-        ):
-            return manifest
-        manifest_path.unlink()
-    capture_dir.mkdir(parents=True, exist_ok=True)
     tag = json.dumps(key, sort_keys=True)
+    manifest = stored_manifest(capture_dir)
+    # Every file read, not only found: one left empty or cut short by a power loss is captured again.
+    if manifest is not None and all(manifest.get(k) == v for k, v in key.items()) and all(
+        holds_capture(capture_dir / name, tag) for name in manifest["files"]
+    ):
+        return manifest
+    manifest_path.unlink(missing_ok=True)
+    capture_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     while written < source.num_blocks and holds_capture(fp_input_path(capture_dir, written), tag):
         written += 1

@@ -37,6 +37,7 @@ from mobiquant.calibration.store import (
     quantized_input_path,
     read_manifest,
     read_result_report,
+    readable_metadata,
     result_is_complete,
     result_path,
     resume_key,
@@ -100,7 +101,8 @@ def calibrate_one_block(
     """Calibrate block ``index`` from its captured inputs and save it; a result under the same key is reused.
 
     Returns a report (losses, seconds, device, sha256 of the result, ``cached``). In sequential mode the
-    next block's quantized inputs are written too, also when the result itself is reused and they are missing.
+    next block's quantized inputs are written too, also when the result itself is reused and they are missing or
+    unreadable.
     """
     capture_dir = Path(capture_dir)
     manifest = read_manifest(capture_dir)
@@ -110,7 +112,7 @@ def calibrate_one_block(
     needs_next = config.mode == "sequential" and index + 1 < source.num_blocks
     next_inputs = quantized_input_path(capture_dir, index + 1, key)
     cached = result_is_complete(out_path, key, index)
-    if cached and not (needs_next and not next_inputs.exists()):
+    if cached and not (needs_next and readable_metadata(next_inputs) is None):
         return {**read_result_report(out_path), "cached": True}
     block = source.block(index, device)
     block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE, device)

@@ -44,6 +44,17 @@ def file_metadata(path: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
+def readable_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata of the safetensors file ``path``, or ``None`` if it is missing or unreadable: files are renamed
+    into place without fsync, so a power loss can leave one empty or cut short, and it is then computed again."""
+    if not Path(path).exists():
+        return None
+    try:
+        return file_metadata(Path(path))
+    except SafetensorError:
+        return None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Captured inputs
 
@@ -57,19 +68,32 @@ def quantized_input_path(capture_dir: Path, index: int, key: str) -> Path:
 
 
 def holds_capture(path: Path, tag: str) -> bool:
-    """Whether ``path`` exists and was written by the capture ``tag`` names."""
-    return path.exists() and file_metadata(path).get("capture") == tag
+    """Whether ``path`` is a readable file written by the capture ``tag`` names."""
+    meta = readable_metadata(path)
+    return meta is not None and meta.get("capture") == tag
 
 
 def load_hidden(path: Path, device: torch.device | str = "cpu") -> torch.Tensor:
     return load_file(str(path), device=str(device))["hidden"]
 
 
-def read_manifest(capture_dir: Path) -> dict[str, Any]:
+def stored_manifest(capture_dir: Path) -> dict[str, Any] | None:
+    """The capture's manifest, or ``None`` if there is none or it is unreadable (empty or cut short by a power
+    loss, as a file renamed into place without fsync can be): the capture is then taken again."""
     path = Path(capture_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no capture in {capture_dir}: run the capture stage first")
-    return json.loads(path.read_text())
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_manifest(capture_dir: Path) -> dict[str, Any]:
+    manifest = stored_manifest(capture_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no readable capture in {capture_dir}: run the capture stage first")
+    return manifest
 
 
 def save_block_kwargs(block_kwargs: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -125,9 +149,9 @@ def result_path(blocks_dir: Path, index: int) -> Path:
 
 def result_is_complete(out_path: Path, key: str, block_index: int) -> bool:
     """Whether ``out_path`` holds block ``block_index`` computed under resume key ``key``."""
-    if not Path(out_path).exists():
+    meta = readable_metadata(Path(out_path))
+    if meta is None:
         return False
-    meta = file_metadata(Path(out_path))
     return meta.get("format") == RESULT_FORMAT and meta.get("resume_key") == key and meta.get("block") == str(
         block_index
     )
