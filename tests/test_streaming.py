@@ -155,7 +155,7 @@ def test_results_are_keyed_by_model_samples_and_settings(tmp_path: Path) -> None
     other = CalibrationConfig(**{**FAST, "seed": 1})
     assert not any(r["cached"] for r in calibrate_blocks(files, tmp_path / "c", other, tmp_path / "b", CPU,
                                                          progress=False))
-    capture_block_inputs(files, samples + 1, tmp_path / "c", device=CPU, model_key="k")
+    capture_block_inputs(files, (samples + 1) % VOCAB, tmp_path / "c", device=CPU, model_key="k")
     assert not any(r["cached"] for r in calibrate_blocks(files, tmp_path / "c", other, tmp_path / "b", CPU,
                                                          progress=False))
 
