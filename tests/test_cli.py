@@ -675,6 +675,34 @@ def test_dangling_output_link_and_cuda_on_a_cpu_torch_fail_before_work(
     assert not (tmp_path / ".new.mobiquant-work").exists() and not (tmp_path / "new").exists()
 
 
+def test_link_output_empty_output_and_file_work_dir_fail_before_work(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path, checkpoint: Path
+) -> None:
+    capsys.readouterr()
+    (tmp_path / "target").mkdir()
+    shutil.copytree(checkpoint, tmp_path / "earlier")
+    (tmp_path / "a-file").write_text("mine")
+    for name, target in (("link", "target"), ("link2", "earlier")):
+        (tmp_path / name).symlink_to(target)
+    before = _folder_tree(tmp_path)
+    for name, target in (("link", "target"), ("link2", "earlier")):
+        code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / name), "--force", "--data",
+                           str(text_file), *QUICK)
+        assert code == 1 and one_line(err) == (f"mobiquant quantize: error: output {tmp_path / name} is a symbolic "
+                                               f"link to {target}: name the folder itself")
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tmp_path / "new"), "--work-dir",
+                       str(tmp_path / "a-file"), "--data", str(text_file), *QUICK)
+    assert code == 1 and one_line(err).endswith(f"work folder {tmp_path / 'a-file'} exists and is not a folder")
+    code, err = run_usage(capsys, "quantize", str(model_folder), "-o", "", "--data", str(text_file), *QUICK)
+    assert code == 2 and "argument -o/--output: expected a path, got an empty one" in one_line(err)
+    code, err = run_usage(capsys, "thresholds", str(checkpoint), "-o", "", "--data", str(text_file))
+    assert code == 2 and "expected a path, got an empty one" in one_line(err)
+    assert _folder_tree(tmp_path) == before, "nothing written or deleted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a-file", "earlier", "link", "link2", "target", "tiny-llama"]
+    )
+
+
 def test_force_replaces_an_earlier_checkpoint(
     capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path, checkpoint: Path
 ) -> None:
