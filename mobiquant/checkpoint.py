@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -640,7 +641,8 @@ def save_checkpoint(
     eval results, chat template, ...): they are hard-linked (or copied) into the temporary folder before the rename,
     so re-saving in place (``mobiquant thresholds DIR``, ``save_pretrained``) loses nothing and stays atomic. The old
     weights and weight index (``*.safetensors``, ``*.safetensors.index.json``) are not kept: a shard left from an
-    earlier, differently sharded save would be stale.
+    earlier, differently sharded save would be stale. The temporary folder is named after the host and process
+    (``.NAME.tmp-HOST-PID-*``): one that a killed save of this host left is removed by the next save to ``out_dir``.
     ``extra_config`` entries (calibration settings, source revision, ...) are added to ``quantization_config``.
     Returns the folder.
     """
@@ -662,7 +664,8 @@ def save_checkpoint(
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         _write_weights(tensors, staging, max_shard_size)
         config = _config_dict(model, quant_config)
@@ -682,6 +685,34 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _staging_prefix(out: Path) -> str:
+    """The start of the names of this host's staging folders for ``out``: ``.NAME.tmp-HOST-PID-XXXXXXXX``."""
+    return f".{out.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders for ``out`` that a killed save of this host left (checkpoint-sized): those whose
+    process is gone. Other hosts' folders are left alone: their processes cannot be seen from here."""
+    prefix = _staging_prefix(out)
+    for entry in out.parent.iterdir():
+        # mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
+        match = re.fullmatch(r"(\d+)-[^-]+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if match and not _process_alive(int(match.group(1))):
+            # A folder that cannot be removed must not fail this save.
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It exists, as another user's process.
+        return True
+    return True
 
 
 def _apply_umask(staging: Path) -> None:

@@ -309,6 +309,39 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    model = quantize_tiny(tiny_model("llama", seed=10), seed=10)
+    host = socket.gethostname()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead, alive = finished.pid, os.getpid()
+    left = {
+        "killed": f".out.tmp-{host}-{dead}-k1ll3d_",
+        "running": f".out.tmp-{host}-{alive}-runn1ng",
+        "other host": f".out.tmp-{host}-x-{dead}-0th3r",
+        "other output": f".other.tmp-{host}-{dead}-0th3r",
+    }
+    for name in left.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    staged: list[str] = []
+    real_fsync_tree = checkpoint._fsync_tree
+
+    def record(staging: Path) -> None:
+        staged.append(staging.name)
+        real_fsync_tree(staging)
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", record)
+    save_checkpoint(model, tmp_path / "out")
+    assert re.fullmatch(rf"\.out\.tmp-{re.escape(host)}-{alive}-[^-]+", staged[0]), staged
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(["out", left["running"], left["other host"], left["other output"]])
+
+
 def test_existing_folders_are_protected(tmp_path: Path) -> None:
     model, out = saved(tmp_path, seed=12)
     with pytest.raises(CheckpointError, match="not empty"):
