@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,7 +57,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, UnsupportedArchitectureError, architecture_for
 from mobiquant.layers import MoBiLinear
-from mobiquant.outputs import holds_mobiquant_checkpoint
+from mobiquant.outputs import holds_mobiquant_checkpoint, staging_dir
 from mobiquant.precision import set_precision
 from mobiquant.slicing import (
     BITS_PER_SLICE,
@@ -664,8 +663,7 @@ def save_checkpoint(
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         _write_weights(tensors, staging, max_shard_size)
         config = _config_dict(model, quant_config)
@@ -685,34 +683,6 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     return out
-
-
-def _staging_prefix(out: Path) -> str:
-    """The start of the names of this host's staging folders for ``out``: ``.NAME.tmp-HOST-PID-XXXXXXXX``."""
-    return f".{out.name}.tmp-{socket.gethostname()}-"
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging folders for ``out`` that a killed save of this host left (checkpoint-sized): those whose
-    process is gone. Other hosts' folders are left alone: their processes cannot be seen from here."""
-    prefix = _staging_prefix(out)
-    for entry in out.parent.iterdir():
-        # mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
-        match = re.fullmatch(r"(\d+)-[^-]+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if match and not _process_alive(int(match.group(1))):
-            # A folder that cannot be removed must not fail this save.
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        # It exists, as another user's process.
-        return True
-    return True
 
 
 def _apply_umask(staging: Path) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,3 +87,31 @@ def check_work_dir(work: str | os.PathLike, output: Path, protected: Iterable[tu
         if is_within(resolved, guarded):
             raise OutputError(f"work folder {resolved} is inside the {what} ({guarded}): choose another folder")
     return resolved
+
+
+def staging_dir(target: Path) -> Path:
+    """A new, empty folder beside ``target`` to write into before renaming it onto ``target``.
+
+    Its name carries the host and process (``.NAME.tmp-HOST-PID-XXXXXXXX``), so the staging folders that killed
+    writes of this host left for ``target`` (as large as what they wrote) are found and removed here first: those
+    whose process is gone. Other hosts' folders are left alone: their processes cannot be seen from here.
+    """
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    for entry in target.parent.iterdir():
+        # mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
+        match = re.fullmatch(r"(\d+)-[^-]+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if match and not _process_alive(int(match.group(1))):
+            # A folder that cannot be removed must not fail this write.
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It exists, as another user's process.
+        return True
+    return True

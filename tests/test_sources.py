@@ -174,3 +174,31 @@ def test_smollm2_gguf_converts_once_to_a_loadable_folder(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(sources, "_convert_gguf", no_second_conversion)
     assert materialize(str(gguf), cache_dir=tmp_path) == source.__class__(source.path, source.sha, "gguf", str(gguf))
+
+
+def test_a_conversion_removes_the_staging_folder_a_killed_conversion_of_this_host_left(tmp_path: Path) -> None:
+    """The converted copy (GGUF or pickle weights to safetensors) is as large as the model: a staging folder that a
+    killed conversion left is removed by the next one, one of a running process is not."""
+    import os
+    import socket
+    import subprocess
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".sha.tmp-{host}-{finished.pid}-k1ll3d_"
+    running = tmp_path / f".sha.tmp-{host}-{os.getpid()}-runn1ng"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+
+    class Saves:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / self.name).write_text("saved")
+
+    sources._save_converted(Saves("model.safetensors"), Saves("tokenizer.json"), tmp_path / "sha")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sha", running.name])
+    assert sorted(p.name for p in (tmp_path / "sha").iterdir()) == ["model.safetensors", "tokenizer.json"]
