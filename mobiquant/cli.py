@@ -12,10 +12,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -366,7 +365,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
     from mobiquant.calibration import CalibrationConfig, quantize_files
-    from mobiquant.calibration.driver import WorkFolderInUse, work_folder_lock
+    from mobiquant.calibration.driver import remove_work_folder
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.data import calibration_samples
     from mobiquant.model_files import ModelFiles
@@ -403,9 +402,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     save_checkpoint(model, output, tokenizer, overwrite=args.force)
     if not args.keep_work:
         # Only this run's folder: a --work-dir the user named may hold other models' work or their own files.
-        # Under its lock: a calibration started on it since this one finished keeps its work.
-        with suppress(WorkFolderInUse), work_folder_lock(run_work):
-            shutil.rmtree(run_work, ignore_errors=True)
+        # Not while a calibration started on it since this one finished holds it: that run keeps its work.
+        remove_work_folder(run_work)
         if work_root.is_dir() and not any(work_root.iterdir()):
             work_root.rmdir()
     print(f"mobiquant: wrote {output}", file=sys.stderr)

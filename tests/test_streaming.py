@@ -210,6 +210,50 @@ def test_a_work_folder_in_use_by_another_calibration_is_refused_at_once(tmp_path
     quantize_files(folder, samples, CalibrationConfig(**FAST), work, model_key="k", device=CPU, progress=False)
 
 
+def test_a_work_folder_is_removed_only_when_free_and_moved_aside_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run starting while a finished one removes the folder must get a folder of its own: not one being emptied,
+    and not a lock on a file that is no longer the folder's (both would let two runs hold the folder at once)."""
+    import fcntl
+
+    from mobiquant.calibration import driver
+    from mobiquant.calibration.driver import LOCK_FILE, WorkFolderInUse, remove_work_folder, work_folder_lock
+
+    work = tmp_path / "w"
+    (work / "capture").mkdir(parents=True)
+    (work / "capture" / "block_0000.safetensors").write_bytes(b"captured")
+    with work_folder_lock(work):
+        assert remove_work_folder(work) is False
+    assert (work / "capture" / "block_0000.safetensors").read_bytes() == b"captured"
+
+    renamed: list[Path] = []
+    real_rmtree = driver.shutil.rmtree
+
+    def rmtree(path: Path, ignore_errors: bool = False) -> None:
+        renamed.append(Path(path))
+        # Removal is slow on a large capture: a run starting now must not find the folder being emptied.
+        assert not work.exists()
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(driver.shutil, "rmtree", rmtree)
+    assert remove_work_folder(work) is True
+    assert renamed and renamed[0].parent == tmp_path and not any(tmp_path.iterdir())
+
+    # Another process removed and re-created the lock file between this run's open and its flock.
+    work.mkdir()
+    real_flock = fcntl.flock
+
+    def flock_after_a_swap(handle: object, operation: int) -> None:
+        (work / LOCK_FILE).unlink()
+        (work / LOCK_FILE).touch()
+        real_flock(handle, operation)
+
+    monkeypatch.setattr(driver.fcntl, "flock", flock_after_a_swap)
+    with pytest.raises(WorkFolderInUse, match="in use by another calibration"), work_folder_lock(work):
+        pass
+
+
 def test_an_empty_or_truncated_work_file_is_computed_again(tmp_path: Path) -> None:
     _model, folder = saved("llama", tmp_path / "m")
     samples = torch.randint(0, VOCAB, (4, 16))

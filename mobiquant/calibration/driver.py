@@ -15,6 +15,8 @@ A run is four steps over files, each resumable:
 from __future__ import annotations
 
 import fcntl
+import os
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,16 +63,40 @@ def work_folder_lock(work_dir: Path) -> Iterator[None]:
 
     Block results and captures are stored by block index whatever the settings: two runs on one folder would
     assemble each other's blocks. ``flock`` is released when its process dies, so a killed run blocks nothing.
+    A folder is removed by moving it aside under its lock first (:func:`remove_work_folder`), so a lock taken on
+    a file that is no longer the folder's own is refused too.
     """
     work_dir = Path(work_dir)
+    busy = (f"work folder {work_dir} is in use by another calibration running now: wait for it, or give this run "
+            "its own work folder (--work-dir, or work_dir=)")
     work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / LOCK_FILE, "a") as handle:
+    lock_path = work_dir / LOCK_FILE
+    with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
-            raise WorkFolderInUse(f"work folder {work_dir} is in use by another calibration running now: wait for "
-                                  "it, or give this run its own work folder (--work-dir)") from error
+            raise WorkFolderInUse(busy) from error
+        try:
+            current = lock_path.stat().st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(handle.fileno()).st_ino:
+            raise WorkFolderInUse(busy)
         yield
+
+
+def remove_work_folder(work_dir: Path) -> bool:
+    """Delete ``work_dir`` unless a calibration holds it now (then False). It is renamed aside under its lock
+    before its files go: a calibration starting meanwhile gets a new folder, never one being emptied."""
+    work_dir = Path(work_dir)
+    doomed = work_dir.with_name(f".{work_dir.name}.removing-{os.getpid()}")
+    try:
+        with work_folder_lock(work_dir):
+            work_dir.rename(doomed)
+    except WorkFolderInUse:
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
 
 
 def check_config(source: BlockSource, config: CalibrationConfig) -> None:
