@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import get_session
 
 from flows.params import PublishTarget
@@ -206,6 +206,11 @@ class HubRepoTarget:
         any heavy work) without a usable token."""
         try:
             return self._retry(lambda: self.api.whoami(), "whoami")
+        except LocalTokenNotFoundError as error:
+            raise PublishError(
+                f"no Hugging Face token to publish to the Hub at {self.api.endpoint}: log in with `hf auth login` or "
+                "set HF_TOKEN"
+            ) from error
         except PublishError as error:
             raise PublishError(
                 f"the Hub at {self.api.endpoint} does not accept the token from HF_TOKEN or the credential store "

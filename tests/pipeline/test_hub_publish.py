@@ -52,6 +52,20 @@ def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest
     assert "tester/x" not in hub.state.repos
 
 
+def test_no_token_at_all_is_one_line_before_any_work(
+    hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    target = HubRepoTarget("tester/x", endpoint=hub.url, base_delay=0.01)
+    with pytest.raises(PublishError, match=r"^no Hugging Face token to publish to the Hub at .*hf auth login"):
+        target.check_access()
+    assert "tester/x" not in hub.state.repos
+
+
 def test_the_hub_repo_defaults_to_the_token_user_and_one_it_cannot_write_is_refused_before_any_work(
     hub: HubServer, tiny_model: Path, tmp_path: Path
 ) -> None:
