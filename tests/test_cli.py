@@ -737,7 +737,7 @@ def test_a_second_run_on_a_work_folder_in_use_fails_at_once_in_one_line(
     assert code == 1
     line = err.strip().splitlines()[-1]
     assert line == (f"mobiquant quantize: error: work folder {run_work} is in use by another calibration running "
-                    "now: wait for it, or give this run its own work folder (--work-dir)"), err
+                    "now: wait for it, or give this run its own work folder (--work-dir, or work_dir=)"), err
     assert "Traceback" not in err
     assert _folder_tree(tmp_path) == before, "nothing written"
     assert not (tmp_path / "second").exists()
