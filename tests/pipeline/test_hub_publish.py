@@ -90,6 +90,32 @@ def test_the_hub_repo_defaults_to_the_token_user_and_one_it_cannot_write_is_refu
     assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
 
 
+def test_a_default_repo_holding_another_owners_model_of_the_same_name_is_refused_before_any_work(
+    hub: HubServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The default repo drops the source's owner: meta-llama/tiny-llama and unsloth/tiny-llama both map to
+    tester/tiny-llama-mobiquant, and the second release must not overwrite the first."""
+    for source in ("meta-llama/tiny-llama", "unsloth/tiny-llama"):
+        hub.state.add_folder(source, tiny_model)
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("---\nbase_model: meta-llama/tiny-llama\nlibrary_name: transformers\n---\n# x\n")
+    hub.state.add_folder("tester/tiny-llama-mobiquant", card)
+
+    def preflight_for(model: str, **publish: object) -> CompressParams:
+        given = tiny_params(tiny_model, tmp_path, model=model, publish={"kind": "hub", "endpoint": hub.url, **publish})
+        return preflight(parse_params(given))
+
+    assert preflight_for("meta-llama/tiny-llama").publish.repo_id == "tester/tiny-llama-mobiquant"
+    with pytest.raises(PublishError, match=r"^tester/tiny-llama-mobiquant holds the release of meta-llama/tiny-llama, "
+                                           r"not of unsloth/tiny-llama: set publish\.repo_id"):
+        preflight_for("unsloth/tiny-llama")
+    # A repo the user names is theirs to choose.
+    assert preflight_for("unsloth/tiny-llama", repo_id="tester/tiny-llama-mobiquant").publish.repo_id == (
+        "tester/tiny-llama-mobiquant")
+    assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
+
+
 def test_the_test_hub_refuses_writes_outside_the_user_namespaces(hub: HubServer, tmp_path: Path) -> None:
     with pytest.raises(PublishError, match="create repo refused by the Hub"):
         HubRepoTarget("meta-llama/x", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
