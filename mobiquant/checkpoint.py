@@ -756,17 +756,24 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path} is not a MoBiQuant checkpoint: it has no {CONFIG_NAME}")
+    return quantization_config_in(config_file, os.fspath(path))
+
+
+def quantization_config_in(config_file: Path, checkpoint: str) -> dict[str, Any]:
+    """The checked ``quantization_config`` of ``config_file``, the config of ``checkpoint`` (named in errors)."""
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
     quant = config.get("quantization_config") or {}
     if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path} is not a MoBiQuant checkpoint (no quant_method {QUANT_METHOD!r} in its config)")
+        raise CheckpointError(
+            f"{checkpoint} is not a MoBiQuant checkpoint (no quant_method {QUANT_METHOD!r} in its config)"
+        )
     try:
         architecture_for(config.get("model_type"))
     except UnsupportedArchitectureError as error:
-        raise CheckpointError(f"{path}: {error}") from error
+        raise CheckpointError(f"{checkpoint}: {error}") from error
     return check_quantization_config(quant)
 
 
@@ -790,7 +797,8 @@ def load_checkpoint(
         from mobiquant.sources import materialize
 
         # A path that does not exist is refused there by name; a revision given with a folder is refused too.
-        path = materialize(path, revision).path
+        # A Hub repository's config is checked before its weights are downloaded.
+        path = materialize(path, revision, check_config=quantization_config_in).path
     read_quantization_config(path)
     register()
     try:

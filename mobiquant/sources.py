@@ -4,17 +4,19 @@ folder of safetensors that transformers loads without remote code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -83,8 +85,12 @@ def materialize(
     allow_pickle: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    check_config: Callable[[Path, str], object] | None = None,
 ) -> ModelSource:
-    """Turn ``ref`` (a local model folder, a ``.gguf`` file or a Hub id) into a :class:`ModelSource`."""
+    """Turn ``ref`` (a local model folder, a ``.gguf`` file or a Hub id) into a :class:`ModelSource`.
+
+    ``check_config`` applies to Hub ids only: see :func:`hub_source`.
+    """
     text = os.fspath(ref)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -97,7 +103,9 @@ def materialize(
         return gguf_source(path, cache_dir=cache_dir)
     if _looks_like_path(text):
         raise SourceError(f"no such file or folder: {text}")
-    return hub_source(text, revision, allow_pickle=allow_pickle, cache_dir=cache_dir, token=token)
+    return hub_source(
+        text, revision, allow_pickle=allow_pickle, cache_dir=cache_dir, token=token, check_config=check_config
+    )
 
 
 def _looks_like_path(text: str) -> bool:
@@ -208,11 +216,14 @@ def hub_source(
     allow_pickle: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    check_config: Callable[[Path, str], object] | None = None,
 ) -> ModelSource:
     """Download ``repo_id`` at ``revision`` (default: the main branch), pinned to the commit it resolves to.
 
     Only safetensors, JSON and tokenizer files of the repository's top level are fetched (pickle weights too with
-    ``allow_pickle``), so what is loaded is exactly the commit recorded in ``ModelSource.sha``.
+    ``allow_pickle``), so what is loaded is exactly the commit recorded in ``ModelSource.sha``. ``check_config``
+    is called with the repository's ``config.json``, downloaded alone first, and with the repository's name: it
+    refuses a repository (by raising) before its weights are downloaded.
     """
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
@@ -237,14 +248,27 @@ def hub_source(
                 "pass --allow-pickle (allow_pickle=True) if you trust the source"
             )
         raise SourceError(f"{where} has no safetensors weights")
-    try:
+    if "config.json" not in names:
+        raise SourceError(f"{where} is not a model repository: it has no config.json")
+    if check_config is not None:
+        with _download_errors(where):
+            config_file = hf_hub_download(repo_id, "config.json", revision=info.sha, cache_dir=cache_dir, token=token)
+        check_config(Path(config_file), where)
+    with _download_errors(where):
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted, cache_dir=cache_dir, token=token)
+    validate_model_folder(folder, allow_pickle=allow_pickle)
+    return ModelSource(path=Path(folder), sha=info.sha, kind="hub", source=repo_id)
+
+
+@contextlib.contextmanager
+def _download_errors(where: str) -> Iterator[None]:
+    """A failed download from the Hub as a one-line SourceError (HubUnavailableError when worth retrying)."""
+    try:
+        yield
     except HfHubHTTPError as error:
         raise _http_error(where, error) from error
     except _NETWORK_ERRORS as error:
         raise HubUnavailableError(f"download of {where} failed: {error}") from error
-    validate_model_folder(folder, allow_pickle=allow_pickle)
-    return ModelSource(path=Path(folder), sha=info.sha, kind="hub", source=repo_id)
 
 
 def _not_found_message(repo_id: str, error: RepositoryNotFoundError) -> str:

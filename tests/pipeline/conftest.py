@@ -52,6 +52,8 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
             "huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
             server.url + "/{repo_id}/resolve/{revision}/{filename}",
         )
+        # Downloads go to this test's HF_HOME, not the user's cache (also read once at import).
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
         yield server
 
 

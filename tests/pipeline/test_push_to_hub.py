@@ -63,3 +63,28 @@ def test_load_checkpoint_takes_a_hub_id(hub: HubServer, tmp_path: Path) -> None:
         load_checkpoint("tester/absent")
     with pytest.raises(SourceError, match="no such file or folder"):
         load_checkpoint(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (None, r"tester/plain@v1 is not a model repository: it has no config\.json"),
+        ({"model_type": "llama"}, "tester/plain@v1 is not a MoBiQuant checkpoint"),
+        ({"model_type": "llama", "quantization_config": "mobiquant"}, "tester/plain@v1 is not a MoBiQuant checkpoint"),
+        ({"model_type": "llama", "quantization_config": {"quant_method": "gptq"}}, "is not a MoBiQuant checkpoint"),
+    ],
+)
+def test_load_checkpoint_refuses_a_hub_repository_that_is_no_checkpoint_before_fetching_weights(
+    hub: HubServer, tmp_path: Path, config: dict | None, message: str
+) -> None:
+    files = {"model.safetensors": b"weights that must not be downloaded"}
+    if config is not None:
+        files["config.json"] = json.dumps(config).encode()
+    repo = hub.state.add_repo("tester/plain", files)
+    repo.tags["v1"] = repo.branches["main"]
+    with pytest.raises((SourceError, CheckpointError), match=message) as refused:
+        load_checkpoint("tester/plain", revision="v1")
+    assert "\n" not in str(refused.value)
+    assert not [path for _, path in hub.state.requests if path.endswith(".safetensors")]
+    cached = {file.name for file in (tmp_path / "hf-home" / "hub").glob("models--*/snapshots/*/*")}
+    assert cached == ({"config.json"} if config is not None else set())
