@@ -640,8 +640,9 @@ def save_checkpoint(
     eval results, chat template, ...): they are hard-linked (or copied) into the temporary folder before the rename,
     so re-saving in place (``mobiquant thresholds DIR``, ``save_pretrained``) loses nothing and stays atomic. The old
     weights and weight index (``*.safetensors``, ``*.safetensors.index.json``) are not kept: a shard left from an
-    earlier, differently sharded save would be stale. The temporary folder is named after the host and process
-    (``.NAME.tmp-HOST-PID-*``): one that a killed save of this host left is removed by the next save to ``out_dir``.
+    earlier, differently sharded save would be stale. The temporary folder is named after the host, pid namespace
+    and process (``.NAME.tmp-HOST-pidnsINODE-PID-*``): one that a killed save of this host and pid namespace left is
+    removed by the next save to ``out_dir`` (:func:`mobiquant.outputs.staging_dir`).
     ``extra_config`` entries (calibration settings, source revision, ...) are added to ``quantization_config``.
     Returns the folder.
     """

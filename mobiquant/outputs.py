@@ -92,18 +92,36 @@ def check_work_dir(work: str | os.PathLike, output: Path, protected: Iterable[tu
 def staging_dir(target: Path) -> Path:
     """A new, empty folder beside ``target`` to write into before renaming it onto ``target``.
 
-    Its name carries the host and process (``.NAME.tmp-HOST-PID-XXXXXXXX``), so the staging folders that killed
-    writes of this host left for ``target`` (as large as what they wrote) are found and removed here first: those
-    whose process is gone. Other hosts' folders are left alone: their processes cannot be seen from here.
+    Its name carries the host, the pid namespace and the process (``.NAME.tmp-HOST-pidnsINODE-PID-XXXXXXXX``), so
+    the staging folders that killed writes left for ``target`` (as large as what they wrote) are found and removed
+    here first: those of this host and pid namespace whose process is gone. All others are left alone, since their
+    processes cannot be seen from here: other hosts', other pid namespaces' (containers may share a hostname and
+    a folder but not their pids), and those named without a namespace (by earlier versions, ``HOST-PID-*``).
     """
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
-    for entry in target.parent.iterdir():
+    namespace = _pid_namespace()
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-pidns{namespace if namespace is not None else 'unknown'}-"
+    if namespace is not None:
+        _remove_dead_staging(target.parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+
+
+def _remove_dead_staging(folder: Path, prefix: str) -> None:
+    """Remove the staging folders in ``folder`` named ``PREFIX`` + ``PID-XXXXXXXX`` whose process is gone."""
+    for entry in folder.iterdir():
         # mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
         match = re.fullmatch(r"(\d+)-[^-]+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
         if match and not _process_alive(int(match.group(1))):
             # A folder that cannot be removed must not fail this write.
             shutil.rmtree(entry, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+
+
+def _pid_namespace() -> int | None:
+    """The inode of this process's pid namespace (Linux), or None where it cannot be read (nothing is then judged
+    stale: a pid alone does not say whose process it is)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _process_alive(pid: int) -> bool:

@@ -309,21 +309,25 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_left(
+def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_and_pid_namespace_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import socket
 
     model = quantize_tiny(tiny_model("llama", seed=10), seed=10)
-    host = socket.gethostname()
+    host, namespace = socket.gethostname(), os.stat("/proc/self/ns/pid").st_ino
+    ours = f"{host}-pidns{namespace}"
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     dead, alive = finished.pid, os.getpid()
     left = {
-        "killed": f".out.tmp-{host}-{dead}-k1ll3d_",
-        "running": f".out.tmp-{host}-{alive}-runn1ng",
-        "other host": f".out.tmp-{host}-x-{dead}-0th3r",
-        "other output": f".other.tmp-{host}-{dead}-0th3r",
+        "killed": f".out.tmp-{ours}-{dead}-k1ll3d_",
+        "running": f".out.tmp-{ours}-{alive}-runn1ng",
+        # A container sharing this hostname but not its pids: its process may live although this pid is gone here.
+        "other pid namespace": f".out.tmp-{host}-pidns{namespace + 1}-{dead}-0th3r",
+        "no namespace (earlier version)": f".out.tmp-{host}-{dead}-0ld",
+        "other host": f".out.tmp-{host}-x-pidns{namespace}-{dead}-0th3r",
+        "other output": f".other.tmp-{ours}-{dead}-0th3r",
     }
     for name in left.values():
         (tmp_path / name).mkdir()
@@ -337,9 +341,26 @@ def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_left(
 
     monkeypatch.setattr(checkpoint, "_fsync_tree", record)
     save_checkpoint(model, tmp_path / "out")
-    assert re.fullmatch(rf"\.out\.tmp-{re.escape(host)}-{alive}-[^-]+", staged[0]), staged
     kept = sorted(p.name for p in tmp_path.iterdir())
-    assert kept == sorted(["out", left["running"], left["other host"], left["other output"]])
+    assert kept == sorted(["out", *(name for what, name in left.items() if what != "killed")])
+    assert re.fullmatch(rf"\.out\.tmp-{re.escape(ours)}-{alive}-[^-]+", staged[0]), staged
+
+
+def test_staging_folders_are_never_removed_where_the_pid_namespace_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from mobiquant import outputs
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    unjudged = tmp_path / f".out.tmp-{socket.gethostname()}-pidnsunknown-{finished.pid}-k1ll3d_"
+    unjudged.mkdir()
+    monkeypatch.setattr(outputs, "_pid_namespace", lambda: None)
+    staging = outputs.staging_dir(tmp_path / "out")
+    assert staging.name.startswith(f".out.tmp-{socket.gethostname()}-pidnsunknown-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unjudged.name, staging.name])
 
 
 def test_existing_folders_are_protected(tmp_path: Path) -> None:

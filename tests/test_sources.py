@@ -185,9 +185,9 @@ def test_a_conversion_removes_the_staging_folder_a_killed_conversion_of_this_hos
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    host = socket.gethostname()
-    killed = tmp_path / f".sha.tmp-{host}-{finished.pid}-k1ll3d_"
-    running = tmp_path / f".sha.tmp-{host}-{os.getpid()}-runn1ng"
+    ours = f"{socket.gethostname()}-pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    killed = tmp_path / f".sha.tmp-{ours}-{finished.pid}-k1ll3d_"
+    running = tmp_path / f".sha.tmp-{ours}-{os.getpid()}-runn1ng"
     for folder in (killed, running):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
