@@ -634,7 +634,8 @@ def save_checkpoint(
     """Write ``model`` (with ``MoBiLinear`` layers) as a checkpoint folder at ``out_dir``, atomically.
 
     Everything is written into a temporary folder beside ``out_dir``, flushed to disk, then renamed into place: after
-    a failure ``out_dir`` is as it was (absent, or the previous checkpoint when overwriting). An existing non-empty
+    a failure ``out_dir`` is as it was (absent, or the previous checkpoint when overwriting), and the parent folders
+    this save created are removed again while empty. An existing non-empty
     ``out_dir`` is replaced only with ``overwrite=True``, and only if it holds a MoBiQuant checkpoint. Overwriting
     keeps every file and sub-folder of the old checkpoint that this save does not write itself (model card, LICENSE,
     eval results, chat template, ...): they are hard-linked (or copied) into the temporary folder before the rename,
@@ -663,9 +664,11 @@ def save_checkpoint(
         previous = None
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(out)
+    created = _missing_folders(out.parent)
+    staging: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(out)
         _write_weights(tensors, staging, max_shard_size)
         config = _config_dict(model, quant_config)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -681,9 +684,30 @@ def save_checkpoint(
         _fsync_tree(staging)
         _replace_dir(staging, out)
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging)
+        # A failed save leaves no new empty folders; after a success the checkpoint lies in them and they stay.
+        _remove_empty_folders(created)
     return out
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first, each the parent of the one before) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            # Not empty (or gone, or not ours to remove): neither it nor its parents are removed.
+            return
 
 
 def _apply_umask(staging: Path) -> None:

@@ -309,6 +309,35 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_failed_save_removes_the_empty_parent_folders_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    model = quantize_tiny(tiny_model("llama", seed=10), seed=10)
+    (tmp_path / "existing").mkdir()
+    target = tmp_path / "existing" / "new" / "a" / "b" / "out"
+    files_of_another_writer: list[Path] = []
+
+    def crash(staging: Path) -> None:
+        for file in files_of_another_writer:
+            file.write_text("another writer's")
+        raise OSError("disk full")
+
+    def tree() -> list[str]:
+        return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, target)
+    # The empty folder that existed before the save is not the save's to remove.
+    assert tree() == ["existing"]
+    # Another writer puts a file into one of the new folders meanwhile: that folder, and its parents, stay.
+    files_of_another_writer.append(tmp_path / "existing" / "new" / "shared.txt")
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, target)
+    assert tree() == ["existing", "existing/new", "existing/new/shared.txt"]
+    monkeypatch.undo()
+    assert save_checkpoint(model, target) == target and (target / "config.json").is_file()
+
+
 def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_and_pid_namespace_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
