@@ -790,6 +790,8 @@ def quantization_config_in(config_file: Path, checkpoint: str) -> dict[str, Any]
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object but a {type(config).__name__}")
     quant = config.get("quantization_config") or {}
     if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(

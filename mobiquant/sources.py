@@ -127,6 +127,8 @@ def validate_model_folder(folder: str | os.PathLike, allow_pickle: bool = False)
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise SourceError(f"{config_file} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise SourceError(f"{config_file} is not a JSON object but a {type(config).__name__}")
     model_type = config.get("model_type")
     if not model_type:
         raise SourceError(f"{config_file} names no model_type")

@@ -450,6 +450,9 @@ def test_plain_models_and_other_folders_are_refused(tmp_path: Path) -> None:
     tiny_model("llama").save_pretrained(tmp_path / "fp")
     with pytest.raises(CheckpointError, match="not a MoBiQuant checkpoint"):
         load_checkpoint(tmp_path / "fp")
+    (tmp_path / "fp" / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config\.json is not a JSON object but a list"):
+        load_checkpoint(tmp_path / "fp")
 
 
 def test_checkpoint_gets_the_umask_permissions_not_the_staging_ones(tmp_path: Path) -> None:

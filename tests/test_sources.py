@@ -43,6 +43,9 @@ def test_local_folder_errors(tmp_path: Path, tiny_folder: Path) -> None:
         materialize(tiny_folder, revision="main")
     with pytest.raises(SourceError, match=r"no config\.json"):
         materialize(tmp_path)
+    (tmp_path / "config.json").write_text('"llama"')
+    with pytest.raises(SourceError, match=r"config\.json is not a JSON object but a str"):
+        materialize(tmp_path)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(SourceError, match="unsupported architecture 'gpt2'"):
         materialize(tmp_path / "gpt2")
