@@ -43,6 +43,13 @@ from registry.hashing import manifest_digest, sha256_file, tree_manifest
 MAIN = "main"
 # Organization roles whose members may create and commit to the organization's repos.
 WRITER_ROLES = ("admin", "write", "contributor")
+# A fine-grained token's whoami record (``auth.accessToken``) has role "fineGrained" and a "fineGrained" object:
+# "global", a list of permissions tied to no entity, and "scoped", a list of {"entity": {"type": "user" | "org" |
+# "model" | ..., "name"}, "permissions": [...]}; "repo.write" is the permission to create and commit to repos. This
+# is the schema Hugging Face's own trackio reads to check a token's write access (gradio-app/trackio, trackio/ui.py,
+# check_auth).
+FINE_GRAINED = "fineGrained"
+REPO_WRITE = "repo.write"
 T = TypeVar("T")
 
 
@@ -299,9 +306,11 @@ class HubRepoTarget:
 
 def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
     """Refuse, before any heavy work, a repo that the token of ``who`` (:meth:`HubRepoTarget.whoami`'s record) cannot
-    write: a read-only token, or a namespace that is neither the user's nor an organization where they may write."""
+    write: a read-only token, a namespace that is neither the user's nor an organization where they may write, or a
+    fine-grained token without write access to that namespace."""
     user, namespace = who["name"], repo_id.split("/", 1)[0]
-    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+    token = who.get("auth", {}).get("accessToken", {})
+    if token.get("role") == "read":
         raise PublishError(f"the token of {user} is read-only: it cannot write {repo_id} on the Hub at {endpoint}")
     writable = {user} | {org["name"] for org in who.get("orgs", []) if org.get("roleInOrg", "write") in WRITER_ROLES}
     if namespace not in writable:
@@ -309,6 +318,27 @@ def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
             f"{user} cannot write to {namespace}/ on the Hub at {endpoint} (writable: {', '.join(sorted(writable))}): "
             "set publish.repo_id to a repo under one of them"
         )
+    if token.get("role") == FINE_GRAINED and not fine_grained_writes(token.get(FINE_GRAINED, {}), namespace):
+        raise PublishError(
+            f"the fine-grained token of {user} has no {REPO_WRITE} permission on {namespace}/ on the Hub at "
+            f"{endpoint}: give it write access to the repos of {namespace}, or set publish.repo_id to a repo under a "
+            "namespace it may write"
+        )
+
+
+def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
+    """Whether a fine-grained token's scopes (``auth.accessToken.fineGrained``) let it create and commit to repos of
+    ``namespace``: ``repo.write`` on that user or organization, or among its global permissions.
+
+    Write access to one existing repo is not enough: staging may have to create the repo first.
+    """
+    if REPO_WRITE in scopes.get("global", []):
+        return True
+    return any(
+        scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"] == namespace
+        and REPO_WRITE in scope["permissions"]
+        for scope in scopes.get("scoped", [])
+    )
 
 
 def target_for(publish: PublishTarget, repo_id: str) -> LocalRepoTarget | HubRepoTarget:

@@ -4,7 +4,8 @@ The real ``huggingface_hub`` client talks to it through ``HF_ENDPOINT``: repo cr
 (by revision), tree listing, file resolve (HEAD and GET), preupload (always "regular", so file contents
 travel inline in the commit), commit (NDJSON), branch and tag creation, settings, refs and model
 listing. Every token is one user's, who writes only their own namespace and the organizations where their role
-allows, as on the Hub. Faults are injected per route so the tests can watch retries and atomicity.
+allows, as on the Hub; a fine-grained token only those of them its scopes grant ``repo.write``. Faults are
+injected per route so the tests can watch retries and atomicity.
 
 Usage (``python -m tests.pipeline.hub_server`` also serves it on a fixed port for manual runs)::
 
@@ -84,6 +85,9 @@ class HubState:
         self.user = "tester"
         self.orgs: dict[str, str] = {}
         self.token_role = "write"
+        # With token_role "fineGrained": the token's scopes as the Hub's whoami shows them, {"global": [permission],
+        # "scoped": [{"entity": {"type": "user" | "org" | "model", "name": ...}, "permissions": [...]}]}.
+        self.fine_grained: dict[str, Any] = {"global": [], "scoped": []}
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
@@ -191,7 +195,15 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
 
     def may_write(namespace: str) -> bool:
         writer_orgs = {org for org, role in state.orgs.items() if role in ("admin", "write", "contributor")}
-        return state.token_role != "read" and namespace in {state.user, *writer_orgs}
+        if state.token_role == "read" or namespace not in {state.user, *writer_orgs}:
+            return False
+        if state.token_role != "fineGrained":
+            return True
+        return "repo.write" in state.fine_grained.get("global", []) or any(
+            scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"] == namespace
+            and "repo.write" in scope["permissions"]
+            for scope in state.fine_grained.get("scoped", [])
+        )
 
     def writable(request: Request, repo_id: str) -> Repo | JSONResponse:
         if not authorized(request):
@@ -230,6 +242,8 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
                 return _error(401, "Invalid credentials in Authorization header")
             orgs = [{"type": "org", "name": name, "roleInOrg": role} for name, role in state.orgs.items()]
             token = {"displayName": "test", "role": state.token_role}
+            if state.token_role == "fineGrained":
+                token["fineGrained"] = {"canReadGatedRepos": False, **state.fine_grained}
             return JSONResponse({"type": "user", "name": state.user, "orgs": orgs,
                                  "auth": {"type": "access_token", "accessToken": token}})
         if path == "/api/repos/create" and method == "POST":

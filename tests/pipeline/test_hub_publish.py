@@ -120,3 +120,40 @@ def test_the_test_hub_refuses_writes_outside_the_user_namespaces(hub: HubServer,
     with pytest.raises(PublishError, match="create repo refused by the Hub"):
         HubRepoTarget("meta-llama/x", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
     assert "meta-llama/x" not in hub.state.repos
+
+
+def _scope(kind: str, name: str, *permissions: str) -> dict[str, object]:
+    return {"entity": {"_id": f"id-{name}", "type": kind, "name": name}, "permissions": list(permissions)}
+
+
+def test_a_fine_grained_token_passes_only_with_repo_write_on_the_namespace(
+    hub: HubServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    hub.state.add_folder("meta-llama/tiny-llama", tiny_model)
+    hub.state.orgs = {"acme": "write"}
+    hub.state.token_role = "fineGrained"
+
+    def preflight_for(scoped: list[dict[str, object]], global_: tuple[str, ...] = (), **publish: object) -> str:
+        hub.state.fine_grained = {"global": list(global_), "scoped": scoped}
+        given = tiny_params(tiny_model, tmp_path, model="meta-llama/tiny-llama",
+                            publish={"kind": "hub", "endpoint": hub.url, **publish})
+        return preflight(parse_params(given)).publish.repo_id
+
+    own_write = _scope("user", "tester", "repo.content.read", "repo.write")
+    assert preflight_for([own_write]) == "tester/tiny-llama-mobiquant"
+    assert preflight_for([_scope("org", "acme", "repo.write")], repo_id="acme/tiny") == "acme/tiny"
+    assert preflight_for([], global_=("repo.write",), repo_id="acme/tiny") == "acme/tiny"
+    refused = r"^the fine-grained token of tester has no repo\.write permission on {}/ on the Hub at .*publish\.repo_id"
+    # Read-only scope on the namespace.
+    with pytest.raises(PublishError, match=refused.format("tester")) as info:
+        preflight_for([_scope("user", "tester", "repo.content.read"), _scope("org", "acme", "repo.write")])
+    assert "\n" not in str(info.value)
+    # Write scope, but on another namespace, or on one repo only (staging may have to create the repo).
+    with pytest.raises(PublishError, match=refused.format("acme")):
+        preflight_for([own_write], repo_id="acme/tiny")
+    with pytest.raises(PublishError, match=refused.format("acme")):
+        preflight_for([_scope("model", "acme/tiny", "repo.write")], global_=("discussion.write",), repo_id="acme/tiny")
+    assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
+    # What the preflight spares: the Hub refuses the token's staging commit at the end of the run.
+    with pytest.raises(PublishError, match="create repo refused by the Hub"):
+        HubRepoTarget("acme/tiny", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
