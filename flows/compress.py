@@ -35,7 +35,7 @@ from flows.params import (
     parse_params,
 )
 from registry import tracking
-from registry.publish import HubRepoTarget, PublishError, check_writable, target_for
+from registry.publish import HubRepoTarget, PublishError, check_writable, same_hub_name, target_for
 from tasks import calibration, release
 from tasks.gate import GateCheck, GateFailedError, failure_message
 from tasks.stages import file_lock
@@ -83,7 +83,7 @@ def resolve_hub_repo(params: CompressParams, hub: HubRepoTarget) -> CompressPara
     check_writable(who, repo_id, hub.api.endpoint)
     # The default names the source without its owner: another owner's model of the same name must not share it.
     expected, released = params.base_model(), target_for(params.publish, repo_id).released_base_model()
-    if expected is not None and released is not None and released != expected:
+    if expected is not None and released is not None and not same_hub_name(released, expected):
         raise PublishError(f"{repo_id} holds the release of {released}, not of {expected}: set publish.repo_id to "
                            "another repo")
     return params.model_copy(update={"publish": params.publish.model_copy(update={"repo_id": repo_id})})

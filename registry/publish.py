@@ -313,7 +313,7 @@ def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
     if token.get("role") == "read":
         raise PublishError(f"the token of {user} is read-only: it cannot write {repo_id} on the Hub at {endpoint}")
     writable = {user} | {org["name"] for org in who.get("orgs", []) if org.get("roleInOrg", "write") in WRITER_ROLES}
-    if namespace not in writable:
+    if not any(same_hub_name(namespace, name) for name in writable):
         raise PublishError(
             f"{user} cannot write to {namespace}/ on the Hub at {endpoint} (writable: {', '.join(sorted(writable))}): "
             "set publish.repo_id to a repo under one of them"
@@ -326,6 +326,13 @@ def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
         )
 
 
+def same_hub_name(a: str, b: str) -> bool:
+    """Whether two user, organization or repo names name the same thing on the Hub, which ignores their case
+    (``HfApi().model_info("mbzuai/bactrian-x")`` answers for ``MBZUAI/Bactrian-X``: huggingface/huggingface_hub
+    issues #1453 and #2090, "repo ids are case insensitive across the Hub")."""
+    return a.lower() == b.lower()
+
+
 def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
     """Whether a fine-grained token's scopes (``auth.accessToken.fineGrained``) let it create and commit to repos of
     ``namespace``: ``repo.write`` on that user or organization, or among its global permissions.
@@ -335,7 +342,7 @@ def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
     if REPO_WRITE in scopes.get("global", []):
         return True
     return any(
-        scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"] == namespace
+        scope["entity"]["type"] in ("user", "org") and same_hub_name(scope["entity"]["name"], namespace)
         and REPO_WRITE in scope["permissions"]
         for scope in scopes.get("scoped", [])
     )

@@ -195,12 +195,13 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
 
     def may_write(namespace: str) -> bool:
         writer_orgs = {org for org, role in state.orgs.items() if role in ("admin", "write", "contributor")}
-        if state.token_role == "read" or namespace not in {state.user, *writer_orgs}:
+        # The Hub ignores the case of user and organization names.
+        if state.token_role == "read" or namespace.lower() not in {n.lower() for n in (state.user, *writer_orgs)}:
             return False
         if state.token_role != "fineGrained":
             return True
         return "repo.write" in state.fine_grained.get("global", []) or any(
-            scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"] == namespace
+            scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"].lower() == namespace.lower()
             and "repo.write" in scope["permissions"]
             for scope in state.fine_grained.get("scoped", [])
         )

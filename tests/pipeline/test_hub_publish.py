@@ -157,3 +157,28 @@ def test_a_fine_grained_token_passes_only_with_repo_write_on_the_namespace(
     # What the preflight spares: the Hub refuses the token's staging commit at the end of the run.
     with pytest.raises(PublishError, match="create repo refused by the Hub"):
         HubRepoTarget("acme/tiny", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
+
+
+def test_namespaces_and_base_models_are_compared_ignoring_case_as_the_hub_does(
+    hub: HubServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    hub.state.add_folder("meta-llama/tiny-llama", tiny_model)
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("---\nbase_model: Meta-Llama/Tiny-Llama\n---\n# x\n")
+    hub.state.add_folder("tester/tiny-llama-mobiquant", card)
+    hub.state.orgs = {"acme": "write"}
+
+    def preflight_for(**publish: object) -> str:
+        given = tiny_params(tiny_model, tmp_path, model="meta-llama/tiny-llama",
+                            publish={"kind": "hub", "endpoint": hub.url, **publish})
+        return preflight(parse_params(given)).publish.repo_id
+
+    assert preflight_for() == "tester/tiny-llama-mobiquant", "the card names the same base model"
+    assert preflight_for(repo_id="Tester/tiny") == "Tester/tiny"
+    assert preflight_for(repo_id="ACME/tiny") == "ACME/tiny"
+    hub.state.token_role = "fineGrained"
+    hub.state.fine_grained = {"global": [], "scoped": [_scope("org", "Acme", "repo.write")]}
+    assert preflight_for(repo_id="acme/tiny") == "acme/tiny"
+    with pytest.raises(PublishError, match="cannot write to readers/"):
+        preflight_for(repo_id="readers/tiny")
