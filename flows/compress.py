@@ -111,13 +111,12 @@ def source_config(params: CompressParams) -> PretrainedConfig | None:
     from transformers import AutoConfig
 
     from mobiquant.arch import architecture_for
-    from mobiquant.sources import smollm2_gguf_path
+    from mobiquant.sources import gguf_config, smollm2_gguf_path
 
     path = Path(params.model).expanduser()
     try:
         if params.model == SMOLLM2_ALIAS or path.is_file():
-            gguf = smollm2_gguf_path() if params.model == SMOLLM2_ALIAS else path
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            return gguf_config(smollm2_gguf_path() if params.model == SMOLLM2_ALIAS else path)
         if not path.is_dir():
             work = Path(params.work_dir).expanduser().resolve()
             path = Path(hf_hub_download(params.model, "config.json", revision=params.revision,

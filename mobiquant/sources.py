@@ -5,6 +5,8 @@ folder of safetensors that transformers loads without remote code.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -347,13 +349,36 @@ def gguf_source(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike | Non
     return ModelSource(path=target, sha=sha, kind="gguf", source=os.fspath(gguf_file))
 
 
+def gguf_config(gguf_file: str | os.PathLike) -> Any:
+    """The transformers configuration in a GGUF file's metadata, parsed once per version of the file.
+
+    Parsing takes seconds for a real model (transformers reads all of the metadata, its tokenizer's vocabulary
+    included), and a run needs the configuration several times: in the preflight the demo runs before the flow and
+    the flow runs again, and in the download stage's conversion. A file changed in place (another size or
+    modification time) is parsed again. Each caller gets its own copy, since building a model from a configuration
+    writes to it.
+    """
+    path = Path(gguf_file).expanduser().absolute()
+    stat = path.stat()
+    return copy.deepcopy(_parse_gguf_config(path, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_gguf_config(path: Path, size: int, mtime_ns: int) -> Any:
+    """``size`` and ``mtime_ns`` are only the cache key's: they tell one version of the file from another."""
+    # transformers is imported here: it is slow to import and only GGUF files need it in this module.
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
+
+
 def _convert_gguf(path: Path, target: Path) -> None:
     # transformers is imported here: it is slow to import and only GGUF conversion needs its model classes.
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.fspath(path.parent), path.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        config = gguf_config(path)
     except (ValueError, KeyError, OSError) as error:
         raise SourceError(f"cannot read GGUF file {path}: {error}") from error
     try:

@@ -29,3 +29,32 @@ def test_a_group_size_the_model_cannot_take_is_refused_before_its_weights_are_do
         preflight(parse_params(tiny_params(tiny_model, tmp_path, group_size=128)))
     assert "\n" not in str(info.value)
     preflight(parse_params(tiny_params(tiny_model, tmp_path, model="tester/tiny-llama")))
+
+
+def test_a_gguf_file_is_parsed_once_for_the_demos_preflight_and_the_flows_and_again_when_it_changes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing a real GGUF's metadata takes seconds (about 6 s for SmolLM2-135M); ``python -m flows.demo`` runs the
+    preflight before starting the flow, and the flow runs it again."""
+    from transformers import AutoConfig, LlamaConfig
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    parsed = []
+
+    def parse(folder: str, gguf_file: str) -> LlamaConfig:
+        parsed.append(Path(folder) / gguf_file)
+        return config
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", parse)
+    given = tiny_params(tiny_model, tmp_path, model=str(gguf))
+    preflight(parse_params(given))
+    preflight(parse_params(given))
+    assert parsed == [gguf]
+    with pytest.raises(InvalidParametersError, match=NOT_SPLIT):
+        preflight(parse_params({**given, "group_size": 128}))
+    assert parsed == [gguf], "the shapes are checked on the configuration parsed before"
+    gguf.write_bytes(b"GGUF stand-in, rewritten")
+    preflight(parse_params(given))
+    assert parsed == [gguf, gguf], "a changed file is parsed again"
