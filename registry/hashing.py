@@ -7,6 +7,8 @@ from pathlib import Path
 
 from mobiquant.sources import file_sha256 as sha256_file
 
+_CHUNK = 1 << 22
+
 
 def tree_manifest(root: str | Path) -> dict[str, str]:
     """``{relative posix path: sha256}`` of every regular file under ``root``, sorted by path."""
@@ -21,3 +23,21 @@ def manifest_digest(manifest: dict[str, str]) -> str:
     for path in sorted(manifest):
         digest.update(f"{path}\0{manifest[path]}\n".encode())
     return digest.hexdigest()
+
+
+def copy_tree_hashed(source: str | Path, target: str | Path) -> dict[str, str]:
+    """Copy every regular file under ``source`` into ``target`` and return their :func:`tree_manifest`, hashed from
+    the bytes as they are copied: each file is read once, and the copy is not read back to hash it."""
+    base, out = Path(source), Path(target)
+    manifest = {}
+    for file in sorted(p for p in base.rglob("*") if p.is_file()):
+        relative = file.relative_to(base).as_posix()
+        copy = out / relative
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(file, "rb") as reader, open(copy, "wb") as writer:
+            while chunk := reader.read(_CHUNK):
+                digest.update(chunk)
+                writer.write(chunk)
+        manifest[relative] = digest.hexdigest()
+    return manifest

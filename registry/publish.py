@@ -38,7 +38,7 @@ from huggingface_hub.utils import get_session
 
 from flows.params import PublishTarget
 from mobiquant.outputs import holds_mobiquant_checkpoint
-from registry.hashing import manifest_digest, sha256_file, tree_manifest
+from registry.hashing import copy_tree_hashed, manifest_digest, sha256_file, tree_manifest
 
 MAIN = "main"
 # Organization roles whose members may create and commit to the organization's repos.
@@ -111,13 +111,16 @@ class LocalRepoTarget:
         if not target.is_dir() or (any(target.iterdir()) and not (known or holds_mobiquant_checkpoint(target))):
             raise PublishError(f"{target} holds files this target did not publish: not replacing them")
 
-    def _commit(self, source: Path, branch: str) -> str:
+    def _commit(self, source: Path, branch: str, expected: dict[str, str] | None = None) -> str:
+        """Copy ``source``'s files to ``branch`` (checked against ``expected`` when given); return the commit id, the
+        digest of the files' sha256s, taken from the bytes as they were copied."""
         self.check_branch(branch)
         tmp = self.path / f".incoming-{uuid.uuid4().hex}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, tmp)
-            manifest = tree_manifest(tmp)
+            manifest = copy_tree_hashed(source, tmp)
+            if expected is not None:
+                _check_manifest(manifest, expected, f"{self.repo_id}@{self.staging_branch}")
             commit = manifest_digest(manifest)
             target = self.path / branch
             retired = self.path / f".retired-{uuid.uuid4().hex}"
@@ -144,9 +147,7 @@ class LocalRepoTarget:
                 f"{self.repo_id}@{self.staging_branch} is at {refs['branches'].get(self.staging_branch)}, "
                 f"not the reviewed commit {staged_commit}"
             )
-        staging = self.path / self.staging_branch
-        _check_manifest(tree_manifest(staging), expected, f"{self.repo_id}@{self.staging_branch}")
-        commit = self._commit(staging, MAIN)
+        commit = self._commit(self.path / self.staging_branch, MAIN, expected)
         refs = self._refs()
         refs["tags"][tag] = commit
         self._write_refs(refs)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from flows.params import CompressParams, GateThresholds
-from registry.hashing import tree_manifest
+from registry.hashing import manifest_digest, tree_manifest
 from registry.publish import LocalRepoTarget, PublishError
 from tasks.gate import evaluate_gate, failure_message, gate_passed
 
@@ -132,6 +135,39 @@ def test_local_target_stages_then_promotes_checked_files(tmp_path: Path) -> None
     target.stage(_release(tmp_path / "v2", "weights-2"), "v2")
     with pytest.raises(PublishError, match="not the reviewed commit"):
         target.promote(commit, expected, "v1-again")
+    assert not [p for p in (tmp_path / "pub/org/m-mobiquant").iterdir() if p.name.startswith(".")]
+
+
+def test_local_target_reads_each_file_once_and_hashes_the_bytes_it_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large model's weights take as long to read again as to copy: the copy is hashed as it is written, not read
+    back, and the commit still names the content copied."""
+    target = LocalRepoTarget(tmp_path / "pub", "org/m-mobiquant")
+    files = _release(tmp_path / "v1", "weights-1")
+    reads: list[Path] = []
+    real_open = builtins.open
+
+    def recording_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, str | os.PathLike) and "r" in mode and tmp_path in Path(file).resolve().parents:
+            reads.append(Path(file).resolve())
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    expected = tree_manifest(files)
+    reads.clear()
+    commit = target.stage(files, "v1")
+    assert sorted(reads) == sorted(p.resolve() for p in files.iterdir()), "each released file read once"
+    assert commit == manifest_digest(expected) and target.branch_manifest("staging") == expected
+    reads.clear()
+    with pytest.raises(PublishError, match="does not match"):
+        target.promote(commit, {**expected, "model.safetensors": "0" * 64}, "v1")
+    assert target.branch_manifest("main") == {}
+    reads.clear()
+    main = target.promote(commit, expected, "v1")
+    staging = tmp_path / "pub/org/m-mobiquant/staging"
+    assert sorted(reads) == sorted(p.resolve() for p in staging.iterdir()), "each staged file read once"
+    assert main == commit and target.branch_manifest("main") == expected
     assert not [p for p in (tmp_path / "pub/org/m-mobiquant").iterdir() if p.name.startswith(".")]
 
 
