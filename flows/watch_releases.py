@@ -90,15 +90,18 @@ def watch_releases(
     records = {repo_id: Variable.get(record_name(variable, repo_id), default=None) or {} for repo_id, _ in releases}
     # Watching has begun once anything is recorded; the baseline also marks a begun watch that matched nothing yet.
     baseline = f"{variable}-baseline"
-    if not (legacy or any(records.values()) or Variable.get(baseline, default=None) or backfill):
+    marked, mark = Variable.get(baseline, default=None), {"releases": len(releases)}
+    if not (legacy or any(records.values()) or marked or backfill):
         for repo_id, sha in releases:
             Variable.set(record_name(variable, repo_id), {"repo": repo_id, "sha": sha, "flow_run_id": None,
                                                           "attempts": 0}, overwrite=True)
-        Variable.set(baseline, {"releases": len(releases)}, overwrite=True)
+        Variable.set(baseline, mark, overwrite=True)
         logger.info("first run: %d existing release(s) recorded as seen, none submitted (backfill=True submits them)",
                     len(releases))
         return []
-    Variable.set(baseline, {"releases": len(releases)}, overwrite=True)
+    # Written only when it changes: a nightly run that finds nothing new writes nothing.
+    if marked != mark:
+        Variable.set(baseline, mark, overwrite=True)
     submitted = []
     for repo_id, sha in releases:
         name = record_name(variable, repo_id)

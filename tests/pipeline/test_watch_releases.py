@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -28,6 +29,13 @@ async def _runs_of(deployment_id: str) -> list:
 async def _variable_names() -> list[str]:
     async with get_client() as client:
         return [v.name for v in await client.read_variables()]
+
+
+async def _last_written(variable: str) -> datetime | None:
+    async with get_client() as client:
+        found = await client.read_variable_by_name(variable)
+    assert found is not None, variable
+    return found.updated
 
 
 async def _fail(flow_run_id: str) -> None:
@@ -101,9 +109,12 @@ def test_the_first_run_records_the_existing_releases_without_submitting_them_unl
         return [r["model"] for r in found]
 
     assert watch("seen-first") == [] and len(asyncio.run(_runs_of(deployment_id))) == earlier
+    baseline_written = asyncio.run(_last_written("seen-first-baseline"))
     assert watch("seen-first") == []
+    assert asyncio.run(_last_written("seen-first-baseline")) == baseline_written, "nothing new, nothing written"
     hub.state.add_folder("acme/model-b", tiny_model)
     assert watch("seen-first") == ["acme/model-b"]
+    assert Variable.get("seen-first-baseline") == {"releases": 2}
     # A first run whose filter matched nothing: what appears later is new.
     assert watch("seen-empty", patterns=["acme/model-c*"]) == []
     hub.state.add_folder("acme/model-c", tiny_model)
