@@ -77,12 +77,14 @@ def resolve_hub_repo(params: CompressParams, hub: HubRepoTarget) -> CompressPara
     is seldom a namespace the user can write); refused unless the token can write that repo."""
     who = hub.whoami()
     if params.publish.repo_id:
-        check_writable(who, params.publish.repo_id, hub.api.endpoint)
+        repo_id = params.publish.repo_id
+        check_writable(who, repo_id, hub.api.endpoint, target_for(params.publish, repo_id).exists)
         return params
     repo_id = f"{who['name']}/{params.repo_name()}"
-    check_writable(who, repo_id, hub.api.endpoint)
+    target = target_for(params.publish, repo_id)
+    check_writable(who, repo_id, hub.api.endpoint, target.exists)
     # The default names the source without its owner: another owner's model of the same name must not share it.
-    expected, released = params.base_model(), target_for(params.publish, repo_id).released_base_model()
+    expected, released = params.base_model(), target.released_base_model()
     if expected is not None and released is not None and not same_hub_name(released, expected):
         raise PublishError(f"{repo_id} holds the release of {released}, not of {expected}: set publish.repo_id to "
                            "another repo")

@@ -248,6 +248,10 @@ class HubRepoTarget:
             return base_model if isinstance(base_model, str) else None
         return None
 
+    def exists(self) -> bool:
+        """Whether the repo exists on the Hub (and the token can see it)."""
+        return self._retry(lambda: self.api.repo_exists(self.repo_id), f"checking whether {self.repo_id} exists")
+
     def check_access(self) -> str:
         """The user the token belongs to; fails early (before any heavy work) without a usable token."""
         return self.whoami()["name"]
@@ -305,10 +309,13 @@ class HubRepoTarget:
         return {k: v for k, v in manifest.items() if k != ".gitattributes" and not k.startswith(".cache/")}
 
 
-def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
+def check_writable(
+    who: dict[str, Any], repo_id: str, endpoint: str, repo_exists: Callable[[], bool]
+) -> None:
     """Refuse, before any heavy work, a repo that the token of ``who`` (:meth:`HubRepoTarget.whoami`'s record) cannot
     write: a read-only token, a namespace that is neither the user's nor an organization where they may write, or a
-    fine-grained token without write access to that namespace."""
+    fine-grained token without write access to that namespace, unless it may write the repo itself and the repo
+    exists (``repo_exists`` is asked only then: such a token cannot create it)."""
     user, namespace = who["name"], repo_id.split("/", 1)[0]
     token = who.get("auth", {}).get("accessToken", {})
     if token.get("role") == "read":
@@ -319,12 +326,23 @@ def check_writable(who: dict[str, Any], repo_id: str, endpoint: str) -> None:
             f"{user} cannot write to {namespace}/ on the Hub at {endpoint} (writable: {', '.join(sorted(writable))}): "
             "set publish.repo_id to a repo under one of them"
         )
-    if token.get("role") == FINE_GRAINED and not fine_grained_writes(token.get(FINE_GRAINED, {}), namespace):
+    if token.get("role") != FINE_GRAINED:
+        return
+    scopes = token.get(FINE_GRAINED, {})
+    if fine_grained_writes(scopes, namespace):
+        return
+    if fine_grained_writes_repo(scopes, repo_id):
+        if repo_exists():
+            return
         raise PublishError(
-            f"the fine-grained token of {user} has no {REPO_WRITE} permission on {namespace}/ on the Hub at "
-            f"{endpoint}: give it write access to the repos of {namespace}, or set publish.repo_id to a repo under a "
-            "namespace it may write"
+            f"the fine-grained token of {user} may write {repo_id} but not create it, and it does not exist on the Hub "
+            f"at {endpoint}: create it first, or give the token {REPO_WRITE} on {namespace}/"
         )
+    raise PublishError(
+        f"the fine-grained token of {user} has no {REPO_WRITE} permission on {namespace}/ on the Hub at "
+        f"{endpoint}: give it write access to the repos of {namespace}, or set publish.repo_id to a repo under a "
+        "namespace it may write"
+    )
 
 
 def same_hub_name(a: str, b: str) -> bool:
@@ -338,12 +356,22 @@ def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
     """Whether a fine-grained token's scopes (``auth.accessToken.fineGrained``) let it create and commit to repos of
     ``namespace``: ``repo.write`` on that user or organization, or among its global permissions.
 
-    Write access to one existing repo is not enough: staging may have to create the repo first.
+    Write access to one repo is not access to its namespace: see :func:`fine_grained_writes_repo`.
     """
     if REPO_WRITE in scopes.get("global", []):
         return True
     return any(
         scope["entity"]["type"] in ("user", "org") and same_hub_name(scope["entity"]["name"], namespace)
+        and REPO_WRITE in scope["permissions"]
+        for scope in scopes.get("scoped", [])
+    )
+
+
+def fine_grained_writes_repo(scopes: dict[str, Any], repo_id: str) -> bool:
+    """Whether a fine-grained token's scopes hold ``repo.write`` on the model repo ``repo_id`` itself: enough to
+    commit to it once it exists (``create_repo(exist_ok=True)`` then finds it), not to create it."""
+    return any(
+        scope["entity"]["type"] == "model" and same_hub_name(scope["entity"]["name"], repo_id)
         and REPO_WRITE in scope["permissions"]
         for scope in scopes.get("scoped", [])
     )

@@ -193,15 +193,19 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
             return _error(403, f"Access to model {repo_id} is restricted.", "GatedRepo")
         return repo
 
-    def may_write(namespace: str) -> bool:
+    def may_write(repo_id: str, creating: bool = False) -> bool:
+        namespace = repo_id.split("/")[0]
         writer_orgs = {org for org, role in state.orgs.items() if role in ("admin", "write", "contributor")}
         # The Hub ignores the case of user and organization names.
         if state.token_role == "read" or namespace.lower() not in {n.lower() for n in (state.user, *writer_orgs)}:
             return False
         if state.token_role != "fineGrained":
             return True
+        # A fine-grained token writes what its scopes name: a namespace (create and commit), or one repo (commit).
         return "repo.write" in state.fine_grained.get("global", []) or any(
-            scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"].lower() == namespace.lower()
+            ((scope["entity"]["type"] in ("user", "org") and scope["entity"]["name"].lower() == namespace.lower())
+             or (not creating and scope["entity"]["type"] == "model"
+                 and scope["entity"]["name"].lower() == repo_id.lower()))
             and "repo.write" in scope["permissions"]
             for scope in state.fine_grained.get("scoped", [])
         )
@@ -209,7 +213,7 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
     def writable(request: Request, repo_id: str) -> Repo | JSONResponse:
         if not authorized(request):
             return _error(401, "Invalid credentials in Authorization header")
-        if not may_write(repo_id.split("/")[0]):
+        if not may_write(repo_id):
             return _error(403, f"You don't have the rights to write to {repo_id}")
         repo = state.repos.get(repo_id)
         return repo if repo is not None else _error(404, "Repository not found", "RepoNotFound")
@@ -252,7 +256,7 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
                 return _error(401, "Invalid credentials in Authorization header")
             body = await request.json()
             repo_id = f"{body.get('organization') or state.user}/{body['name']}"
-            if not may_write(repo_id.split("/")[0]):
+            if not may_write(repo_id, creating=True):
                 return _error(403, f"You don't have the rights to create a model under the namespace {repo_id}")
             if repo_id in state.repos:
                 # The Hub's 409 carries the existing repo's url; the client reads it with exist_ok=True.

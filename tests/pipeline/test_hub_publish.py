@@ -148,15 +148,24 @@ def test_a_fine_grained_token_passes_only_with_repo_write_on_the_namespace(
     with pytest.raises(PublishError, match=refused.format("tester")) as info:
         preflight_for([_scope("user", "tester", "repo.content.read"), _scope("org", "acme", "repo.write")])
     assert "\n" not in str(info.value)
-    # Write scope, but on another namespace, or on one repo only (staging may have to create the repo).
+    # Write scope, but on another namespace, or on one repo that does not exist yet (such a token cannot create it).
     with pytest.raises(PublishError, match=refused.format("acme")):
         preflight_for([own_write], repo_id="acme/tiny")
-    with pytest.raises(PublishError, match=refused.format("acme")):
-        preflight_for([_scope("model", "acme/tiny", "repo.write")], global_=("discussion.write",), repo_id="acme/tiny")
+    repo_only = [_scope("model", "acme/tiny", "repo.write")]
+    with pytest.raises(PublishError, match=r"^the fine-grained token of tester may write acme/tiny but not create it"):
+        preflight_for(repo_only, global_=("discussion.write",), repo_id="acme/tiny")
     assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
     # What the preflight spares: the Hub refuses the token's staging commit at the end of the run.
     with pytest.raises(PublishError, match="create repo refused by the Hub"):
         HubRepoTarget("acme/tiny", endpoint=hub.url, base_delay=0.01).stage(_release(tmp_path / "r"), "stage")
+    # Once the repo exists, write access to it alone passes, and staging commits to it.
+    hub.state.add_repo("acme/tiny", private=True)
+    assert preflight_for(repo_only, repo_id="acme/tiny") == "acme/tiny"
+    target = HubRepoTarget("acme/tiny", endpoint=hub.url, base_delay=0.01)
+    staged = target.stage(_release(tmp_path / "r2"), "stage")
+    assert hub.state.repos["acme/tiny"].branches[target.staging_branch] == staged
+    with pytest.raises(PublishError, match=refused.format("acme")):
+        preflight_for([_scope("model", "acme/other", "repo.write")], repo_id="acme/tiny")
 
 
 def test_namespaces_and_base_models_are_compared_ignoring_case_as_the_hub_does(
