@@ -212,7 +212,8 @@ class CompressParams(BaseModel):
     @field_validator("registered_model_name")
     @classmethod
     def _registered_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[\w.\-/]{1,200}$", value):
+        # MLflow refuses '/' and ':' in model names, only when registering: at the end of the run.
+        if value is not None and not re.match(r"^[\w.\-]{1,200}$", value):
             raise ValueError(f"registered_model_name has characters MLflow does not accept: {value!r}")
         return value
 

