@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -347,9 +347,12 @@ def attach_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 def _guard_saving(model: PreTrainedModel) -> None:
     # transformers' config.save_pretrained drops ``transformers_weights``: without these two, a checkpoint written
     # by save_pretrained or push_to_hub would lose its load guard and load as random weights without mobiquant.
-    model.save_pretrained = types.MethodType(_save_pretrained_with_guard, model)
-    model._upload_modified_files = types.MethodType(_upload_with_guard, model)
-    model.push_to_hub = types.MethodType(_push_to_hub_checked, model)
+    # Partials of module functions, not bound methods: pickle stores a function by name, where a bound method on the
+    # instance is looked up by name on the class when unpickled (and is not there). copy.deepcopy binds them to the
+    # copy (its memo maps the model to the copy).
+    model.save_pretrained = functools.partial(_save_pretrained_with_guard, model)
+    model._upload_modified_files = functools.partial(_upload_with_guard, model)
+    model.push_to_hub = functools.partial(_push_to_hub_checked, model)
 
 
 def _write_load_guard(folder: str | os.PathLike) -> None:

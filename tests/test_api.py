@@ -15,6 +15,7 @@ from mobiquant.checkpoint import LOAD_GUARD, mobi_layers, save_checkpoint
 from mobiquant.data import DataSourceError
 from mobiquant.precision import set_precision
 from tests.test_cli import TEXT, byte_tokenizer, sliced_tiny_llama, tiny_llama
+from tests.test_model_use import assert_copy_runs_and_saves_itself, pickled
 
 CONFIG = {"group_size": 32, "router_hidden": 4, "epochs_stage1": 1, "epochs_stage2": 1, "num_slices": 2}
 
@@ -68,6 +69,7 @@ def test_the_quick_start_saves_with_save_pretrained_what_save_checkpoint_writes(
         set_precision(loaded, **setting)
         with torch.no_grad():
             assert torch.equal(elastic(ids).logits, loaded(ids).logits), setting
+    assert_copy_runs_and_saves_itself(elastic, pickled, tmp_path / "unpickled")
 
 
 def test_an_elastic_model_and_windows_past_the_positions_are_refused(tmp_path: Path) -> None:
