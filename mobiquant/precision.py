@@ -199,17 +199,19 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
     if (avg_bits is None) == (slices is None):
         raise ValueError("give exactly one of avg_bits= or slices=")
     layers = mobi_layers(model)
-    _release_hold(model)
     held = min(layer.stored_slices for layer in layers)
+    # A refused request leaves the model as it was, a budget hold included: release only once it is accepted.
     if slices is not None:
         if isinstance(slices, bool) or not isinstance(slices, numbers.Integral):
             raise TypeError(f"slices must be a whole number of slices, got {slices!r}")
         if not 1 <= slices <= held:
             raise ValueError(f"slices must be in 1..{held} (slices held in memory), got {slices}")
+        _release_hold(model)
         for layer in layers:
             layer.uniform_slices = int(slices)
         return
     tables, budget = _routed_budget(layers, avg_bits, held)
+    _release_hold(model)
     _read_tables(layers, tables, budget)
 
 

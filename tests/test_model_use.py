@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, mobi_layers, save_checkpoint
+from mobiquant.precision import hold_budget, set_precision
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -48,3 +49,22 @@ def test_a_loaded_and_an_in_memory_model_survive_pickling_and_copying(tmp_path: 
     # What mobiquant.quantize returns (tests/test_api.py pickles one from quantize itself).
     in_memory = attach_quantizer(quantize_tiny(tiny_model("llama", seed=2), seed=2))
     assert_copy_runs_and_saves_itself(in_memory, copy_of, tmp_path / "in-memory")
+
+
+def test_a_refused_precision_request_keeps_the_budget_hold() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=3), seed=3)
+    hold = hold_budget(model, 3.0, horizon_tokens=8)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    for request, error in [({"avg_bits": 9.0}, ValueError), ({"slices": 7}, ValueError),
+                           ({"slices": 2.5}, TypeError), ({"avg_bits": "3"}, TypeError)]:
+        with pytest.raises(error):
+            set_precision(model, **request)
+        counted = hold.meter.weighted_tokens
+        with torch.no_grad():
+            model(ids)
+        assert hold.meter.weighted_tokens > counted, request
+    set_precision(model, slices=2)
+    counted = hold.meter.weighted_tokens
+    with torch.no_grad():
+        model(ids)
+    assert hold.meter.weighted_tokens == counted
