@@ -230,6 +230,10 @@ class MoBiLinear(nn.Module):
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}, got {k}")
         return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
 
+    # torch.compile runs the layer eagerly and compiles the model around it: the token groups are data-dependent (one
+    # graph per split), the weights it rebuilds take the slice count as a symbol inductor cannot print
+    # (``4 ** (k - 1)``), and its cache checks (``gained``) and layer shapes would recompile it at every layer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
         # Only a caller's tensor of counts is checked here: reading a CUDA tensor's min and max waits for the
         # GPU, and route() already checks its uniform count and clamps routed ones.

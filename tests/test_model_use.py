@@ -68,3 +68,15 @@ def test_a_refused_precision_request_keeps_the_budget_hold() -> None:
     with torch.no_grad():
         model(ids)
     assert hold.meter.weighted_tokens == counted
+
+
+def test_torch_compile_runs_a_routed_model_as_it_runs_eagerly() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=4), seed=4)
+    set_uniform(model, None, threshold=1.5)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    eager = logits(model, ids)
+    try:
+        compiled = logits(torch.compile(model), ids)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)
