@@ -244,15 +244,22 @@ class MoBiLinear(nn.Module):
         elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
         if self.bit_meters:
-            slice_sum, tokens = float(slices.sum()), slices.numel()
-            for meter in self.bit_meters:
-                meter.add(slice_sum, tokens, self.in_features * self.out_features)
+            self._count_bits(slices)
         flat_x = x.reshape(-1, self.in_features)
         flat_k = slices.reshape(-1)
         out = _grouped_product(self, flat_x, flat_k)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _count_bits(self, slices: torch.Tensor) -> None:
+        # Meters of one model share its attention mask: count once per mask, not once per meter.
+        counts: dict[int, tuple[float, int]] = {}
+        for meter in self.bit_meters:
+            key = id(meter.real_tokens)
+            if key not in counts:
+                counts[key] = _counted_slices(slices, meter.real_tokens)
+            meter.add(*counts[key], self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         return (
@@ -296,12 +303,32 @@ def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -
     return products.new_empty(products.shape).index_copy(0, order, products)
 
 
+def _counted_slices(slices: torch.Tensor, real_tokens: torch.Tensor | None) -> tuple[float, int]:
+    """The slices summed over the tokens to count, and their number.
+
+    ``real_tokens``: 1 for a real token, 0 for padding, ``[batch, past + new]`` (the model's attention mask); a
+    layer's tokens are the last ``new`` columns, batch-major (``[batch, new]`` or flattened). Without it, or for
+    tokens it cannot be laid over, every token counts.
+    """
+    if real_tokens is not None and slices.numel() % real_tokens.shape[0] == 0:
+        new = slices.numel() // real_tokens.shape[0]
+        if new <= real_tokens.shape[1]:
+            real = real_tokens[:, -new:]
+            # One read of the device for both sums, as the unmasked count reads one.
+            slice_sum, tokens = torch.stack([(slices.reshape(real.shape) * real).sum(), real.sum()]).tolist()
+            return float(slice_sum), int(tokens)
+    return float(slices.sum()), slices.numel()
+
+
 class BitMeter:
     """Counts the average bits actually used: 2 x slices per token, weighted by each layer's size."""
 
     def __init__(self) -> None:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
+        # During a forward pass of the model the meter is attached to (track_bits, hold_budget): which of the
+        # tokens are real, not padding (``_counted_slices``); None counts every token.
+        self.real_tokens: torch.Tensor | None = None
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""

@@ -17,12 +17,14 @@ and the whole model at ``x``.
 from __future__ import annotations
 
 import bisect
+import inspect
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from mobiquant.allocation import BISECTION_STEPS, Allocator, layer_cost_curves
@@ -256,6 +258,29 @@ def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[
         layer.uniform_slices = None
 
 
+def _follow_attention_mask(model: nn.Module, meters: list[BitMeter]) -> list[RemovableHandle]:
+    """Hooks giving ``meters``, during each forward pass of ``model``, the real tokens its 2-D attention mask marks,
+    so that padding is not counted: the padding of a batch would move the bits measured (and a held budget) with
+    the batch's make-up, though it changes no real token's routing."""
+    parameters = list(inspect.signature(model.forward).parameters)
+    position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and position is not None and position < len(args):
+            mask = args[position]
+        real = (mask != 0).long() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for meter in meters:
+            meter.real_tokens = real
+
+    def forget(module: nn.Module, args: tuple, output: object) -> None:
+        for meter in meters:
+            meter.real_tokens = None
+
+    return [model.register_forward_pre_hook(record, with_kwargs=True),
+            model.register_forward_hook(forget, always_call=True)]
+
+
 class BudgetHold:
     """Holds a routed model's measured average bits at ``avg_bits`` on the text it serves (``hold_budget``).
 
@@ -289,7 +314,8 @@ class BudgetHold:
         self.meter = BitMeter()
         for layer in layers:
             layer.bit_meters += [self._this_pass, self.meter]
-        self._handle = model.register_forward_hook(self._update)
+        self._handles = [model.register_forward_hook(self._update),
+                         *_follow_attention_mask(model, [self._this_pass, self.meter])]
         setattr(model, _HOLD_ATTRIBUTE, self)
 
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -304,7 +330,8 @@ class BudgetHold:
 
     def release(self) -> None:
         """Stop moving the budget; the model keeps the thresholds of the last one."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         for layer in self._layers:
             layer.bit_meters = [m for m in layer.bit_meters if m is not self._this_pass and m is not self.meter]
         if getattr(self.model, _HOLD_ATTRIBUTE, None) is self:
@@ -330,14 +357,19 @@ def hold_budget(model: nn.Module, avg_bits: float, horizon_tokens: int = 512) ->
 def track_bits(model: nn.Module) -> Iterator[BitMeter]:
     """Measure the average bits actually used by the tokens that pass through ``model`` inside the block.
 
-    Blocks nest: an outer block also counts the tokens of the blocks inside it.
+    Tokens that a forward pass's 2-D ``attention_mask`` (passed to ``model`` itself) marks as padding do not count.
+    The meter counts every pass of ``model`` in the block, whoever runs it: per model, not per request. Blocks
+    nest: an outer block also counts the tokens of the blocks inside it.
     """
     meter = BitMeter()
     layers = mobi_layers(model)
     for layer in layers:
         layer.bit_meters.append(meter)
+    handles = _follow_attention_mask(model, [meter])
     try:
         yield meter
     finally:
+        for handle in handles:
+            handle.remove()
         for layer in layers:
             layer.bit_meters = [other for other in layer.bit_meters if other is not meter]

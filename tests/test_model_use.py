@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, mobi_layers, save_checkpoint
-from mobiquant.precision import hold_budget, set_precision
+from mobiquant.layers import MoBiLinear
+from mobiquant.precision import hold_budget, set_precision, track_bits
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -80,3 +81,47 @@ def test_torch_compile_runs_a_routed_model_as_it_runs_eagerly() -> None:
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager)
+
+
+def bits_of_each_prompt_alone(model: torch.nn.Module, prompts: list[torch.Tensor], next_tokens: torch.Tensor) -> float:
+    """Average bits of each prompt's prefill and one decode step, run alone, from the layers' own routing."""
+    spent = [0.0, 0.0]
+
+    def count(layer: MoBiLinear, args: tuple) -> None:
+        slices, weights = layer.route(args[0]), layer.in_features * layer.out_features
+        spent[0] += 2 * float(slices.sum()) * weights
+        spent[1] += slices.numel() * weights
+
+    handles = [layer.register_forward_pre_hook(count) for layer in mobi_layers(model).values()]
+    with torch.no_grad():
+        for prompt, token in zip(prompts, next_tokens, strict=True):
+            cache = model(prompt.unsqueeze(0), use_cache=True).cache
+            model(token.view(1, 1), cache=cache, use_cache=True)
+    for handle in handles:
+        handle.remove()
+    return spent[0] / spent[1]
+
+
+def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=5), seed=5)
+    set_uniform(model, None, threshold=1.5)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (3, 11, 7)]
+    next_tokens = torch.randint(3, VOCAB, (3,), generator=generator)
+    width = max(len(prompt) for prompt in prompts)
+    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with track_bits(model) as meter, torch.no_grad():
+        cache = model(batch, attention_mask=mask, position_ids=positions, use_cache=True).cache
+        model(next_tokens.unsqueeze(1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+              position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
+    assert meter.avg_bits == pytest.approx(bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-12)
+    # A held budget moves as far on a padded prompt as on the prompt alone.
+    budgets = []
+    for ids, attention_mask in ((prompts[0].unsqueeze(0), None), (batch[:1], mask[:1])):
+        with hold_budget(model, 3.0, horizon_tokens=8) as hold, torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+        budgets.append(hold.budget)
+    assert budgets[1] == pytest.approx(budgets[0], rel=1e-12)
+    assert budgets[0] != pytest.approx(3.0)
