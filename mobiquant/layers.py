@@ -191,7 +191,9 @@ class MoBiLinear(nn.Module):
         dense copy per slice count in use).
         """
         cached = self._dense.get(k)
-        if cached is not None and cached.dtype == dtype and cached.device == self.planes.device:
+        # A weight built under torch.inference_mode() cannot be saved for a backward outside it: rebuilt there.
+        usable = cached is not None and (torch.is_inference_mode_enabled() or not cached.is_inference())
+        if usable and cached.dtype == dtype and cached.device == self.planes.device:
             return cached
         if self._codes is None or self._codes.device != self.planes.device:
             code_dtype = torch.uint8 if BITS_PER_SLICE * self.stored_slices <= 8 else torch.int32

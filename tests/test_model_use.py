@@ -125,3 +125,17 @@ def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget() -> None
         budgets.append(hold.budget)
     assert budgets[1] == pytest.approx(budgets[0], rel=1e-12)
     assert budgets[0] != pytest.approx(3.0)
+
+
+def test_dense_weights_cached_in_inference_mode_allow_a_later_backward() -> None:
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model, reference = (quantize_tiny(tiny_model("llama", seed=6), seed=6) for _ in range(2))
+    for layer in mobi_layers(model).values():
+        layer.cache_dense = True
+    with torch.inference_mode():
+        model(ids)
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    gradient, expected = model.get_input_embeddings().weight.grad, reference.get_input_embeddings().weight.grad
+    torch.testing.assert_close(gradient, expected)
+    assert all(layer.dense_cache_bytes for layer in mobi_layers(model).values())
