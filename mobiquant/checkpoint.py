@@ -353,6 +353,12 @@ def _guard_saving(model: PreTrainedModel) -> None:
     model.save_pretrained = functools.partial(_save_pretrained_with_guard, model)
     model._upload_modified_files = functools.partial(_upload_with_guard, model)
     model.push_to_hub = functools.partial(_push_to_hub_checked, model)
+    # Loading and attach_quantizer both end here. transformers makes every floating-point tensor it loads a parameter
+    # that requires gradients: routers, whose hard threshold passes none, would be given to an optimizer and never
+    # move (MoBiLinear builds them frozen).
+    for layer in mobi_layers(model).values():
+        if layer.router is not None:
+            layer.router.requires_grad_(False)
 
 
 def _write_load_guard(folder: str | os.PathLike) -> None:

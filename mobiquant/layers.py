@@ -124,6 +124,10 @@ class MoBiLinear(nn.Module):
         self.register_buffer("gains", torch.ones(num_slices, out_features, dtype=PARAM_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.router = MoBiRouter(in_features, num_slices, router_hidden) if router_hidden and num_slices > 1 else None
+        if self.router is not None:
+            # Its hard threshold passes no gradient: an optimizer given it would never move it (calibration trains
+            # routers on its own layers, before they are copied here).
+            self.router.requires_grad_(False)
         # Row i: the threshold on ordered_scores giving average bits threshold_bits[i] on calibration data;
         # the grid is 0.125 bits apart by default (one pass over the calibration set per half bit sets four
         # points: mobiquant.precision).

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, mobi_layers, save_checkpoint
+from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.layers import MoBiLinear
 from mobiquant.precision import hold_budget, set_precision, track_bits
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
@@ -139,3 +139,17 @@ def test_dense_weights_cached_in_inference_mode_allow_a_later_backward() -> None
     gradient, expected = model.get_input_embeddings().weight.grad, reference.get_input_embeddings().weight.grad
     torch.testing.assert_close(gradient, expected)
     assert all(layer.dense_cache_bytes for layer in mobi_layers(model).values())
+
+
+def test_routers_are_not_offered_to_an_optimizer(tmp_path: Path) -> None:
+    folder = saved_checkpoint(tmp_path / "ckpt", seed=7)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for model in (AutoModelForCausalLM.from_pretrained(folder), load_checkpoint(folder),
+                  attach_quantizer(quantize_tiny(tiny_model("llama", seed=7), seed=7))):
+        model.train()
+        routers = {id(p) for layer in mobi_layers(model).values() for p in layer.router.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert routers and trainable and not routers & {id(p) for p in trainable}
+        set_uniform(model, None, threshold=1.5)
+        model(ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in trainable)
