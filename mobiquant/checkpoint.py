@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -385,7 +386,28 @@ def _save_pretrained_with_guard(model: PreTrainedModel, save_directory: str | os
 def _push_to_hub_checked(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     # push_to_hub creates the Hub repository before it saves: refuse a model that cannot be saved before that.
     quantization_config_of(model)
-    return type(model).push_to_hub(model, *args, **kwargs)
+    try:
+        return type(model).push_to_hub(model, *args, **kwargs)
+    except _hub_connection_errors() as error:
+        from huggingface_hub import constants
+
+        # The model is written to a temporary folder, removed on the way out: nothing is left behind.
+        raise ConnectionError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({error}); nothing was "
+                              "uploaded: check the network, or HF_ENDPOINT") from error
+
+
+def _hub_connection_errors() -> tuple[type[Exception], ...]:
+    """The error the Hub client's HTTP library raises when no connection can be made to the Hub.
+
+    That library is requests, httpx or httpx2 depending on huggingface_hub's version: the one whose HTTPError
+    huggingface_hub's HfHubHTTPError derives from. Its connection error is ConnectError (httpx, httpx2) or
+    ConnectionError (requests).
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http_error = next(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
+    library = sys.modules[http_error.__module__]
+    return tuple(getattr(library, name) for name in ("ConnectError", "ConnectionError") if hasattr(library, name))
 
 
 def _upload_with_guard(model: PreTrainedModel, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,3 +157,30 @@ def test_routers_are_not_offered_to_an_optimizer(tmp_path: Path) -> None:
         set_uniform(model, None, threshold=1.5)
         model(ids, labels=ids).loss.backward()
         assert all(p.grad is not None for p in trainable)
+
+
+def test_a_push_to_an_unreachable_hub_is_one_line_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
+    folder = saved_checkpoint(tmp_path / "ckpt", seed=8)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = (
+        "import sys\n"
+        "import mobiquant\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "try:\n"
+        "    model.push_to_hub('someone/tiny-mobiquant', token='hf_unused')\n"
+        "except ConnectionError as error:\n"
+        "    print(error)\n"
+    )
+    environment = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "TMPDIR": str(scratch)}
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert "\n" not in message and message.startswith(f"cannot reach the Hugging Face Hub at {endpoint} (")
+    assert message.endswith("nothing was uploaded: check the network, or HF_ENDPOINT")
+    assert not any(scratch.iterdir())
