@@ -273,6 +273,11 @@ class MoBiLinear(nn.Module):
             f"{self.num_slices}, group_size={self.group_size}, router={self.router is not None}"
         )
 
+    def __getstate__(self) -> dict[str, object]:
+        # A copy (copy.deepcopy, pickle) starts with no meters: they count the model of the track_bits block or held
+        # budget that attached them, which would never detach them from the copy.
+        return {**self.__dict__, "bit_meters": []}
+
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:
         self._dense.clear()
         self._codes = None

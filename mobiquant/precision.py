@@ -17,6 +17,7 @@ and the whole model at ``x``.
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 import numbers
 from collections.abc import Iterator
@@ -264,21 +265,24 @@ def _follow_attention_mask(model: nn.Module, meters: list[BitMeter]) -> list[Rem
     the batch's make-up, though it changes no real token's routing."""
     parameters = list(inspect.signature(model.forward).parameters)
     position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+    # Partials of module functions, not closures: a model pickled with its hooks must pickle them.
+    return [model.register_forward_pre_hook(functools.partial(_record_real_tokens, meters, position), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_forget_real_tokens, meters), always_call=True)]
 
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and position is not None and position < len(args):
-            mask = args[position]
-        real = (mask != 0).long() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        for meter in meters:
-            meter.real_tokens = real
 
-    def forget(module: nn.Module, args: tuple, output: object) -> None:
-        for meter in meters:
-            meter.real_tokens = None
+def _record_real_tokens(meters: list[BitMeter], position: int | None, module: nn.Module, args: tuple,
+                        kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and position is not None and position < len(args):
+        mask = args[position]
+    real = (mask != 0).long() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for meter in meters:
+        meter.real_tokens = real
 
-    return [model.register_forward_pre_hook(record, with_kwargs=True),
-            model.register_forward_hook(forget, always_call=True)]
+
+def _forget_real_tokens(meters: list[BitMeter], module: nn.Module, args: tuple, output: object) -> None:
+    for meter in meters:
+        meter.real_tokens = None
 
 
 class BudgetHold:

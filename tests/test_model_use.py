@@ -184,3 +184,18 @@ def test_a_push_to_an_unreachable_hub_is_one_line_naming_it_and_leaves_nothing(t
     assert "\n" not in message and message.startswith(f"cannot reach the Hugging Face Hub at {endpoint} (")
     assert message.endswith("nothing was uploaded: check the network, or HF_ENDPOINT")
     assert not any(scratch.iterdir())
+
+
+@pytest.mark.parametrize("copy_of", [pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_a_copy_made_while_bits_are_tracked_has_no_meters(copy_of: Callable) -> None:
+    model = quantize_tiny(tiny_model("llama", seed=9), seed=9)
+    set_uniform(model, 2)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with track_bits(model) as meter, torch.no_grad():
+        twin = copy_of(model)
+        twin(ids)
+        assert meter.weighted_tokens == 0
+        model(ids)
+        counted = meter.weighted_tokens
+    assert counted == 5 * sum(layer.in_features * layer.out_features for layer in mobi_layers(model).values())
+    assert all(not layer.bit_meters for copied in (model, twin) for layer in mobi_layers(copied).values())
