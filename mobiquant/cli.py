@@ -665,10 +665,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("router", f"hidden {summary['router_hidden']}, thresholds calibrated: {summary['thresholds_calibrated']}"),
         ("quantized", f"{summary['quantized_weights']:,} weights in {summary['quantized_layers']} layers"),
         (
-            "bytes/weight",
-            f"{summary['bytes_per_weight']:.4f} ({summary['code_bits_per_weight']:.2f} code bits + "
-            f"{summary['group_bits_per_weight']:.3f} scale/zero bits + {summary['gain_bits_per_weight']:.3f} "
-            "row gain bits)",
+            "bits/weight",
+            f"{8 * summary['bytes_per_weight']:.3f} ({summary['code_bits_per_weight']:.2f} code + "
+            f"{summary['group_bits_per_weight']:.3f} scale/zero + {summary['gain_bits_per_weight']:.3f} row gain)",
         ),
         ("routers", f"{summary['router_parameters']:,} parameters"),
         ("other", f"{summary['other_parameters']:,} parameters (embeddings, norms, unquantized layers, routers)"),

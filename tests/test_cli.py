@@ -396,7 +396,8 @@ def test_info(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
     assert summary["layers"]["mlp.down_proj"] == {"in": 128, "out": 64, "count": 2}
     code, out, err = run(capsys, "info", str(checkpoint))
     assert code == 0, err
-    assert f"bytes/weight  {(9 + gain_bits) / 8:.4f}" in out and "self_attn.q_proj" in out
+    assert f"bits/weight   {9 + gain_bits:.3f} (8.00 code + 1.000 scale/zero + {gain_bits:.3f} row gain)" in out
+    assert "self_attn.q_proj" in out
     assert "4 (2/4/6/8 bits)" in out
 
 
