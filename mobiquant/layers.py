@@ -259,12 +259,12 @@ class MoBiLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _count_bits(self, slices: torch.Tensor) -> None:
-        # Meters of one model share its attention mask: count once per mask, not once per meter.
+        # The meters of one forward pass hold the same attention mask: count once per mask, not once per meter.
         counts: dict[int, tuple[float, int]] = {}
         for meter in self.bit_meters:
-            key = id(meter.real_tokens)
+            key = id(meter.attention_mask)
             if key not in counts:
-                counts[key] = _counted_slices(slices, meter.real_tokens)
+                counts[key] = _counted_slices(slices, meter.attention_mask)
             meter.add(*counts[key], self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
@@ -314,17 +314,17 @@ def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -
     return products.new_empty(products.shape).index_copy(0, order, products)
 
 
-def _counted_slices(slices: torch.Tensor, real_tokens: torch.Tensor | None) -> tuple[float, int]:
+def _counted_slices(slices: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[float, int]:
     """The slices summed over the tokens to count, and their number.
 
-    ``real_tokens``: 1 for a real token, 0 for padding, ``[batch, past + new]`` (the model's attention mask); a
-    layer's tokens are the last ``new`` columns, batch-major (``[batch, new]`` or flattened). Without it, or for
-    tokens it cannot be laid over, every token counts.
+    ``attention_mask``: the model's, ``[batch, past + new]``, 0 for padding; a layer's tokens are its last ``new``
+    columns, batch-major (``[batch, new]`` or flattened). Without it, or for tokens it cannot be laid over, every
+    token counts.
     """
-    if real_tokens is not None and slices.numel() % real_tokens.shape[0] == 0:
-        new = slices.numel() // real_tokens.shape[0]
-        if new <= real_tokens.shape[1]:
-            real = real_tokens[:, -new:]
+    if attention_mask is not None and attention_mask.numel() and slices.numel() % attention_mask.shape[0] == 0:
+        new = slices.numel() // attention_mask.shape[0]
+        if new <= attention_mask.shape[1]:
+            real = (attention_mask[:, -new:] != 0).long()
             # One read of the device for both sums, as the unmasked count reads one.
             slice_sum, tokens = torch.stack([(slices.reshape(real.shape) * real).sum(), real.sum()]).tolist()
             return float(slice_sum), int(tokens)
@@ -337,9 +337,9 @@ class BitMeter:
     def __init__(self) -> None:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
-        # During a forward pass of the model the meter is attached to (track_bits, hold_budget): which of the
-        # tokens are real, not padding (``_counted_slices``); None counts every token.
-        self.real_tokens: torch.Tensor | None = None
+        # During a forward pass of the model the meter is attached to (track_bits, hold_budget): the pass's 2-D
+        # attention mask, whose padding is not counted (``_counted_slices``); None counts every token.
+        self.attention_mask: torch.Tensor | None = None
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""

@@ -260,29 +260,27 @@ def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[
 
 
 def _follow_attention_mask(model: nn.Module, meters: list[BitMeter]) -> list[RemovableHandle]:
-    """Hooks giving ``meters``, during each forward pass of ``model``, the real tokens its 2-D attention mask marks,
-    so that padding is not counted: the padding of a batch would move the bits measured (and a held budget) with
+    """Hooks giving ``meters``, during each forward pass of ``model``, its 2-D attention mask, so that padding is
+    not counted: the padding of a batch would move the bits measured (and a held budget) with
     the batch's make-up, though it changes no real token's routing."""
     parameters = list(inspect.signature(model.forward).parameters)
     position = parameters.index("attention_mask") if "attention_mask" in parameters else None
     # Partials of module functions, not closures: a model pickled with its hooks must pickle them.
-    return [model.register_forward_pre_hook(functools.partial(_record_real_tokens, meters, position), with_kwargs=True),
-            model.register_forward_hook(functools.partial(_forget_real_tokens, meters), always_call=True)]
+    return [model.register_forward_pre_hook(functools.partial(_record_mask, meters, position), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_forget_mask, meters), always_call=True)]
 
 
-def _record_real_tokens(meters: list[BitMeter], position: int | None, module: nn.Module, args: tuple,
-                        kwargs: dict) -> None:
+def _record_mask(meters: list[BitMeter], position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     if mask is None and position is not None and position < len(args):
         mask = args[position]
-    real = (mask != 0).long() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     for meter in meters:
-        meter.real_tokens = real
+        meter.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def _forget_real_tokens(meters: list[BitMeter], module: nn.Module, args: tuple, output: object) -> None:
+def _forget_mask(meters: list[BitMeter], module: nn.Module, args: tuple, output: object) -> None:
     for meter in meters:
-        meter.real_tokens = None
+        meter.attention_mask = None
 
 
 class BudgetHold:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import mobiquant.layers as layers_module
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.layers import MoBiLinear
 from mobiquant.precision import hold_budget, set_precision, track_bits
@@ -106,7 +107,7 @@ def bits_of_each_prompt_alone(model: torch.nn.Module, prompts: list[torch.Tensor
     return spent[0] / spent[1]
 
 
-def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget() -> None:
+def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantize_tiny(tiny_model("llama", seed=5), seed=5)
     set_uniform(model, None, threshold=1.5)
     generator = torch.Generator().manual_seed(0)
@@ -129,6 +130,13 @@ def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget() -> None
         budgets.append(hold.budget)
     assert budgets[1] == pytest.approx(budgets[0], rel=1e-12)
     assert budgets[0] != pytest.approx(3.0)
+    # A held budget and a tracking block meter the same pass: each layer counts (reads the device) once.
+    counted = []
+    count_once = layers_module._counted_slices
+    monkeypatch.setattr(layers_module, "_counted_slices", lambda *args: counted.append(args) or count_once(*args))
+    with hold_budget(model, 3.0), track_bits(model), torch.no_grad():
+        model(batch, attention_mask=mask)
+    assert len(counted) == len(mobi_layers(model))
 
 
 def test_dense_weights_cached_in_inference_mode_allow_a_later_backward() -> None:
