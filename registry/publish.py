@@ -68,6 +68,10 @@ class RepoTarget(Protocol):
         """Put the staged commit's files on ``main`` (checked against ``expected``), tag it; return main's commit."""
         ...
 
+    def check_tag_free(self, tag: str) -> None:
+        """Refuse a ``tag`` that the repo already has: it marks another release."""
+        ...
+
     def branch_manifest(self, branch: str) -> dict[str, str]:
         """``{path: sha256}`` of a branch (empty when it does not exist)."""
         ...
@@ -152,6 +156,11 @@ class LocalRepoTarget:
         refs["tags"][tag] = commit
         self._write_refs(refs)
         return commit
+
+    def check_tag_free(self, tag: str) -> None:
+        tagged = self._refs()["tags"].get(tag)
+        if tagged is not None:
+            raise PublishError(_tag_taken(self.repo_id, tag, tagged))
 
     def branch_manifest(self, branch: str) -> dict[str, str]:
         folder = self.path / branch
@@ -302,11 +311,26 @@ class HubRepoTarget:
             self._retry(lambda: self.api.update_repo_settings(self.repo_id, private=False), "make public")
         return info.oid
 
+    def check_tag_free(self, tag: str) -> None:
+        refs = self._retry(lambda: self.api.list_repo_refs(self.repo_id), f"listing the tags of {self.repo_id}")
+        tagged = next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
+        if tagged is not None:
+            raise PublishError(_tag_taken(self.repo_id, tag, tagged))
+
     def branch_manifest(self, branch: str) -> dict[str, str]:
         with tempfile.TemporaryDirectory(prefix="mobiquant-manifest-") as tmp:
             folder = snapshot_download(self.repo_id, revision=branch, local_dir=tmp, endpoint=self.api.endpoint)
             manifest = tree_manifest(folder)
         return {k: v for k, v in manifest.items() if k != ".gitattributes" and not k.startswith(".cache/")}
+
+
+def _tag_taken(repo_id: str, tag: str, commit: str) -> str:
+    return (
+        f"{repo_id} already has the tag {tag} (commit {commit}), from another release: the MLflow versions "
+        "numbering this repo's releases started again (a new MLflow database, or another registered_model_name for "
+        "the same repo); nothing was promoted: use the MLflow store and registered model that published it, or "
+        "another publish.repo_id"
+    )
 
 
 def check_writable(

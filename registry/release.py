@@ -25,6 +25,8 @@ from registry.report import (
 from tasks.gate import GateCheck
 
 MANIFEST_ARTIFACT = "sha256.json"
+# A version tag: the repo tag its promotion has begun with (set before main moves).
+PROMOTING_TAG = "publish.promoting"
 # tasks.stages.validate runs the full-precision model in float32 (it does not record the dtype).
 VALIDATION_FP_DTYPE = "float32"
 
@@ -271,6 +273,11 @@ def promote_release(
     )
     target = target_for(target_params, tags["publish.repo_id"])
     tag = f"v{record_.version}"
+    # The tag names the MLflow version: in a repo that already has it, it marks another release. A promotion of this
+    # version that began before (and was interrupted) may have tagged main itself: it goes on.
+    if tags.get(PROMOTING_TAG) != tag:
+        target.check_tag_free(tag)
+        tracking.tag_version(mlflow_uri, name, str(record_.version), {PROMOTING_TAG: tag})
     commit = target.promote(tags["publish.staged_commit"], expected, tag)
     tracking.tag_version(
         mlflow_uri,

@@ -41,6 +41,9 @@ def test_stage_is_one_private_commit_and_promotion_tags_main(hub: HubServer, tmp
     assert {t.name: t.target_commit for t in refs.tags} == {"v1": main}
     assert target.branch_manifest("main") == tree_manifest(files)
     assert not repo.private
+    with pytest.raises(PublishError, match=rf"^tester/tiny-mobiquant already has the tag v1 \(commit {main}\)"):
+        target.check_tag_free("v1")
+    target.check_tag_free("v2")
 
 
 def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
