@@ -75,11 +75,12 @@ def test_compress_stages_a_candidate_and_promotion_publishes_it(
     main = tree_manifest(tmp_path / "published" / summary["repo_id"] / "main")
     fresh_uri = f"sqlite:///{tmp_path / 'fresh-mlflow.db'}"
     again = compress(**{**params, "mlflow_uri": fresh_uri})
-    assert str(MlflowClient(fresh_uri).get_model_version_by_alias(again["registered_model"], "candidate").version) == "1"
+    fresh = MlflowClient(fresh_uri)
+    assert str(fresh.get_model_version_by_alias(again["registered_model"], "candidate").version) == "1"
     with pytest.raises(PublishError, match=rf"^{summary['repo_id']} already has the tag v1 \(commit "):
         promote(again["registered_model"], reviewer="bob", mlflow_uri=fresh_uri)
     assert tree_manifest(tmp_path / "published" / summary["repo_id"] / "main") == main
-    assert MlflowClient(fresh_uri).get_model_version(again["registered_model"], "1").tags["publish_status"] == "staged"
+    assert fresh.get_model_version(again["registered_model"], "1").tags["publish_status"] == "staged"
 
 
 def test_failed_gate_publishes_nothing_and_a_rerun_with_the_gate_changed_measures_nothing_again(

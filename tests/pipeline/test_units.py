@@ -144,8 +144,8 @@ def test_local_target_stages_then_promotes_checked_files(tmp_path: Path) -> None
         target.promote(commit, expected, "v1-again")
     assert not [p for p in (tmp_path / "pub/org/m-mobiquant").iterdir() if p.name.startswith(".")]
     # A tag marks one release: a second v1 (MLflow versions numbered anew) is refused, one line.
-    with pytest.raises(PublishError, match=r"^org/m-mobiquant already has the tag v1 \(commit [0-9a-f]+\), from another "
-                       r"release: .*nothing was promoted") as info:
+    taken = r"^org/m-mobiquant already has the tag v1 \(commit [0-9a-f]+\), from another release: .*nothing was"
+    with pytest.raises(PublishError, match=taken) as info:
         target.check_tag_free("v1")
     assert "\n" not in str(info.value)
     target.check_tag_free("v2")
