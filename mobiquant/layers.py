@@ -262,9 +262,11 @@ class MoBiLinear(nn.Module):
         # The meters of one forward pass hold the same attention mask: count once per mask, not once per meter.
         counts: dict[int, tuple[float, int]] = {}
         for meter in self.bit_meters:
-            key = id(meter.attention_mask)
+            mask = meter.attention_mask
+            key = id(mask.attention_mask) if mask is not None else 0
             if key not in counts:
-                counts[key] = _counted_slices(slices, meter.attention_mask)
+                slice_sum, tokens = _counted_slices(slices, mask)
+                counts[key] = float(slice_sum), tokens
             meter.add(*counts[key], self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
@@ -314,21 +316,42 @@ def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -
     return products.new_empty(products.shape).index_copy(0, order, products)
 
 
-def _counted_slices(slices: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[float, int]:
-    """The slices summed over the tokens to count, and their number.
+class PassMask:
+    """A forward pass's 2-D attention mask (``[batch, past + new]``, 0 for padding), laid over the tokens of the
+    layers it meters: a layer's tokens are the mask's last ``new`` columns, batch-major (``[batch, new]`` or
+    flattened)."""
 
-    ``attention_mask``: the model's, ``[batch, past + new]``, 0 for padding; a layer's tokens are its last ``new``
-    columns, batch-major (``[batch, new]`` or flattened). Without it, or for tokens it cannot be laid over, every
-    token counts.
+    def __init__(self, attention_mask: torch.Tensor) -> None:
+        self.attention_mask = attention_mask
+        self._real: dict[tuple[int, torch.device], tuple[torch.Tensor, int]] = {}
+
+    def real_tokens(self, tokens: int, device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """For a layer running ``tokens`` tokens on ``device``: the flattened 0/1 mask of its real tokens, on
+        ``device``, and their number; None where the mask cannot be laid over them.
+
+        Built once per pass for each number of new tokens and device, so each layer counts with one product and
+        one sum on its own device (layers of a model split across devices included) and one read.
+        """
+        batch, columns = self.attention_mask.shape
+        if not batch or tokens % batch or tokens // batch > columns:
+            return None
+        key = (tokens, device)
+        if key not in self._real:
+            real = (self.attention_mask[:, columns - tokens // batch:] != 0).reshape(-1)
+            self._real[key] = real.to(device=device, dtype=torch.long), int(real.sum())
+        return self._real[key]
+
+
+def _counted_slices(slices: torch.Tensor, attention_mask: PassMask | None) -> tuple[torch.Tensor, int]:
+    """The slices summed over the tokens to count, on ``slices``' device and not yet read, and their number.
+
+    Without ``attention_mask``, or for tokens it cannot be laid over, every token counts.
     """
-    if attention_mask is not None and attention_mask.numel() and slices.numel() % attention_mask.shape[0] == 0:
-        new = slices.numel() // attention_mask.shape[0]
-        if new <= attention_mask.shape[1]:
-            real = (attention_mask[:, -new:] != 0).long()
-            # One read of the device for both sums, as the unmasked count reads one.
-            slice_sum, tokens = torch.stack([(slices.reshape(real.shape) * real).sum(), real.sum()]).tolist()
-            return float(slice_sum), int(tokens)
-    return float(slices.sum()), slices.numel()
+    real = attention_mask.real_tokens(slices.numel(), slices.device) if attention_mask is not None else None
+    if real is None:
+        return slices.sum(), slices.numel()
+    flat_real, tokens = real
+    return (slices.reshape(-1) * flat_real).sum(), tokens
 
 
 class BitMeter:
@@ -339,7 +362,7 @@ class BitMeter:
         self.weighted_tokens = 0.0
         # During a forward pass of the model the meter is attached to (track_bits, hold_budget): the pass's 2-D
         # attention mask, whose padding is not counted (``_counted_slices``); None counts every token.
-        self.attention_mask: torch.Tensor | None = None
+        self.attention_mask: PassMask | None = None
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from mobiquant.allocation import BISECTION_STEPS, Allocator, layer_cost_curves
-from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, ordered_scores
+from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, PassMask, ordered_scores
 from mobiquant.slicing import BITS_PER_SLICE
 
 # Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
@@ -274,8 +274,9 @@ def _record_mask(meters: list[BitMeter], position: int | None, module: nn.Module
     mask = kwargs.get("attention_mask")
     if mask is None and position is not None and position < len(args):
         mask = args[position]
+    pass_mask = PassMask(mask) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     for meter in meters:
-        meter.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        meter.attention_mask = pass_mask
 
 
 def _forget_mask(meters: list[BitMeter], module: nn.Module, args: tuple, output: object) -> None:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import mobiquant.layers as layers_module
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, load_checkpoint, mobi_layers, save_checkpoint
-from mobiquant.layers import MoBiLinear
+from mobiquant.layers import MoBiLinear, PassMask
 from mobiquant.precision import hold_budget, set_precision, track_bits
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
@@ -137,6 +137,18 @@ def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget(monkeypat
     with hold_budget(model, 3.0), track_bits(model), torch.no_grad():
         model(batch, attention_mask=mask)
     assert len(counted) == len(mobi_layers(model))
+
+
+def test_a_layer_counts_on_its_own_device_with_a_mask_made_once_per_pass() -> None:
+    # A layer on another device than the pass's mask (device_map across devices), simulated with the meta device.
+    pass_mask = PassMask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    slice_sum, tokens = layers_module._counted_slices(torch.ones(2, 3, dtype=torch.long, device="meta"), pass_mask)
+    assert (slice_sum.device.type, slice_sum.shape, tokens) == ("meta", torch.Size([]), 5)
+    slice_sum, tokens = layers_module._counted_slices(torch.tensor([[4, 3, 2], [1, 2, 3]]), pass_mask)
+    assert (int(slice_sum), tokens) == (3 + 2 + 1 + 2 + 3, 5)
+    # The mask each layer multiplies by is built once per pass, number of new tokens and device.
+    assert pass_mask.real_tokens(6, torch.device("cpu"))[0] is pass_mask.real_tokens(6, torch.device("cpu"))[0]
+    assert pass_mask.real_tokens(7, torch.device("cpu")) is None
 
 
 def test_dense_weights_cached_in_inference_mode_allow_a_later_backward() -> None:
