@@ -8,6 +8,7 @@ NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off`
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -360,9 +361,26 @@ class BitMeter:
     def __init__(self) -> None:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
-        # During a forward pass of the model the meter is attached to (track_bits, hold_budget): the pass's 2-D
-        # attention mask, whose padding is not counted (``_counted_slices``); None counts every token.
-        self.attention_mask: PassMask | None = None
+        # Per thread: passes of one model run concurrently by threads each count with their own mask.
+        self._this_thread = threading.local()
+
+    @property
+    def attention_mask(self) -> PassMask | None:
+        """During a forward pass, in this thread, of the model the meter is attached to (track_bits, hold_budget):
+        the pass's 2-D attention mask, whose padding is not counted (``_counted_slices``); None counts every token."""
+        return getattr(self._this_thread, "attention_mask", None)
+
+    @attention_mask.setter
+    def attention_mask(self, mask: PassMask | None) -> None:
+        self._this_thread.attention_mask = mask
+
+    def __getstate__(self) -> dict[str, object]:
+        # A thread's pass mask does not outlive its pass; thread-local storage does not pickle.
+        return {name: value for name, value in self.__dict__.items() if name != "_this_thread"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._this_thread = threading.local()
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""

@@ -9,6 +9,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,6 +138,43 @@ def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget(monkeypat
     with hold_budget(model, 3.0), track_bits(model), torch.no_grad():
         model(batch, attention_mask=mask)
     assert len(counted) == len(mobi_layers(model))
+
+
+def test_passes_run_by_two_threads_each_count_with_their_own_mask() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=5), seed=5)
+    set_uniform(model, None, threshold=1.5)
+    generator = torch.Generator().manual_seed(0)
+    padded_ids = torch.randint(3, VOCAB, (2, 8), generator=generator)
+    padded_ids[1, :5] = 0
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :5] = 0
+    other_ids = torch.randint(3, VOCAB, (1, 4), generator=generator)
+
+    def run(ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+
+    with track_bits(model) as apart:
+        run(padded_ids, mask)
+        run(other_ids)
+    # The unmasked pass runs whole, in another thread, while the padded one waits inside its second block.
+    padded_thread = threading.current_thread()
+    other_done = threading.Event()
+
+    def run_the_other_pass(module: torch.nn.Module, args: tuple) -> None:
+        if threading.current_thread() is padded_thread and not other_done.is_set():
+            other = threading.Thread(target=run, args=(other_ids,))
+            other.start()
+            other.join(timeout=60)
+            other_done.set()
+
+    handle = model.model.layers[1].register_forward_pre_hook(run_the_other_pass)
+    with track_bits(model) as interleaved:
+        run(padded_ids, mask)
+    handle.remove()
+    assert other_done.is_set()
+    assert interleaved.weighted_tokens == apart.weighted_tokens
+    assert interleaved.avg_bits == pytest.approx(apart.avg_bits, rel=1e-12)
 
 
 def test_a_layer_counts_on_its_own_device_with_a_mask_made_once_per_pass() -> None:
