@@ -113,7 +113,7 @@ def source_config(params: CompressParams) -> PretrainedConfig | None:
     from transformers import AutoConfig
 
     from mobiquant.arch import architecture_for
-    from mobiquant.sources import gguf_config, smollm2_gguf_path
+    from mobiquant.sources import SourceError, gguf_config, smollm2_gguf_path
 
     path = Path(params.model).expanduser()
     try:
@@ -123,8 +123,12 @@ def source_config(params: CompressParams) -> PretrainedConfig | None:
             work = Path(params.work_dir).expanduser().resolve()
             path = Path(hf_hub_download(params.model, "config.json", revision=params.revision,
                                         cache_dir=work / "sources")).parent
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise SourceError(f"{config_file} is not a JSON object but a {type(config).__name__}")
         # A family this project does not support is named in its words, before transformers reads the file in its own.
-        architecture_for(str(json.loads((path / "config.json").read_text()).get("model_type")))
+        architecture_for(str(config.get("model_type")))
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, KeyError, httpx2.HTTPError):
         # A missing repo, revision, file or access, an unreachable Hub, a GGUF file that does not parse: the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ def test_a_group_size_the_model_cannot_take_is_refused_before_its_weights_are_do
         preflight(parse_params(tiny_params(tiny_model, tmp_path, group_size=128)))
     assert "\n" not in str(info.value)
     preflight(parse_params(tiny_params(tiny_model, tmp_path, model="tester/tiny-llama")))
+
+
+def test_a_config_that_is_json_but_not_an_object_is_refused_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    model = tmp_path / "listed"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(tiny_model.parent / "train.txt", tmp_path)
+    (model / "config.json").write_text("[1, 2]")
+    with pytest.raises(InvalidParametersError) as info:
+        preflight(parse_params(tiny_params(model, tmp_path)))
+    assert str(info.value) == f"{model}: {model / 'config.json'} is not a JSON object but a list"
 
 
 def test_a_gguf_file_is_parsed_once_for_the_demos_preflight_and_the_flows_and_again_when_it_changes(
