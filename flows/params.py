@@ -7,6 +7,7 @@ several fields (budgets against slices) before any download or calibration start
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path
 from typing import Literal
@@ -215,6 +216,9 @@ class CompressParams(BaseModel):
         # MLflow refuses '/' and ':' in model names, only when registering: at the end of the run.
         if value is not None and not re.match(r"^[\w.\-]{1,200}$", value):
             raise ValueError(f"registered_model_name has characters MLflow does not accept: {value!r}")
+        # MLflow also refuses a name that, read as a path, is not itself (mlflow.utils.validation.path_not_unique).
+        if value is not None and (posixpath.normpath(value) != value or value == "." or value.startswith("..")):
+            raise ValueError(f"registered_model_name reads as a path, which MLflow does not accept: {value!r}")
         return value
 
     @model_validator(mode="after")

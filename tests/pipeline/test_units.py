@@ -69,6 +69,12 @@ def test_a_registered_model_name_mlflow_would_refuse_is_refused_up_front() -> No
     # MLflow would refuse it at registration, after the whole run.
     with pytest.raises(ValidationError, match="registered_model_name has characters MLflow does not accept"):
         CompressParams(model="unsloth/x", registered_model_name="team/mine")
+    # ... and names that read as paths to another name (MLflow's path_not_unique).
+    for name in (".", "..", "..x"):
+        with pytest.raises(ValidationError, match="registered_model_name reads as a path"):
+            CompressParams(model="unsloth/x", registered_model_name=name)
+    for name in ("x.", ".x", "x..y", "v1.0"):
+        assert CompressParams(model="unsloth/x", registered_model_name=name).model_name() == name
 
 
 def test_every_parameter_can_be_passed_to_the_flow() -> None:
