@@ -341,7 +341,7 @@ def check_writable(
     fine-grained token without write access to that namespace, unless it may write the repo itself and the repo
     exists (``repo_exists`` is asked only then: such a token cannot create it)."""
     user, namespace = who["name"], repo_id.split("/", 1)[0]
-    token = who.get("auth", {}).get("accessToken", {})
+    token = (who.get("auth") or {}).get("accessToken") or {}
     if token.get("role") == "read":
         raise PublishError(f"the token of {user} is read-only: it cannot write {repo_id} on the Hub at {endpoint}")
     writable = {user} | {org["name"] for org in who.get("orgs", []) if org.get("roleInOrg", "write") in WRITER_ROLES}
@@ -352,7 +352,8 @@ def check_writable(
         )
     if token.get("role") != FINE_GRAINED:
         return
-    scopes = token.get(FINE_GRAINED, {})
+    # The Hub's record may leave out, or null, any part of a fine-grained token's scopes: a missing part grants nothing.
+    scopes = token.get(FINE_GRAINED) or {}
     if fine_grained_writes(scopes, namespace):
         return
     if fine_grained_writes_repo(scopes, repo_id):
@@ -360,7 +361,8 @@ def check_writable(
             return
         raise PublishError(
             f"the fine-grained token of {user} may write {repo_id} but not create it, and it does not exist on the Hub "
-            f"at {endpoint}: create it first, or give the token {REPO_WRITE} on {namespace}/"
+            f"at {endpoint} or this token cannot see it: create it first (or give the token read access to it), or "
+            f"give the token {REPO_WRITE} on {namespace}/"
         )
     raise PublishError(
         f"the fine-grained token of {user} has no {REPO_WRITE} permission on {namespace}/ on the Hub at "
@@ -382,12 +384,13 @@ def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
 
     Write access to one repo is not access to its namespace: see :func:`fine_grained_writes_repo`.
     """
-    if REPO_WRITE in scopes.get("global", []):
+    if REPO_WRITE in (scopes.get("global") or []):
         return True
     return any(
-        scope["entity"]["type"] in ("user", "org") and same_hub_name(scope["entity"]["name"], namespace)
-        and REPO_WRITE in scope["permissions"]
-        for scope in scopes.get("scoped", [])
+        (scope.get("entity") or {}).get("type") in ("user", "org")
+        and same_hub_name((scope.get("entity") or {}).get("name") or "", namespace)
+        and REPO_WRITE in (scope.get("permissions") or [])
+        for scope in scopes.get("scoped") or []
     )
 
 
@@ -395,9 +398,10 @@ def fine_grained_writes_repo(scopes: dict[str, Any], repo_id: str) -> bool:
     """Whether a fine-grained token's scopes hold ``repo.write`` on the model repo ``repo_id`` itself: enough to
     commit to it once it exists (``create_repo(exist_ok=True)`` then finds it), not to create it."""
     return any(
-        scope["entity"]["type"] == "model" and same_hub_name(scope["entity"]["name"], repo_id)
-        and REPO_WRITE in scope["permissions"]
-        for scope in scopes.get("scoped", [])
+        (scope.get("entity") or {}).get("type") == "model"
+        and same_hub_name((scope.get("entity") or {}).get("name") or "", repo_id)
+        and REPO_WRITE in (scope.get("permissions") or [])
+        for scope in scopes.get("scoped") or []
     )
 
 

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 from flows.compress import preflight
 from flows.params import CompressParams, parse_params
 from registry.hashing import tree_manifest
-from registry.publish import HubRepoTarget, PublishError
+from registry.publish import HubRepoTarget, PublishError, check_writable
 from tests.pipeline.conftest import tiny_params
 from tests.pipeline.hub_server import HubServer
 
@@ -155,7 +155,9 @@ def test_a_fine_grained_token_passes_only_with_repo_write_on_the_namespace(
     with pytest.raises(PublishError, match=refused.format("acme")):
         preflight_for([own_write], repo_id="acme/tiny")
     repo_only = [_scope("model", "acme/tiny", "repo.write")]
-    with pytest.raises(PublishError, match=r"^the fine-grained token of tester may write acme/tiny but not create it"):
+    # A private repo the token cannot read looks absent to it: the refusal says so.
+    with pytest.raises(PublishError, match=r"^the fine-grained token of tester may write acme/tiny but not create it, "
+                                           r"and it does not exist on the Hub at \S+ or this token cannot see it"):
         preflight_for(repo_only, global_=("discussion.write",), repo_id="acme/tiny")
     assert not [path for method, path in hub.state.requests if method == "POST"], "nothing created"
     # What the preflight spares: the Hub refuses the token's staging commit at the end of the run.
@@ -169,6 +171,13 @@ def test_a_fine_grained_token_passes_only_with_repo_write_on_the_namespace(
     assert hub.state.repos["acme/tiny"].branches[target.staging_branch] == staged
     with pytest.raises(PublishError, match=refused.format("acme")):
         preflight_for([_scope("model", "acme/other", "repo.write")], repo_id="acme/tiny")
+    # Scopes the Hub's record nulls or leaves parts out of grant nothing, and are refused as such.
+    for fine_grained in (None, {"global": None, "scoped": None},
+                         {"scoped": [{"entity": {"type": "user", "name": "tester"}}, {"permissions": ["repo.write"]},
+                                     {"entity": None, "permissions": None}]}):
+        token = {"role": "fineGrained", "fineGrained": fine_grained}
+        with pytest.raises(PublishError, match=refused.format("tester")):
+            check_writable({"name": "tester", "auth": {"accessToken": token}}, "tester/x", hub.url, lambda: True)
 
 
 def test_namespaces_and_base_models_are_compared_ignoring_case_as_the_hub_does(
