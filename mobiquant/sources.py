@@ -354,18 +354,22 @@ def gguf_config(gguf_file: str | os.PathLike) -> Any:
 
     Parsing takes seconds for a real model (transformers reads all of the metadata, its tokenizer's vocabulary
     included), and a run needs the configuration several times: in the preflight the demo runs before the flow and
-    the flow runs again, and in the download stage's conversion. A file changed in place (another size or
-    modification time) is parsed again. Each caller gets its own copy, since building a model from a configuration
-    writes to it.
+    the flow runs again, and in the download stage's conversion. A file changed or replaced (another size,
+    modification time, inode or change time) is parsed again. Each caller gets its own copy, since building a model
+    from a configuration writes to it.
     """
     path = Path(gguf_file).expanduser().absolute()
     stat = path.stat()
-    return copy.deepcopy(_parse_gguf_config(path, stat.st_size, stat.st_mtime_ns))
+    # The inode and change time tell apart a replacement of the same size whose modification time was kept
+    # (cp -p, rsync -a), which neither the size nor the modification time does.
+    version = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    return copy.deepcopy(_parse_gguf_config(path, version))
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_gguf_config(path: Path, size: int, mtime_ns: int) -> Any:
-    """``size`` and ``mtime_ns`` are only the cache key's: they tell one version of the file from another."""
+def _parse_gguf_config(path: Path, version: tuple[int, int, int, int]) -> Any:
+    """``version`` (size, modification time, inode, change time) is only the cache key's: it tells one version of the
+    file from another."""
     # transformers is imported here: it is slow to import and only GGUF files need it in this module.
     from transformers import AutoConfig
 

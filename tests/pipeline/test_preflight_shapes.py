@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,12 @@ def test_a_gguf_file_is_parsed_once_for_the_demos_preflight_and_the_flows_and_ag
     gguf.write_bytes(b"GGUF stand-in, rewritten")
     preflight(parse_params(given))
     assert parsed == [gguf, gguf], "a changed file is parsed again"
+    # A replacement of the same size that keeps the modification time (cp -p, rsync -a).
+    replacement = tmp_path / "replacement.gguf"
+    replacement.write_bytes(b"GGUF stand-in, replaced!")
+    kept = gguf.stat()
+    assert replacement.stat().st_size == kept.st_size
+    os.utime(replacement, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    os.replace(replacement, gguf)
+    preflight(parse_params(given))
+    assert parsed == [gguf, gguf, gguf], "a replaced file is parsed again"
