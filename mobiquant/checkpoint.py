@@ -386,28 +386,33 @@ def _save_pretrained_with_guard(model: PreTrainedModel, save_directory: str | os
 def _push_to_hub_checked(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     # push_to_hub creates the Hub repository before it saves: refuse a model that cannot be saved before that.
     quantization_config_of(model)
+    connection_errors = _hub_connection_errors()
     try:
         return type(model).push_to_hub(model, *args, **kwargs)
-    except _hub_connection_errors() as error:
+    except connection_errors as error:
         from huggingface_hub import constants
 
-        # The model is written to a temporary folder, removed on the way out: nothing is left behind.
-        raise ConnectionError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({error}); nothing was "
-                              "uploaded: check the network, or HF_ENDPOINT") from error
+        # The connection may fail after the repository was created: the push is incomplete, not necessarily absent.
+        # The model is written to a temporary folder, removed on the way out: nothing is left behind here.
+        raise ConnectionError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({error}); the push did "
+                              "not complete: check the network, or HF_ENDPOINT") from error
 
 
 def _hub_connection_errors() -> tuple[type[Exception], ...]:
-    """The error the Hub client's HTTP library raises when no connection can be made to the Hub.
+    """The errors the Hub client's HTTP library raises when no connection can be made to the Hub; none (``()``)
+    where that library cannot be told.
 
     That library is requests, httpx or httpx2 depending on huggingface_hub's version: the one whose HTTPError
-    huggingface_hub's HfHubHTTPError derives from. Its connection error is ConnectError (httpx, httpx2) or
-    ConnectionError (requests).
+    huggingface_hub's HfHubHTTPError derives from. Its connection errors are ConnectError and ConnectTimeout (httpx,
+    httpx2) or ConnectionError (requests, whose ConnectTimeout derives from it).
     """
     from huggingface_hub.errors import HfHubHTTPError
 
-    http_error = next(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
-    library = sys.modules[http_error.__module__]
-    return tuple(getattr(library, name) for name in ("ConnectError", "ConnectionError") if hasattr(library, name))
+    http_error = next((base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError"), None)
+    library = sys.modules.get(http_error.__module__) if http_error is not None else None
+    found = [getattr(library, name, None) for name in ("ConnectError", "ConnectTimeout", "ConnectionError")]
+    # Exception classes only: anything else in an except clause raises TypeError when an error reaches it.
+    return tuple(error for error in found if isinstance(error, type) and issubclass(error, Exception))
 
 
 def _upload_with_guard(model: PreTrainedModel, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

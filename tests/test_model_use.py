@@ -240,8 +240,29 @@ def test_a_push_to_an_unreachable_hub_is_one_line_naming_it_and_leaves_nothing(t
     assert result.returncode == 0, result.stderr
     message = result.stdout.strip()
     assert "\n" not in message and message.startswith(f"cannot reach the Hugging Face Hub at {endpoint} (")
-    assert message.endswith("nothing was uploaded: check the network, or HF_ENDPOINT")
+    assert message.endswith("the push did not complete: check the network, or HF_ENDPOINT")
     assert not any(scratch.iterdir())
+
+
+def test_a_push_that_times_out_connecting_is_the_same_one_line(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    model = load_checkpoint(saved_checkpoint(tmp_path / "ckpt", seed=8))
+    library = sys.modules[next(base for base in HfHubHTTPError.__mro__ if base.__name__ == "HTTPError").__module__]
+
+    def time_out(*_args: object, **_kwargs: object) -> None:
+        raise library.ConnectTimeout("timed out")
+
+    monkeypatch.setattr(type(model), "push_to_hub", time_out)
+    with pytest.raises(ConnectionError, match=rf"^cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
+                                              r"\(timed out\); the push did not complete"):
+        model.push_to_hub("someone/tiny-mobiquant", token="hf_unused")
+    # A client whose HTTP library cannot be told catches nothing rather than failing to push.
+    monkeypatch.setattr("huggingface_hub.errors.HfHubHTTPError", type("HfHubHTTPError", (Exception,), {}))
+    with pytest.raises(library.ConnectTimeout):
+        model.push_to_hub("someone/tiny-mobiquant", token="hf_unused")
 
 
 @pytest.mark.parametrize("copy_of", [pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
