@@ -27,7 +27,11 @@ def manifest_digest(manifest: dict[str, str]) -> str:
 
 def copy_tree_hashed(source: str | Path, target: str | Path) -> dict[str, str]:
     """Copy every regular file under ``source`` into ``target`` and return their :func:`tree_manifest`, hashed from
-    the bytes as they are copied: each file is read once, and the copy is not read back to hash it."""
+    the bytes as they are copied: each file is read once, and the copy is not read back to hash it.
+
+    Regular files only, which is what a release bundle holds: a symlink to a file is copied as the file it points to,
+    a symlinked folder is not followed, empty folders are not made, and modes (an executable bit) are not kept.
+    """
     base, out = Path(source), Path(target)
     manifest = {}
     for file in sorted(p for p in base.rglob("*") if p.is_file()):
