@@ -603,15 +603,28 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
-    """What ``mobiquant info`` reports: configuration, slices, group size, storage and layers."""
+    """What ``mobiquant info`` reports: configuration, slices, group size, storage and layers.
+
+    The model is laid out on the meta device and the files' headers are checked against it: only the small threshold
+    tables are read, so a 70B checkpoint's summary needs no 70B of memory.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from mobiquant.arch import architecture_for
-    from mobiquant.checkpoint import load_checkpoint, read_quantization_config
+    from mobiquant.checkpoint import MoBiQuantConfig, check_layer_tensors, read_quantization_config, replace_linears
     from mobiquant.layers import UNCALIBRATED, MoBiLinear
 
     quant = read_quantization_config(path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    model = load_checkpoint(path)
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_for(config["model_type"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    replace_linears(model, arch, quant["num_slices"], quant["group_size"], quant["router_hidden"], quant["linears"],
+                    len(quant["threshold_bits"]) or None)
+    files = sorted(path.glob("*.safetensors"))
+    check_layer_tensors(model, files, MoBiQuantConfig(**quant))
     shapes: dict[str, dict[str, int]] = {}
     layers: list[MoBiLinear] = []
     for block in arch.block_list(model):
@@ -627,6 +640,11 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     group_bytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.scale, layer.zero))
     gain_bytes = sum(layer.gains.numel() * layer.gains.element_size() for layer in layers)
     routed = [layer for layer in layers if layer.router is not None]
+    threshold_minima = []
+    for file in files:
+        with safe_open(os.fspath(file), framework="pt") as handle:
+            names = handle.keys()  # safe_open has no __iter__
+            threshold_minima += [float(handle.get_tensor(key).min()) for key in names if key.endswith(".thresholds")]
     return {
         "checkpoint": str(path),
         "model_type": config.get("model_type"),
@@ -635,7 +653,8 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
         "num_slices": quant["num_slices"],
         "group_size": quant["group_size"],
         "router_hidden": quant.get("router_hidden"),
-        "thresholds_calibrated": bool(routed) and all(float(layer.thresholds.min()) < UNCALIBRATED for layer in routed),
+        "thresholds_calibrated": bool(routed) and bool(threshold_minima)
+        and all(minimum < UNCALIBRATED for minimum in threshold_minima),
         "quantized_layers": len(layers),
         "quantized_weights": quantized,
         "other_parameters": sum(p.numel() for p in model.parameters()),

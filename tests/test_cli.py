@@ -401,6 +401,36 @@ def test_info(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
     assert "4 (2/4/6/8 bits)" in out
 
 
+def test_info_reads_no_weights_and_sees_uncalibrated_thresholds(
+    capsys: pytest.CaptureFixture, tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """info lays the model out on the meta device: a 70B checkpoint's summary must not need 70B of memory."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from mobiquant.layers import UNCALIBRATED
+
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(checkpoint, uncalibrated)
+    tensors = load_file(uncalibrated / "model.safetensors")
+    key = next(key for key in sorted(tensors) if key.endswith(".thresholds"))
+    tensors[key] = torch.full_like(tensors[key], UNCALIBRATED)
+    save_file(tensors, uncalibrated / "model.safetensors", metadata={"format": "pt"})
+
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("info loaded the model's weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(mobiquant.checkpoint, "load_checkpoint", no_loading)
+    summaries = {}
+    for folder in (checkpoint, uncalibrated):
+        code, out, err = run(capsys, "info", str(folder), "--json")
+        assert code == 0, err
+        summaries[folder] = json.loads(out)
+    assert summaries[checkpoint]["thresholds_calibrated"] is True
+    assert summaries[uncalibrated]["thresholds_calibrated"] is False
+
+
 # --- thresholds ------------------------------------------------------------------------------------------------
 
 # Text far from TEXT: words of one letter, whose activations the routers score differently.
