@@ -11,7 +11,6 @@ gate leaves its report and MLflow run, publishes nothing and fails the flow (non
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -113,7 +112,7 @@ def source_config(params: CompressParams) -> PretrainedConfig | None:
     from transformers import AutoConfig
 
     from mobiquant.arch import architecture_for
-    from mobiquant.sources import SourceError, gguf_config, smollm2_gguf_path
+    from mobiquant.sources import gguf_config, read_config_json, smollm2_gguf_path
 
     path = Path(params.model).expanduser()
     try:
@@ -123,12 +122,8 @@ def source_config(params: CompressParams) -> PretrainedConfig | None:
             work = Path(params.work_dir).expanduser().resolve()
             path = Path(hf_hub_download(params.model, "config.json", revision=params.revision,
                                         cache_dir=work / "sources")).parent
-        config_file = path / "config.json"
-        config = json.loads(config_file.read_text())
-        if not isinstance(config, dict):
-            raise SourceError(f"{config_file} is not a JSON object but a {type(config).__name__}")
         # A family this project does not support is named in its words, before transformers reads the file in its own.
-        architecture_for(str(config.get("model_type")))
+        architecture_for(str(read_config_json(path / "config.json").get("model_type")))
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, KeyError, httpx2.HTTPError):
         # A missing repo, revision, file or access, an unreachable Hub, a GGUF file that does not parse: the

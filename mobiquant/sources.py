@@ -119,18 +119,24 @@ def _looks_like_path(text: str) -> bool:
 # Local folders
 
 
-def validate_model_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
-    """Check that ``folder`` holds a supported causal LM in safetensors; return its ``config.json``."""
-    root = Path(folder)
-    config_file = root / "config.json"
-    if not config_file.is_file():
-        raise SourceError(f"{root} is not a model folder: it has no config.json")
+def read_config_json(config_file: Path) -> dict[str, Any]:
+    """A model's ``config.json``; a file that is not a JSON object is a one-line :class:`SourceError`."""
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise SourceError(f"{config_file} is not valid JSON ({error})") from error
     if not isinstance(config, dict):
         raise SourceError(f"{config_file} is not a JSON object but a {type(config).__name__}")
+    return config
+
+
+def validate_model_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
+    """Check that ``folder`` holds a supported causal LM in safetensors; return its ``config.json``."""
+    root = Path(folder)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise SourceError(f"{root} is not a model folder: it has no config.json")
+    config = read_config_json(config_file)
     model_type = config.get("model_type")
     if not model_type:
         raise SourceError(f"{config_file} names no model_type")

@@ -384,22 +384,20 @@ def fine_grained_writes(scopes: dict[str, Any], namespace: str) -> bool:
 
     Write access to one repo is not access to its namespace: see :func:`fine_grained_writes_repo`.
     """
-    if REPO_WRITE in (scopes.get("global") or []):
-        return True
-    return any(
-        (scope.get("entity") or {}).get("type") in ("user", "org")
-        and same_hub_name((scope.get("entity") or {}).get("name") or "", namespace)
-        and REPO_WRITE in (scope.get("permissions") or [])
-        for scope in scopes.get("scoped") or []
-    )
+    return REPO_WRITE in (scopes.get("global") or []) or _scoped_write(scopes, ("user", "org"), namespace)
 
 
 def fine_grained_writes_repo(scopes: dict[str, Any], repo_id: str) -> bool:
     """Whether a fine-grained token's scopes hold ``repo.write`` on the model repo ``repo_id`` itself: enough to
     commit to it once it exists (``create_repo(exist_ok=True)`` then finds it), not to create it."""
+    return _scoped_write(scopes, ("model",), repo_id)
+
+
+def _scoped_write(scopes: dict[str, Any], entity_types: tuple[str, ...], name: str) -> bool:
+    """Whether a scoped entry of an entity of ``entity_types`` named ``name`` holds ``repo.write``."""
     return any(
-        (scope.get("entity") or {}).get("type") == "model"
-        and same_hub_name((scope.get("entity") or {}).get("name") or "", repo_id)
+        (scope.get("entity") or {}).get("type") in entity_types
+        and same_hub_name((scope.get("entity") or {}).get("name") or "", name)
         and REPO_WRITE in (scope.get("permissions") or [])
         for scope in scopes.get("scoped") or []
     )
