@@ -265,6 +265,9 @@ class HubRepoTarget:
         """The user the token belongs to; fails early (before any heavy work) without a usable token."""
         return self.whoami()["name"]
 
+    def _head(self, branch: str) -> str:
+        return self._retry(lambda: self.api.repo_info(self.repo_id, revision=branch).sha, f"reading {branch}'s head")
+
     def _files(self, revision: str) -> list[str]:
         return self._retry(lambda: self.api.list_repo_files(self.repo_id, revision=revision), f"listing {revision}")
 
@@ -297,15 +300,28 @@ class HubRepoTarget:
             )
             got = {rel: sha256_file(folder / rel) for rel in expected if (folder / rel).is_file()}
             _check_manifest(got, expected, f"{self.repo_id}@{staged_commit}")
-            stale = set(self._files(MAIN)) - set(expected) - {".gitattributes"}
+            # The commit names the main it was computed from: if another promotion moves main meanwhile, the Hub
+            # refuses it, instead of main and MLflow's champion ending on different releases.
+            head = self._head(MAIN)
+            stale = set(self._files(head)) - set(expected) - {".gitattributes"}
             operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in expected]
             operations += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(stale)]
-            info = self._retry(
-                lambda: self.api.create_commit(
-                    self.repo_id, operations, commit_message=f"Promote {tag} (staged {staged_commit})", revision=MAIN
-                ),
-                f"commit to {self.repo_id}@main",
-            )
+            try:
+                info = self._retry(
+                    lambda: self.api.create_commit(
+                        self.repo_id, operations, commit_message=f"Promote {tag} (staged {staged_commit})",
+                        revision=MAIN, parent_commit=head,
+                    ),
+                    f"commit to {self.repo_id}@main",
+                )
+            except PublishError as error:
+                moved_to = self._head(MAIN)
+                if moved_to == head:
+                    raise
+                raise PublishError(
+                    f"{self.repo_id}@main moved from {head} to {moved_to} while {tag} was being promoted (another "
+                    "promotion?): nothing was promoted; run the promotion again"
+                ) from error
         self._retry(lambda: self.api.create_tag(self.repo_id, tag=tag, revision=info.oid, exist_ok=True), "tag")
         if self.public_on_promotion:
             self._retry(lambda: self.api.update_repo_settings(self.repo_id, private=False), "make public")

@@ -362,6 +362,9 @@ def build_app(state: HubState, base_url: Callable[[], str]) -> Starlette:
             deleted: set[str] = set()
             for line in (await request.body()).splitlines():
                 item = json.loads(line)
+                parent = item["value"].get("parentCommit") if item["key"] == "header" else None
+                if parent is not None and parent != repo.branches[branch]:
+                    return _error(412, "A commit has happened since. Please refresh and try again.")
                 if item["key"] == "file":
                     added[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 elif item["key"] in ("deletedFile", "deletedFolder"):

@@ -46,6 +46,38 @@ def test_stage_is_one_private_commit_and_promotion_tags_main(hub: HubServer, tmp
     target.check_tag_free("v2")
 
 
+def test_a_promotion_refuses_to_commit_over_a_main_that_moved_meanwhile(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _release(tmp_path / "release")
+    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, base_delay=0.01)
+    commit = target.stage(files, "stage")
+    repo = hub.state.repos["tester/tiny-mobiquant"]
+    listed = target._files
+
+    def another_promotion_commits_first(revision: str) -> list[str]:
+        # Between reading main and committing to it, another promotion publishes its release on main.
+        found = listed(revision)
+        (tmp_path / "other.txt").write_text("another release")
+        HfApi(endpoint=hub.url).upload_file(path_or_fileobj=str(tmp_path / "other.txt"), path_in_repo="other.txt",
+                                            repo_id="tester/tiny-mobiquant", revision="main")
+        return found
+
+    monkeypatch.setattr(target, "_files", another_promotion_commits_first)
+    other = None
+    with pytest.raises(PublishError, match=r"^tester/tiny-mobiquant@main moved from \w+ to \w+ while v2 was being "
+                       r"promoted \(another promotion\?\): nothing was promoted; run the promotion again$"):
+        other = target.promote(commit, tree_manifest(files), "v2")
+    assert other is None
+    assert set(repo.commits[repo.branches["main"]].files) == {".gitattributes", "other.txt"}
+    assert "v2" not in repo.tags
+    # Run again, it commits over the main it read.
+    monkeypatch.setattr(target, "_files", listed)
+    main = target.promote(commit, tree_manifest(files), "v2")
+    assert repo.branches["main"] == main == repo.tags["v2"]
+    assert set(repo.commits[main].files) == {".gitattributes", *tree_manifest(files)}
+
+
 def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     target = HubRepoTarget("tester/x", endpoint=hub.url, base_delay=0.01)

@@ -91,8 +91,8 @@ def test_a_default_registered_model_holding_another_owners_releases_is_refused(t
     check_registered_model(CompressParams(model="meta-llama/Llama-3.2-3B", mlflow_uri=uri))
     # The demo's embedded model is the Hub's SmolLM2-135M-Instruct.
     check_registered_model(CompressParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", mlflow_uri=uri))
-    with pytest.raises(PreflightError, match="^registered model mobiquant-Llama-3.2-1B holds the releases of "
-                       "meta-llama/Llama-3.2-1B, not of unsloth/Llama-3.2-1B: set registered_model_name$"):
+    with pytest.raises(PreflightError, match=r"^registered model mobiquant-Llama-3\.2-1B holds the releases of "
+                       r"meta-llama/Llama-3\.2-1B, not of unsloth/Llama-3\.2-1B: set registered_model_name$"):
         check_registered_model(CompressParams(model="unsloth/Llama-3.2-1B", mlflow_uri=uri))
     with pytest.raises(PreflightError, match="holds the releases of HuggingFaceTB/SmolLM2-135M-Instruct"):
         check_registered_model(CompressParams(model="someone/SmolLM2-135M-Instruct", mlflow_uri=uri))
