@@ -58,7 +58,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from mobiquant import INSTALL_HINT
 from mobiquant.arch import Architecture, UnsupportedArchitectureError, architecture_for
 from mobiquant.layers import MoBiLinear
-from mobiquant.outputs import holds_mobiquant_checkpoint, staging_dir
+from mobiquant.outputs import holds_mobiquant_checkpoint, staging_folder
 from mobiquant.precision import set_precision
 from mobiquant.slicing import (
     BITS_PER_SLICE,
@@ -677,9 +677,9 @@ def save_checkpoint(
     eval results, chat template, ...): they are hard-linked (or copied) into the temporary folder before the rename,
     so re-saving in place (``mobiquant thresholds DIR``, ``save_pretrained``) loses nothing and stays atomic. The old
     weights and weight index (``*.safetensors``, ``*.safetensors.index.json``) are not kept: a shard left from an
-    earlier, differently sharded save would be stale. The temporary folder is named after the host, pid namespace
-    and process (``.NAME.tmp-HOST-pidnsINODE-PID-*``): one that a killed save of this host and pid namespace left is
-    removed by the next save to ``out_dir`` (:func:`mobiquant.outputs.staging_dir`).
+    earlier, differently sharded save would be stale. The temporary folder is locked while the save runs: one that a
+    killed save left, on any host or container, is removed by the next save to ``out_dir``
+    (:func:`mobiquant.outputs.staging_folder`).
     ``extra_config`` entries (calibration settings, source revision, ...) are added to ``quantization_config``.
     Returns the folder.
     """
@@ -701,27 +701,24 @@ def save_checkpoint(
     quant_config = quantization_config_of(model, extra_config)
     tensors = _state_dict_for_saving(model)
     created = _missing_folders(out.parent)
-    staging: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(out)
-        _write_weights(tensors, staging, max_shard_size)
-        config = _config_dict(model, quant_config)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        _apply_umask(staging)
-        if previous is not None:
-            # After _apply_umask: the carried files keep their own permissions, and hard links share them.
-            _carry_over(previous, staging)
-        _fsync_tree(staging)
-        _replace_dir(staging, out)
+        with staging_folder(out) as staging:
+            _write_weights(tensors, staging, max_shard_size)
+            config = _config_dict(model, quant_config)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            generation_config = getattr(model, "generation_config", None)
+            if generation_config is not None:
+                generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            _apply_umask(staging)
+            if previous is not None:
+                # After _apply_umask: the carried files keep their own permissions, and hard links share them.
+                _carry_over(previous, staging)
+            _fsync_tree(staging)
+            _replace_dir(staging, out)
     finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging)
         # A failed save leaves no new empty folders; after a success the checkpoint lies in them and they stay.
         _remove_empty_folders(created)
     return out

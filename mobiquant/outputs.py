@@ -7,14 +7,19 @@ model, the work folder, a cache): a mistyped ``-o`` must not delete a model.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import re
+import secrets
 import shutil
-import socket
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+STAGING_ID_BYTES = 6
+STAGING_LOCK_SUFFIX = ".lock"
 
 
 class OutputError(ValueError):
@@ -89,47 +94,68 @@ def check_work_dir(work: str | os.PathLike, output: Path, protected: Iterable[tu
     return resolved
 
 
-def staging_dir(target: Path) -> Path:
-    """A new, empty folder beside ``target`` to write into before renaming it onto ``target``.
+@contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A new, empty folder beside ``target`` to write into before renaming it onto ``target``; removed on exit if it
+    is still there.
 
-    Its name carries the host, the pid namespace and the process (``.NAME.tmp-HOST-pidnsINODE-PID-XXXXXXXX``), so
-    the staging folders that killed writes left for ``target`` (as large as what they wrote) are found and removed
-    here first: those of this host and pid namespace whose process is gone. All others are left alone, since their
-    processes cannot be seen from here: other hosts', other pid namespaces' (containers may share a hostname and
-    a folder but not their pids), and those named without a namespace (by earlier versions, ``HOST-PID-*``).
+    While it is in use, this process holds an exclusive ``flock`` on a lock file beside it (``.NAME.tmp-XXXXXXXXXXXX``
+    and ``.NAME.tmp-XXXXXXXXXXXX.lock``), which the kernel (or the NFS lock manager) releases when the process dies,
+    however it dies. So the staging folders that killed writes left for ``target`` (as large as what they wrote)
+    are found and removed here first, whichever host, container or pid namespace left them: those whose lock is
+    free. Where the file system refuses locks the folder gets no lock file, and folders without one (among them
+    those named by earlier versions, ``.NAME.tmp-HOST-...``) are never judged dead.
     """
-    namespace = _pid_namespace()
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-pidns{namespace if namespace is not None else 'unknown'}-"
-    if namespace is not None:
-        _remove_dead_staging(target.parent, prefix)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
+    _remove_dead_staging(target)
+    while True:
+        name = f".{target.name}.tmp-{secrets.token_hex(STAGING_ID_BYTES)}"
+        pending = target.parent / f"{name}{STAGING_LOCK_SUFFIX}-pending"
+        try:
+            handle = open(pending, "x")  # noqa: SIM115 -- held until the staging folder is gone
+        except FileExistsError:
+            continue
+        break
+    folder, lock_path = target.parent / name, target.parent / f"{name}{STAGING_LOCK_SUFFIX}"
+    with handle:
+        try:
+            # Created a moment ago by this process: only a file system without locks refuses it.
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pending.unlink()
+        else:
+            # Renamed once locked, so that no other process ever sees the lock file free while this one lives.
+            os.replace(pending, lock_path)
+        try:
+            folder.mkdir()
+            yield folder
+        finally:
+            if folder.exists():
+                shutil.rmtree(folder)
+            # The folder goes before its lock file: a process killed in between leaves only a free lock file.
+            lock_path.unlink(missing_ok=True)
 
 
-def _remove_dead_staging(folder: Path, prefix: str) -> None:
-    """Remove the staging folders in ``folder`` named ``PREFIX`` + ``PID-XXXXXXXX`` whose process is gone."""
-    for entry in folder.iterdir():
-        # mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
-        match = re.fullmatch(r"(\d+)-[^-]+", entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if match and not _process_alive(int(match.group(1))):
+def _remove_dead_staging(target: Path) -> None:
+    """Remove the staging folders for ``target`` whose lock file is not locked, and free lock files left alone."""
+    pattern = re.compile(rf"{re.escape(f'.{target.name}.tmp-')}[0-9a-f]{{{2 * STAGING_ID_BYTES}}}")
+    for lock_path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*{STAGING_LOCK_SUFFIX}"):
+        folder = lock_path.with_name(lock_path.name[: -len(STAGING_LOCK_SUFFIX)])
+        if not pattern.fullmatch(folder.name):
+            continue
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR)
+        except OSError:
+            # Removed by its writer meanwhile, or not ours to open.
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            # Held by a running write (or the file system cannot say): not judged dead.
+            os.close(descriptor)
+            continue
+        try:
             # A folder that cannot be removed must not fail this write.
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_namespace() -> int | None:
-    """The inode of this process's pid namespace (Linux), or None where it cannot be read (nothing is then judged
-    stale: a pid alone does not say whose process it is)."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        # It exists, as another user's process.
-        return True
-    return True
+            shutil.rmtree(folder, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(descriptor)

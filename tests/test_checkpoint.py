@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -338,58 +339,81 @@ def test_a_failed_save_removes_the_empty_parent_folders_it_created(tmp_path: Pat
     assert save_checkpoint(model, target) == target and (target / "config.json").is_file()
 
 
-def test_a_save_removes_the_staging_folders_killed_saves_of_this_host_and_pid_namespace_left(
+def _staging_of_a_process(target: Path, then: str) -> subprocess.Popen:
+    """A process that opens a staging folder for ``target``, writes into it, prints its name and then runs ``then``
+    (``kill``: SIGKILL itself; ``wait``: hold it until its stdin closes)."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from mobiquant.outputs import staging_folder\n"
+        f"with staging_folder(Path({str(target)!r})) as folder:\n"
+        "    (folder / 'model.safetensors').write_bytes(b'partial')\n"
+        "    print(folder.name, flush=True)\n"
+        f"    os.kill(os.getpid(), signal.SIGKILL) if {then!r} == 'kill' else sys.stdin.read()\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_save_removes_the_staging_folders_killed_writes_left_and_leaves_running_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
-
     model = quantize_tiny(tiny_model("llama", seed=10), seed=10)
-    host, namespace = socket.gethostname(), os.stat("/proc/self/ns/pid").st_ino
-    ours = f"{host}-pidns{namespace}"
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait()
-    dead, alive = finished.pid, os.getpid()
+    target = tmp_path / "out"
+    running = _staging_of_a_process(target, "wait")
+    running_name = running.stdout.readline().strip()
+    killed = _staging_of_a_process(target, "kill")
+    killed_name = killed.stdout.readline().strip()
+    assert killed.wait() == -9
     left = {
-        "killed": f".out.tmp-{ours}-{dead}-k1ll3d_",
-        "running": f".out.tmp-{ours}-{alive}-runn1ng",
-        # A container sharing this hostname but not its pids: its process may live although this pid is gone here.
-        "other pid namespace": f".out.tmp-{host}-pidns{namespace + 1}-{dead}-0th3r",
-        "no namespace (earlier version)": f".out.tmp-{host}-{dead}-0ld",
-        "other host": f".out.tmp-{host}-x-pidns{namespace}-{dead}-0th3r",
-        "other output": f".other.tmp-{ours}-{dead}-0th3r",
+        # Named by earlier versions (host and pid): nothing says whether their process lives.
+        "earlier version": f".out.tmp-{socket.gethostname()}-pidns1-1-0ld",
+        "other output": ".other.tmp-0123456789ab",
     }
     for name in left.values():
         (tmp_path / name).mkdir()
-        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+        (tmp_path / f"{name}.lock").touch()
+    # A writer killed after removing its folder, before its lock file.
+    (tmp_path / ".out.tmp-abcdefabcdef.lock").touch()
+    assert (tmp_path / killed_name / "model.safetensors").is_file() and (tmp_path / f"{killed_name}.lock").is_file()
     staged: list[str] = []
     real_fsync_tree = checkpoint._fsync_tree
 
     def record(staging: Path) -> None:
         staged.append(staging.name)
+        assert (staging.parent / f"{staging.name}.lock").is_file()
         real_fsync_tree(staging)
 
     monkeypatch.setattr(checkpoint, "_fsync_tree", record)
-    save_checkpoint(model, tmp_path / "out")
-    kept = sorted(p.name for p in tmp_path.iterdir())
-    assert kept == sorted(["out", *(name for what, name in left.items() if what != "killed")])
-    assert re.fullmatch(rf"\.out\.tmp-{re.escape(ours)}-{alive}-[^-]+", staged[0]), staged
+    save_checkpoint(model, target)
+    running_files = [running_name, f"{running_name}.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", *running_files, *left.values(), *(f"{name}.lock" for name in left.values())])
+    assert re.fullmatch(r"\.out\.tmp-[0-9a-f]{12}", staged[0]), staged
+    running.communicate("")
+    assert running.returncode == 0
+    assert not any(name in running_files for name in (p.name for p in tmp_path.iterdir()))
 
 
-def test_staging_folders_are_never_removed_where_the_pid_namespace_cannot_be_read(
+def test_a_staging_folder_gets_no_lock_file_where_the_file_system_refuses_locks_and_is_then_never_judged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
+    import errno
+    import fcntl
 
     from mobiquant import outputs
 
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait()
-    unjudged = tmp_path / f".out.tmp-{socket.gethostname()}-pidnsunknown-{finished.pid}-k1ll3d_"
-    unjudged.mkdir()
-    monkeypatch.setattr(outputs, "_pid_namespace", lambda: None)
-    staging = outputs.staging_dir(tmp_path / "out")
-    assert staging.name.startswith(f".out.tmp-{socket.gethostname()}-pidnsunknown-{os.getpid()}-")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unjudged.name, staging.name])
+    def refused(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with outputs.staging_folder(tmp_path / "out") as first:
+        monkeypatch.setattr(fcntl, "flock", refused)
+        with outputs.staging_folder(tmp_path / "out") as unlocked:
+            assert not (tmp_path / f"{unlocked.name}.lock").exists()
+            monkeypatch.undo()
+            with outputs.staging_folder(tmp_path / "out") as third:
+                assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+                    [first.name, f"{first.name}.lock", unlocked.name, third.name, f"{third.name}.lock"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_folders_are_protected(tmp_path: Path) -> None:

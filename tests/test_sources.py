@@ -179,21 +179,10 @@ def test_smollm2_gguf_converts_once_to_a_loadable_folder(tmp_path: Path, monkeyp
     assert materialize(str(gguf), cache_dir=tmp_path) == source.__class__(source.path, source.sha, "gguf", str(gguf))
 
 
-def test_a_conversion_removes_the_staging_folder_a_killed_conversion_of_this_host_left(tmp_path: Path) -> None:
+def test_a_conversion_removes_the_staging_folder_a_killed_conversion_left(tmp_path: Path) -> None:
     """The converted copy (GGUF or pickle weights to safetensors) is as large as the model: a staging folder that a
-    killed conversion left is removed by the next one, one of a running process is not."""
-    import os
-    import socket
-    import subprocess
-
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait()
-    ours = f"{socket.gethostname()}-pidns{os.stat('/proc/self/ns/pid').st_ino}"
-    killed = tmp_path / f".sha.tmp-{ours}-{finished.pid}-k1ll3d_"
-    running = tmp_path / f".sha.tmp-{ours}-{os.getpid()}-runn1ng"
-    for folder in (killed, running):
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"partial")
+    killed conversion left (its lock file free) is removed by the next one, one of a running conversion is not."""
+    from mobiquant.outputs import staging_folder
 
     class Saves:
         def __init__(self, name: str) -> None:
@@ -202,6 +191,11 @@ def test_a_conversion_removes_the_staging_folder_a_killed_conversion_of_this_hos
         def save_pretrained(self, folder: Path) -> None:
             (Path(folder) / self.name).write_text("saved")
 
-    sources._save_converted(Saves("model.safetensors"), Saves("tokenizer.json"), tmp_path / "sha")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sha", running.name])
-    assert sorted(p.name for p in (tmp_path / "sha").iterdir()) == ["model.safetensors", "tokenizer.json"]
+    with staging_folder(tmp_path / "sha") as running:
+        killed = tmp_path / ".sha.tmp-0123456789ab"
+        killed.mkdir()
+        (killed / "model.safetensors").write_bytes(b"partial")
+        (tmp_path / f"{killed.name}.lock").touch()
+        sources._save_converted(Saves("model.safetensors"), Saves("tokenizer.json"), tmp_path / "sha")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sha", running.name, f"{running.name}.lock"])
+        assert sorted(p.name for p in (tmp_path / "sha").iterdir()) == ["model.safetensors", "tokenizer.json"]
