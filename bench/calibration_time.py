@@ -62,7 +62,7 @@ def main() -> None:
         capture_dir = Path(work) / "capture"
         manifest = capture_block_inputs(source, samples, capture_dir, device=torch.device("cpu"),
                                         model_key=source.fingerprint(), store_dtype=torch.float32)
-        block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE)
+        all_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE)
         for turn, index in enumerate(args.blocks):
             inputs = load_hidden(fp_input_path(capture_dir, index))
             # Alternate which configuration runs first, so a machine that warms up or slows down favours neither.
@@ -71,8 +71,8 @@ def main() -> None:
                 config = configs[name]
                 weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
                 started = time.perf_counter()
-                calibrate_block(source.block(index, torch.device("cpu")), inputs, block_kwargs, arch, config,
-                                block_index=index, progress=False, token_weights=weights)
+                calibrate_block(source.block(index, torch.device("cpu")), inputs, all_kwargs.for_block(index), arch,
+                                config, block_index=index, progress=False, token_weights=weights)
                 seconds[name].append(time.perf_counter() - started)
                 print(f"block {index}, {name}: {seconds[name][-1]:.1f} s", flush=True)
     saliency_per_block = manifest["saliency_seconds"] / source.num_blocks

@@ -47,12 +47,13 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     arch = architecture_for(model.config.model_type)
     samples = calibration_samples(tokenizer, "shakespeare:train", args.samples, args.seqlen, 0)
-    hidden, block_kwargs = first_block_inputs(model, arch, samples)
+    hidden, all_kwargs = first_block_inputs(model, arch, samples)
     blocks = arch.block_list(model)
     variants = {name: VARIANTS[name] for name in dict.fromkeys(["clip search -> LWC, floor codes", *args.variants])}
     errors: dict[str, list[list[float]]] = {name: [] for name in variants}
     for index in range(max(args.blocks) + 1):
         block = blocks[index]
+        block_kwargs = all_kwargs.for_block(index)
         targets = block_outputs(block, hidden, block_kwargs, 4, torch.float32)
         if index in args.blocks:
             for name, options in variants.items():

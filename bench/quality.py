@@ -167,8 +167,9 @@ def sequential_peer(base: nn.Module, arch: Architecture, samples: torch.Tensor, 
     ``token_weights_of(block)``: the tokens' weights in each linear's Hessian (default: GPTQ's ``X^T X``).
     """
     models: dict[str, nn.Module] = {}
-    hidden, block_kwargs = first_block_inputs(base, arch, samples)
+    hidden, all_kwargs = first_block_inputs(base, arch, samples)
     for index, block in enumerate(arch.block_list(base)):
+        block_kwargs = all_kwargs.for_block(index)
         linears = arch.quantized_linears(block)
         hessians, _ = input_hessians(linears, functools.partial(block_outputs, block, hidden, block_kwargs, 4,
                                                                 torch.float32),

@@ -1,7 +1,8 @@
 """Architectures as data: where a model's transformer blocks are and which of their linears to quantize.
 
-Running a block needs no per-family code: the keyword arguments the model passes to its first block
-(attention mask, rotary position embeddings, ...) are captured once and replayed for every block.
+Running a block needs no per-family code: the keyword arguments the model passes to each block (attention
+mask, rotary position embeddings, ...) are captured from one forward pass and replayed to that block
+(:class:`mobiquant.streaming.BlockKwargs`).
 """
 
 from __future__ import annotations

@@ -164,14 +164,14 @@ def streamed_perplexities(
     windows = evaluation_windows(tokens, seqlen, getattr(source.config, "max_position_embeddings", None),
                                  max_windows)
     stem = source.stem(device)
-    hidden, block_kwargs = first_block_inputs(stem, source.arch, windows, dtype=source.source_dtype)
-    block_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-                    tuple(t.float() for t in v) if isinstance(v, tuple) else v for k, v in block_kwargs.items()}
+    hidden, all_kwargs = first_block_inputs(stem, source.arch, windows, dtype=source.source_dtype)
+    all_kwargs = all_kwargs.float()
     states = {name: hidden for name in variants}
     returns_tuple = False
     for index in tqdm(range(source.num_blocks), desc="perplexity (streamed blocks)", unit="block",
                       disable=not progress):
         block = source.block(index, device)
+        block_kwargs = all_kwargs.for_block(index)
         if index == 0:
             # Every block is of one class: what the first returns, the last returns.
             returns_tuple = block_returns_tuple(block, hidden[:1].float(), block_kwargs)

@@ -1,4 +1,4 @@
-"""Architectures as data, on tiny random models of each family (Llama, Mistral, Qwen2, OPT)."""
+"""Architectures as data, on tiny random models of each supported family."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from torch import nn
 from transformers import GPT2Config
 
 from mobiquant.arch import UnsupportedArchitectureError, architecture_for
+from mobiquant.calibration.capture import block_outputs
 from mobiquant.checkpoint import mobi_layers
 from mobiquant.layers import MoBiLinear
-from tests.tiny_models import SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
+from mobiquant.streaming import first_block_inputs
+from tests.tiny_models import MORE_FAMILIES, SLICES, VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "opt", *MORE_FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,6 +70,33 @@ def test_precision_changes_the_output(family: str) -> None:
     assert all(isinstance(m, MoBiLinear) for m in mobi_layers(quantized).values())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_block_replayed_with_its_own_arguments_gives_the_models_outputs(family: str) -> None:
+    """Block 0's recorded inputs run through every block with that block's recorded arguments give what each block
+    outputs in the model's own forward pass: sliding-window layers keep their own masks (and Gemma 3's local layers
+    their own rotary embeddings) on sequences longer than the window."""
+    model = tiny_model(family, seed=3)
+    arch = architecture_for(model.config.model_type)
+    ids = torch.randint(0, VOCAB, (3, 32))
+    blocks = arch.block_list(model)
+    outputs: list[torch.Tensor] = []
+    handles = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple)
+                                                                              else out)) for block in blocks]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    hidden, block_kwargs = first_block_inputs(model, arch, ids)
+    for index, block in enumerate(blocks):
+        hidden = block_outputs(block, hidden, block_kwargs.for_block(index), 2, torch.float32)
+        torch.testing.assert_close(hidden, outputs[index], rtol=0, atol=1e-6, msg=f"block {index}")
+
+
 def test_unsupported_family_is_a_clear_error() -> None:
-    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'"):
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'") as raised:
         architecture_for(GPT2Config().model_type)
+    message = str(raised.value)
+    assert "\n" not in message
+    listed = message.partition("; supported: ")[2].split(", ")
+    assert set(listed) == set(FAMILIES) and len(listed) == len(set(listed))
+

@@ -220,8 +220,9 @@ def heavy_tailed_block(sample_weight: Callable[[tuple[int, ...]], torch.Tensor])
     """Block 1 of a fresh tiny Llama with heavy-tailed weights (as trained LLMs have), its inputs and FP outputs."""
     model = tiny_llama(seed=int(torch.randint(0, 10_000, ())))
     arch = architecture_for("llama")
-    first_inputs, block_kwargs = first_block_inputs(model, arch, torch.randint(0, 96, (16, 32)))
-    inputs = block_outputs(arch.block_list(model)[0], first_inputs, block_kwargs, 4, torch.float32)
+    first_inputs, all_kwargs = first_block_inputs(model, arch, torch.randint(0, 96, (16, 32)))
+    inputs = block_outputs(arch.block_list(model)[0], first_inputs, all_kwargs.for_block(0), 4, torch.float32)
+    block_kwargs = all_kwargs.for_block(1)
     block = arch.block_list(model)[1]
     with torch.no_grad():
         for linear in arch.quantized_linears(block).values():

@@ -13,11 +13,19 @@ from safetensors.torch import load_file
 from mobiquant.calibration import CalibrationConfig, quantize_files, quantize_model
 from mobiquant.calibration.capture import capture_block_inputs
 from mobiquant.calibration.driver import calibrate_blocks
-from mobiquant.calibration.store import fp_input_path, quantized_input_path, read_manifest, resume_key
+from mobiquant.calibration.store import (
+    KWARGS_FILE,
+    fp_input_path,
+    load_block_kwargs,
+    quantized_input_path,
+    read_manifest,
+    resume_key,
+)
 from mobiquant.checkpoint import mobi_layers
 from mobiquant.evaluation import perplexity, rtn_model, rtn_transform, streamed_perplexities
 from mobiquant.model_files import ModelFiles
 from mobiquant.sources import SourceError
+from mobiquant.streaming import first_block_inputs
 from tests.tiny_models import GROUP, VOCAB, tiny_model
 
 CPU = torch.device("cpu")
@@ -40,7 +48,8 @@ def no_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
+# Qwen3 mixes sliding-window and full-attention layers: each block is run with its own mask.
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
 def test_streamed_perplexity_matches_the_whole_model(family: str, tmp_path: Path) -> None:
     model, folder = saved(family, tmp_path / "m")
     tokens = torch.randint(0, VOCAB, (1, 333))
@@ -158,6 +167,22 @@ def test_results_are_keyed_by_model_samples_and_settings(tmp_path: Path) -> None
     capture_block_inputs(files, (samples + 1) % VOCAB, tmp_path / "c", device=CPU, model_key="k")
     assert not any(r["cached"] for r in calibrate_blocks(files, tmp_path / "c", other, tmp_path / "b", CPU,
                                                          progress=False))
+
+
+def test_capture_keeps_each_blocks_arguments_and_older_captures_results_are_recomputed(tmp_path: Path) -> None:
+    model, folder = saved("qwen3", tmp_path / "m")
+    files = ModelFiles(folder)
+    samples = torch.randint(0, VOCAB, (4, 24))
+    manifest = capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k")
+    stored = load_block_kwargs(tmp_path / "c" / KWARGS_FILE)
+    _hidden, recorded = first_block_inputs(model, files.arch, samples)
+    # A sliding-window layer, then a full-attention one: two sets of arguments.
+    assert stored.set_of_block == recorded.set_of_block == (0, 1)
+    for index in range(files.num_blocks):
+        torch.testing.assert_close(stored.for_block(index), recorded.for_block(index), rtol=0, atol=0)
+    # A capture of the older format held block 0's arguments alone: results computed from it are not reused.
+    config = CalibrationConfig(**FAST)
+    assert resume_key({**manifest, "format": "inputs+loss-saliency-v1"}, config) != resume_key(manifest, config)
 
 
 def _rewrite(folder: Path, change: dict[str, torch.Tensor | None]) -> None:

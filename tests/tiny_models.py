@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
@@ -34,7 +35,20 @@ _DECODER = dict(
 )
 
 
+# Sliding-window families: one sliding layer, then one full-attention layer, with a window shorter than the test
+# sequences, so the two layers get different attention masks.
+SLIDING = 8
+_MIXED = dict(sliding_window=SLIDING, layer_types=["sliding_attention", "full_attention"])
+# Families built from their config class by name, with what each needs beyond _DECODER.
+_MORE_FAMILIES: dict[str, dict] = {
+    "qwen3": dict(head_dim=16, use_sliding_window=True, **_MIXED),
+}
+MORE_FAMILIES = tuple(_MORE_FAMILIES)
+
+
 def tiny_config(family: str) -> PretrainedConfig:
+    if family in _MORE_FAMILIES:
+        return AutoConfig.for_model(family, **_DECODER, **_MORE_FAMILIES[family])
     if family == "llama":
         return LlamaConfig(**_DECODER, tie_word_embeddings=True)
     if family == "mistral":

@@ -33,8 +33,9 @@ from mobiquant.calibration.store import (
 from mobiquant.model_files import BlockSource
 from mobiquant.streaming import first_block_inputs, run_block
 
-# Part of the capture's key: captures of an older format (before the token saliencies) are taken again.
-CAPTURE_FORMAT = "inputs+loss-saliency-v1"
+# Part of the capture's key (and of the block results' resume key): captures of an older format (before the
+# token saliencies; before every block's own arguments, v1) are taken again, and their results recomputed.
+CAPTURE_FORMAT = "inputs+loss-saliency+block-kwargs-v2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -120,7 +121,7 @@ def capture_block_inputs(
             atomic_save({"hidden": hidden}, path, {"block": str(index), "capture": tag})
         if index + 1 < source.num_blocks:
             block = source.block(index, device)
-            hidden = block_outputs(block, hidden, block_kwargs, batch_size, dtype)
+            hidden = block_outputs(block, hidden, block_kwargs.for_block(index), batch_size, dtype)
             del block
         bar.update(1)
     bar.close()

@@ -141,7 +141,7 @@ def calibrate_one_block(
     if cached and not (needs_next and readable_metadata(next_inputs) is None):
         return {**read_result_report(out_path), "cached": True}
     block = source.block(index, device)
-    block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE, device)
+    block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE, device).for_block(index)
     fp_inputs = load_hidden(fp_input_path(capture_dir, index))
     inputs, targets = fp_inputs, None
     if config.mode == "sequential" and index > 0:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mobiquant.arch import Architecture
 from mobiquant.calibration.store import atomic_save, fp_input_path, holds_capture, load_hidden
 from mobiquant.model_files import BlockSource
-from mobiquant.streaming import block_returns_tuple, head_logits, run_block
+from mobiquant.streaming import BlockKwargs, block_returns_tuple, head_logits, run_block
 
 GRADIENT_KEY = "input_gradient"
 
@@ -88,7 +88,7 @@ def capture_token_saliency(
     source: BlockSource,
     samples: torch.Tensor,
     capture_dir: Path,
-    block_kwargs: dict[str, Any],
+    block_kwargs: BlockKwargs,
     tag: str,
     *,
     device: torch.device,
@@ -136,9 +136,10 @@ def capture_token_saliency(
         block.requires_grad_(False)
         inputs = load_hidden(fp_input_path(capture_dir, block_index))
         if gradient is None:
-            returns_tuple.append(block_returns_tuple(block, inputs[:1].to(device).float(), block_kwargs))
+            returns_tuple.append(block_returns_tuple(block, inputs[:1].to(device).float(),
+                                                     block_kwargs.for_block(block_index)))
         saliency, input_gradient = block_token_saliency(
-            block, source.arch, inputs, block_kwargs,
+            block, source.arch, inputs, block_kwargs.for_block(block_index),
             loss_at_the_head if gradient is None else loss_through_later_blocks, batch_size,
         )
         del block

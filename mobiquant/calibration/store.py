@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mobiquant.calibration.config import RESULT_FORMAT, CalibrationConfig
 from mobiquant.sources import file_sha256
+from mobiquant.streaming import BlockKwargs
 
 MANIFEST = "manifest.json"
 KWARGS_FILE = "kwargs.safetensors"
@@ -96,40 +97,48 @@ def read_manifest(capture_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def save_block_kwargs(block_kwargs: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Tensors (and tuples of tensors) to safetensors; the structure and plain values to its metadata."""
+def save_block_kwargs(block_kwargs: BlockKwargs, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Tensors (and tuples of tensors) to safetensors; each set's structure, its plain values and which set each
+    block takes to its metadata. Tensors are copied: sets share some (position ids, rotary embeddings), and
+    safetensors refuses tensors sharing memory."""
     tensors: dict[str, torch.Tensor] = {}
-    layout: dict[str, Any] = {}
-    for name, value in block_kwargs.items():
-        if isinstance(value, torch.Tensor):
-            tensors[name] = value
-            layout[name] = {"tensor": name}
-        elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
-            keys = [f"{name}.{i}" for i in range(len(value))]
-            tensors.update(dict(zip(keys, value, strict=True)))
-            layout[name] = {"tuple": keys}
-        elif value is None or isinstance(value, bool | int | float | str):
-            layout[name] = {"value": value}
-        else:
-            raise TypeError(f"cannot store block argument {name!r} of type {type(value).__name__}")
-    atomic_save(tensors, Path(path), {**(metadata or {}), "layout": json.dumps(layout)})
+    layouts: list[dict[str, Any]] = []
+    for number, kwargs in enumerate(block_kwargs.sets):
+        layout: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            key = f"{number}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.clone()
+                layout[name] = {"tensor": key}
+            elif isinstance(value, tuple | list) and all(isinstance(v, torch.Tensor) for v in value):
+                keys = [f"{key}.{i}" for i in range(len(value))]
+                tensors.update({k: v.clone() for k, v in zip(keys, value, strict=True)})
+                layout[name] = {"tuple": keys}
+            elif value is None or isinstance(value, bool | int | float | str):
+                layout[name] = {"value": value}
+            else:
+                raise TypeError(f"cannot store block argument {name!r} of type {type(value).__name__}")
+        layouts.append(layout)
+    atomic_save(tensors, Path(path), {**(metadata or {}), "layout": json.dumps(layouts),
+                                      "set_of_block": json.dumps(block_kwargs.set_of_block)})
 
 
-def load_block_kwargs(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The block arguments, floating-point tensors in float32 (the blocks compute in float32)."""
-    tensors = {
-        k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()
-    }
-    layout = json.loads(file_metadata(Path(path))["layout"])
-    block_kwargs: dict[str, Any] = {}
-    for name, spec in layout.items():
-        if "tensor" in spec:
-            block_kwargs[name] = tensors[spec["tensor"]]
-        elif "tuple" in spec:
-            block_kwargs[name] = tuple(tensors[k] for k in spec["tuple"])
-        else:
-            block_kwargs[name] = spec["value"]
-    return block_kwargs
+def load_block_kwargs(path: Path, device: torch.device | str = "cpu") -> BlockKwargs:
+    """Every block's arguments, floating-point tensors in float32 (the blocks compute in float32)."""
+    tensors = load_file(str(path), device=str(device))
+    metadata = file_metadata(Path(path))
+    sets = []
+    for layout in json.loads(metadata["layout"]):
+        kwargs: dict[str, Any] = {}
+        for name, spec in layout.items():
+            if "tensor" in spec:
+                kwargs[name] = tensors[spec["tensor"]]
+            elif "tuple" in spec:
+                kwargs[name] = tuple(tensors[k] for k in spec["tuple"])
+            else:
+                kwargs[name] = spec["value"]
+        sets.append(kwargs)
+    return BlockKwargs(tuple(sets), tuple(json.loads(metadata["set_of_block"]))).float()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -137,9 +146,10 @@ def load_block_kwargs(path: Path, device: torch.device | str = "cpu") -> dict[st
 
 
 def resume_key(manifest: dict[str, Any], config: CalibrationConfig) -> str:
-    """The one key of a block result: source model, calibration samples, stored input dtype, settings."""
+    """The one key of a block result: source model, calibration samples, stored input dtype, capture format
+    (a result computed from an older capture is computed again), settings."""
     keyed = {"model": manifest["model"], "samples": manifest["samples_sha256"], "dtype": manifest["dtype"],
-             "config": config.digest()}
+             "capture": manifest["format"], "config": config.digest()}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
