@@ -36,11 +36,9 @@ class Architecture:
         return {name: block.get_submodule(name) for name in self.linears}
 
 
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
+    *_ATTENTION,
     "mlp.gate_proj",
     "mlp.up_proj",
     "mlp.down_proj",
@@ -49,9 +47,28 @@ _LLAMA_LINEARS = (
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        model_types=("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+                     "olmo2", "smollm3", "stablelm", "cohere", "exaone4"),
         blocks="model.layers",
         linears=_LLAMA_LINEARS,
+    ),
+    Architecture(
+        name="phi3",
+        model_types=("phi3",),
+        blocks="model.layers",
+        linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    ),
+    Architecture(
+        name="glm4",
+        model_types=("glm4",),
+        blocks="model.layers",
+        linears=(*_ATTENTION, "mlp.gate_up_proj", "mlp.down_proj"),
+    ),
+    Architecture(
+        name="starcoder2",
+        model_types=("starcoder2",),
+        blocks="model.layers",
+        linears=(*_ATTENTION, "mlp.c_fc", "mlp.c_proj"),
     ),
     Architecture(
         name="opt",

@@ -47,14 +47,14 @@ def skeleton(config: object, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     Built under ``torch.device("meta")`` (thread-local), not accelerate's ``init_empty_weights``, which patches
     ``nn.Module`` for every thread: a block task building a skeleton would put another thread's parameters on
-    the meta device. The buffers the files do not hold are then computed as transformers does on load.
+    the meta device. The buffers the files do not hold are then computed as transformers does on load. The
+    attention implementation is transformers' default, as ``from_pretrained`` chooses it: SDPA where the family
+    supports it, eager otherwise (Gemma 2).
     """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, attn_implementation="sdpa", trust_remote_code=False, dtype=dtype
-        )
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
     for name, buffer in list(model.named_non_persistent_buffers()):
         owner_name, _, buffer_name = name.rpartition(".")
         owner = model.get_submodule(owner_name)

@@ -48,8 +48,8 @@ def no_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-# Qwen3 mixes sliding-window and full-attention layers: each block is run with its own mask.
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
+# Qwen3 and the Gemmas mix sliding-window and full-attention layers: each block is run with its own mask.
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3", "gemma2", "gemma3_text"])
 def test_streamed_perplexity_matches_the_whole_model(family: str, tmp_path: Path) -> None:
     model, folder = saved(family, tmp_path / "m")
     tokens = torch.randint(0, VOCAB, (1, 333))

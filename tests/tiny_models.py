@@ -36,12 +36,27 @@ _DECODER = dict(
 
 
 # Sliding-window families: one sliding layer, then one full-attention layer, with a window shorter than the test
-# sequences, so the two layers get different attention masks.
+# sequences, so the two layers get different attention masks (and Gemma 3 different rotary embeddings).
 SLIDING = 8
 _MIXED = dict(sliding_window=SLIDING, layer_types=["sliding_attention", "full_attention"])
-# Families built from their config class by name, with what each needs beyond _DECODER.
+# The families described like Llama (same linears at model.layers) and those of their own; each with what it needs
+# beyond _DECODER: a head size that fits the hidden size, token ids inside the tiny vocabulary, mixed layers.
+_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _MORE_FAMILIES: dict[str, dict] = {
     "qwen3": dict(head_dim=16, use_sliding_window=True, **_MIXED),
+    "gemma": dict(head_dim=16, **_SPECIAL_IDS),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, **_MIXED, **_SPECIAL_IDS),
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, **_MIXED, **_SPECIAL_IDS),
+    "granite": dict(**_SPECIAL_IDS),
+    "olmo2": dict(**_SPECIAL_IDS),
+    "smollm3": dict(use_sliding_window=True, **_MIXED, **_SPECIAL_IDS),
+    "ministral": dict(head_dim=16, **_MIXED, **_SPECIAL_IDS),
+    "exaone4": dict(**_MIXED, **_SPECIAL_IDS),
+    "stablelm": dict(use_qkv_bias=True, **_SPECIAL_IDS),
+    "cohere": dict(**_SPECIAL_IDS),
+    "phi3": dict(**_SPECIAL_IDS),
+    "glm4": dict(head_dim=16, **_SPECIAL_IDS),
+    "starcoder2": dict(**_SPECIAL_IDS),
 }
 MORE_FAMILIES = tuple(_MORE_FAMILIES)
 
