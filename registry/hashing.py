@@ -17,6 +17,16 @@ def tree_manifest(root: str | Path) -> dict[str, str]:
     return {p.relative_to(base).as_posix(): sha256_file(p) for p in files}
 
 
+def git_blob_id(path: str | Path) -> str:
+    """The id git (and the Hub's tree listing, for a file not stored in LFS) gives ``path``'s content."""
+    file = Path(path)
+    digest = hashlib.sha1(b"blob %d\0" % file.stat().st_size)
+    with open(file, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def manifest_digest(manifest: dict[str, str]) -> str:
     """One hash naming a whole set of files (used as the commit id of the local publish target)."""
     digest = hashlib.sha256()

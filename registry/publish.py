@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    RepoFile,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -38,7 +45,7 @@ from huggingface_hub.utils import get_session
 
 from flows.params import PublishTarget
 from mobiquant.outputs import holds_mobiquant_checkpoint
-from registry.hashing import copy_tree_hashed, manifest_digest, sha256_file, tree_manifest
+from registry.hashing import copy_tree_hashed, git_blob_id, manifest_digest, sha256_file, tree_manifest
 
 MAIN = "main"
 # Organization roles whose members may create and commit to the organization's repos.
@@ -307,25 +314,44 @@ class HubRepoTarget:
             operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in expected]
             operations += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(stale)]
             try:
-                info = self._retry(
+                commit = self._retry(
                     lambda: self.api.create_commit(
                         self.repo_id, operations, commit_message=f"Promote {tag} (staged {staged_commit})",
                         revision=MAIN, parent_commit=head,
                     ),
                     f"commit to {self.repo_id}@main",
-                )
+                ).oid
             except PublishError as error:
-                moved_to = self._head(MAIN)
-                if moved_to == head:
+                commit = self._head(MAIN)
+                if commit == head:
                     raise
-                raise PublishError(
-                    f"{self.repo_id}@main moved from {head} to {moved_to} while {tag} was being promoted (another "
-                    "promotion?): nothing was promoted; run the promotion again"
-                ) from error
-        self._retry(lambda: self.api.create_tag(self.repo_id, tag=tag, revision=info.oid, exist_ok=True), "tag")
+                # A retried commit is refused when its first attempt landed and only the answer was lost: then
+                # main holds exactly this release.
+                if not self._holds(commit, folder, expected):
+                    raise PublishError(
+                        f"{self.repo_id}@main moved from {head} to {commit} while {tag} was being promoted (another "
+                        "promotion?): nothing was promoted; run the promotion again"
+                    ) from error
+        self._retry(lambda: self.api.create_tag(self.repo_id, tag=tag, revision=commit, exist_ok=True), "tag")
         if self.public_on_promotion:
             self._retry(lambda: self.api.update_repo_settings(self.repo_id, private=False), "make public")
-        return info.oid
+        return commit
+
+    def _holds(self, revision: str, folder: Path, expected: dict[str, str]) -> bool:
+        """Whether ``revision`` holds exactly the files of ``expected`` (sha256 by path, checked copies in
+        ``folder``) besides ``.gitattributes``: an LFS file by its sha256, any other by its git blob id."""
+        entries = self._retry(
+            lambda: list(self.api.list_repo_tree(self.repo_id, revision=revision, recursive=True)),
+            f"listing {self.repo_id}@{revision}",
+        )
+        files = {entry.path: entry for entry in entries if isinstance(entry, RepoFile)}
+        if set(files) - {".gitattributes"} != set(expected):
+            return False
+        return all(
+            files[rel].lfs.sha256 == expected[rel] if files[rel].lfs is not None
+            else files[rel].blob_id == git_blob_id(folder / rel)
+            for rel in expected
+        )
 
     def check_tag_free(self, tag: str) -> None:
         refs = self._retry(lambda: self.api.list_repo_refs(self.repo_id), f"listing the tags of {self.repo_id}")

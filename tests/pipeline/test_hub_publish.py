@@ -78,6 +78,37 @@ def test_a_promotion_refuses_to_commit_over_a_main_that_moved_meanwhile(
     assert set(repo.commits[main].files) == {".gitattributes", *tree_manifest(files)}
 
 
+def test_a_promotion_whose_commit_landed_but_whose_answer_was_lost_is_not_taken_for_another_promotion(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    files = _release(tmp_path / "release")
+    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, base_delay=0.01)
+    staged = target.stage(files, "stage")
+    repo = hub.state.repos["tester/tiny-mobiquant"]
+    commit = target.api.create_commit
+    answers_lost: list[str] = []
+
+    def lands_then_times_out(*args: object, **kwargs: object) -> object:
+        landed = commit(*args, **kwargs)
+        if not answers_lost:
+            answers_lost.append(landed.oid)
+            # The client marks the operations committed only once it has the answer.
+            for operation in args[1]:
+                operation._is_committed = False
+            response = httpx.Response(504, request=httpx.Request("POST", hub.url))
+            raise HfHubHTTPError("504 Gateway Timeout", response=response)
+        return landed
+
+    monkeypatch.setattr(target.api, "create_commit", lands_then_times_out)
+    main = target.promote(staged, tree_manifest(files), "v1")
+    # The retry was refused (main had moved, to this very release): the landed commit is tagged, no second commit.
+    assert main == answers_lost[0] == repo.branches["main"] == repo.tags["v1"]
+    assert len([p for m, p in hub.state.requests if m == "POST" and "/commit/main" in p]) == 2
+
+
 def test_missing_token_fails_before_any_work(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     target = HubRepoTarget("tester/x", endpoint=hub.url, base_delay=0.01)
