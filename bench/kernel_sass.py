@@ -225,7 +225,8 @@ def measure(instance: Instance, arch: str) -> dict[str, object]:
 def table(rows: list[dict[str, object]]) -> str:
     cells = [list(ROW_KEYS)] + [[str(row[key]) for key in ROW_KEYS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(ROW_KEYS))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in cells)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", help=f"target (repeatable; default: {' '.join(ARCHS)})")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
-    rows = [measure(instance, arch) for arch in args.arch or ARCHS for instance in instances()]
+    archs = args.arch or ARCHS
+    for arch in archs:
+        try:
+            _compile.check_arch(arch)
+        except _compile.UnsupportedArchError as error:
+            parser.error(str(error))
+    try:
+        rows = [measure(instance, arch) for arch in archs for instance in instances()]
+    except (FileNotFoundError, _compile.NvrtcUnavailableError) as error:  # no nvdisasm, no NVRTC
+        print(f"kernel_sass: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0
 
