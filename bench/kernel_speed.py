@@ -438,13 +438,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
 
-    compiled = kernels.compile_kernels(tuple(args.arch))
+    try:
+        compiled = kernels.compile_kernels(tuple(args.arch))
+    except kernels.UnsupportedArchError as error:
+        parser.error(str(error))
+    except kernels.NvrtcUnavailableError as error:
+        print(f"kernel_speed: {error}; nothing compiled or measured", file=sys.stderr)
+        return 1
     for result in compiled:
-        print(f"compiled {result.kernel:<8} {result.arch}  {result.cubin_bytes:>8} bytes  {result.seconds:6.2f} s")
+        # A CUBIN already in the cache is read, not compiled: its seconds are not a compile time.
+        source = "from the cache" if result.cache_hit else "compiled"
+        print(f"{source:<14} {result.kernel:<8} {result.arch}  {result.cubin_bytes:>8} bytes  {result.seconds:6.2f} s")
     save(compile=[r.as_dict() for r in compiled])
     if not torch.cuda.is_available():
         print(
-            "no CUDA device (torch.cuda.is_available() is False): kernels compiled; the kernel table, roofline, "
+            "no CUDA device (torch.cuda.is_available() is False): kernels built; the kernel table, roofline, "
             "prefill ratio and end-to-end decode speed are NOT measured"
         )
         save(gpu="none: nothing measured")

@@ -45,6 +45,13 @@ def test_bench_compiles_only_the_requested_architecture(tmp_path: Path, capsys: 
     assert "NOT measured" in capsys.readouterr().out
 
 
+def test_bench_refuses_an_unsupported_architecture_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        kernel_speed.main(["--arch", "sm_75"])
+    assert stopped.value.code == 2
+    assert "unsupported architecture 'sm_75'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("bytes_per_copy", "l2_bytes", "copies"),
     [(8 << 20, 50 << 20, 30), (29 << 20, 60 << 20, 9), (10 << 20, 100 << 20, 40), (1 << 30, 60 << 20, 2)],
