@@ -115,3 +115,25 @@ def test_prefill_loop_stays_within_its_issue_budget_at_sm90() -> None:
             row = kernel_sass.measure(instance, "sm_90")
             assert row["loop_instructions"] <= PREFILL_LOOP_BUDGET and row["registers"] <= 128, row
             assert row["spills"] == 0, row
+
+
+def test_an_unsupported_arch_is_a_usage_error_before_any_compile(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        kernel_sass.main(["--arch", "sm_75"])
+    assert stopped.value.code == 2
+    assert "unsupported architecture 'sm_75'" in capsys.readouterr().err
+
+
+def test_a_missing_nvdisasm_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def missing(name: str) -> str:
+        raise FileNotFoundError(f"{name} not found")
+
+    monkeypatch.setattr(kernel_sass, "tool_path", missing)
+    kernel_sass.disassembly.cache_clear()
+    assert kernel_sass.main(["--arch", "sm_90"]) == 1
+    assert capsys.readouterr().err.strip() == "kernel_sass: nvdisasm not found"
+
+
+def test_table_lines_end_without_padding() -> None:
+    rows = [dict.fromkeys(kernel_sass.ROW_KEYS, "x"), dict.fromkeys(kernel_sass.ROW_KEYS, "longer")]
+    assert all(line == line.rstrip() for line in kernel_sass.table(rows).splitlines())
