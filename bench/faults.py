@@ -2,10 +2,11 @@
 
     python bench/faults.py [-k EXPR]
 
-Each row is one case: what is expected, what was observed (pass, or the first line of the failure),
-and the data lost. The tests themselves assert that nothing was lost or half-written (no partial
-checkpoint, branch unchanged, finished blocks kept), so "none" is reported only for a passing case.
-Exit status 0 when every case passed.
+Each row is one case: what is expected, what was observed (pass, skip and its reason, or the first line
+of the failure), and the data lost. The tests themselves assert that nothing was lost or half-written (no
+partial checkpoint, branch unchanged, finished blocks kept), so "none" is reported only for a passing case,
+"n/a" for a case skipped on this machine (e.g. a CPU-only check on a machine with CUDA). Exit status 0 when
+every case that ran passed.
 """
 
 from __future__ import annotations
@@ -80,9 +81,22 @@ CASES: dict[str, tuple[str, str]] = {
         "deployment parameters (prefect.yaml)",
         "shipped valid; broken refused",
     ),
+    "test_a_local_dask_cluster_without_cuda_refuses_a_cuda_compute_dtype_before_any_work": (
+        "bfloat16 on a local Dask cluster, no CUDA",
+        "PreflightError before any work; a remote cluster is not checked",
+    ),
+    "test_a_database_store_without_its_driver_is_one_line_and_keeps_its_password_out": (
+        "MLflow database store, driver missing",
+        "one-line PreflightError, password masked",
+    ),
     "test_pack_unpack_round_trip_and_prefixes": ("packing: random codes, odd shapes", "exact round trip, prefixes"),
     "test_every_code_value_survives_packing": ("packing: all 4^K values (K={param})", "exact round trip"),
     "test_sign_bit_words_round_trip": ("packing: bit 31 set", "exact round trip"),
+    "test_plane_layout_matches_a_bit_by_bit_reference": ("packing: plane layout", "bit by bit as documented"),
+    "test_codes_in_any_integer_dtype_and_layout_pack_alike": (
+        "packing: int32, non-contiguous codes",
+        "same planes as contiguous int64",
+    ),
     "test_too_few_planes_is_a_clear_error": ("packing: too few planes", "clear ValueError"),
     "test_slicing_extreme_values": ("slicing: denormals, constant groups, outliers", "finite, codes in range"),
     "test_planted_token_appears_in_no_output": (
@@ -103,6 +117,7 @@ class Row:
     observed: str = "not run"
     seconds: float = 0.0
     passed: bool = False
+    skipped: bool = False
 
 
 @dataclass
@@ -117,14 +132,19 @@ class Collector:
         case, expected = CASES.get(name, (name, "passes"))
         row = self.rows.setdefault(report.nodeid, Row(case.format(param=param), expected))
         row.seconds += report.duration
-        if report.when == "call" or report.failed:
+        if report.skipped:  # skipif marks skip in setup, pytest.skip() in the call: not run, not failed
+            row.skipped, row.observed = True, _skip_reason(report)
+        elif report.when == "call" or report.failed:
             row.passed = report.passed and row.observed in ("not run", "as expected")
             if report.failed:
                 row.observed = _first_line(report)
-            elif report.skipped:
-                row.observed = "skipped"
             elif row.observed == "not run":
                 row.observed = "as expected"
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return "skipped: " + " ".join(reason.removeprefix("Skipped: ").split())[:100]
 
 
 def _first_line(report: pytest.TestReport) -> str:
@@ -135,7 +155,8 @@ def _first_line(report: pytest.TestReport) -> str:
 
 def print_table(rows: list[Row]) -> None:
     headers = ("case", "expected", "observed", "data lost")
-    lines = [(r.case, r.expected, f"{r.observed} ({r.seconds:.1f} s)", "none" if r.passed else "CHECK") for r in rows]
+    lines = [(r.case, r.expected, f"{r.observed} ({r.seconds:.1f} s)",
+              "none" if r.passed else "n/a" if r.skipped else "CHECK") for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -159,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     passed = sum(r.passed for r in rows)
-    print(f"\n{passed}/{len(rows)} cases as expected in {time.monotonic() - started:.0f} s; data lost: "
-          f"{'none' if passed == len(rows) and rows else 'see the rows marked CHECK'}")  # fmt: skip
-    return 0 if code == 0 and passed == len(rows) else 1
+    skipped = sum(r.skipped and not r.passed for r in rows)
+    ran = len(rows) - skipped
+    print(f"\n{passed}/{ran} cases as expected ({skipped} skipped on this machine) in "
+          f"{time.monotonic() - started:.0f} s; data lost: "
+          f"{'none' if passed == ran else 'see the rows marked CHECK'}")  # fmt: skip
+    return 0 if code == 0 and passed == ran else 1
 
 
 if __name__ == "__main__":
