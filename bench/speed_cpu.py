@@ -6,6 +6,10 @@ calibrated, so the weights are sliced directly and the routers keep their initia
 thresholds calibrated on a few samples so that each budget is met. Prints ratios; raw numbers to JSON.
 
     python bench/speed_cpu.py --out bench/results/speed_cpu.json
+
+``--out`` defaults to that file under the repository root, whatever the current directory; a relative
+``--out`` is taken from the current directory. Runs from a plain checkout (the repository root goes first
+on ``sys.path``, so the checkout's own mobiquant is timed, not an installed one).
 """
 
 from __future__ import annotations
@@ -14,18 +18,23 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mobiquant installed
+    sys.path.insert(0, str(REPO_ROOT))
 
-from mobiquant.arch import architecture_for
-from mobiquant.calibration import CalibrationConfig, quantization_config
-from mobiquant.checkpoint import replace_linears
-from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits
-from mobiquant.slicing import slice_weight
-from mobiquant.sources import materialize, smollm2_gguf_path
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.calibration import CalibrationConfig, quantization_config  # noqa: E402
+from mobiquant.checkpoint import replace_linears  # noqa: E402
+from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits  # noqa: E402
+from mobiquant.slicing import slice_weight  # noqa: E402
+from mobiquant.sources import materialize, smollm2_gguf_path  # noqa: E402
 
 
 def elastic_copy(model: torch.nn.Module, group_size: int, num_slices: int) -> torch.nn.Module:
@@ -80,7 +89,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/speed_cpu.json"))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "speed_cpu.json",
+                        help="raw numbers as JSON (default: bench/results/speed_cpu.json of this checkout)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -109,7 +119,8 @@ def main() -> None:
     codes = sum(layer.in_features * layer.out_features for layer in layers)
     memory = {"packed_bytes": packed, "fp16_bytes": fp16, "codes_cache_bytes": codes,
               "packed_over_fp16": packed / fp16}
-    report = {"tokens": args.tokens, "threads": torch.get_num_threads(), "rows": rows, "memory": memory}
+    report = {"tokens": args.tokens, "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "group_size": args.group_size, "rows": rows, "memory": memory}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
@@ -123,8 +134,9 @@ def main() -> None:
     print("\n| quantized linear weights | MB |")
     print("|---|---|")
     print(f"| fp16 | {fp16 / 2**20:.1f} |")
-    print(f"| MoBiQuant packed, 4 slices (8 bits + scale/zero) | {packed / 2**20:.1f} |")
+    print(f"| MoBiQuant packed, 4 slices (8 bits + scale/zero + row gains) | {packed / 2**20:.1f} |")
     print(f"| PyTorch-path code cache (1 byte per weight) | {codes / 2**20:.1f} |")
+    print(f"\nraw numbers: {args.out}")
 
 
 if __name__ == "__main__":
