@@ -20,21 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mobiquant installed
+    sys.path.insert(0, str(REPO_ROOT))
 
-from mobiquant.arch import architecture_for
-from mobiquant.calibration import CalibrationConfig, calibrate_block
-from mobiquant.calibration.capture import capture_block_inputs
-from mobiquant.calibration.saliency import token_weights
-from mobiquant.calibration.store import KWARGS_FILE, fp_input_path, load_block_kwargs, load_hidden
-from mobiquant.data import calibration_samples
-from mobiquant.model_files import InMemoryModel
-from mobiquant.sources import materialize, smollm2_gguf_path
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.calibration import CalibrationConfig, calibrate_block  # noqa: E402
+from mobiquant.calibration.capture import capture_block_inputs  # noqa: E402
+from mobiquant.calibration.saliency import token_weights  # noqa: E402
+from mobiquant.calibration.store import KWARGS_FILE, fp_input_path, load_block_kwargs, load_hidden  # noqa: E402
+from mobiquant.data import calibration_samples  # noqa: E402
+from mobiquant.model_files import InMemoryModel  # noqa: E402
+from mobiquant.sources import materialize, smollm2_gguf_path  # noqa: E402
 
 
 def main() -> None:
@@ -78,7 +83,8 @@ def main() -> None:
     saliency_per_block = manifest["saliency_seconds"] / source.num_blocks
     before = statistics.mean(seconds["before compensation"]) / 60
     default = (statistics.mean(seconds["default"]) + saliency_per_block) / 60
-    report = {"blocks": args.blocks, "threads": torch.get_num_threads(), "seconds": seconds,
+    report = {"blocks": args.blocks, "samples": args.samples, "seqlen": args.seqlen, "group_size": args.group_size,
+              "threads": torch.get_num_threads(), "seconds": seconds,
               "saliency_seconds": manifest["saliency_seconds"], "minutes_per_block": {
                   "before compensation": before, "default (with the saliency walk's share)": default},
               "ratio": default / before}

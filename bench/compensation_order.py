@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mobiquant installed
+    sys.path.insert(0, str(REPO_ROOT))
 
-from mobiquant.arch import architecture_for
-from mobiquant.calibration import CalibrationConfig, calibrate_block, quantized_block
-from mobiquant.calibration.capture import block_outputs
-from mobiquant.data import calibration_samples
-from mobiquant.precision import mobi_layers
-from mobiquant.sources import materialize, smollm2_gguf_path
-from mobiquant.streaming import first_block_inputs
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.calibration import CalibrationConfig, calibrate_block, quantized_block  # noqa: E402
+from mobiquant.calibration.capture import block_outputs  # noqa: E402
+from mobiquant.data import calibration_samples  # noqa: E402
+from mobiquant.precision import mobi_layers  # noqa: E402
+from mobiquant.sources import materialize, smollm2_gguf_path  # noqa: E402
+from mobiquant.streaming import first_block_inputs  # noqa: E402
 
 VARIANTS = {
     "clip search -> LWC, floor codes": {"error_compensation": False},

@@ -34,33 +34,38 @@ import math
 import platform
 import pydoc_data.topics
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import transformers
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mobiquant installed
+    sys.path.insert(0, str(REPO_ROOT))
 
-from mobiquant.allocation import loss_gradient_passes
-from mobiquant.arch import Architecture, architecture_for
-from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report
-from mobiquant.calibration.capture import block_outputs
-from mobiquant.calibration.config import linear_weight_tuples
-from mobiquant.calibration.saliency import token_weights
-from mobiquant.calibration.store import read_manifest
-from mobiquant.cli import linear_weights_arg
-from mobiquant.clip_search import input_hessians, search_clipping
-from mobiquant.data import calibration_samples, evaluation_tokens, token_windows
-from mobiquant.evaluation import rtn_model
-from mobiquant.gptq import minmax_gptq_weight, nested_codes
-from mobiquant.precision import calibrate_thresholds, hold_budget, mobi_layers, set_precision, track_bits
-from mobiquant.slicing import full_codes, group_min_max, round_params, scale_zero_from_range
-from mobiquant.sources import materialize, smollm2_gguf_path
-from mobiquant.streaming import first_block_inputs
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from mobiquant.allocation import loss_gradient_passes  # noqa: E402
+from mobiquant.arch import Architecture, architecture_for  # noqa: E402
+from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report  # noqa: E402
+from mobiquant.calibration.capture import block_outputs  # noqa: E402
+from mobiquant.calibration.config import linear_weight_tuples  # noqa: E402
+from mobiquant.calibration.saliency import token_weights  # noqa: E402
+from mobiquant.calibration.store import read_manifest  # noqa: E402
+from mobiquant.cli import linear_weights_arg  # noqa: E402
+from mobiquant.clip_search import input_hessians, search_clipping  # noqa: E402
+from mobiquant.data import calibration_samples, evaluation_tokens, token_windows  # noqa: E402
+from mobiquant.evaluation import rtn_model  # noqa: E402
+from mobiquant.gptq import minmax_gptq_weight, nested_codes  # noqa: E402
+from mobiquant.precision import calibrate_thresholds, hold_budget, mobi_layers, set_precision, track_bits  # noqa: E402
+from mobiquant.slicing import full_codes, group_min_max, round_params, scale_zero_from_range  # noqa: E402
+from mobiquant.sources import materialize, smollm2_gguf_path  # noqa: E402
+from mobiquant.streaming import first_block_inputs  # noqa: E402
 
 RTN_BITS = (2, 3, 4, 6)
 GPTQ_BITS = (2, 3, 4, 6)
@@ -420,6 +425,9 @@ def main() -> None:
         del models
     if args.elastic_only:
         save()
+        print_rows(report["rows"])
+        print_fp_ratios(report["rows"])
+        print("\n--elastic-only: no peer ran, so no target ratios; a full run prints them.")
         return
     for bits in RTN_BITS:
         record("RTN", f"W{bits}g{args.group_size}", rtn_model(base, arch, bits, args.group_size), float(bits))
@@ -463,8 +471,7 @@ def main() -> None:
     print_tables(report)
 
 
-def print_tables(report: dict) -> None:
-    rows = report["rows"]
+def print_rows(rows: list[dict]) -> None:
     texts = list(rows[0]["ppl"])
     header = " | ".join(f"{t} avg bits | {t} ppl" for t in texts)
     print(f"\n| method | setting | {header} |")
@@ -473,6 +480,23 @@ def print_tables(report: dict) -> None:
         cells = " | ".join(f"{row['bits'][t]:.2f} | {row['ppl'][t]:.2f}" if t in row["ppl"] else "- | -"
                            for t in texts)
         print(f"| {row['method']} | {row['setting']} | {cells} |")
+
+
+def print_fp_ratios(rows: list[dict]) -> None:
+    """Each row's perplexity as a ratio to full precision's on the same tokens."""
+    fp = next(row["ppl"] for row in rows if row["method"] == "full precision")
+    texts = list(fp)
+    print(f"\n| method | setting | {' | '.join(f'{t} / full precision' for t in texts)} |")
+    print("|---|---|" + "---|" * len(texts))
+    for row in (row for row in rows if row["method"] != "full precision"):
+        cells = " | ".join(f"{row['ppl'][t] / fp[t]:.3f}" if t in row["ppl"] else "-" for t in texts)
+        print(f"| {row['method']} | {row['setting']} | {cells} |")
+
+
+def print_tables(report: dict) -> None:
+    rows = report["rows"]
+    texts = list(rows[0]["ppl"])
+    print_rows(rows)
     print("\n| calibration | minutes | minutes per block |")
     print("|---|---|---|")
     for name, timing in report["calibration_minutes"].items():

@@ -93,7 +93,10 @@ def memory(args: argparse.Namespace) -> list[dict]:
             rows.append({"run": what, "hidden": args.hidden, f"peak_mb_{shallow}_blocks": round(by_depth[shallow]),
                          f"peak_mb_{deep}_blocks": round(by_depth[deep]), "extra_fp32_weights_mb": round(extra_mb),
                          "ratio": round(ratio, 3)})
-    print(f"| run | peak MB, {shallow} blocks | peak MB, {deep} blocks | extra fp32 weights MB | "
+    def blocks(count: int) -> str:
+        return f"{count} block{'s' if count != 1 else ''}"
+
+    print(f"| run | peak MB, {blocks(shallow)} | peak MB, {blocks(deep)} | extra fp32 weights MB | "
           "ratio (target <= 0.4) |")
     print("|---|---|---|---|---|")
     for row in rows:

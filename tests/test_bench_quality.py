@@ -12,6 +12,7 @@ from bench.quality import (
     clip_search_gptq,
     mixed_precision_bits,
     output_error_costs,
+    print_fp_ratios,
     print_tables,
     record_mixed_peer,
     sequential_peer,
@@ -156,3 +157,18 @@ def test_targets_are_printed_as_ratios_to_their_peers(capsys: pytest.CaptureFixt
             shown, verdict = (cell.strip() for cell in printed[(text, target)])
             assert float(shown) == pytest.approx(ratio, abs=5e-4)
             assert verdict == ("met" if ratio <= bound and (bound != 1.0 or ratio < bound) else "missed")
+
+
+def test_an_elastic_only_run_prints_each_row_as_a_ratio_to_full_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    drawn = (10 + 90 * torch.rand(6, generator=generator, dtype=torch.float64)).tolist()
+    ppl = {("MoBiQuant uniform", "2 slices"): (drawn[0], drawn[1]), ("full precision", "fp32"): (drawn[2], drawn[3]),
+           ("MoBiQuant routed", "avg 3 bits"): (drawn[4], drawn[5])}
+    print_fp_ratios(_report(ppl)["rows"])
+    printed = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]):
+               [float(cell) for cell in line.strip("|").split("|")[2:]]
+               for line in capsys.readouterr().out.splitlines() if line.startswith("| MoBiQuant")}
+    assert printed == {
+        ("MoBiQuant uniform", "2 slices"): [round(drawn[0] / drawn[2], 3), round(drawn[1] / drawn[3], 3)],
+        ("MoBiQuant routed", "avg 3 bits"): [round(drawn[4] / drawn[2], 3), round(drawn[5] / drawn[3], 3)],
+    }
