@@ -5,6 +5,9 @@ the block without routers and reports the block's output error at 1, 2, 3 and 4 
 against the full-precision block, on the calibration inputs), as a ratio to today's floor codes:
 
     python bench/compensation_order.py --blocks 0 10 20
+
+Every variant uses GPTQ's Hessians ``X^T X`` (tokens weighed alike): the default's loss-weighted Hessians need
+the capture's saliency walk over the whole model, which this per-block study does not run.
 """
 
 from __future__ import annotations
