@@ -47,14 +47,17 @@ def skeleton(config: object, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     Built under ``torch.device("meta")`` (thread-local), not accelerate's ``init_empty_weights``, which patches
     ``nn.Module`` for every thread: a block task building a skeleton would put another thread's parameters on
-    the meta device. The buffers the files do not hold are then computed as transformers does on load. The
-    attention implementation is transformers' default, as ``from_pretrained`` chooses it: SDPA where the family
-    supports it, eager otherwise (Gemma 2).
+    the meta device. The buffers the files do not hold are then computed as transformers does on load. Attention
+    is SDPA where the family supports it, eager otherwise (Gemma 2), whatever the config names: a source saved
+    with ``flash_attention_2`` must still open where flash-attn is not installed.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    attention = "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, trust_remote_code=False,
+                                                 dtype=dtype)
     for name, buffer in list(model.named_non_persistent_buffers()):
         owner_name, _, buffer_name = name.rpartition(".")
         owner = model.get_submodule(owner_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,18 @@ def test_quantize_save_load_generate(family: str, tmp_path: Path) -> None:
     with torch.no_grad():
         generated = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 12)
+
+
+@pytest.mark.parametrize(("family", "attention"), [("llama", "sdpa"), ("gemma2", "eager")])
+def test_a_source_saved_with_an_attention_this_machine_lacks_still_opens(
+    family: str, attention: str, tmp_path: Path
+) -> None:
+    from mobiquant.model_files import ModelFiles
+
+    tiny_model(family, seed=3).save_pretrained(tmp_path / "src")
+    # As some Hub configs carry it (saved from a training run with flash-attn).
+    config_file = tmp_path / "src" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "_attn_implementation": "flash_attention_2"}))
+    files = ModelFiles(tmp_path / "src")
+    assert files.stem(torch.device("cpu")).config._attn_implementation == attention
