@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import httpx2
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
@@ -25,7 +26,6 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.params import (
-    HUB_ID,
     SMOLLM2_ALIAS,
     SMOLLM2_BASE_MODEL,
     CompressParams,
@@ -77,14 +77,20 @@ def preflight(params: CompressParams) -> CompressParams:
 def check_registered_model(params: CompressParams) -> None:
     """Refuse a default registered model (``mobiquant-<name>``, the source without its owner, as the default repo)
     that holds releases of another owner's model of the same name: their versions, candidate and champion would
-    mix. Local folders are not compared: their recorded paths are as each run was given them."""
+    mix. Only Hub sources are compared (and the embedded SmolLM2, as its Hub base): a local folder or file is
+    recorded as each run was given it, relative or not."""
     expected = params.base_model()
     if params.registered_model_name or expected is None:
         return
     name = params.model_name()
-    sources = tracking.version_sources(params.mlflow_uri, name)
-    recorded = (SMOLLM2_BASE_MODEL if s == SMOLLM2_ALIAS else s for s in sources)
-    others = sorted(s for s in recorded if HUB_ID.match(s) and not Path(s).exists() and not same_hub_name(s, expected))
+    try:
+        recorded = tracking.version_sources(params.mlflow_uri, name)
+    except MlflowException as error:
+        raise PreflightError(f"MLflow at {tracking.redacted_uri(params.mlflow_uri)} cannot list the versions of "
+                             f"{name}: {error.message}") from error
+    hub_sources = {SMOLLM2_BASE_MODEL if source == SMOLLM2_ALIAS else source for source, kind in recorded
+                   if kind == "hub" or source == SMOLLM2_ALIAS}
+    others = sorted(s for s in hub_sources if not same_hub_name(s, expected))
     if others:
         raise PreflightError(f"registered model {name} holds the releases of {others[0]}, not of {expected}: set "
                              "registered_model_name")

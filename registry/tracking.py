@@ -204,10 +204,12 @@ def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[s
     return str(version.version)
 
 
-def version_sources(uri: str, name: str) -> set[str]:
-    """The ``source`` tags of registered model ``name``'s versions (empty when there is no such model)."""
+def version_sources(uri: str, name: str) -> set[tuple[str, str]]:
+    """The ``(source, source_kind)`` tags of registered model ``name``'s versions (empty when there is no such
+    model)."""
     versions = MlflowClient(uri).search_model_versions(f"name = '{name}'")
-    return {version.tags["source"] for version in versions if "source" in version.tags}
+    return {(version.tags["source"], version.tags.get("source_kind", "")) for version in versions
+            if "source" in version.tags}
 
 
 def tag_version(uri: str, name: str, version: str, tags: dict[str, str]) -> None:

