@@ -14,12 +14,14 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 STAGING_ID_BYTES = 6
 STAGING_LOCK_SUFFIX = ".lock"
+PENDING_GRACE_S = 60.0
 
 
 class OutputError(ValueError):
@@ -136,26 +138,31 @@ def staging_folder(target: Path) -> Iterator[Path]:
 
 
 def _remove_dead_staging(target: Path) -> None:
-    """Remove the staging folders for ``target`` whose lock file is not locked, and free lock files left alone."""
-    pattern = re.compile(rf"{re.escape(f'.{target.name}.tmp-')}[0-9a-f]{{{2 * STAGING_ID_BYTES}}}")
-    for lock_path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*{STAGING_LOCK_SUFFIX}"):
-        folder = lock_path.with_name(lock_path.name[: -len(STAGING_LOCK_SUFFIX)])
-        if not pattern.fullmatch(folder.name):
+    """Remove the staging folders for ``target`` whose lock file is not locked, with their lock files, and lock
+    files a writer killed before renaming them left (``.lock-pending``, free and older than a minute: a live
+    writer locks its own within microseconds of creating it, and renames it at once)."""
+    prefix = f".{target.name}.tmp-"
+    pattern = re.compile(rf"{re.escape(prefix)}[0-9a-f]{{{2 * STAGING_ID_BYTES}}}"
+                         rf"{re.escape(STAGING_LOCK_SUFFIX)}(-pending)?")
+    for lock_path in target.parent.glob(f"{glob.escape(prefix)}*{STAGING_LOCK_SUFFIX}*"):
+        match = pattern.fullmatch(lock_path.name)
+        if match is None:
             continue
         try:
+            if match.group(1) and time.time() - lock_path.stat().st_mtime < PENDING_GRACE_S:
+                continue
             descriptor = os.open(lock_path, os.O_RDWR)
         except OSError:
             # Removed by its writer meanwhile, or not ours to open.
             continue
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            # Held by a running write (or the file system cannot say): not judged dead.
-            os.close(descriptor)
-            continue
-        try:
-            # A folder that cannot be removed must not fail this write.
-            shutil.rmtree(folder, ignore_errors=True)
+            # A folder or lock file that cannot be removed (another user's, in a sticky folder) must not fail
+            # this write.
+            shutil.rmtree(target.parent / lock_path.name.split(STAGING_LOCK_SUFFIX)[0], ignore_errors=True)
             lock_path.unlink(missing_ok=True)
+        except OSError:
+            # Held by a running write (or the file system cannot say), or not ours to remove.
+            continue
         finally:
             os.close(descriptor)

@@ -394,6 +394,35 @@ def test_a_save_removes_the_staging_folders_killed_writes_left_and_leaves_runnin
     assert not any(name in running_files for name in (p.name for p in tmp_path.iterdir()))
 
 
+def test_lock_files_a_killed_writer_left_before_renaming_them_go_once_old_and_one_that_cannot_go_fails_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from mobiquant import outputs
+
+    old, fresh = tmp_path / ".out.tmp-0123456789ab.lock-pending", tmp_path / ".out.tmp-abcdef012345.lock-pending"
+    for pending in (old, fresh):
+        pending.touch()
+    stamp = time.time() - outputs.PENDING_GRACE_S - 5
+    os.utime(old, (stamp, stamp))
+    # Another user's lock file in a sticky folder: free, but not ours to remove.
+    foreign = tmp_path / ".out.tmp-fedcba987654.lock"
+    foreign.touch()
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == foreign:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with outputs.staging_folder(tmp_path / "out") as staging:
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [fresh.name, foreign.name, staging.name, f"{staging.name}.lock"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, foreign.name])
+
+
 def test_a_staging_folder_gets_no_lock_file_where_the_file_system_refuses_locks_and_is_then_never_judged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
