@@ -113,7 +113,8 @@ def first_block_inputs(
             if index == 0:
                 hidden.append(state.detach().to(dtype or state.dtype))
             if index == len(per_block):
-                kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+                # The KV cache (``cache`` since transformers 5.24, ``past_key_values`` before) is never replayed.
+                kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
                 per_block.append({**kept, "use_cache": False})
             if len(per_block) == len(blocks):
                 raise _StopForward
