@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import HfApi
@@ -46,13 +47,18 @@ def test_stage_is_one_private_commit_and_promotion_tags_main(hub: HubServer, tmp
     target.check_tag_free("v2")
 
 
+def _staged_release(hub: HubServer, tmp_path: Path) -> tuple[Path, HubRepoTarget, str, Any]:
+    """A release staged on the test Hub: its folder, the target, the staged commit and the server's repo."""
+    files = _release(tmp_path / "release")
+    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, base_delay=0.01)
+    staged = target.stage(files, "stage")
+    return files, target, staged, hub.state.repos["tester/tiny-mobiquant"]
+
+
 def test_a_promotion_refuses_to_commit_over_a_main_that_moved_meanwhile(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = _release(tmp_path / "release")
-    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, base_delay=0.01)
-    commit = target.stage(files, "stage")
-    repo = hub.state.repos["tester/tiny-mobiquant"]
+    files, target, commit, repo = _staged_release(hub, tmp_path)
     listed = target._files
 
     def another_promotion_commits_first(revision: str) -> list[str]:
@@ -84,10 +90,7 @@ def test_a_promotion_whose_commit_landed_but_whose_answer_was_lost_is_not_taken_
     import httpx
     from huggingface_hub.errors import HfHubHTTPError
 
-    files = _release(tmp_path / "release")
-    target = HubRepoTarget("tester/tiny-mobiquant", endpoint=hub.url, base_delay=0.01)
-    staged = target.stage(files, "stage")
-    repo = hub.state.repos["tester/tiny-mobiquant"]
+    files, target, staged, repo = _staged_release(hub, tmp_path)
     commit = target.api.create_commit
     answers_lost: list[str] = []
 
