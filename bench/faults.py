@@ -49,6 +49,8 @@ CASES: dict[str, tuple[str, str]] = {
         "one line, exit 1, nothing written",
     ),
     "test_unreachable_mlflow_from_the_demo_command": ("MLflow unreachable (demo command)", "one line, exit 1"),
+    "test_a_failed_gate_from_the_demo_command_ends_in_one_line": ("Quality gate failed (demo command)",
+                                                                  "one line, exit 1"),
     "test_concurrent_runs_of_different_and_of_the_same_model": (
         "3 concurrent runs (2 models, one twice)",
         "all succeed; each block calibrated once; published = recorded sha256",

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.compress import PreflightError, compress, preflight
+    from tasks.gate import GateFailedError
 
     # Parameters and services are checked before Prefect starts a run: one line and exit status 1 when not usable.
     try:
@@ -70,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidParametersError, PreflightError, PublishError) as error:
         print(f"mobiquant demo: error: {error}", file=sys.stderr)
         return 1
-    summary = compress(**params)
+    try:
+        summary = compress(**params)
+    except (GateFailedError, PublishError) as error:
+        # Prefect has logged the failed run; the report or the publish target says the rest.
+        print(f"mobiquant demo: error: {error}", file=sys.stderr)
+        return 1
     db = summary["mlflow_uri"]
     print()
     print(f"checkpoint:   {summary['checkpoint']}")

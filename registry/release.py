@@ -17,6 +17,7 @@ from registry.publish import LocalRepoTarget, PublishError, target_for
 from registry.report import (
     PLOT_NAME,
     EvaluationSetup,
+    QuantizedModel,
     markdown_report,
     model_card,
     plot_ppl_vs_bits,
@@ -44,7 +45,9 @@ def evaluation_setup(
     if params.eval_max_windows is not None:
         windows = min(windows, params.eval_max_windows)
     fp_dtype = validation["fp"].get("dtype", VALIDATION_FP_DTYPE)
-    return EvaluationSetup(params.evaluation_data, seqlen, windows, fp_dtype)
+    # A local text is named by its file name: the build machine's paths are not the card's business.
+    data = Path(params.evaluation_data).name if Path(params.evaluation_data).exists() else params.evaluation_data
+    return EvaluationSetup(data, seqlen, windows, fp_dtype)
 
 
 def recorded_params(params: CompressParams) -> dict[str, Any]:
@@ -103,6 +106,7 @@ def build_bundle(
     shutil.copyfile(publish_dir / PLOT_NAME, report_dir / PLOT_NAME)
     model_config = json.loads((checkpoint_dir / "config.json").read_text())
     quant_config = model_config.get("quantization_config", {})
+    model = QuantizedModel.of(model_config)
     setup = evaluation_setup(params, validation, model_config)
     repo_id = params.default_repo_id()
     card = model_card(
@@ -112,6 +116,7 @@ def build_bundle(
         validation=validation,
         setup=setup,
         config=quant_config or {"num_slices": params.num_slices, "group_size": params.group_size},
+        model=model,
         files=files,
     )
     (publish_dir / "README.md").write_text(card)
@@ -127,7 +132,7 @@ def build_bundle(
         passed=passed,
         stages_md=stages_md,
         files=files,
-        extra={"publish target": f"{params.publish.kind} {repo_id}"},
+        extra={"model": model.describe(), "publish target": f"{params.publish.kind} {repo_id}"},
     )
     (report_dir / "report.md").write_text(report)
     (report_dir / "quantization_config.json").write_text(json.dumps(quant_config, indent=2))
@@ -143,6 +148,7 @@ def build_bundle(
         "files": files,
         "repo_id": repo_id,
         "overhead": overhead,
+        "model": model.tags(),
         "report_md": report,
     }
 
@@ -184,6 +190,7 @@ def record(
         "source_sha": source["sha"],
         "source_kind": source["kind"],
         "gate": "passed" if passed else "failed",
+        **bundle["model"],
     }
     run_id = tracking.log_run(
         params.mlflow_uri,

@@ -37,6 +37,33 @@ class EvaluationSetup:
         )
 
 
+@dataclass(frozen=True)
+class QuantizedModel:
+    """What a checkpoint is, from its ``config.json``: the source's family and class, its blocks, and the linears
+    quantized in each block (the rest keeps the source's dtype)."""
+
+    model_type: str
+    architecture: str
+    blocks: int
+    linears: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model_config: dict[str, Any]) -> QuantizedModel:
+        quantization = model_config.get("quantization_config") or {}
+        architecture = (model_config.get("architectures") or ["unknown"])[0]
+        return cls(str(model_config.get("model_type", "unknown")), architecture,
+                   int(model_config.get("num_hidden_layers", 0)), tuple(quantization.get("linears", ())))
+
+    def describe(self) -> str:
+        linears = ", ".join(f"`{name}`" for name in self.linears)
+        return (f"`{self.architecture}` (`{self.model_type}`), {self.blocks} blocks; quantized in every block: "
+                f"{linears}; embeddings, norms and the output head keep the source's dtype")
+
+    def tags(self) -> dict[str, str]:
+        return {"model_type": self.model_type, "architecture": self.architecture,
+                "quantized_linears": ",".join(self.linears)}
+
+
 def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:
     """Routed, uniform and RTN perplexity against average bits, full precision as a line."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -163,9 +190,11 @@ def model_card(
     validation: dict[str, Any],
     setup: EvaluationSetup,
     config: dict[str, Any],
+    model: QuantizedModel,
     files: dict[str, str],
 ) -> str:
-    """The README.md of the published repo: metadata for the Hub, install and usage, the perplexity table and plot.
+    """The README.md of the published repo: metadata for the Hub, what is quantized, install and usage, the
+    perplexity table and plot.
 
     The license is the source model's (``license_id``); where the source names none the card says so.
     """
@@ -174,7 +203,8 @@ def model_card(
         base_model_relation="quantized" if base_model else None,
         license=license_id or "other",
         library_name="transformers",
-        tags=["mobiquant", "quantized", "any-precision", "elastic-precision", f"{config['num_slices']}-slices"],
+        tags=["mobiquant", "quantized", "any-precision", "elastic-precision", f"{config['num_slices']}-slices",
+              model.model_type],
         pipeline_tag="text-generation",
     )
     budgets = ", ".join(f"{r['target_bits']:g}" for r in validation["budgets"])
@@ -192,6 +222,8 @@ A MoBiQuant elastic any-precision checkpoint{
 weights that runs at any average precision between 2 and {2 * config["num_slices"]} bits, chosen per token by
 a router in every quantized linear layer ({config["num_slices"]} slices of 2 bits, group size
 {config["group_size"]}).
+
+Model: {model.describe()}.
 
 ## Install
 

@@ -95,3 +95,19 @@ def test_unreachable_mlflow_from_the_demo_command(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MLflow at http://127.0.0.1:" in err[0] and "is unreachable" in err[0]
     assert not (tmp_path / "work").exists()
+
+
+def test_a_failed_gate_from_the_demo_command_ends_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.compress
+    from tasks.gate import GateFailedError
+
+    def gate_fails(**_params: object) -> None:
+        raise GateFailedError("quality gate failed: bits@2.5 = 0.2057 (limit 0.2) (report: r.md)")
+
+    monkeypatch.setattr(flows.compress, "preflight", lambda params: params)
+    monkeypatch.setattr(flows.compress, "compress", gate_fails)
+    assert demo.main(["--work-dir", str(tmp_path / "work"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mobiquant demo: error: quality gate failed: bits@2.5 = 0.2057 (limit 0.2) (report: r.md)"]

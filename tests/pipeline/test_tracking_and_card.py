@@ -12,7 +12,7 @@ import mobiquant
 from flows.params import CompressParams
 from registry import release, tracking
 from registry.hashing import tree_manifest
-from registry.report import PLOT_NAME, EvaluationSetup, model_card
+from registry.report import PLOT_NAME, EvaluationSetup, QuantizedModel, model_card
 from tasks.gate import GateCheck
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +23,8 @@ VALIDATION = {
     "rtn": [],
     "tokens": 1000,
 }
+MODEL = QuantizedModel.of({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "num_hidden_layers": 3,
+                           "quantization_config": {"linears": ["self_attn.qkv_proj", "mlp.down_proj"]}})
 
 
 def test_log_run_batches_metrics_and_tags_the_code(
@@ -85,7 +87,8 @@ def test_model_version_source_is_the_published_repo(tmp_path: Path, kind: str) -
     (tmp_path / "report").mkdir()
     recorded = release.record(
         params, source={"source": "tester/tiny", "sha": "abc", "kind": "hub"},
-        bundle={"overhead": 0.1, "report_dir": str(tmp_path / "report"), "repo_id": "tester/tiny-mobiquant"},
+        bundle={"overhead": 0.1, "report_dir": str(tmp_path / "report"), "repo_id": "tester/tiny-mobiquant",
+                "model": MODEL.tags()},
         validation=VALIDATION, checks=[], passed=True, stages={}, blocks=[], checkpoint_dir=tmp_path / "work" / "ckpt",
         run_name="r1",
     )  # fmt: skip
@@ -96,6 +99,10 @@ def test_model_version_source_is_the_published_repo(tmp_path: Path, kind: str) -
     }[kind]
     assert version.source == expected
     assert version.tags["work.checkpoint_dir"] == str((tmp_path / "work" / "ckpt").resolve())
+    # A reviewer sees what was quantized on the version itself.
+    assert {k: version.tags[k] for k in ("model_type", "architecture", "quantized_linears")} == {
+        "model_type": "phi3", "architecture": "Phi3ForCausalLM",
+        "quantized_linears": "self_attn.qkv_proj,mlp.down_proj"}
 
 
 def test_evaluation_setup_cuts_windows_as_perplexity_does(tmp_path: Path) -> None:
@@ -107,22 +114,29 @@ def test_evaluation_setup_cuts_windows_as_perplexity_does(tmp_path: Path) -> Non
     assert release.evaluation_setup(params, {**VALIDATION, "fp": {"ppl": 1.0, "dtype": "bfloat16"}}, {}).fp_dtype == (
         "bfloat16"
     )
+    # A local text is named by its file name, not by the build machine's path.
+    (tmp_path / "eval.txt").write_text("text")
+    local = CompressParams(model="tester/tiny", evaluation_data=str(tmp_path / "eval.txt"))
+    assert release.evaluation_setup(local, VALIDATION, {}).data == "eval.txt"
 
 
 def test_model_card_names_data_windows_dtype_license_and_install() -> None:
     setup = EvaluationSetup("wikitext2:test", 256, 12, "float32")
     card = model_card(
         repo_id="tester/tiny-mobiquant", base_model="tester/tiny", license_id="apache-2.0", validation=VALIDATION,
-        setup=setup, config={"num_slices": 4, "group_size": 64}, files={"model.safetensors": "0" * 64},
+        setup=setup, config={"num_slices": 4, "group_size": 64}, model=MODEL, files={"model.safetensors": "0" * 64},
     )  # fmt: skip
     assert "license: apache-2.0" in card and "License: `apache-2.0`, carried from the source model." in card
     assert "perplexity on `wikitext2:test`, 12 non-overlapping windows of 256 tokens" in card
     assert "| full precision (float32) | 32 | 10.000 |" in card
     assert mobiquant.INSTALL_HINT in card and "pip install mobiquant" not in card
     assert 'from_pretrained("tester/tiny-mobiquant", mobiquant_avg_bits=3.0)' in card
+    assert ("Model: `Phi3ForCausalLM` (`phi3`), 3 blocks; quantized in every block: `self_attn.qkv_proj`, "
+            "`mlp.down_proj`; embeddings, norms and the output head keep the source's dtype." in card)
+    assert "- phi3" in card.split("---")[1]
     unlicensed = model_card(
         repo_id="tester/tiny-mobiquant", base_model=None, license_id=None, validation=VALIDATION, setup=setup,
-        config={"num_slices": 4, "group_size": 64}, files={},
+        config={"num_slices": 4, "group_size": 64}, model=MODEL, files={},
     )  # fmt: skip
     assert "the source model names none" in unlicensed and "license: other" in unlicensed
 
