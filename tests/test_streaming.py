@@ -185,6 +185,23 @@ def test_capture_keeps_each_blocks_arguments_and_older_captures_results_are_reco
     assert resume_key({**manifest, "format": "inputs+loss-saliency-v1"}, config) != resume_key(manifest, config)
 
 
+
+def test_a_capture_of_an_older_format_is_taken_again_and_the_bar_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    _model, folder = saved("llama", tmp_path / "m")
+    files = ModelFiles(folder)
+    samples = torch.randint(0, VOCAB, (2, 16))
+    capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k", progress=False)
+    manifest_path = tmp_path / "c" / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format": "inputs+loss-saliency-v1"}))
+    capture_block_inputs(files, samples, tmp_path / "c", device=CPU, model_key="k", progress=True)
+    assert "capturing block inputs again (the work folder's capture is of an older format)" in capsys.readouterr().err
+    assert json.loads(manifest_path.read_text())["format"] != "inputs+loss-saliency-v1"
+
+
 def _rewrite(folder: Path, change: dict[str, torch.Tensor | None]) -> None:
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as handle:

@@ -113,8 +113,11 @@ def capture_block_inputs(
         start = written - 1
         hidden = load_hidden(fp_input_path(capture_dir, start))
     block_kwargs = load_block_kwargs(kwargs_path, device)
-    bar = tqdm(total=source.num_blocks, initial=start, desc="capturing block inputs", unit="block",
-               disable=not progress)
+    # A capture by an older version is taken again, and the blocks calibrated from it: the bar says why.
+    older = manifest is not None and manifest.get("format") != CAPTURE_FORMAT
+    bar = tqdm(total=source.num_blocks, initial=start, unit="block", disable=not progress,
+               desc="capturing block inputs" + (" again (the work folder's capture is of an older format)" if older
+                                                else ""))
     for index in range(start, source.num_blocks):
         path = fp_input_path(capture_dir, index)
         if not holds_capture(path, tag):
