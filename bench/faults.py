@@ -134,7 +134,7 @@ class Collector:
         case, expected = CASES.get(name, (name, "passes"))
         row = self.rows.setdefault(report.nodeid, Row(case.format(param=param), expected))
         row.seconds += report.duration
-        if report.skipped:  # skipif marks skip in setup, pytest.skip() in the call: not run, not failed
+        if report.skipped:  # skipif marks skip in setup, a skip call in the test body: not run, not failed
             row.skipped, row.observed = True, _skip_reason(report)
         elif report.when == "call" or report.failed:
             row.passed = report.passed and row.observed in ("not run", "as expected")

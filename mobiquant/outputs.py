@@ -142,14 +142,14 @@ def _remove_dead_staging(target: Path) -> None:
     files a writer killed before renaming them left (``.lock-pending``, free and older than a minute: a live
     writer locks its own within microseconds of creating it, and renames it at once)."""
     prefix = f".{target.name}.tmp-"
-    pattern = re.compile(rf"{re.escape(prefix)}[0-9a-f]{{{2 * STAGING_ID_BYTES}}}"
+    pattern = re.compile(rf"({re.escape(prefix)}[0-9a-f]{{{2 * STAGING_ID_BYTES}}})"
                          rf"{re.escape(STAGING_LOCK_SUFFIX)}(-pending)?")
     for lock_path in target.parent.glob(f"{glob.escape(prefix)}*{STAGING_LOCK_SUFFIX}*"):
         match = pattern.fullmatch(lock_path.name)
         if match is None:
             continue
         try:
-            if match.group(1) and time.time() - lock_path.stat().st_mtime < PENDING_GRACE_S:
+            if match.group(2) and time.time() - lock_path.stat().st_mtime < PENDING_GRACE_S:
                 continue
             descriptor = os.open(lock_path, os.O_RDWR)
         except OSError:
@@ -159,7 +159,7 @@ def _remove_dead_staging(target: Path) -> None:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # A folder or lock file that cannot be removed (another user's, in a sticky folder) must not fail
             # this write.
-            shutil.rmtree(target.parent / lock_path.name.split(STAGING_LOCK_SUFFIX)[0], ignore_errors=True)
+            shutil.rmtree(target.parent / match.group(1), ignore_errors=True)
             lock_path.unlink(missing_ok=True)
         except OSError:
             # Held by a running write (or the file system cannot say), or not ours to remove.

@@ -423,6 +423,19 @@ def test_lock_files_a_killed_writer_left_before_renaming_them_go_once_old_and_on
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, foreign.name])
 
 
+def test_a_target_named_like_a_lock_file_cleans_only_its_own_staging_folders(tmp_path: Path) -> None:
+    from mobiquant import outputs
+
+    (tmp_path / ".x").mkdir()
+    (tmp_path / ".x" / "keep.txt").write_text("not a staging folder")
+    killed = tmp_path / ".x.lock.tmp-0123456789ab"
+    killed.mkdir()
+    (tmp_path / f"{killed.name}.lock").touch()
+    with outputs.staging_folder(tmp_path / "x.lock") as staging:
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".x", staging.name, f"{staging.name}.lock"])
+    assert (tmp_path / ".x" / "keep.txt").read_text() == "not a staging folder"
+
+
 def test_a_staging_folder_gets_no_lock_file_where_the_file_system_refuses_locks_and_is_then_never_judged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
