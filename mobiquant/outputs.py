@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -105,8 +106,10 @@ def staging_folder(target: Path) -> Iterator[Path]:
     and ``.NAME.tmp-XXXXXXXXXXXX.lock``), which the kernel (or the NFS lock manager) releases when the process dies,
     however it dies. So the staging folders that killed writes left for ``target`` (as large as what they wrote)
     are found and removed here first, whichever host, container or pid namespace left them: those whose lock is
-    free. Where the file system refuses locks the folder gets no lock file, and folders without one (among them
-    those named by earlier versions, ``.NAME.tmp-HOST-...``) are never judged dead.
+    free. Where the file system refuses locks the folder gets no lock file, and folders without one are never judged
+    dead by their lock. Those that earlier versions named after their writer (``.NAME.tmp-HOST-pidnsINODE-PID-*``
+    and, before that, ``.NAME.tmp-HOST-PID-*``) go by the rule those versions used
+    (:func:`_remove_dead_earlier_staging`).
     """
     _remove_dead_staging(target)
     while True:
@@ -141,6 +144,7 @@ def _remove_dead_staging(target: Path) -> None:
     """Remove the staging folders for ``target`` whose lock file is not locked, with their lock files, and lock
     files a writer killed before renaming them left (``.lock-pending``, free and older than a minute: a live
     writer locks its own within microseconds of creating it, and renames it at once)."""
+    _remove_dead_earlier_staging(target)
     prefix = f".{target.name}.tmp-"
     pattern = re.compile(rf"({re.escape(prefix)}[0-9a-f]{{{2 * STAGING_ID_BYTES}}})"
                          rf"{re.escape(STAGING_LOCK_SUFFIX)}(-pending)?")
@@ -166,3 +170,66 @@ def _remove_dead_staging(target: Path) -> None:
             continue
         finally:
             os.close(descriptor)
+
+
+def _remove_dead_earlier_staging(target: Path) -> None:
+    """Remove the staging folders for ``target`` that killed writes of earlier versions left, named after their writer,
+    when that writer is provably gone, by the rule those versions applied: a folder of this host whose pid is not
+    alive here, and whose pid namespace is this one. A folder named ``.NAME.tmp-HOST-pidnsINODE-PID-XXXXXXXX`` says
+    its namespace; one named ``.NAME.tmp-HOST-PID-XXXXXXXX`` (before namespaces were recorded) does not, and a
+    container sharing this hostname but not its pids may be writing it, so it goes only when it was also created
+    before this host last booted (its modification time, which its creation cannot follow, is older than the boot
+    by more than a minute's clock difference): no process alive now can be writing it. Nothing is judged where the
+    namespace or the boot time cannot be read. Other hosts' folders are never judged: their processes cannot be
+    seen from here."""
+    namespace, booted = _pid_namespace(), _boot_time()
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    for entry in target.parent.glob(f"{glob.escape(prefix)}*"):
+        # tempfile.mkdtemp's suffix holds no "-": a host whose name merely starts with this one's does not match.
+        match = re.fullmatch(r"(?:pidns(\d+)-)?(\d+)-[^-]+", entry.name[len(prefix):])
+        if match is None or _process_alive(int(match.group(2))):
+            continue
+        if match.group(1) is not None:
+            dead = namespace is not None and int(match.group(1)) == namespace
+        else:
+            try:
+                dead = booted is not None and entry.lstat().st_mtime < booted - PENDING_GRACE_S
+            except OSError:
+                continue
+        if dead and entry.is_dir() and not entry.is_symlink():
+            # A folder that cannot be removed must not fail this write.
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_namespace() -> int | None:
+    """The inode of this process's pid namespace (Linux), or None where it cannot be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _boot_time() -> float | None:
+    """When this host booted (seconds since the epoch, Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It exists, as another user's process.
+        return True
+    except (OverflowError, ValueError):
+        # Not a pid this system can have: nothing is judged.
+        return True
+    return True

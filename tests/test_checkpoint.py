@@ -365,7 +365,7 @@ def test_a_save_removes_the_staging_folders_killed_writes_left_and_leaves_runnin
     killed_name = killed.stdout.readline().strip()
     assert killed.wait() == -9
     left = {
-        # Named by earlier versions (host and pid): nothing says whether their process lives.
+        # Named by an earlier version (host, pid namespace and pid), in another pid namespace: its process may live.
         "earlier version": f".out.tmp-{socket.gethostname()}-pidns1-1-0ld",
         "other output": ".other.tmp-0123456789ab",
     }
@@ -392,6 +392,44 @@ def test_a_save_removes_the_staging_folders_killed_writes_left_and_leaves_runnin
     running.communicate("")
     assert running.returncode == 0
     assert not any(name in running_files for name in (p.name for p in tmp_path.iterdir()))
+
+
+def test_staging_folders_earlier_versions_left_go_only_when_provably_dead_by_the_rule_those_versions_used(
+    tmp_path: Path,
+) -> None:
+    from mobiquant import outputs
+
+    host, namespace = socket.gethostname(), os.stat("/proc/self/ns/pid").st_ino
+    booted = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                  if line.startswith("btime "))
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead, alive = finished.pid, os.getpid()
+    ours = f"{host}-pidns{namespace}"
+    before_boot = booted - 3600
+    folders = {
+        # .NAME.tmp-HOST-pidnsINODE-PID-*: this host and pid namespace, the pid gone.
+        "killed": (f".out.tmp-{ours}-{dead}-k1ll3d_", None),
+        "running": (f".out.tmp-{ours}-{alive}-runn1ng", None),
+        # A container sharing this hostname but not its pids: its process may live although this pid is gone here.
+        "other pid namespace": (f".out.tmp-{host}-pidns{namespace + 1}-{dead}-0th3r", None),
+        "other host": (f".out.tmp-{host}-x-pidns{namespace}-{dead}-0th3r", None),
+        # .NAME.tmp-HOST-PID-*: no namespace, so only one created before this host booted is provably dead.
+        "killed before the boot": (f".out.tmp-{host}-{dead}-0ldk1ll", before_boot),
+        "maybe another namespace's": (f".out.tmp-{host}-{dead}-0ldl1ve", None),
+        "pid alive, before the boot": (f".out.tmp-{host}-{alive}-0ldrunn", before_boot),
+        "other host, before the boot": (f".out.tmp-{host}-x-{dead}-0ld0th3", before_boot),
+        "other output": (f".other.tmp-{ours}-{dead}-0th3r", None),
+    }
+    for name, stamp in folders.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+        if stamp is not None:
+            os.utime(tmp_path / name, (stamp, stamp))
+    gone = {"killed", "killed before the boot"}
+    with outputs.staging_folder(tmp_path / "out") as staging:
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [staging.name, f"{staging.name}.lock", *(name for what, (name, _) in folders.items() if what not in gone)])
 
 
 def test_lock_files_a_killed_writer_left_before_renaming_them_go_once_old_and_one_that_cannot_go_fails_nothing(
