@@ -11,6 +11,8 @@ gate leaves its report and MLflow run, publishes nothing and fails the flow (non
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Failed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.params import (
@@ -47,6 +50,33 @@ if TYPE_CHECKING:
 
 class PreflightError(RuntimeError):
     """A service the run needs is unreachable or refuses us; nothing heavy has started."""
+
+
+# Failures the run expects and explains in one line: their tracebacks say nothing more to the user.
+EXPECTED_ERRORS = (GateFailedError, PublishError, PreflightError, InvalidParametersError)
+
+
+class _ExpectedErrorsInOneLine(logging.Filter):
+    """Drops the traceback from a log record of an expected error (:data:`EXPECTED_ERRORS`), keeping its line.
+
+    Prefect's task run engine logs a task's exception with its traceback ("Task run failed with exception: ...").
+    A task that returns a Failed state instead is logged with ``exc_info`` and no exception ("NoneType: None"), and
+    its caller gets the state, not the error; so a task (``publish``) raises, and this filter on the task runs'
+    logger keeps that record to its line. The flow returns a Failed state (:func:`compress`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS)
+        if expected and not os.environ.get("MOBIQUANT_DEBUG"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_expected_errors() -> None:
+    """Log the expected errors of task runs in this process on one line (idempotent; other errors are untouched)."""
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _ExpectedErrorsInOneLine) for f in task_runs.filters):
+        task_runs.addFilter(_ExpectedErrorsInOneLine())
 
 
 def preflight(params: CompressParams) -> CompressParams:
@@ -378,9 +408,27 @@ def compress(
     compute_dtype: Literal["float32", "tfloat32", "bfloat16"] = "float32",
     kernel_archs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Compress ``model`` into one elastic MoBiQuant checkpoint and stage it for review."""
+    """Compress ``model`` into one elastic MoBiQuant checkpoint and stage it for review.
+
+    An expected failure, already explained in one line (:data:`EXPECTED_ERRORS`: a failed gate, a refused publish,
+    an unusable parameter or service), ends the run in a Failed state whose message is that line, and Prefect logs
+    it without a traceback; calling the flow still raises the error. Any other error keeps Prefect's traceback, as
+    every error does with ``MOBIQUANT_DEBUG=1``."""
     wall_start = time.perf_counter()
     given = {k: v for k, v in locals().items() if v is not None and k != "wall_start"}
+    quiet_expected_errors()
+    try:
+        return _compress(given, wall_start)
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("MOBIQUANT_DEBUG"):
+            raise
+        # Prefect's documented way to fail a run with a message: return a Failed state. It logs "Finished in state
+        # Failed('<message>')" where a raised exception would be logged with its traceback, and its caller gets
+        # the error (the state's data) raised.
+        return Failed(message=str(error), data=error)
+
+
+def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
     params = preflight(parse_params(given))
     logger = get_run_logger()
 

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         summary = compress(**params)
-    except (GateFailedError, PublishError) as error:
-        # Prefect has logged the failed run; the report or the publish target says the rest.
+    except (GateFailedError, PublishError, PreflightError, InvalidParametersError) as error:
+        # Prefect has logged the failed run in one line (its state's message); the report or the publish target
+        # says the rest. A service lost after the check above fails the flow's own preflight the same way.
         print(f"mobiquant demo: error: {error}", file=sys.stderr)
         return 1
     db = summary["mlflow_uri"]

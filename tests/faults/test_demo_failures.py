@@ -1,0 +1,103 @@
+"""What ``python -m flows.demo`` prints when a run fails: an expected failure (a failed gate, a refused publish) is
+one line in Prefect's log and one from the demo, with no traceback, and the run ends Failed with the reason in
+Prefect's API; an unexpected error keeps Prefect's traceback. Each case is a real demo run in its own process (its
+own ephemeral Prefect server and logging) on the tiny model; the runs share one work folder, so the later ones
+reuse the first one's blocks, checkpoint and measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RUN = r"""
+import asyncio, json, sys
+from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+import flows.demo as demo
+import registry.release
+from registry.publish import PublishError
+from tests.pipeline.conftest import tiny_params
+
+model, folder, case = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+gate = {"max_bits_error": 1.5, "routed_not_worse_than_rtn": False, "max_ratio_to_fp": {4.0: 2.0}}
+if case == "gate":
+    gate = {"max_bits_error": 0.0, "routed_not_worse_than_rtn": False}
+demo.demo_parameters = lambda: tiny_params(model, folder, gate=gate)
+
+
+def refused(*_args, **_kwargs):
+    raise PublishError("the publish target refuses the release (test)")
+
+
+def broken(*_args, **_kwargs):
+    raise RuntimeError("an unexpected fault while publishing (test)")
+
+
+if case != "gate":
+    registry.release.stage_release = refused if case == "publish" else broken
+argv = ["--work-dir", str(folder / "work"), "--mlflow-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--publish-root", str(folder / "published")]
+try:
+    code = demo.main(argv)
+except RuntimeError as error:  # the unexpected error, which the demo does not catch: not printed here
+    code = f"raised {error}"
+
+
+async def compress_runs():
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["compress"])))
+
+
+states = [{"type": run.state.type.value, "message": run.state.message} for run in asyncio.run(compress_runs())]
+print("RESULT " + json.dumps({"code": code, "states": states}), flush=True)
+"""
+
+
+def _demo(tiny_model: Path, folder: Path, case: str) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(folder / f"prefect-{case}"), OMP_NUM_THREADS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true")
+    done = subprocess.run([sys.executable, "-c", RUN, str(tiny_model), str(folder), case], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, output
+    return json.loads(lines[-1].removeprefix("RESULT ")), output
+
+
+def test_expected_failures_of_the_demo_are_one_line_and_unexpected_ones_keep_their_traceback(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    result, output = _demo(tiny_model, tmp_path, "gate")
+    assert result["code"] == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("mobiquant demo: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("mobiquant demo: error: quality gate failed: bits@"), output
+    [state] = result["states"]
+    assert state["type"] == "FAILED" and state["message"].startswith("quality gate failed: bits@"), state
+
+    result, output = _demo(tiny_model, tmp_path, "publish")
+    assert result["code"] == 1, output
+    assert "Traceback" not in output, output
+    reason = "the publish target refuses the release (test)"
+    assert [line for line in output.splitlines() if line.startswith("mobiquant demo: error: ")] == [
+        f"mobiquant demo: error: {reason}"], output
+    # The publish task's own failure is logged too, on one line.
+    assert any("Task run failed with exception" in line and reason in line for line in output.splitlines()), output
+    [state] = result["states"]
+    assert state == {"type": "FAILED", "message": reason}, state
+
+    result, output = _demo(tiny_model, tmp_path, "unexpected")
+    assert result["code"] == "raised an unexpected fault while publishing (test)", output
+    assert "Traceback" in output and "mobiquant demo: error" not in output, output
+    assert output.count("RuntimeError: an unexpected fault while publishing (test)") >= 2, output
+    [state] = result["states"]
+    assert state["type"] == "FAILED" and "an unexpected fault while publishing (test)" in state["message"], state
