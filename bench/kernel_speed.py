@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -287,6 +288,14 @@ def to_mobilinears(model: nn.Module, group_size: int) -> None:
             setattr(block.get_submodule(parent), child, layer)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` since transformers 5.24 (which
+    deprecates ``past_key_values`` with a FutureWarning), ``past_key_values`` before (5.17, say, where ``cache``
+    would land in ``**kwargs`` unused, and every step would run without its past)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_decode(
     model: nn.Module, prompt: torch.Tensor, new_tokens: int, graphs: bool
@@ -302,13 +311,14 @@ def greedy_decode(
     device = prompt.device
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + E2E_WARMUP_TOKENS + new_tokens + 1)
     positions = torch.arange(prompt.shape[1], device=device)
-    logits = model(input_ids=prompt, past_key_values=cache, cache_position=positions, use_cache=True).logits
+    with_cache = {cache_keyword(model): cache}
+    logits = model(input_ids=prompt, **with_cache, cache_position=positions, use_cache=True).logits
     logits = logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
     position = positions[-1:] + 1
 
     def step() -> None:
-        next_logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        next_logits = model(input_ids=token, **with_cache, cache_position=position, use_cache=True).logits
         token.copy_(next_logits[:, -1].argmax(-1, keepdim=True))
         position.add_(1)
 

@@ -6,17 +6,22 @@ and are not checked, only that every precision runs and the sliced model tracks 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
 from bench.kernel_speed import (
     E2E_WARMUP_TOKENS,
     PRECISIONS,
+    cache_keyword,
     e2e_decode,
     greedy_decode,
     llama_shaped_model,
     target_summary,
 )
+
+# The bench's calls must run on the installed transformers without deprecated names (5.24 renames the KV cache's).
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 TINY_LLAMA = {
     "hidden_size": 64,
@@ -68,10 +73,29 @@ def test_static_cache_decode_generates_what_a_dynamic_cache_does() -> None:
     steps = 5
     _, _, last = greedy_decode(model, prompt, steps, graphs=False)
     cache = DynamicCache(config=model.config)
-    token = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    with_cache = {cache_keyword(model): cache}
+    token = model(input_ids=prompt, **with_cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     generated = []
     for _ in range(E2E_WARMUP_TOKENS + steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(input_ids=token, **with_cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         generated.append(int(token))
+    # The cache was used under the name given (another name would leave it empty, each step without its past).
+    assert cache.get_seq_length() == prompt.shape[1] + E2E_WARMUP_TOKENS + steps
     assert len(set(generated)) > 1  # a model that repeats one token would not show a wrong position
     assert int(last) == generated[-1]
+
+
+def test_the_cache_keyword_follows_the_forward_signature() -> None:
+    """``cache`` where the forward names it (transformers 5.24), ``past_key_values`` where it does not (the GPU
+    image's 5.17), where ``cache`` would be swallowed by ``**kwargs`` and the cache never filled."""
+
+    class Before524(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None, **kwargs: object) -> None:
+            return None
+
+    assert cache_keyword(Before524()) == "past_key_values"
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5.24"):
+        assert cache_keyword(llama_shaped_model(1, TINY_LLAMA, torch.device("cpu"))) == "cache"
