@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 RUN = r"""
@@ -101,3 +103,28 @@ def test_expected_failures_of_the_demo_are_one_line_and_unexpected_ones_keep_the
     assert output.count("RuntimeError: an unexpected fault while publishing (test)") >= 2, output
     [state] = result["states"]
     assert state["type"] == "FAILED" and "an unexpected fault while publishing (test)" in state["message"], state
+
+
+def test_only_expected_errors_lose_their_traceback_in_task_run_logs_and_none_with_mobiquant_debug(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    from flows.compress import quiet_expected_errors
+    from registry.publish import PublishError
+
+    def logged(error: Exception) -> logging.LogRecord:
+        """The record the task run engine logs for ``error``, after the task runs' logger's filters."""
+        record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 0,
+                                   "Task run failed with exception: %r", (error,), (type(error), error, None))
+        assert logging.getLogger("prefect.task_runs").filter(record)
+        return record
+
+    quiet_expected_errors()
+    quiet_expected_errors()
+    filters = logging.getLogger("prefect.task_runs").filters
+    assert sum(type(f).__name__ == "_ExpectedErrorsInOneLine" for f in filters) == 1
+    assert logged(PublishError("refused")).exc_info is None
+    assert logged(RuntimeError("a bug")).exc_info is not None
+    monkeypatch.setenv("MOBIQUANT_DEBUG", "1")
+    assert logged(PublishError("refused")).exc_info is not None
