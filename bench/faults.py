@@ -51,6 +51,14 @@ CASES: dict[str, tuple[str, str]] = {
     "test_unreachable_mlflow_from_the_demo_command": ("MLflow unreachable (demo command)", "one line, exit 1"),
     "test_a_failed_gate_from_the_demo_command_ends_in_one_line": ("Quality gate failed (demo command)",
                                                                   "one line, exit 1"),
+    "test_expected_failures_of_the_demo_are_one_line_and_unexpected_ones_keep_their_traceback": (
+        "Gate fails / publish refused / publish bug (demo command)",
+        "one line and Failed(reason), exit 1; a bug keeps its traceback",
+    ),
+    "test_only_expected_errors_lose_their_traceback_in_task_run_logs_and_none_with_mobiquant_debug": (
+        "Expected vs unexpected error in task-run logs",
+        "expected on one line; others, and all with MOBIQUANT_DEBUG=1, keep tracebacks",
+    ),
     "test_concurrent_runs_of_different_and_of_the_same_model": (
         "3 concurrent runs (2 models, one twice)",
         "all succeed; each block calibrated once; published = recorded sha256",
