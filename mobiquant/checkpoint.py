@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,7 @@ from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
     register_quantization_config,
     register_quantizer,
 )
@@ -501,8 +503,58 @@ def check_layer_tensors(model: nn.Module, files: Sequence[str | os.PathLike], co
                     )
 
 
+def passed_quantization_config(value: object) -> MoBiQuantConfig:
+    """What ``from_pretrained(..., quantization_config=value)`` of a MoBiQuant checkpoint may pass: a
+    :class:`MoBiQuantConfig`, or a mapping it accepts (made one); anything else is a one-line :class:`CheckpointError`.
+
+    transformers loads a pre-quantized checkpoint with the checkpoint's own config and drops a passed one of the same
+    kind (with a warning); one of another kind (a string, a list, another method's config) it refused with an error
+    telling to pass "the same quantization config class", without naming it, and refused a dict even of this method.
+    """
+    if isinstance(value, MoBiQuantConfig):
+        return value
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        method = value.get("quant_method", QUANT_METHOD)
+        if method == QUANT_METHOD:
+            try:
+                return MoBiQuantConfig(**value)
+            except CheckpointError as error:
+                raise CheckpointError(f"from_pretrained(quantization_config=...) is not a valid MoBiQuant config: "
+                                      f"{error}") from None
+        described = f"a {method!r} config"
+    elif isinstance(value, QuantizationConfigMixin):
+        method = getattr(value, "quant_method", None)
+        described = f"{type(value).__name__} (quant_method {getattr(method, 'value', method)!r})"
+    else:
+        described = f"{type(value).__name__} {reprlib.repr(value)}"
+    raise CheckpointError(
+        f"from_pretrained(quantization_config=...) of a MoBiQuant checkpoint takes a mobiquant.MoBiQuantConfig or "
+        f"nothing (the checkpoint loads with its own quantization config), not {described}"
+    )
+
+
+def _is_mobiquant_config(quant: object) -> bool:
+    if isinstance(quant, Mapping):
+        return quant.get("quant_method") == QUANT_METHOD
+    return isinstance(quant, MoBiQuantConfig)
+
+
+def _merge_quantization_configs(cls: type, quantization_config: Any, quantization_config_from_args: Any) -> Any:
+    """transformers' ``AutoHfQuantizer.merge_quantization_configs``, with the passed config of a MoBiQuant checkpoint
+    checked first (``passed_quantization_config``)."""
+    if quantization_config_from_args is not None and _is_mobiquant_config(quantization_config):
+        quantization_config_from_args = passed_quantization_config(quantization_config_from_args)
+    return _TRANSFORMERS_MERGE(cls, quantization_config, quantization_config_from_args)
+
+
+_TRANSFORMERS_MERGE = getattr(AutoHfQuantizer.merge_quantization_configs, "__func__", None)
+
+
 def register() -> None:
     """Register the MoBiQuant config and quantizer with transformers (idempotent)."""
+    merge = AutoHfQuantizer.__dict__.get("merge_quantization_configs")
+    if _TRANSFORMERS_MERGE is not None and getattr(merge, "__func__", None) is not _merge_quantization_configs:
+        AutoHfQuantizer.merge_quantization_configs = classmethod(_merge_quantization_configs)
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not MoBiQuantConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         register_quantization_config(QUANT_METHOD)(MoBiQuantConfig)

@@ -762,3 +762,48 @@ def test_from_pretrained_sets_the_precision_asked_for(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits="high")
     with pytest.raises(ValueError, match=r"avg_bits must be in \[2, 8\]"):
         AutoModelForCausalLM.from_pretrained(out, mobiquant_avg_bits=9)
+
+
+@pytest.mark.parametrize(
+    "passed, described",
+    [
+        ("mobiquant", "not str 'mobiquant'"),
+        (["linears"], "not list ['linears']"),
+        (4, "not int 4"),
+        ({"quant_method": "gptq", "bits": 4}, "not a 'gptq' config"),
+        ("gptq-config", "not GPTQConfig (quant_method 'gptq')"),
+    ],
+    ids=["string", "list", "int", "other-method-dict", "other-method-config"],
+)
+def test_a_quantization_config_argument_of_another_kind_is_one_line_from_mobiquant(
+    tmp_path: Path, passed: object, described: str
+) -> None:
+    from transformers import GPTQConfig
+
+    _, out = saved(tmp_path, seed=21)
+    if passed == "gptq-config":
+        passed = GPTQConfig(bits=4)
+    with pytest.raises(CheckpointError) as caught:
+        AutoModelForCausalLM.from_pretrained(out, quantization_config=passed)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("from_pretrained(quantization_config=...) of a MoBiQuant checkpoint takes a "
+                              "mobiquant.MoBiQuantConfig or nothing"), message
+    assert message.endswith(described), message
+
+
+def test_a_quantization_config_argument_of_this_method_loads_with_the_checkpoints_own(tmp_path: Path) -> None:
+    _, out = saved(tmp_path, seed=22)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    reference = load_checkpoint(out)
+    own = json.loads((out / "config.json").read_text())["quantization_config"]
+    # A config of this method, as an object or as the dict that makes one: transformers keeps the checkpoint's own.
+    for passed in (checkpoint.MoBiQuantConfig(**own), dict(own), {**own, "group_size": 64}):
+        loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=passed)
+        assert loaded.config.quantization_config.group_size == own["group_size"]
+        assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "from_pretrained(quantization_config=...) is not a valid MoBiQuant config: quantization_config: group_size "
+            "must be a positive multiple of 32, got 7")) as caught:
+        AutoModelForCausalLM.from_pretrained(out, quantization_config={**own, "group_size": 7})
+    assert "\n" not in str(caught.value)
