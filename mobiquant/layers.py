@@ -260,15 +260,11 @@ class MoBiLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _count_bits(self, slices: torch.Tensor) -> None:
-        # The meters of one forward pass hold the same attention mask: count once per mask, not once per meter.
-        counts: dict[int, tuple[float, int]] = {}
+        # Every meter counts the tokens of the innermost metered pass running in this thread: count them once.
+        slice_sum, tokens = _counted_slices(slices, current_pass_mask())
+        slice_sum, weights = float(slice_sum), self.in_features * self.out_features
         for meter in self.bit_meters:
-            mask = meter.attention_mask
-            key = id(mask.attention_mask) if mask is not None else 0
-            if key not in counts:
-                slice_sum, tokens = _counted_slices(slices, mask)
-                counts[key] = float(slice_sum), tokens
-            meter.add(*counts[key], self.in_features * self.out_features)
+            meter.add(slice_sum, tokens, weights)
 
     def extra_repr(self) -> str:
         return (
@@ -355,32 +351,47 @@ def _counted_slices(slices: torch.Tensor, attention_mask: PassMask | None) -> tu
     return (slices.reshape(-1) * flat_real).sum(), tokens
 
 
+class MeteredPass:
+    """One forward pass of a metered model (``track_bits``, ``hold_budget``) running in this thread, or a caller's
+    declaration of the padding of the next pass of ``module`` that is given no mask (``declare_padding``)."""
+
+    __slots__ = ("declared", "kwargs", "mask", "module", "owner")
+
+    def __init__(self, mask: PassMask | None, module: object, owner: object = None, kwargs: object = None,
+                 declared: bool = False) -> None:
+        self.mask, self.module, self.owner, self.kwargs, self.declared = mask, module, owner, kwargs, declared
+
+
+# Per thread, the metered passes running, innermost last: a pass of a model run inside another's (from a hook, a
+# draft model in speculative decoding) counts with its own mask and leaves the outer pass's mask as it was.
+_PASSES = threading.local()
+
+
+def pass_stack() -> list[MeteredPass]:
+    """This thread's metered passes, outermost first."""
+    stack = getattr(_PASSES, "stack", None)
+    if stack is None:
+        stack = _PASSES.stack = []
+    return stack
+
+
+def current_pass_mask() -> PassMask | None:
+    """The 2-D attention mask of the innermost metered pass running in this thread, whose padding the layers it runs
+    do not count (``_counted_slices``); None (count every token) outside any such pass or in one given no mask."""
+    stack = getattr(_PASSES, "stack", None)
+    return stack[-1].mask if stack else None
+
+
 class BitMeter:
     """Counts the average bits actually used: 2 x slices per token, weighted by each layer's size."""
 
     def __init__(self) -> None:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
-        # Per thread: passes of one model run concurrently by threads each count with their own mask.
-        self._this_thread = threading.local()
-
-    @property
-    def attention_mask(self) -> PassMask | None:
-        """During a forward pass, in this thread, of the model the meter is attached to (track_bits, hold_budget):
-        the pass's 2-D attention mask, whose padding is not counted (``_counted_slices``); None counts every token."""
-        return getattr(self._this_thread, "attention_mask", None)
-
-    @attention_mask.setter
-    def attention_mask(self, mask: PassMask | None) -> None:
-        self._this_thread.attention_mask = mask
-
-    def __getstate__(self) -> dict[str, object]:
-        # A thread's pass mask does not outlive its pass; thread-local storage does not pickle.
-        return {name: value for name, value in self.__dict__.items() if name != "_this_thread"}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._this_thread = threading.local()
+        # Meters pickled by earlier versions carry the name of a thread-local slot they no longer use.
+        self.__dict__.update({name: value for name, value in state.items() if name != "_this_thread"})
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from mobiquant.allocation import BISECTION_STEPS, Allocator, layer_cost_curves
-from mobiquant.layers import UNCALIBRATED, BitMeter, MoBiLinear, PassMask, ordered_scores
+from mobiquant.layers import UNCALIBRATED, BitMeter, MeteredPass, MoBiLinear, PassMask, ordered_scores, pass_stack
 from mobiquant.slicing import BITS_PER_SLICE
 
 # Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
@@ -259,29 +259,74 @@ def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[
         layer.uniform_slices = None
 
 
-def _follow_attention_mask(model: nn.Module, meters: list[BitMeter]) -> list[RemovableHandle]:
-    """Hooks giving ``meters``, during each forward pass of ``model``, its 2-D attention mask, so that padding is
-    not counted: the padding of a batch would move the bits measured (and a held budget) with
-    the batch's make-up, though it changes no real token's routing."""
+class _PassHooks:
+    """Names the hooks one ``track_bits`` block or budget hold put on a model, so each ends only its own passes."""
+
+
+def _follow_attention_mask(model: nn.Module) -> list[RemovableHandle]:
+    """Hooks marking, in this thread, each forward pass of ``model`` with its 2-D attention mask, so that the layers
+    it runs do not count padding: the padding of a batch would move the bits measured (and a held budget) with the
+    batch's make-up, though it changes no real token's routing. Passes nest (``mobiquant.layers.pass_stack``)."""
     parameters = list(inspect.signature(model.forward).parameters)
     position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+    owner = _PassHooks()
     # Partials of module functions, not closures: a model pickled with its hooks must pickle them.
-    return [model.register_forward_pre_hook(functools.partial(_record_mask, meters, position), with_kwargs=True),
-            model.register_forward_hook(functools.partial(_forget_mask, meters), always_call=True)]
+    return [model.register_forward_pre_hook(functools.partial(_begin_pass, owner, position), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_end_pass, owner), always_call=True)]
 
 
-def _record_mask(meters: list[BitMeter], position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _begin_pass(owner: _PassHooks, position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    stack = pass_stack()
+    top = stack[-1] if stack else None
+    if top is not None and top.module is module and top.kwargs is kwargs:
+        # The same call, already begun by the hooks of another block or hold on this model: the same mask.
+        stack.append(MeteredPass(top.mask, module, owner, kwargs))
+        return
     mask = kwargs.get("attention_mask")
     if mask is None and position is not None and position < len(args):
         mask = args[position]
-    pass_mask = PassMask(mask) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    for meter in meters:
-        meter.attention_mask = pass_mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        pass_mask = PassMask(mask)
+    elif mask is None and top is not None and top.declared and top.module is module:
+        pass_mask = top.mask
+    else:
+        pass_mask = None
+    stack.append(MeteredPass(pass_mask, module, owner, kwargs))
 
 
-def _forget_mask(meters: list[BitMeter], module: nn.Module, args: tuple, output: object) -> None:
-    for meter in meters:
-        meter.attention_mask = None
+def _end_pass(owner: _PassHooks, module: nn.Module, args: tuple, output: object) -> None:
+    stack = pass_stack()
+    for index in range(len(stack) - 1, -1, -1):
+        if stack[index].owner is owner:
+            del stack[index]
+            return
+
+
+@contextmanager
+def declare_padding(model: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward pass of ``model`` given no attention mask is metered (``track_bits``,
+    ``hold_budget``) as if given ``attention_mask`` (``[batch, tokens]``, 0 for padding); the model itself still
+    runs without one. For a caller that pads a batch the model needs no mask for (right padding of a causal model,
+    as lm-eval does) but whose padding should not count."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
+    stack = pass_stack()
+    declaration = MeteredPass(PassMask(attention_mask), model, declared=True)
+    stack.append(declaration)
+    try:
+        yield
+    finally:
+        for index in range(len(stack) - 1, -1, -1):
+            if stack[index] is declaration:
+                del stack[index]
+                break
+
+
+def _record_mask(*_args: object, **_kwargs: object) -> None:
+    """The mask hook of earlier versions, kept so that a model they pickled with its hooks still loads."""
+
+
+_forget_mask = _record_mask
 
 
 class BudgetHold:
@@ -318,7 +363,7 @@ class BudgetHold:
         for layer in layers:
             layer.bit_meters += [self._this_pass, self.meter]
         self._handles = [model.register_forward_hook(self._update),
-                         *_follow_attention_mask(model, [self._this_pass, self.meter])]
+                         *_follow_attention_mask(model)]
         setattr(model, _HOLD_ATTRIBUTE, self)
 
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -362,13 +407,14 @@ def track_bits(model: nn.Module) -> Iterator[BitMeter]:
 
     Tokens that a forward pass's 2-D ``attention_mask`` (passed to ``model`` itself) marks as padding do not count.
     The meter counts every pass of ``model`` in the block, whoever runs it: per model, not per request. Blocks
-    nest: an outer block also counts the tokens of the blocks inside it.
+    nest: an outer block also counts the tokens of the blocks inside it. Passes nest too: a pass run inside another
+    (from a hook, a draft model) counts with its own mask, and the outer pass keeps its own.
     """
     meter = BitMeter()
     layers = mobi_layers(model)
     for layer in layers:
         layer.bit_meters.append(meter)
-    handles = _follow_attention_mask(model, [meter])
+    handles = _follow_attention_mask(model)
     try:
         yield meter
     finally:

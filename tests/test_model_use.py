@@ -177,6 +177,81 @@ def test_passes_run_by_two_threads_each_count_with_their_own_mask() -> None:
     assert interleaved.avg_bits == pytest.approx(apart.avg_bits, rel=1e-12)
 
 
+def right_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one right-padded batch (padding token 0) and its attention mask."""
+    width = max(len(prompt) for prompt in prompts)
+    batch = torch.stack([torch.cat([p, torch.zeros(width - len(p), dtype=torch.long)]) for p in prompts])
+    return batch, torch.stack([torch.arange(width) < len(p) for p in prompts]).long()
+
+
+def bits_of_prompts_alone(layers: list[MoBiLinear], runs: list[tuple[torch.nn.Module, list[torch.Tensor]]]
+                          ) -> tuple[float, float]:
+    """Weighted slices and weighted tokens that ``layers`` spend when each model of ``runs`` runs each of its prompts
+    alone, unpadded, from the layers' own routing: what a meter of ``layers`` should count."""
+    spent = [0.0, 0.0]
+
+    def count(layer: MoBiLinear, args: tuple) -> None:
+        slices, weights = layer.route(args[0]), layer.in_features * layer.out_features
+        spent[0] += float(slices.sum()) * weights
+        spent[1] += slices.numel() * weights
+
+    handles = [layer.register_forward_pre_hook(count) for layer in layers]
+    with torch.no_grad():
+        for model, prompts in runs:
+            for prompt in prompts:
+                model(prompt.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    return spent[0], spent[1]
+
+
+def assert_meter_counts(meter: object, reference: tuple[float, float]) -> None:
+    assert meter.weighted_tokens == reference[1]
+    assert meter.avg_bits == pytest.approx(2 * reference[0] / reference[1], rel=1e-12)
+
+
+def test_a_pass_run_inside_another_pass_counts_its_own_tokens_and_leaves_the_outer_ones_as_they_were() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=5), seed=5)
+    set_uniform(model, None, threshold=1.5)
+    generator = torch.Generator().manual_seed(1)
+    outer = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (3, 9, 6)]
+    inner = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (2, 7)]
+    outer_batch, outer_mask = right_padded(outer)
+    inner_batch, inner_mask = right_padded(inner)
+    # A draft model sharing the model's embeddings, first block, norm and head (self-speculative decoding).
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 1
+    draft = AutoModelForCausalLM.from_config(config).eval()
+    draft.model.embed_tokens, draft.model.norm = model.model.embed_tokens, model.model.norm
+    draft.lm_head = model.lm_head
+    draft.model.layers = torch.nn.ModuleList([model.model.layers[0]])
+    model_layers, draft_layers = list(mobi_layers(model).values()), list(mobi_layers(draft).values())
+    assert set(map(id, draft_layers)) < set(map(id, model_layers))
+
+    for inside in (model, draft):
+        ran_inside = []
+
+        def run_inside(module: torch.nn.Module, args: tuple, inside: torch.nn.Module = inside,
+                       ran_inside: list = ran_inside) -> None:
+            # Once, in the outer pass: between its first and second block.
+            if not ran_inside:
+                ran_inside.append(True)
+                inside(inner_batch, attention_mask=inner_mask)
+
+        handle = model.model.layers[1].register_forward_pre_hook(run_inside)
+        try:
+            with track_bits(model) as outer_meter, track_bits(draft) as draft_meter, torch.no_grad():
+                model(outer_batch, attention_mask=outer_mask)
+        finally:
+            handle.remove()
+        assert ran_inside
+        # Each meter counts both passes through its model's layers (the draft's are the model's first block), each
+        # pass without its own padding.
+        runs = [(model, outer), (inside, inner)]
+        assert_meter_counts(outer_meter, bits_of_prompts_alone(model_layers, runs))
+        assert_meter_counts(draft_meter, bits_of_prompts_alone(draft_layers, runs))
+
+
 def test_a_layer_counts_on_its_own_device_with_a_mask_made_once_per_pass() -> None:
     # A layer on another device than the pass's mask (device_map across devices), simulated with the meta device.
     pass_mask = PassMask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
