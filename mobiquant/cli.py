@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, help="run only the first N documents of each task")
     evaluate.add_argument(
         "--batch-size", type=_positive_int, default=1,
-        help="lm-eval batch size (default: 1, which measures avg bits exactly: above 1, lm-eval pads likelihood "
-        "batches with no attention mask, and avg bits counts the padding)",
+        help="lm-eval batch size (default: 1); avg bits counts only the requests' own tokens, not the padding of a "
+        "batch",
     )
     evaluate.set_defaults(handler=cmd_eval)
 

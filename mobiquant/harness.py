@@ -79,13 +79,13 @@ def evaluate_tasks(
 
     from mobiquant.precision import set_precision, track_bits
 
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    wrapped = padding_metered(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     rows = []
     for mode, target, kwargs in settings:
         set_precision(model, **kwargs)
         # The harness prints notes on stdout, where `mobiquant eval --json` writes its report. No bootstrap: the
         # table shows no standard errors, and a perplexity metric would be resampled 100,000 times per setting.
-        with track_bits(model) as meter, contextlib.redirect_stdout(sys.stderr):
+        with track_bits(model) as meter, contextlib.redirect_stdout(sys.stderr), recording_right_padding(wrapped):
             results = simple_evaluate(
                 model=wrapped,
                 tasks=list(tasks),
@@ -96,3 +96,58 @@ def evaluate_tasks(
             )
         rows.append({"mode": mode, "target": target, "avg_bits": meter.avg_bits, "tasks": task_metrics(results, tasks)})
     return rows
+
+
+def padding_metered(hflm: type) -> type:
+    """lm-eval's ``HFLM`` (``hflm``) whose right-padded likelihood batches are metered without their padding.
+
+    lm-eval right-pads the likelihood requests of a batch to one length (``pad_and_concat``) and calls the model
+    with no attention mask: a causal model needs none for right padding, but the bit meters (``track_bits``) would
+    count the padding tokens. The batch's mask, recorded as lm-eval pads it (``recording_right_padding``), is
+    declared to the meters (``mobiquant.precision.declare_padding``); the model still runs as lm-eval calls it, so
+    the scores do not change.
+    """
+
+    class PaddingMeteredHFLM(hflm):
+        _right_padded: tuple[Any, Any] | None = None
+        padding_module = hflm.__module__  # where lm-eval's HFLM looks up pad_and_concat
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            from mobiquant.precision import declare_padding
+
+            padded, self._right_padded = self._right_padded, None
+            if attn_mask is None and labels is None and padded is not None and padded[0] is inps:
+                with declare_padding(self.model, padded[1]):
+                    return super()._model_call(inps)
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    PaddingMeteredHFLM.__name__ = PaddingMeteredHFLM.__qualname__ = f"PaddingMetered{hflm.__name__}"
+    return PaddingMeteredHFLM
+
+
+@contextlib.contextmanager
+def recording_right_padding(wrapped: Any) -> Any:
+    """Inside the block, each batch lm-eval's ``HFLM`` right-pads (``pad_and_concat`` of its module) is recorded on
+    ``wrapped`` (a ``padding_metered`` HFLM) with its mask, 1 for each row's own tokens, for its next model call."""
+    import torch
+
+    module = sys.modules[wrapped.padding_module]
+    original = getattr(module, "pad_and_concat", None)
+    if original is None:  # an lm-eval that pads otherwise: nothing to record
+        yield
+        return
+
+    def pad_and_concat(max_length: int, tensors: list[Any], padding_side: str = "right") -> Any:
+        lengths = [int(tensor.shape[-1]) for tensor in tensors]  # before padding: it replaces the list's tensors
+        padded = original(max_length, tensors, padding_side=padding_side)
+        if padding_side == "right":
+            mask = (torch.arange(max_length) < torch.tensor(lengths)[:, None]).long()
+            wrapped._right_padded = (padded, mask)
+        return padded
+
+    module.pad_and_concat = pad_and_concat
+    try:
+        yield
+    finally:
+        module.pad_and_concat = original
+        wrapped._right_padded = None

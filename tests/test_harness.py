@@ -221,3 +221,35 @@ def test_pipeline_validation_gates_on_task_scores(
         f"{TASK} acc@3": False,
         f"{TASK} f1@3": False,
     }
+
+
+def test_avg_bits_count_no_padding_at_any_batch_size(checkpoint: Path, task_dir: Path) -> None:
+    """lm-eval right-pads the likelihood requests of a batch and calls the model with no mask: above batch size 1
+    the bits measured count only the requests' own tokens, as at batch size 1 (where no request is padded)."""
+    from mobiquant.harness import evaluate_tasks, task_manager
+
+    model = load_checkpoint(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    manager = task_manager(task_dir)
+    batches = []
+    handle = model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape))
+
+    def measured(batch_size: int) -> list[dict[str, Any]]:
+        batches.clear()
+        return evaluate_tasks(model, tokenizer, manager, [TASK, LL_TASK],
+                              [("routed", 5.0, {"avg_bits": 5.0}), ("uniform", 2, {"slices": 2})], limit=6,
+                              batch_size=batch_size)  # fmt: skip
+
+    try:
+        alone = measured(1)
+        assert batches and all(shape[0] == 1 for shape in batches)
+        batched = measured(4)
+        # The batches held requests of several lengths, so lm-eval padded them.
+        assert any(shape[0] > 1 for shape in batches)
+    finally:
+        handle.remove()
+    assert [row["tasks"] for row in batched] == [
+        {key: pytest.approx(value, rel=1e-6) for key, value in row["tasks"].items()} for row in alone
+    ]
+    assert batched[1]["avg_bits"] == alone[1]["avg_bits"] == 4.0
+    assert batched[0]["avg_bits"] == pytest.approx(alone[0]["avg_bits"], rel=1e-9)

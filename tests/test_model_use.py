@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 import mobiquant.layers as layers_module
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.layers import MoBiLinear, PassMask
-from mobiquant.precision import hold_budget, set_precision, track_bits
+from mobiquant.precision import declare_padding, hold_budget, set_precision, track_bits
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -250,6 +250,22 @@ def test_a_pass_run_inside_another_pass_counts_its_own_tokens_and_leaves_the_out
         runs = [(model, outer), (inside, inner)]
         assert_meter_counts(outer_meter, bits_of_prompts_alone(model_layers, runs))
         assert_meter_counts(draft_meter, bits_of_prompts_alone(draft_layers, runs))
+
+
+def test_declared_padding_is_not_counted_and_leaves_the_model_run_unmasked() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=9), seed=9)
+    set_uniform(model, None, threshold=1.5)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (4, 10, 7)]
+    batch, mask = right_padded(prompts)
+    with track_bits(model) as meter:
+        with declare_padding(model, mask):
+            declared = logits(model, batch)
+        # Outside the block, a pass without a mask counts every token again.
+        logits(model, batch[:1, :4])
+    assert torch.equal(declared, logits(model, batch))
+    assert_meter_counts(meter, bits_of_prompts_alone(list(mobi_layers(model).values()),
+                                                     [(model, prompts), (model, [batch[0, :4]])]))
 
 
 def test_a_layer_counts_on_its_own_device_with_a_mask_made_once_per_pass() -> None:
