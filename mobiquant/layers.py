@@ -274,7 +274,8 @@ class MoBiLinear(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # A copy (copy.deepcopy, pickle) starts with no meters: they count the model of the track_bits block or held
-        # budget that attached them, which would never detach them from the copy.
+        # budget that attached them, which would never detach them from the copy. A held budget is copied with the
+        # model and gives the copy's layers its own copied meters (BudgetHold.__setstate__).
         return {**self.__dict__, "bit_meters": []}
 
     def _drop_cache(self, *_args: object, **_kwargs: object) -> None:

@@ -260,22 +260,34 @@ def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[
 
 
 class _PassHooks:
-    """Names the hooks one ``track_bits`` block or budget hold put on a model, so each ends only its own passes."""
+    """Names the hooks one ``track_bits`` block or budget hold put on a model, so each ends only its own passes.
+
+    A copy of the model copies its hooks: a hold's still mark the copy's passes (the copy holds the budget too), a
+    tracking block's do nothing (the copy carries no meter of the block)."""
+
+    def __init__(self, follows_copies: bool) -> None:
+        self.follows_copies, self.inert = follows_copies, False
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.inert = not state.get("follows_copies", False)
 
 
-def _follow_attention_mask(model: nn.Module) -> list[RemovableHandle]:
+def _follow_attention_mask(model: nn.Module, follows_copies: bool = False) -> list[RemovableHandle]:
     """Hooks marking, in this thread, each forward pass of ``model`` with its 2-D attention mask, so that the layers
     it runs do not count padding: the padding of a batch would move the bits measured (and a held budget) with the
     batch's make-up, though it changes no real token's routing. Passes nest (``mobiquant.layers.pass_stack``)."""
     parameters = list(inspect.signature(model.forward).parameters)
     position = parameters.index("attention_mask") if "attention_mask" in parameters else None
-    owner = _PassHooks()
+    owner = _PassHooks(follows_copies)
     # Partials of module functions, not closures: a model pickled with its hooks must pickle them.
     return [model.register_forward_pre_hook(functools.partial(_begin_pass, owner, position), with_kwargs=True),
             model.register_forward_hook(functools.partial(_end_pass, owner), always_call=True)]
 
 
 def _begin_pass(owner: _PassHooks, position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if owner.inert:
+        return
     stack = pass_stack()
     top = stack[-1] if stack else None
     if top is not None and top.module is module and top.kwargs is kwargs:
@@ -363,8 +375,19 @@ class BudgetHold:
         for layer in layers:
             layer.bit_meters += [self._this_pass, self.meter]
         self._handles = [model.register_forward_hook(self._update),
-                         *_follow_attention_mask(model)]
+                         *_follow_attention_mask(model, follows_copies=True)]
+        self._released = False
         setattr(model, _HOLD_ATTRIBUTE, self)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # A copy of the model (copy.deepcopy, pickle, torch.save) copies the hold with it, through the hooks and the
+        # attribute that reach it: the copy holds the same budget, from where it stood, on its own. Its layers come
+        # without meters (MoBiLinear.__getstate__): give them the copied hold's. (They are whole by now: a hold is
+        # reached from the model's hooks, before its modules, and copies them within.)
+        self.__dict__.update(state)
+        if not self.__dict__.get("_released", False):
+            for layer in self._layers:
+                layer.bit_meters += [m for m in (self._this_pass, self.meter) if m not in layer.bit_meters]
 
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self._this_pass.weighted_tokens:
@@ -378,6 +401,7 @@ class BudgetHold:
 
     def release(self) -> None:
         """Stop moving the budget; the model keeps the thresholds of the last one."""
+        self._released = True
         for handle in self._handles:
             handle.remove()
         for layer in self._layers:
@@ -396,7 +420,8 @@ def hold_budget(model: nn.Module, avg_bits: float, horizon_tokens: int = 512) ->
     """Run ``model`` routed at ``avg_bits`` and keep its measured average there on whatever text it serves.
 
     Use as ``with hold_budget(model, 3.0) as hold: ...`` or keep the returned ``BudgetHold`` and ``release()``
-    it; ``set_precision`` releases it too. ``hold.meter`` counts the bits spent while it holds.
+    it; ``set_precision`` releases it too. ``hold.meter`` counts the bits spent while it holds. A copy of the model
+    (``copy.deepcopy``, pickle) made while it holds holds the same budget on its own, from where it stood.
     """
     return BudgetHold(model, avg_bits, horizon_tokens)
 

@@ -77,6 +77,42 @@ def test_a_refused_precision_request_keeps_the_budget_hold() -> None:
     assert hold.meter.weighted_tokens == counted
 
 
+@pytest.mark.parametrize("copy_of", [pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_a_copy_made_while_a_budget_is_held_holds_it_on_its_own(copy_of: Callable) -> None:
+    # The reference: a second model built the same way, holding the same budget and served what the copy is served.
+    model, reference = (quantize_tiny(tiny_model("llama", seed=3), seed=3) for _ in range(2))
+    held = hold_budget(model, 3.0, horizon_tokens=8)
+    reference_hold = hold_budget(reference, 3.0, horizon_tokens=8)
+    generator = torch.Generator().manual_seed(3)
+    served = [torch.randint(0, VOCAB, (1, length), generator=generator) for length in (7, 5, 9, 6)]
+    with track_bits(model):
+        assert torch.equal(logits(model, served[0]), logits(reference, served[0]))
+        twin = copy_of(model)
+    budget = held.budget
+    budgets = [reference_hold.budget]
+    for ids in served[1:]:
+        assert torch.equal(logits(twin, ids), logits(reference, ids))
+        budgets.append(reference_hold.budget)
+    # The budget moved, in the copy as in the reference, and the original's did not move with the copy's.
+    assert len(set(budgets)) == len(budgets)
+    assert held.budget == budget
+    # The copy carries its own hold's meters, no tracking block's; releasing its hold leaves the original's.
+    assert all(len(layer.bit_meters) == 2 for layer in mobi_layers(twin).values())
+    set_precision(twin, slices=2)
+    assert not any(layer.bit_meters for layer in mobi_layers(twin).values())
+    # The tracking block's hooks the copy carries mark none of its passes: nothing of it is metered any more.
+    marked = []
+    handle = next(iter(mobi_layers(twin).values())).register_forward_pre_hook(
+        lambda layer, args: marked.append(layers_module.current_pass_mask()))
+    with torch.no_grad():
+        twin(served[1], attention_mask=torch.ones_like(served[1]))
+    handle.remove()
+    assert marked == [None]
+    counted = held.meter.weighted_tokens
+    logits(model, served[1])
+    assert held.meter.weighted_tokens > counted and held.budget != budget
+
+
 def test_torch_compile_runs_a_routed_model_as_it_runs_eagerly() -> None:
     model = quantize_tiny(tiny_model("llama", seed=4), seed=4)
     set_uniform(model, None, threshold=1.5)
