@@ -547,7 +547,10 @@ def _merge_quantization_configs(cls: type, quantization_config: Any, quantizatio
     return _TRANSFORMERS_MERGE(cls, quantization_config, quantization_config_from_args)
 
 
-_TRANSFORMERS_MERGE = getattr(AutoHfQuantizer.merge_quantization_configs, "__func__", None)
+_TRANSFORMERS_MERGE = getattr(getattr(AutoHfQuantizer, "merge_quantization_configs", None), "__func__", None)
+# A wrapper of an earlier import of this module (reloaded) names the original it wraps.
+_TRANSFORMERS_MERGE = getattr(_TRANSFORMERS_MERGE, "transformers_original", _TRANSFORMERS_MERGE)
+_merge_quantization_configs.transformers_original = _TRANSFORMERS_MERGE
 
 
 def register() -> None:
