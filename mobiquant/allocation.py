@@ -33,7 +33,9 @@ BISECTION_STEPS = 100
 class CostCurve:
     """A layer's estimated loss increase after the first ``n`` (token, slice) pairs in router order are on."""
 
-    params: int
+    params: float
+    """The layer's weight in the budget: its parameter count, times the share of the calibration tokens it served
+    (1 in a dense model; an expert's linears serve only the tokens routed to them, as ``track_bits`` counts)."""
     tokens: int
     cost: torch.Tensor  # float64 [tokens * (K - 1) + 1]
 
@@ -207,5 +209,15 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
     finally:
         for handle in handles:
             handle.remove()
-    return [cost_curve(torch.cat(scores[id(layer)]), torch.cat(costs[id(layer)]),
-                       layer.in_features * layer.out_features) for layer in layers]
+    served = {id(layer): sum(len(part) for part in scores[id(layer)]) for layer in layers}
+    most = max(served.values())
+    curves = []
+    for layer in layers:
+        if not served[id(layer)]:
+            # An expert no calibration token reached weighs nothing in the budget (its thresholds: precision.py).
+            curves.append(CostCurve(0.0, 1, torch.zeros(layer.stored_slices, dtype=torch.float64)))
+            continue
+        # Weighted by the tokens it served: a whole-model budget is the bits of the weights tokens actually ran.
+        params = layer.in_features * layer.out_features * served[id(layer)] / most
+        curves.append(cost_curve(torch.cat(scores[id(layer)]), torch.cat(costs[id(layer)]), params))
+    return curves

@@ -58,7 +58,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from mobiquant import INSTALL_HINT
-from mobiquant.arch import Architecture, UnsupportedArchitectureError, architecture_for
+from mobiquant.arch import Architecture, UnsupportedArchitectureError, architecture_for, architecture_of
 from mobiquant.layers import MoBiLinear
 from mobiquant.outputs import holds_mobiquant_checkpoint, staging_folder
 from mobiquant.precision import set_precision
@@ -289,7 +289,9 @@ class MoBiQuantHfQuantizer(HfQuantizer):
         self, model: PreTrainedModel, checkpoint_files: Sequence[str] | None = None, **kwargs: Any
     ) -> PreTrainedModel:
         qc = self.quantization_config
-        arch = architecture_for(model.config.model_type)
+        arch = architecture_of(model.config)
+        # A mixture-of-experts model stores one MoBiLinear per expert linear: its experts are linearised first.
+        arch.linearize(model)
         grid = len(qc.threshold_bits) or None
         replace_linears(model, arch, qc.num_slices, qc.group_size, qc.router_hidden, qc.linears, grid)
         self._checkpoint_files = list(checkpoint_files or ())
@@ -318,6 +320,15 @@ class MoBiQuantHfQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         return True
+
+    def update_weight_conversions(self, weight_conversions: list[Any], model: PreTrainedModel) -> list[Any]:
+        """None: a checkpoint stores the tensors under the names of the model it loads into.
+
+        transformers renames a family's released tensors on load (Mixtral's ``block_sparse_moe`` to ``mlp``, each
+        expert's weights into stacked ones) and back on save; the checkpoint's experts are linearised modules
+        whose names are already the model's, and must be saved under them too (``_guard_saving``).
+        """
+        return []
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
         """Ready ``model.config`` for ``save_pretrained``, which writes it as config.json right after this call.
@@ -356,6 +367,9 @@ def _guard_saving(model: PreTrainedModel) -> None:
     model.save_pretrained = functools.partial(_save_pretrained_with_guard, model)
     model._upload_modified_files = functools.partial(_upload_with_guard, model)
     model.push_to_hub = functools.partial(_push_to_hub_checked, model)
+    # No renaming on save (transformers would give a Mixtral checkpoint's tensors their released names):
+    # the checkpoint holds the names of the model it loads into (MoBiQuantHfQuantizer.update_weight_conversions).
+    model._weight_conversions = []
     # Loading and attach_quantizer both end here. transformers makes every floating-point tensor it loads a parameter
     # that requires gradients: routers, whose hard threshold passes none, would be given to an optimizer and never
     # move (MoBiLinear builds them frozen).
@@ -612,7 +626,7 @@ def quantization_config_of(model: nn.Module, extra_config: Mapping[str, Any] | N
     layers = mobi_layers(model)
     if not layers:
         raise CheckpointError("the model has no MoBiLinear layer: quantize it before saving a MoBiQuant checkpoint")
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model.config)
     blocks = arch.block_list(model)
     linears = [name for name in arch.linears if isinstance(blocks[0].get_submodule(name), MoBiLinear)]
     for index, block in enumerate(blocks):

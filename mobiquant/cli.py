@@ -612,15 +612,16 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mobiquant.arch import architecture_for
+    from mobiquant.arch import architecture_of, fold_experts
     from mobiquant.checkpoint import MoBiQuantConfig, check_layer_tensors, read_quantization_config, replace_linears
     from mobiquant.layers import UNCALIBRATED, MoBiLinear
 
     quant = read_quantization_config(path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    arch = architecture_for(config["model_type"])
+    model_config = AutoConfig.from_pretrained(path)
+    arch = architecture_of(model_config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model = arch.linearize(AutoModelForCausalLM.from_config(model_config))
     replace_linears(model, arch, quant["num_slices"], quant["group_size"], quant["router_hidden"], quant["linears"],
                     len(quant["threshold_bits"]) or None)
     files = sorted(path.glob("*.safetensors"))
@@ -628,11 +629,14 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     shapes: dict[str, dict[str, int]] = {}
     layers: list[MoBiLinear] = []
     for block in arch.block_list(model):
-        for name, module in block.named_modules():
-            if isinstance(module, MoBiLinear):
-                layers.append(module)
-                entry = shapes.setdefault(name, {"in": module.in_features, "out": module.out_features, "count": 0})
-                entry["count"] += 1
+        named = {name: module for name, module in block.named_modules() if isinstance(module, MoBiLinear)}
+        # Experts' linears are one entry per projection (mlp.experts.<0-127>.down_proj), not one per expert.
+        folded = fold_experts(named)
+        for name, module in named.items():
+            layers.append(module)
+            key = folded[name]
+            entry = shapes.setdefault(key, {"in": module.in_features, "out": module.out_features, "count": 0})
+            entry["count"] += 1
     if not layers:
         raise CommandError(f"{path} holds no MoBiQuant layers")
     quantized = sum(layer.in_features * layer.out_features for layer in layers)

@@ -15,7 +15,7 @@ weighs only its own slice count, the elastic checkpoint weighs all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -116,11 +116,14 @@ def input_hessians(
     modules: Mapping[str, torch.nn.Module],
     run: Callable[[], torch.Tensor],
     token_weights: Mapping[str, torch.Tensor] | None = None,
+    optional: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``X^T X`` (float64 sums) of the inputs each module sees while ``run()`` executes, and its result.
 
     With ``token_weights`` (per module, one weight per input row in the order ``run`` feeds them) the sums
-    are ``X^T diag(w) X``; every module named there must see exactly that many rows.
+    are ``X^T diag(w) X``; every module named there must see exactly that many rows. A module in ``optional``
+    (an expert's linear: the router may send it no token) that sees no input gets a zero sum; any other is an
+    error.
     """
     sums: dict[str, torch.Tensor] = {}
     rows_seen: dict[str, int] = dict.fromkeys(modules, 0)
@@ -147,6 +150,9 @@ def input_hessians(
     finally:
         for handle in handles:
             handle.remove()
+    for name in set(optional) & (set(modules) - set(sums)):
+        weight = modules[name].weight
+        sums[name] = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
     missing = set(modules) - set(sums)
     if missing:
         raise RuntimeError(f"no calibration input reached {sorted(missing)}")

@@ -132,7 +132,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None) -> tor
 @torch.no_grad()
 def rtn_model(model: nn.Module, arch: Architecture, bits: int, group_size: int | None = 128) -> nn.Module:
     """A copy of ``model`` whose quantized linears (per ``arch``) carry RTN weights; ``model`` is untouched."""
-    quantized = copy.deepcopy(model)
+    quantized = arch.linearize(copy.deepcopy(model))
     for block in arch.block_list(quantized):
         for name, linear in arch.quantized_linears(block).items():
             if not isinstance(linear, nn.Linear):

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from mobiquant.arch import Architecture, architecture_for
+from mobiquant.arch import Architecture, architecture_of
 from mobiquant.sources import SourceError
 
 _SAFETENSORS_DTYPES = {
@@ -49,7 +49,8 @@ def skeleton(config: object, dtype: torch.dtype = torch.float32) -> nn.Module:
     ``nn.Module`` for every thread: a block task building a skeleton would put another thread's parameters on
     the meta device. The buffers the files do not hold are then computed as transformers does on load. Attention
     is SDPA where the family supports it, eager otherwise (Gemma 2), whatever the config names: a source saved
-    with ``flash_attention_2`` must still open where flash-attn is not installed.
+    with ``flash_attention_2`` must still open where flash-attn is not installed. A mixture-of-experts family's
+    experts are linearised (:func:`mobiquant.arch.linearize_experts`).
     """
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -63,7 +64,7 @@ def skeleton(config: object, dtype: torch.dtype = torch.float32) -> nn.Module:
         owner = model.get_submodule(owner_name)
         owner._buffers[buffer_name] = torch.empty_like(buffer, device="cpu")
         model._init_weights(owner)
-    return model
+    return architecture_of(config).linearize(model)
 
 
 class ModelFiles:
@@ -74,16 +75,20 @@ class ModelFiles:
 
         self.folder = Path(folder)
         self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
-        self.arch = architecture_for(self.config.model_type)
+        self.arch = architecture_of(self.config)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise SourceError(f"{self.folder} holds no safetensors weights")
         self._file_of: dict[str, Path] = {}
+        # The model's tensor name -> the name it is stored under (a family's released names, e.g. Mixtral's w1).
+        self._stored: dict[str, str] = {}
         for file in files:
             try:
                 with safe_open(str(file), "pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                        self._file_of[key] = file
+                        name = self.arch.stored_name(key)
+                        self._file_of[name] = file
+                        self._stored[name] = key
             except SafetensorError as error:
                 raise SourceError(f"corrupt weights file {file}: {error}") from error
         self._stem: nn.Module | None = None
@@ -94,6 +99,13 @@ class ModelFiles:
         self.num_blocks = len(self._meta_blocks)
         self._tied = set(getattr(meta_model, "all_tied_weights_keys", None) or {})
         self._shapes = {name: tuple(t.shape) for name, t in meta_model.state_dict().items()}
+        # Experts stored stacked (as transformers holds them in memory) rather than one tensor per expert: each
+        # expert linear's weight is cut from the stacked tensor on read.
+        self._cut: dict[str, tuple[str, int, int | None]] = {}
+        for name in self._shapes:
+            fused = self.arch.fused_source(name) if name not in self._file_of else None
+            if fused is not None and fused[0] in self._file_of:
+                self._cut[name] = fused
         first_linear = f"{self.arch.block_prefix(0)}{self.arch.linears[0]}.weight"
         self.source_dtype = self._dtype(first_linear)
 
@@ -101,25 +113,30 @@ class ModelFiles:
         if name not in self._file_of:
             raise SourceError(f"{self.folder} lacks the tensor {name}")
         with safe_open(str(self._file_of[name]), "pt") as handle:
-            dtype = handle.get_slice(name).get_dtype()
+            dtype = handle.get_slice(self._stored[name]).get_dtype()
         if dtype not in _SAFETENSORS_DTYPES:
             raise SourceError(f"{name} in {self.folder} is {dtype}, not a floating-point weight")
         return _SAFETENSORS_DTYPES[dtype]
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the model needs from the files, with its shape (a tied head is optional)."""
-        return {name: shape for name, shape in self._shapes.items() if name not in self._tied or name in self._file_of}
+        return {name: shape for name, shape in self._shapes.items()
+                if name not in self._tied or name in self._file_of or name in self._cut}
 
     def check(self) -> None:
         """Every needed tensor present, of the configured shape, floating point and finite; else one clear line.
 
         Reads one tensor at a time, so a model of any size is checked in the memory of its largest tensor.
         """
+        stacked: dict[str, list[str]] = {}
         for name, shape in self.expected_tensors().items():
+            if name in self._cut:
+                stacked.setdefault(self._cut[name][0], []).append(name)
+                continue
             if name not in self._file_of:
                 raise SourceError(f"{self.folder} lacks the tensor {name} (shape {list(shape)})")
             with safe_open(str(self._file_of[name]), "pt") as handle:
-                lazy = handle.get_slice(name)
+                lazy = handle.get_slice(self._stored[name])
                 found = tuple(lazy.get_shape())
                 if found != shape:
                     raise SourceError(
@@ -127,21 +144,40 @@ class ModelFiles:
                     )
                 if lazy.get_dtype() not in _SAFETENSORS_DTYPES:
                     raise SourceError(f"tensor {name} in {self.folder} is {lazy.get_dtype()}, not floating point")
-                if not torch.isfinite(handle.get_tensor(name)).all():
+                if not torch.isfinite(handle.get_tensor(self._stored[name])).all():
+                    raise SourceError(f"{name} contains NaN or Inf values (in {self.folder})")
+        for names in stacked.values():
+            # One stacked tensor read once for all its experts.
+            for name, tensor in self.read(names).items():
+                if tuple(tensor.shape) != self._shapes[name]:
+                    raise SourceError(f"{self._cut[name][0]} in {self.folder} gives {name} the shape "
+                                      f"{list(tensor.shape)}, the config needs {list(self._shapes[name])}")
+                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                     raise SourceError(f"{name} contains NaN or Inf values (in {self.folder})")
 
     def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The named tensors as stored (source dtype), each file opened once."""
         by_file: dict[Path, list[str]] = {}
+        cut = {}
         for name in names:
+            if name in self._cut:
+                cut[name] = self._cut[name]
+                continue
             if name not in self._file_of:
                 raise SourceError(f"{self.folder} lacks the tensor {name}")
             by_file.setdefault(self._file_of[name], []).append(name)
+        for stacked, _expert, _half in cut.values():
+            by_file.setdefault(self._file_of[stacked], []).append(stacked)
         tensors = {}
         for file, keys in by_file.items():
             with safe_open(str(file), "pt", device=str(device)) as handle:
-                for key in keys:
-                    tensors[key] = handle.get_tensor(key)
+                for key in dict.fromkeys(keys):
+                    tensors[key] = handle.get_tensor(self._stored[key])
+        for name, (stacked, expert, half) in cut.items():
+            weight = tensors[stacked][expert]
+            tensors[name] = (weight if half is None else weight.chunk(2, dim=0)[half]).clone()
+        for stacked in {stacked for stacked, _expert, _half in cut.values()} - set(names):
+            del tensors[stacked]
         return tensors
 
     def outside_block_tensors(self) -> list[str]:
@@ -186,7 +222,9 @@ class InMemoryModel:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
-        self.arch = architecture_for(model.config.model_type)
+        self.arch = architecture_of(model.config)
+        # In place: a mixture-of-experts model's experts become nn.Linear modules (same outputs).
+        self.arch.linearize(model)
         self.num_blocks = len(self.arch.block_list(model))
         self.source_dtype = next(model.parameters()).dtype
 

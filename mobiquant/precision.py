@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import inspect
+import logging
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from mobiquant.slicing import BITS_PER_SLICE
 
 # Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
 THRESHOLD_ORDER = "slice-major"
+log = logging.getLogger(__name__)
 # Where a model keeps the BudgetHold that moves its budget, so that set_precision can release it.
 _HOLD_ATTRIBUTE = "_mobiquant_budget_hold"
 
@@ -88,6 +90,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
     points_of_pass = _points_per_pass(grid)
+    reached: set[int] = set()
     for index, points in tqdm(points_of_pass.items(), desc="router thresholds", unit="budget", disable=not progress,
                               leave=False):
         shares = [
@@ -98,6 +101,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
 
         def hook(layer: MoBiLinear, args: tuple, index: int = index, points: list[int] = points,
                  layer_bits: dict = layer_bits) -> None:
+            reached.add(id(layer))
             scores = ordered_scores(layer.router(args[0].reshape(-1, layer.in_features)))
             for point, threshold in zip(points, thresholds_for_bits(scores, layer_bits[id(layer)]), strict=True):
                 tables[id(layer)][point] = threshold
@@ -115,12 +119,25 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
             for handle in handles:
                 handle.remove()
     for layer in layers:
+        if points_of_pass and id(layer) not in reached:
+            # No calibration token reached this layer (an expert the router never chose): no scores to take
+            # quantiles of. It runs each grid budget at the nearest whole number of slices, without its router.
+            tables[id(layer)] = [_whole_slices_threshold(layer, bits) for bits in grid]
         layer.thresholds = torch.tensor(tables[id(layer)], dtype=torch.float32, device=layer.thresholds.device)
         layer.uniform_slices = layer.stored_slices
+    if points_of_pass and len(reached) < len(layers):
+        log.warning("%d of %d routed layers saw no calibration token (experts never routed to): they run at the "
+                    "budget's nearest whole number of slices", len(layers) - len(reached), len(layers))
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(quant, dict):
         quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"
         quant["threshold_order"] = THRESHOLD_ORDER
+
+
+def _whole_slices_threshold(layer: MoBiLinear, bits: float) -> float:
+    """The whole-number threshold on ordered scores that runs ``layer`` at the slice count nearest ``bits``."""
+    slices = min(max(round(bits / BITS_PER_SLICE), 1), layer.num_slices)
+    return float(layer.num_slices - slices)
 
 
 def _points_per_pass(grid: list[float]) -> dict[int, list[int]]:

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # after use("Agg"): the backend is fixed at imp
 from huggingface_hub import ModelCard, ModelCardData
 
 from mobiquant import INSTALL_HINT
+from mobiquant.arch import summarize_linears
 from tasks.gate import GateCheck
 
 PLOT_NAME = "ppl_vs_bits.png"
@@ -55,13 +56,15 @@ class QuantizedModel:
                    int(model_config.get("num_hidden_layers", 0)), tuple(quantization.get("linears", ())))
 
     def describe(self) -> str:
-        linears = ", ".join(f"`{name}`" for name in self.linears)
+        # A mixture of experts lists each expert's linears: one entry per experts module (128 experts of
+        # Qwen3-30B-A3B would otherwise be 384 names).
+        linears = ", ".join(f"`{name}`" for name in summarize_linears(self.linears))
         return (f"`{self.architecture}` (`{self.model_type}`), {self.blocks} blocks; quantized in every block: "
                 f"{linears}; embeddings, norms and the output head keep the source's dtype")
 
     def tags(self) -> dict[str, str]:
         return {"model_type": self.model_type, "architecture": self.architecture,
-                "quantized_linears": ",".join(self.linears)}
+                "quantized_linears": ",".join(summarize_linears(self.linears))}
 
 
 def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from mobiquant.arch import architecture_for
+from mobiquant.arch import architecture_of
 from mobiquant.checkpoint import mobi_layers, replace_linears
 from mobiquant.slicing import slice_weight
 
@@ -59,11 +59,23 @@ _MORE_FAMILIES: dict[str, dict] = {
     "starcoder2": dict(**_SPECIAL_IDS),
 }
 MORE_FAMILIES = tuple(_MORE_FAMILIES)
+# Mixture-of-experts families: 4 experts, 2 per token (Qwen2-MoE with its shared expert); expert widths that the
+# test group size splits.
+EXPERTS = 4
+_MOE = dict(num_experts_per_tok=2, **_SPECIAL_IDS)
+_MOE_FAMILIES: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=EXPERTS, **_MOE),
+    "qwen3_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, head_dim=16, **_MOE),
+    "qwen2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, shared_expert_intermediate_size=96, **_MOE),
+}
+MOE_FAMILIES = tuple(_MOE_FAMILIES)
 
 
 def tiny_config(family: str) -> PretrainedConfig:
     if family in _MORE_FAMILIES:
         return AutoConfig.for_model(family, **_DECODER, **_MORE_FAMILIES[family])
+    if family in _MOE_FAMILIES:
+        return AutoConfig.for_model(family, **_DECODER, **_MOE_FAMILIES[family])
     if family == "llama":
         return LlamaConfig(**_DECODER, tie_word_embeddings=True)
     if family == "mistral":
@@ -97,8 +109,10 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
 
 def quantize_tiny(model: PreTrainedModel, seed: int = 0, router_hidden: int | None = ROUTER) -> PreTrainedModel:
     """Replace the model's quantized linears by MoBiLinear layers holding their sliced weights, with random row
-    gains, random routers and a random (increasing) threshold table, so that every stored tensor matters."""
-    arch = architecture_for(model.config.model_type)
+    gains, random routers and a random (increasing) threshold table, so that every stored tensor matters (a
+    mixture of experts' experts are linearised first, in place)."""
+    arch = architecture_of(model.config)
+    arch.linearize(model)
     originals = {
         f"{arch.block_prefix(i)}{name}": (linear.weight.detach().clone(), linear.bias)
         for i, block in enumerate(arch.block_list(model))

@@ -24,6 +24,7 @@ before it. Each finished block is saved, so an interrupted run resumes where it 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,13 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mobiquant.arch import Architecture
+from mobiquant.arch import Architecture, summarize_linears
 from mobiquant.calibration.config import ROUTER_FIT_LR, ROUTER_FIT_STEPS, ROUTER_FIT_TOKENS, CalibrationConfig
 from mobiquant.calibration.trainable import TrainableSlicedLinear
 from mobiquant.clip_search import input_hessians
 from mobiquant.layers import MoBiLinear
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
 
 
 def _report(on_progress: ProgressCallback | None, block_index: int, stage: str) -> None:
@@ -128,17 +130,31 @@ def calibrate_block(
     if targets is not None:
         targets = targets.to(device=device, dtype=torch.float32)
     originals = arch.quantized_linears(block)
+    # An expert's linears see only the tokens routed to the expert, possibly none.
+    experts = f"{arch.experts.path}." if arch.experts is not None else None
+    optional = [name for name in originals if experts is not None and name.startswith(experts)]
     hessians: dict[str, torch.Tensor] = {}
     with compute_precision(config, device):
         if config.clip_search or config.error_compensation:
             # One pass of the unquantized block gives the clip search and GPTQ their inputs' X^T X (in
             # sequential mode the quantized blocks' outputs) and, in parallel mode, the targets.
             hessians, outputs = input_hessians(
-                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size), token_weights
+                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size), token_weights,
+                optional,
             )
             targets = outputs.float() if targets is None else targets
         elif targets is None:
             targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size).float()
+    unreached = [name for name in originals if name in hessians and not bool(hessians[name].any())]
+    if unreached:
+        # No token was routed to these experts: no output error to weigh. The identity Hessian makes the clip
+        # search, the codes and the row gains minimise the weight error itself (the codes are then the nearest
+        # codes of the clipped grid, with nothing to compensate).
+        log.warning("block %d: no calibration token reached %s; their clipping, codes and gains minimise the "
+                    "weight error (identity Hessian), their routers are not fitted",
+                    block_index, ", ".join(summarize_linears(unreached)))
+        for name in unreached:
+            hessians[name] = torch.eye(len(hessians[name]), dtype=hessians[name].dtype, device=hessians[name].device)
     trainables = {name: TrainableSlicedLinear(linear, config, router_generator) for name, linear in originals.items()}
     if config.clip_search:
         # The clip search is most of a block's time before LWC: it gets a bar of its own.
@@ -151,12 +167,11 @@ def calibrate_block(
     for name, module in trainables.items():
         _swap(block, name, module)
     layer_params = {name: float(m.weight.numel()) for name, m in trainables.items()}
-    total_params = sum(layer_params.values())
     losses: dict[str, list[float]] = {"stage1": [], "stage2": []}
     try:
         _train_stage(
             block, trainables, inputs, targets, block_kwargs, config, "stage1", losses, generator,
-            layer_params, total_params, block_index, progress, on_progress,
+            layer_params, block_index, progress, on_progress,
         )
         if config.error_compensation:
             for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
@@ -172,7 +187,7 @@ def calibrate_block(
             _report(on_progress, block_index, "router fit")
         _train_stage(
             block, trainables, inputs, targets, block_kwargs, config, "stage2", losses, generator,
-            layer_params, total_params, block_index, progress, on_progress,
+            layer_params, block_index, progress, on_progress,
         )
         state = {}
         for name, module in trainables.items():
@@ -225,6 +240,8 @@ def fit_routers_to_errors(
     for module in trainables.values():
         module.uniform_slices, module.routing = module.num_slices, False
     handles = [module.register_forward_pre_hook(keep_sample(name)) for name, module in trainables.items()]
+    # An expert no token reached keeps its router's initial weights: the threshold calibration runs it at whole
+    # slice counts (mobiquant.precision.calibrate_thresholds), where no router is called.
     try:
         with compute_precision(config, inputs.device):
             _batched_outputs(block, inputs, block_kwargs, config.batch_size)
@@ -234,6 +251,8 @@ def fit_routers_to_errors(
     residuals = []
     for name, module in tqdm(trainables.items(), desc=f"block {block_index} router fit", unit="linear",
                              disable=not progress, leave=False):
+        if not seen[name]:
+            continue
         x = torch.cat(seen[name]).float()
         target = truncation_errors(module, x).clamp_min(1e-30).log()
         target = target - target.mean()
@@ -259,7 +278,6 @@ def _train_stage(
     losses: dict[str, list[float]],
     generator: torch.Generator,
     layer_params: dict[str, float],
-    total_params: float,
     block_index: int,
     progress: bool,
     on_progress: ProgressCallback | None,
@@ -305,14 +323,14 @@ def _train_stage(
                 module.temperature = temperature
                 module.uniform_slices = slices
                 module.routing = routing_step
+                module.expected_slices, module.served_tokens = None, 0
             with compute_precision(config, inputs.device):
                 out = run_block(block, inputs[idx], block_kwargs)
             loss = F.mse_loss(out.float(), targets[idx])
             total = loss
             if routing_step:
                 target_bits = 2.0 + (2.0 * config.num_slices - 2.0) * float(torch.rand((), generator=generator))
-                weighted = sum(m.expected_slices * layer_params[name] for name, m in trainables.items())
-                bits = 2.0 * weighted / total_params
+                bits = _routed_bits(trainables, layer_params)
                 total = loss + config.budget_weight * (bits - target_bits) ** 2
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -326,6 +344,18 @@ def _train_stage(
             on_progress({"block": block_index, "stage": stage, "epoch": _epoch + 1, "epochs": epochs,
                          "loss": losses[stage][-1]})
     bar.close()
+
+
+def _routed_bits(trainables: dict[str, TrainableSlicedLinear], layer_params: dict[str, float]) -> torch.Tensor:
+    """Average bits of a routed step: each layer's expected slices weighted by its parameters and by the tokens it
+    served, as ``track_bits`` counts them (an expert's linears serve only the tokens routed to it; a layer that
+    served none this step weighs nothing). Every layer of a dense block serves every token: plain parameter
+    weights."""
+    most = max(m.served_tokens for m in trainables.values())
+    ran = {name: m for name, m in trainables.items() if m.served_tokens}
+    weights = {name: layer_params[name] * (m.served_tokens / most) for name, m in ran.items()}
+    weighted = sum(m.expected_slices * weights[name] for name, m in ran.items())
+    return 2.0 * weighted / sum(weights.values())
 
 
 def quantized_block(block: nn.Module, arch: Architecture, state: dict[str, torch.Tensor],

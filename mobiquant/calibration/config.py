@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from mobiquant.arch import Architecture
+from mobiquant.arch import Architecture, summarize_linears
 from mobiquant.slicing import FORMAT, check_num_slices
 
 MODES = ("parallel", "sequential")
@@ -186,7 +186,7 @@ class CalibrationConfig:
         unknown = sorted(name for name in names if not any(_names(linear, name) for linear in arch.linears))
         if unknown:
             raise ValueError(f"per-linear weights name {', '.join(map(repr, unknown))}, which is not a quantized "
-                             f"linear of {arch.name} blocks ({', '.join(arch.linears)})")
+                             f"linear of {arch.name} blocks ({', '.join(summarize_linears(arch.linears))})")
 
     def _objective(self, weights: tuple[float, ...] | None, defaults: tuple[float, ...]) -> dict[int, float]:
         """A control weighs only its own slice count; the elastic checkpoint ``weights`` (or ``defaults``)."""

@@ -233,12 +233,10 @@ def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationCon
            provenance: Mapping[str, Any] | None = None, progress: bool = False) -> torch.nn.Module:
     """Record the quantization config and calibrate the router thresholds on ``samples`` (model's device); the
     model then saves (``save_pretrained``, ``push_to_hub``) as a loaded checkpoint does."""
-    from mobiquant.arch import architecture_for
+    from mobiquant.arch import architecture_of
     from mobiquant.precision import calibrate_thresholds
 
-    model.config.quantization_config = quantization_config(
-        config, architecture_for(model.config.model_type), provenance
-    )
+    model.config.quantization_config = quantization_config(config, architecture_of(model.config), provenance)
     if config.routed:
         calibrate_thresholds(model, samples, progress=progress)
     return attach_quantizer(model.eval())

@@ -81,7 +81,8 @@ def block_token_saliency(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(values) for name, values in parts.items()}, gradient
+    # An expert's linear that no token reached has no saliency.
+    return {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}, gradient
 
 
 def capture_token_saliency(

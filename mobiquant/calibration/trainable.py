@@ -53,6 +53,8 @@ class TrainableSlicedLinear(nn.Module):
         self.routing: bool = False
         self.temperature: float = 1.0
         self.expected_slices: torch.Tensor | None = None
+        # Tokens of the last routed forward: an expert's linears serve only the tokens routed to the expert.
+        self.served_tokens = 0
         self.hard_slices: torch.Tensor | None = None
         # Set by fix_codes: the stored codes c_K with their float16 group parameters, and W_1..W_K from them.
         self.fixed: SlicedWeight | None = None
@@ -134,6 +136,7 @@ class TrainableSlicedLinear(nn.Module):
         hard = (gate_scores(logits) > 0).to(soft.dtype)
         masks = hard + (soft - soft.detach())
         self.expected_slices = 1 + soft.sum(dim=-1).mean()
+        self.served_tokens = soft.numel() // soft.shape[-1]
         self.hard_slices = 1 + hard.sum(dim=-1).mean()
         out = F.linear(x, weights[0], self.bias)
         for e in range(1, self.num_slices):

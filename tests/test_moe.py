@@ -1,0 +1,232 @@
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE): linearised experts, calibration, budgets, loading."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+from mobiquant import cli
+from mobiquant.arch import LinearExperts, architecture_of, summarize_linears
+from mobiquant.calibration import CalibrationConfig, quantize_files
+from mobiquant.checkpoint import load_checkpoint, mobi_layers, save_checkpoint
+from mobiquant.clip_search import input_hessians
+from mobiquant.precision import calibrate_thresholds, set_precision, track_bits
+from tests.tiny_models import EXPERTS, MOE_FAMILIES, SLICES, VOCAB, logits, quantize_tiny, tiny_model
+
+FAST = dict(group_size=32, router_hidden=16, epochs_stage1=1, epochs_stage2=1, batch_size=4)
+
+
+def random_routing(tokens: int, top_k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k`` distinct experts per token, in random order, with random positive weights."""
+    index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:top_k] for _ in range(tokens)])
+    return index, torch.rand(tokens, top_k, generator=generator)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_linear_experts_give_the_stacked_modules_outputs(family: str, implementation: str) -> None:
+    model = tiny_model(family, seed=5)
+    model.set_experts_implementation(implementation)
+    arch = architecture_of(model.config)
+    fused = copy.deepcopy(arch.block_list(model)[0].get_submodule("mlp.experts"))
+    arch.linearize(model)
+    linear = arch.block_list(model)[0].get_submodule("mlp.experts")
+    assert isinstance(linear, LinearExperts) and len(linear) == EXPERTS
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, model.config.hidden_size, generator=generator)
+    for top_k in (1, 2, 3):
+        index, weights = random_routing(len(hidden), top_k, generator)
+        with torch.no_grad():
+            torch.testing.assert_close(linear(hidden, index, weights), fused(hidden, index, weights),
+                                       rtol=0, atol=1e-6)
+    # Experts no token is routed to are skipped, as in the stacked module.
+    index, weights = torch.zeros(len(hidden), 1, dtype=torch.long), torch.ones(len(hidden), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(hidden, index, weights), fused(hidden, index, weights), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_linearised_model_gives_the_models_logits(family: str) -> None:
+    model = tiny_model(family, seed=6)
+    converted = architecture_of(model.config).linearize(copy.deepcopy(model))
+    ids = torch.randint(0, VOCAB, (2, 24))
+    torch.testing.assert_close(logits(converted, ids), logits(model, ids), rtol=0, atol=1e-5)
+    names = {name for name, _ in converted.named_parameters()}
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    assert not any(name.endswith("gate_up_proj") for name in names)
+    # Linearising twice changes nothing.
+    assert architecture_of(model.config).linearize(converted) is converted
+
+
+def test_expert_linears_are_listed_per_expert_and_summarised() -> None:
+    arch = architecture_of(tiny_model("mixtral").config)
+    assert len(arch.linears) == 4 + 3 * EXPERTS
+    assert arch.linears[4:7] == ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj")
+    assert summarize_linears(arch.linears) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.experts.<0-3>.gate_proj/up_proj/down_proj"]
+    assert summarize_linears(["mlp.experts.1.down_proj", "mlp.experts.2.down_proj", "mlp.experts.5.down_proj"]) == [
+        "mlp.experts.<1-2,5>.down_proj"]
+    # Per-linear weights keyed by a projection's name reach every expert's.
+    CalibrationConfig(module_precision_weights={"down_proj": (1, 1, 1, 1)}).check_linear_names(arch)
+    with pytest.raises(ValueError, match=r"mlp\.experts\.<0-3>\.gate_proj/up_proj/down_proj\)$"):
+        CalibrationConfig(module_precision_weights={"w2": (1, 1, 1, 1)}).check_linear_names(arch)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_set_precision_holds_the_budget_when_experts_serve_different_token_counts(family: str) -> None:
+    """An expert's linears serve only their tokens: the budget is in bits of the weights the tokens ran, as
+    track_bits counts them, and is met on the calibration data as on a dense model (tests/test_method.py)."""
+    model = quantize_tiny(tiny_model(family, seed=7), seed=7)
+    samples = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    calibrate_thresholds(model, samples)
+    served = {name: 0 for name in mobi_layers(model)}
+    hooks = [layer.register_forward_pre_hook(lambda _m, a, n=name: served.__setitem__(n, served[n] + len(
+        a[0].reshape(-1, a[0].shape[-1])))) for name, layer in mobi_layers(model).items()]
+    set_precision(model, slices=SLICES)
+    with torch.no_grad():
+        model(samples)
+    for hook in hooks:
+        hook.remove()
+    experts = [count for name, count in served.items() if ".experts." in name]
+    assert len(set(experts)) > 1 and max(experts) < samples.numel()
+    for bits in (2.5, 3.0, 4.0, 5.5, 7.0):
+        set_precision(model, avg_bits=bits)
+        with track_bits(model) as meter, torch.no_grad():
+            model(samples)
+        assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quantize_save_load_generate_info(family: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A source folder in the released layout (per-expert tensors; Mixtral's block_sparse_moe.experts.<e>.w1)
+    calibrated block by block, saved, loaded by load_checkpoint and by from_pretrained, generating; at 4 slices
+    its logits are close to the float model's; mobiquant info summarises the experts."""
+    model = tiny_model(family, seed=4)
+    model.save_pretrained(tmp_path / "source")
+    samples = torch.randint(0, VOCAB, (4, 32))
+    quantized = quantize_files(tmp_path / "source", samples, CalibrationConfig(**FAST), tmp_path / "work",
+                               model_key="k", device=torch.device("cpu"), progress=False)
+    save_checkpoint(quantized, tmp_path / "checkpoint")
+    arch = architecture_of(model.config)
+    per_block = len(arch.linears)
+    with safe_open(str(tmp_path / "checkpoint" / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.0.mlp.experts.3.down_proj.planes" in keys and "model.layers.0.mlp.gate.weight" in keys
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert config["quantization_config"]["linears"] == list(arch.linears)
+    ids = torch.randint(0, VOCAB, (2, 32))
+    reference = logits(model, ids)
+    for loaded in (load_checkpoint(tmp_path / "checkpoint"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")):
+        assert len(mobi_layers(loaded)) == per_block * model.config.num_hidden_layers
+        errors = {}
+        for k in (1, SLICES):
+            set_precision(loaded, slices=k)
+            errors[k] = float((logits(loaded, ids) - reference).pow(2).mean())
+        assert errors[SLICES] < 0.05 * float(reference.var()) and errors[SLICES] < errors[1] / 20, errors
+        set_precision(loaded, avg_bits=4.0)
+        with torch.no_grad():
+            generated = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, 12)
+    # A loaded checkpoint written back by save_pretrained keeps the model's names (no released-name renaming).
+    loaded.save_pretrained(tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as handle:
+        assert set(handle.keys()) == keys
+    load_checkpoint(tmp_path / "again")
+    assert cli.main(["info", str(tmp_path / "checkpoint"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quantized_layers"] == per_block * model.config.num_hidden_layers
+    assert summary["layers"]["mlp.experts.<0-3>.down_proj"]["count"] == EXPERTS * model.config.num_hidden_layers
+    assert cli.main(["info", str(tmp_path / "checkpoint")]) == 0
+    out = capsys.readouterr().out
+    assert "mlp.experts.<0-3>.gate_proj" in out and "mlp.experts.1." not in out
+
+
+def test_experts_stored_stacked_are_read_per_expert(tmp_path: Path) -> None:
+    """A source whose files hold the stacked layout (as transformers holds it in memory) reads the same."""
+    from safetensors.torch import save_file
+
+    from mobiquant.model_files import ModelFiles
+
+    model = tiny_model("qwen3_moe", seed=8)
+    model.save_pretrained(tmp_path / "released")
+    (tmp_path / "stacked").mkdir()
+    (tmp_path / "stacked" / "config.json").write_text((tmp_path / "released" / "config.json").read_text())
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()},
+              str(tmp_path / "stacked" / "model.safetensors"), metadata={"format": "pt"})
+    released, stacked = ModelFiles(tmp_path / "released"), ModelFiles(tmp_path / "stacked")
+    stacked.check()
+    for index in range(model.config.num_hidden_layers):
+        want = released.block(index, torch.device("cpu")).state_dict()
+        got = stacked.block(index, torch.device("cpu")).state_dict()
+        assert want.keys() == got.keys()
+        for name in want:
+            assert torch.equal(want[name], got[name]), name
+
+
+def _never_the_last_expert(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
+    """Mixtral's router with the last expert never chosen (as a real router may never choose an expert on a
+    small calibration set)."""
+    router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    router_logits[:, -1] = float("-inf")
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    top, indices = torch.topk(probs, self.top_k, dim=-1)
+    return router_logits, top / top.sum(dim=-1, keepdim=True), indices
+
+
+def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No token routed to an expert: its Hessian is zero. The calibration finishes with finite tensors (the
+    identity Hessian: codes and clipping from the weight error), says so once per block, and the thresholds run
+    the expert at whole slice counts."""
+    model = tiny_model("mixtral", seed=9)
+    model.save_pretrained(tmp_path / "source")
+    monkeypatch.setattr(MixtralTopKRouter, "forward", _never_the_last_expert)
+    samples = torch.randint(0, VOCAB, (4, 32))
+    with caplog.at_level(logging.WARNING):
+        quantized = quantize_files(tmp_path / "source", samples, CalibrationConfig(**FAST), tmp_path / "work",
+                                   model_key="k", device=torch.device("cpu"), progress=False)
+    unreached = [r.getMessage() for r in caplog.records if "no calibration token reached" in r.getMessage()]
+    assert len(unreached) == model.config.num_hidden_layers
+    assert "reached mlp.experts.<3>.gate_proj/up_proj/down_proj;" in unreached[0]
+    assert any("saw no calibration token" in r.getMessage() for r in caplog.records)
+    layers = mobi_layers(quantized)
+    for name, layer in layers.items():
+        for tensor_name, tensor in layer.state_dict().items():
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), f"{name}.{tensor_name}"
+    arch = architecture_of(model.config)
+    fp = arch.linearize(copy.deepcopy(model))
+    for index in range(model.config.num_hidden_layers):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{index}.mlp.experts.{EXPERTS - 1}.{projection}"
+            weight = fp.get_submodule(name).weight
+            error = (layers[name].sliced_weight().dequantize(SLICES).float() - weight).pow(2).mean()
+            # 8 bits of codes from the weight error alone: close to the weight.
+            assert error < 1e-4 * weight.pow(2).mean(), name
+            # Its thresholds are whole numbers: no router call, nearest slice count to the budget.
+            assert torch.equal(layers[name].thresholds, layers[name].thresholds.round()), name
+    # The router as released reaches that expert again: the model runs, finite, at every budget.
+    monkeypatch.undo()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    for bits in (2.0, 3.0, 5.0, 8.0):
+        set_precision(quantized, avg_bits=bits)
+        assert torch.isfinite(logits(quantized, ids)).all()
+
+
+def test_input_hessians_give_a_zero_sum_to_an_optional_module_that_sees_nothing() -> None:
+    seen, unseen = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    sums, _ = input_hessians({"seen": seen, "unseen": unseen}, lambda: seen(torch.randn(3, 8)), optional=["unseen"])
+    assert torch.equal(sums["unseen"], torch.zeros(8, 8, dtype=torch.float64)) and sums["seen"].any()
+    with pytest.raises(RuntimeError, match="no calibration input reached"):
+        input_hessians({"seen": seen, "unseen": unseen}, lambda: seen(torch.randn(3, 8)))
