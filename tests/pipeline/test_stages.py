@@ -130,3 +130,35 @@ def test_the_kernel_stage_asks_mobiquant_kernels_whether_cuda_python_is_there(
     summary = stages.compile_kernels(["sm_80"], tmp_path)
     assert summary["results"] == ([{"arch": "sm_80", "ok": True}] if available else [])
     assert ("none built" in summary["note"]) != available
+
+
+def test_the_stages_calibrate_a_mixture_of_experts_per_expert_linear(tmp_path: Path) -> None:
+    """A tiny Mixtral (released layout: block_sparse_moe.experts.<e>.w1/w2/w3) through capture, block
+    calibration, checkpoint and validation: every expert's linears are quantized and the budget is held."""
+    from mobiquant.arch import architecture_of
+    from mobiquant.checkpoint import mobi_layers
+    from tests.pipeline.tiny import build_tiny_llama
+
+    source = build_tiny_llama(tmp_path / "tiny" / "tiny-mixtral", family="mixtral", num_local_experts=4,
+                              num_experts_per_tok=2)
+    config = CalibrationConfig(group_size=32, router_hidden=8, epochs_stage1=0, epochs_stage2=1).to_dict()
+    captured, block_paths = _calibrated_blocks(source, tmp_path, config)
+    stages.checkpoint(source, tmp_path / "capture", block_paths, config, Path(captured["samples_path"]),
+                      tmp_path / "checkpoint", "cpu")
+    model = load_checkpoint(tmp_path / "checkpoint")
+    names = {name.split(".", 3)[3] for name in mobi_layers(model)}
+    assert names == set(architecture_of(model.config).linears) and "mlp.experts.3.down_proj" in names
+    samples = load_file(captured["samples_path"])["ids"]
+    for bits in (3.0, 5.0):
+        set_precision(model, avg_bits=bits)
+        with torch.no_grad(), track_bits(model) as meter:
+            model(samples)
+        assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+    text = tmp_path / "eval.txt"
+    text.write_text(corpus(seed=5))
+    validation = stages.validate(
+        source, tmp_path / "checkpoint", evaluation_data=str(text), eval_seqlen=32, eval_max_windows=2,
+        budgets=[3.0], num_slices=4, group_size=32, device="cpu", out_path=tmp_path / "validation.json",
+        model_key="0" * 64, checkpoint_files={},
+    )  # fmt: skip
+    assert validation["budgets"][0]["target_bits"] == 3.0 and validation["rtn"]

@@ -178,3 +178,14 @@ def test_a_rerun_after_a_failed_gate_keeps_the_failed_report(tmp_path: Path) -> 
     assert "Gate: FAILED" in (failed / "report.md").read_text()
     _bundle(run_dir, checkpoint, tree_manifest(checkpoint), [GateCheck("bits@4", 0.5, 1.0, True, "")])
     assert list(run_dir.glob("report-failed-*")) == [failed], "a passed report is replaced"
+
+
+def test_a_mixture_of_experts_is_described_per_projection_not_per_expert() -> None:
+    """Qwen3-30B-A3B quantizes 128 experts x 3 linears per block: the card and the run's tags fold them into one
+    entry (a tag of 384 names would pass MLflow's length limit)."""
+    experts = [f"mlp.experts.{e}.{p}" for e in range(128) for p in ("gate_proj", "up_proj", "down_proj")]
+    model = QuantizedModel.of({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                               "num_hidden_layers": 48,
+                               "quantization_config": {"linears": ["self_attn.q_proj", *experts]}})
+    assert "`self_attn.q_proj`, `mlp.experts.<0-127>.gate_proj/up_proj/down_proj`;" in model.describe()
+    assert model.tags()["quantized_linears"] == "self_attn.q_proj,mlp.experts.<0-127>.gate_proj/up_proj/down_proj"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 WORDS = [
     "the",
@@ -61,8 +61,10 @@ def corpus(n_words: int = 6000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """Save model (safetensors), config and tokenizer in ``folder``; also ``train.txt`` beside it."""
+def build_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0, family: str = "llama",
+                     **extra: object) -> Path:
+    """Save model (safetensors), config and tokenizer in ``folder``; also ``train.txt`` beside it. ``family`` (a
+    ``model_type``) and ``extra`` config entries give another family of the same shape (a tiny Mixtral)."""
     folder.mkdir(parents=True, exist_ok=True)
     text = corpus(seed=seed)
     (folder.parent / "train.txt").write_text(text)
@@ -73,7 +75,8 @@ def build_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, seed: i
     tokenizer.model_max_length = 512
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -83,6 +86,7 @@ def build_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, seed: i
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
     return folder
