@@ -230,3 +230,19 @@ def test_input_hessians_give_a_zero_sum_to_an_optional_module_that_sees_nothing(
     assert torch.equal(sums["unseen"], torch.zeros(8, 8, dtype=torch.float64)) and sums["seen"].any()
     with pytest.raises(RuntimeError, match="no calibration input reached"):
         input_hessians({"seen": seen, "unseen": unseen}, lambda: seen(torch.randn(3, 8)))
+
+
+def test_an_in_memory_mixture_of_experts_is_quantized_in_place(tmp_path: Path) -> None:
+    """quantize_model (the in-memory path) linearises the caller's model, then quantizes every expert linear."""
+    from mobiquant.calibration import quantize_model
+
+    model = tiny_model("qwen3_moe", seed=10)
+    samples = torch.randint(0, VOCAB, (4, 32))
+    ids = torch.randint(0, VOCAB, (2, 32))
+    reference = logits(model, ids)
+    quantized = quantize_model(model, samples, CalibrationConfig(**FAST), tmp_path / "work", progress=False)
+    arch = architecture_of(model.config)
+    assert len(mobi_layers(quantized)) == len(arch.linears) * model.config.num_hidden_layers
+    set_precision(quantized, slices=SLICES)
+    error = float((logits(quantized, ids) - reference).pow(2).mean())
+    assert error < 0.05 * float(reference.var())
