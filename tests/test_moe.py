@@ -137,11 +137,13 @@ def test_quantize_save_load_generate_info(family: str, tmp_path: Path, capsys: p
         with torch.no_grad():
             generated = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
         assert generated.shape == (1, 12)
-    # A loaded checkpoint written back by save_pretrained keeps the model's names (no released-name renaming).
-    loaded.save_pretrained(tmp_path / "again")
-    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as handle:
-        assert set(handle.keys()) == keys
-    load_checkpoint(tmp_path / "again")
+    # save_pretrained, of the model just calibrated or of a loaded one, keeps the model's names (transformers
+    # would give Mixtral's its released names, block_sparse_moe).
+    for saved, folder in ((quantized, "direct"), (loaded, "again")):
+        saved.save_pretrained(tmp_path / folder)
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as handle:
+            assert set(handle.keys()) == keys, folder
+        load_checkpoint(tmp_path / folder)
     assert cli.main(["info", str(tmp_path / "checkpoint"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["quantized_layers"] == per_block * model.config.num_hidden_layers
@@ -214,8 +216,13 @@ def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
             error = (layers[name].sliced_weight().dequantize(SLICES).float() - weight).pow(2).mean()
             # 8 bits of codes from the weight error alone: close to the weight.
             assert error < 1e-4 * weight.pow(2).mean(), name
-            # Its thresholds are whole numbers: no router call, nearest slice count to the budget.
+            # Row gains fitted to the weight error (a zero Hessian would leave them all at 1).
+            assert not torch.all(layers[name].gains[0] == 1), name
+            # Its thresholds are whole numbers: no router call, the slice count nearest the budget.
             assert torch.equal(layers[name].thresholds, layers[name].thresholds.round()), name
+            for bits, slices in ((2.5, 1), (4.0, 2), (5.0, 2), (6.0, 3)):
+                set_precision(quantized, avg_bits=bits)
+                assert float(layers[name].threshold) == SLICES - slices, (name, bits)
     # The router as released reaches that expert again: the model runs, finite, at every budget.
     monkeypatch.undo()
     ids = torch.randint(0, VOCAB, (2, 16))
