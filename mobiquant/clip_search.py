@@ -15,11 +15,14 @@ weighs only its own slice count, the elastic checkpoint weighs all of them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
 from mobiquant.slicing import group_min_max, round_params, scale_zero_from_range
+
+log = logging.getLogger(__name__)
 
 # Clipping factors tried for each end of every group, besides the no-clipping start of LWC.
 CLIP_GRID = tuple(round(0.95 - 0.05 * i, 2) for i in range(11))
@@ -123,9 +126,12 @@ def input_hessians(
     With ``token_weights`` (per module, one weight per input row in the order ``run`` feeds them) the sums
     are ``X^T diag(w) X``; every module named there must see exactly that many rows. A module in ``optional``
     (an expert's linear: the router may send it no token) that sees no input gets a zero sum; any other is an
-    error.
+    error. An optional module that sees another number of rows than its weights (its tokens were routed
+    otherwise when the weights were measured) gets the unweighted sum, with a warning.
     """
+    optional = set(optional)
     sums: dict[str, torch.Tensor] = {}
+    plain: dict[str, torch.Tensor] = {}
     rows_seen: dict[str, int] = dict.fromkeys(modules, 0)
 
     def accumulate(name: str) -> Callable[..., None]:
@@ -135,8 +141,12 @@ def input_hessians(
             rows_seen[name] = start + len(x)
             weighted = x
             if token_weights is not None and name in token_weights:
+                if name in optional:
+                    plain[name] = plain[name] + x.T @ x if name in plain else x.T @ x
                 weights = token_weights[name][start : start + len(x)]
                 if len(weights) != len(x):
+                    if name in optional:
+                        return
                     raise ValueError(f"{name} saw more input rows than its {len(token_weights[name])} token weights")
                 weighted = x * weights.to(device=x.device, dtype=x.dtype).unsqueeze(1)
             product = weighted.T @ x
@@ -157,7 +167,14 @@ def input_hessians(
     if missing:
         raise RuntimeError(f"no calibration input reached {sorted(missing)}")
     given = token_weights or {}
-    short = sorted(name for name in given if name in modules and rows_seen[name] != len(given[name]))
+    rerouted = sorted(name for name in optional & set(given) if rows_seen[name] != len(given[name]))
+    if rerouted:
+        log.warning("%d expert linears saw other tokens than their saliencies were measured on (routing changed): "
+                    "their tokens weigh alike, e.g. %s", len(rerouted), rerouted[0])
+        # An expert that now sees no token keeps its zero sum.
+        sums.update({name: plain[name] for name in rerouted if name in plain})
+    short = sorted(name for name in given if name in modules and name not in optional
+                   and rows_seen[name] != len(given[name]))
     if short:
         raise ValueError(f"{short} saw fewer input rows than their token weights")
     return sums, result

@@ -253,3 +253,34 @@ def test_an_in_memory_mixture_of_experts_is_quantized_in_place(tmp_path: Path) -
     set_precision(quantized, slices=SLICES)
     error = float((logits(quantized, ids) - reference).pow(2).mean())
     assert error < 0.05 * float(reference.var())
+
+
+def test_an_expert_routed_otherwise_than_its_saliencies_weighs_its_tokens_alike(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Saliencies are measured on the full-precision routing; an expert whose tokens changed (sequential mode's
+    quantized inputs, a near tie) gets the unweighted X^T X instead of failing."""
+    expert, dense = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    weights = {"expert": torch.rand(7, dtype=torch.float64), "dense": torch.rand(5, dtype=torch.float64)}
+    with caplog.at_level(logging.WARNING):
+        sums, _ = input_hessians({"expert": expert, "dense": dense}, lambda: (expert(x), dense(x)), weights,
+                                 optional=["expert"])
+    torch.testing.assert_close(sums["expert"], x.double().T @ x.double())
+    torch.testing.assert_close(sums["dense"], (x.double() * weights["dense"][:, None]).T @ x.double())
+    assert "routing changed" in caplog.text
+    with pytest.raises(ValueError, match="saw more input rows"):
+        input_hessians({"dense": dense}, lambda: dense(torch.randn(9, 8)), {"dense": weights["dense"]})
+
+
+def test_sequential_mode_calibrates_a_mixture_of_experts(tmp_path: Path) -> None:
+    """Sequential mode routes the quantized blocks' outputs: the experts' rows are not the saliencies' tokens."""
+    model = tiny_model("mixtral", seed=11)
+    model.save_pretrained(tmp_path / "source")
+    quantized = quantize_files(tmp_path / "source", torch.randint(0, VOCAB, (4, 32)),
+                               CalibrationConfig(**FAST, mode="sequential"), tmp_path / "work", model_key="k",
+                               device=torch.device("cpu"), progress=False)
+    ids = torch.randint(0, VOCAB, (2, 32))
+    reference = logits(model, ids)
+    set_precision(quantized, slices=SLICES)
+    assert float((logits(quantized, ids) - reference).pow(2).mean()) < 0.05 * float(reference.var())

@@ -133,6 +133,10 @@ def calibrate_block(
     # An expert's linears see only the tokens routed to the expert, possibly none.
     experts = f"{arch.experts.path}." if arch.experts is not None else None
     optional = [name for name in originals if experts is not None and name.startswith(experts)]
+    if token_weights is not None and optional and config.mode == "sequential":
+        # The saliencies follow the full-precision model's routing; here the quantized blocks' outputs are
+        # routed, so an expert's rows are other tokens: its tokens weigh alike.
+        token_weights = {name: weights for name, weights in token_weights.items() if name not in optional}
     hessians: dict[str, torch.Tensor] = {}
     with compute_precision(config, device):
         if config.clip_search or config.error_compensation:

@@ -202,8 +202,9 @@ def assemble(files: ModelFiles, block_paths: Mapping[int, Path], config: Calibra
     model = skeleton(files.config, files.source_dtype)
     replace_linears(model, arch, config.num_slices, config.group_size,
                     config.router_hidden if config.routed else None)
-    quantized = {f"{arch.block_prefix(i)}{name}." for i in range(files.num_blocks) for name in arch.linears}
-    kept = [name for name in files.expected_tensors() if not any(name.startswith(q) for q in quantized)]
+    # A set lookup per tensor: a 128-expert model has 18k quantized linears.
+    quantized = {f"{arch.block_prefix(i)}{name}" for i in range(files.num_blocks) for name in arch.linears}
+    kept = [name for name in files.expected_tensors() if name.rpartition(".")[0] not in quantized]
     state = files.read(kept)
     for index, path in block_paths.items():
         prefix = arch.block_prefix(index)
