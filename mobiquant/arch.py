@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobiquant.layers import serving_rows
+
 
 class UnsupportedArchitectureError(ValueError):
     """The model's family has no description here."""
@@ -220,7 +222,10 @@ class LinearExperts(nn.ModuleList):
             if not 0 <= expert < len(self):
                 continue
             token_idx, top_k_pos = torch.where(top_k_index == expert)
-            out = self[expert](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            # A metered pass counts the expert's real tokens only (mobiquant.layers.serving_rows).
+            with serving_rows(token_idx, len(hidden_states)):
+                out = self[expert](hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
 

@@ -7,9 +7,11 @@ NVRTC kernels of ``mobiquant.kernels`` take over unless ``MOBIQUANT_KERNELS=off`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -340,11 +342,36 @@ class PassMask:
         return self._real[key]
 
 
+# Set while a mixture of experts runs one expert: which of the pass's tokens (rows of its flattened hidden states)
+# the expert's layers serve, and how many tokens the pass has.
+_SERVED_ROWS: ContextVar[tuple[torch.Tensor, int] | None] = ContextVar("mobiquant_served_rows", default=None)
+
+
+@contextlib.contextmanager
+def serving_rows(rows: torch.Tensor, tokens: int) -> Iterator[None]:
+    """The layers run inside serve only rows ``rows`` of the pass's ``tokens`` tokens (an expert's share): the
+    attention mask of a metered pass is laid over those rows."""
+    token = _SERVED_ROWS.set((rows, tokens))
+    try:
+        yield
+    finally:
+        _SERVED_ROWS.reset(token)
+
+
 def _counted_slices(slices: torch.Tensor, attention_mask: PassMask | None) -> tuple[torch.Tensor, int]:
     """The slices summed over the tokens to count, on ``slices``' device and not yet read, and their number.
 
-    Without ``attention_mask``, or for tokens it cannot be laid over, every token counts.
+    Without ``attention_mask``, or for tokens it cannot be laid over, every token counts. An expert's layer
+    (:func:`serving_rows`) counts those of its rows the mask marks real.
     """
+    served = _SERVED_ROWS.get() if attention_mask is not None else None
+    if served is not None and len(served[0]) == slices.numel():
+        rows, tokens = served
+        real = attention_mask.real_tokens(tokens, slices.device)
+        if real is None:
+            return slices.sum(), slices.numel()
+        flat_real = real[0][rows.to(slices.device)]
+        return (slices.reshape(-1) * flat_real).sum(), int(flat_real.sum())
     real = attention_mask.real_tokens(slices.numel(), slices.device) if attention_mask is not None else None
     if real is None:
         return slices.sum(), slices.numel()
