@@ -306,3 +306,21 @@ def test_padding_counts_in_no_experts_measured_bits() -> None:
         model(next_tokens.unsqueeze(1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
               position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
     assert meter.avg_bits == pytest.approx(bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-9)
+
+
+def test_the_commands_quantize_and_evaluate_a_mixture_of_experts(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                   ) -> None:
+    from tests.pipeline.tiny import build_tiny_llama
+
+    source = build_tiny_llama(tmp_path / "tiny" / "mixtral", family="mixtral", num_local_experts=EXPERTS,
+                              num_experts_per_tok=2)
+    text = str(source.parent / "train.txt")
+    out = tmp_path / "mixtral-mobiquant"
+    assert cli.main(["quantize", str(source), "-o", str(out), "--samples", "4", "--seqlen", "32", "--epochs", "1,1",
+                     "--data", text, "--seed", "0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--data", text, "--avg-bits", "3", "--uniform", "1,4", "--seqlen", "32",
+                     "--max-windows", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(row["perplexity"])) for row in rows)
+    assert sorted(row["avg_bits"] for row in rows)[::2] == [2.0, 8.0]
