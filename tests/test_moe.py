@@ -223,6 +223,10 @@ def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
             for bits, slices in ((2.5, 1), (4.0, 2), (5.0, 2), (6.0, 3)):
                 set_precision(quantized, avg_bits=bits)
                 assert float(layers[name].threshold) == SLICES - slices, (name, bits)
+            # Its router is constant: between grid points (a fractional threshold) every token runs alike.
+            with torch.no_grad():
+                scores = layers[name].router(torch.randn(16, layers[name].in_features))
+            assert torch.equal(scores, torch.zeros_like(scores)), name
     # The router as released reaches that expert again: the model runs, finite, at every budget.
     monkeypatch.undo()
     ids = torch.randint(0, VOCAB, (2, 16))

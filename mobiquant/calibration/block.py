@@ -155,7 +155,7 @@ def calibrate_block(
         # search, the codes and the row gains minimise the weight error itself (the codes are then the nearest
         # codes of the clipped grid, with nothing to compensate).
         log.warning("block %d: no calibration token reached %s; their clipping, codes and gains minimise the "
-                    "weight error (identity Hessian), their routers are not fitted",
+                    "weight error (identity Hessian), their routers are constant",
                     block_index, ", ".join(summarize_linears(unreached)))
         for name in unreached:
             hessians[name] = torch.eye(len(hessians[name]), dtype=hessians[name].dtype, device=hessians[name].device)
@@ -244,8 +244,9 @@ def fit_routers_to_errors(
     for module in trainables.values():
         module.uniform_slices, module.routing = module.num_slices, False
     handles = [module.register_forward_pre_hook(keep_sample(name)) for name, module in trainables.items()]
-    # An expert no token reached keeps its router's initial weights: the threshold calibration runs it at whole
-    # slice counts (mobiquant.precision.calibrate_thresholds), where no router is called.
+    # An expert no token reached gets a constant router (every token alike): its thresholds are whole slice
+    # counts at the grid budgets (mobiquant.precision.calibrate_thresholds), and a budget between two grid points
+    # interpolates them to a fraction that must not rank tokens by an unfitted router.
     try:
         with compute_precision(config, inputs.device):
             _batched_outputs(block, inputs, block_kwargs, config.batch_size)
@@ -256,6 +257,9 @@ def fit_routers_to_errors(
     for name, module in tqdm(trainables.items(), desc=f"block {block_index} router fit", unit="linear",
                              disable=not progress, leave=False):
         if not seen[name]:
+            with torch.no_grad():
+                for param in (module.router.fc2.weight, module.router.fc2.bias, module.router.norm_weight):
+                    param.zero_()
             continue
         x = torch.cat(seen[name]).float()
         target = truncation_errors(module, x).clamp_min(1e-30).log()
