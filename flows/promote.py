@@ -9,15 +9,22 @@ the repo public if configured, and moves the MLflow alias ``champion`` to the ve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
+from flows.params import InvalidParametersError
 from registry.publish import PublishError
 from registry.release import promote_release
 from registry.tracking import CANDIDATE
+
+# Failures a promotion expects and explains in one line (a refused or unready release, no such version, an MLflow
+# store that refuses us): their tracebacks say nothing more to the reviewer.
+EXPECTED_ERRORS = (PublishError, LookupError, InvalidParametersError, MlflowException)
 
 
 @flow(name="promote", log_prints=True)
@@ -28,9 +35,29 @@ def promote(
     alias: str = CANDIDATE,
     mlflow_uri: str = "sqlite:///mlflow.db",
 ) -> dict[str, str]:
-    """Publish ``version`` (or the version holding ``alias``) of ``registered_model_name`` to ``main``."""
+    """Publish ``version`` (or the version holding ``alias``) of ``registered_model_name`` to ``main``.
+
+    An expected failure (:data:`EXPECTED_ERRORS`) ends the run in a Failed state whose message is its one line, logged
+    without a traceback; calling the flow still raises the error. Other errors, and every error with
+    ``MOBIQUANT_DEBUG=1``, keep Prefect's traceback."""
+    try:
+        return _promote(registered_model_name, reviewer, version, alias, mlflow_uri)
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("MOBIQUANT_DEBUG"):
+            raise
+        # As in the compress flow: Prefect logs a returned Failed state as one line and raises its data to the caller.
+        return Failed(message=_message(error), data=error)
+
+
+def _message(error: Exception) -> str:
+    # MlflowException keeps its text in .message (its str() is a JSON-ish repr on some versions).
+    return getattr(error, "message", None) or str(error)
+
+
+def _promote(registered_model_name: str, reviewer: str, version: str | None, alias: str,
+             mlflow_uri: str) -> dict[str, str]:
     if not reviewer.strip():
-        raise ValueError("promotion needs the reviewer's name")
+        raise InvalidParametersError("promotion needs the reviewer's name")
     result = promote_release(mlflow_uri, registered_model_name, version=version, alias=alias, reviewer=reviewer)
     get_run_logger().info(
         "%s version %s published to %s@main as %s (commit %s), alias champion",
@@ -62,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
-    except (PublishError, LookupError, ValueError, MlflowException) as error:
+    except EXPECTED_ERRORS as error:
         # LookupError: no such registered model, version or alias.
-        print(f"promote: error: {getattr(error, 'message', None) or error}", file=sys.stderr)
+        print(f"promote: error: {_message(error)}", file=sys.stderr)
         return 1
     print(f"published {result['repo_id']}@main commit {result['commit']} (tag {result['tag']})")
     return 0

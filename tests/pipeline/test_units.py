@@ -329,15 +329,22 @@ def test_the_hub_endpoint_a_release_goes_to_is_recorded(monkeypatch: pytest.Monk
 
 
 def test_promote_command_errors_are_one_line(
-    tmp_path: Path, prefect_env: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, prefect_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.promote import main
+    from flows.promote import main, promote
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_registered_models()  # an empty store
     assert main(["mobiquant-nope", "--reviewer", "bob", "--mlflow-uri", uri]) == 1
     # The flow run's own log lines come first (Prefect logs to stderr); the command's error is its last line.
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"promote: error: no registered model 'mobiquant-nope' in {uri}"
+    reason = f"no registered model 'mobiquant-nope' in {uri}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"promote: error: {reason}"
     assert main(["mobiquant-nope", "--reviewer", " ", "--mlflow-uri", uri]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "promote: error: promotion needs the reviewer's name"
+    # The run ends Failed with that line as its message, which Prefect logs with no traceback; MOBIQUANT_DEBUG=1
+    # lets the error out of the flow, which Prefect logs with its traceback.
+    state = promote("mobiquant-nope", "bob", mlflow_uri=uri, return_state=True)
+    assert state.is_failed() and state.message == reason, state
+    monkeypatch.setenv("MOBIQUANT_DEBUG", "1")
+    state = promote("mobiquant-nope", "bob", mlflow_uri=uri, return_state=True)
+    assert state.is_failed() and state.message.startswith("Flow run encountered an exception: LookupError"), state
