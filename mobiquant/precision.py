@@ -90,7 +90,9 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     # The grid's ends need no pass: one slice for every token (threshold K - 1) and every slice (0).
     tables = {id(layer): [float(layer.num_slices - 1)] * (len(grid) - 1) + [0.0] for layer in layers}
     points_of_pass = _points_per_pass(grid)
-    reached: set[int] = set()
+    # Per pass, the layers some calibration token reached: an expert's tokens follow the routing of the blocks
+    # before it, which run at the pass's budget, so an expert may be reached at some budgets and not at others.
+    reached: dict[int, set[int]] = {index: set() for index in points_of_pass}
     for index, points in tqdm(points_of_pass.items(), desc="router thresholds", unit="budget", disable=not progress,
                               leave=False):
         shares = [
@@ -101,7 +103,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
 
         def hook(layer: MoBiLinear, args: tuple, index: int = index, points: list[int] = points,
                  layer_bits: dict = layer_bits) -> None:
-            reached.add(id(layer))
+            reached[index].add(id(layer))
             scores = ordered_scores(layer.router(args[0].reshape(-1, layer.in_features)))
             for point, threshold in zip(points, thresholds_for_bits(scores, layer_bits[id(layer)]), strict=True):
                 tables[id(layer)][point] = threshold
@@ -118,16 +120,21 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
         finally:
             for handle in handles:
                 handle.remove()
+    missed = 0
     for layer in layers:
-        if points_of_pass and id(layer) not in reached:
-            # No calibration token reached this layer (an expert the router never chose): no scores to take
-            # quantiles of. It runs each grid budget at the nearest whole number of slices, without its router.
-            tables[id(layer)] = [_whole_slices_threshold(layer, bits) for bits in grid]
+        unreached = [point for index, points in points_of_pass.items() if id(layer) not in reached[index]
+                     for point in points]
+        # No calibration token reached this layer in the pass of these grid budgets (an expert the router did not
+        # choose there): no scores to take quantiles of. It runs each such budget at the nearest whole number of
+        # slices, without its router (left alone, it would run them at one slice).
+        for point in unreached:
+            tables[id(layer)][point] = _whole_slices_threshold(layer, grid[point])
+        missed += bool(unreached)
         layer.thresholds = torch.tensor(tables[id(layer)], dtype=torch.float32, device=layer.thresholds.device)
         layer.uniform_slices = layer.stored_slices
-    if points_of_pass and len(reached) < len(layers):
-        log.warning("%d of %d routed layers saw no calibration token (experts never routed to): they run at the "
-                    "budget's nearest whole number of slices", len(layers) - len(reached), len(layers))
+    if missed:
+        log.warning("%d of %d routed layers saw no calibration token at some or all budgets (experts not routed "
+                    "to): they run those budgets at the nearest whole number of slices", missed, len(layers))
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(quant, dict):
         quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"

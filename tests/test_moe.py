@@ -235,6 +235,38 @@ def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
         assert torch.isfinite(logits(quantized, ids)).all()
 
 
+def test_an_expert_reached_at_some_budgets_only_runs_the_others_at_whole_slices(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expert's tokens follow the routing of the blocks before it, which run at each threshold pass's budget:
+    it may be reached in some passes and not in others. At the budgets of a pass that reached it not, it runs the
+    slice count nearest the budget, not one slice (a near-top budget left at 2 bits for that expert)."""
+    passes = [0]
+
+    def every_other_pass_not_the_last_expert(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
+        if passes[0] % 2:
+            return original(self, hidden_states)
+        return _never_the_last_expert(self, hidden_states)
+
+    original = MixtralTopKRouter.forward
+    monkeypatch.setattr(MixtralTopKRouter, "forward", every_other_pass_not_the_last_expert)
+    model = quantize_tiny(tiny_model("mixtral", seed=7), seed=7)
+    model.base_model.register_forward_pre_hook(lambda *_args: passes.__setitem__(0, passes[0] + 1))
+    samples = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    # Every layer at the budget itself: at 3 bits and above none runs all its tokens at one slice.
+    calibrate_thresholds(model, samples, allocate=False)
+    for name, layer in mobi_layers(model).items():
+        grid, table = layer.threshold_bits.tolist(), layer.thresholds.tolist()
+        for bits, threshold in zip(grid[1:-1], table[1:-1], strict=True):
+            if threshold.is_integer():
+                assert threshold == SLICES - min(max(round(bits / 2), 1), SLICES), (name, bits)
+            if bits >= 3.0:
+                assert threshold < SLICES - 1, (name, bits)
+    # The last expert was reached in some passes (thresholds from its scores) and not in others.
+    table = mobi_layers(model)[f"model.layers.0.mlp.experts.{EXPERTS - 1}.down_proj"].thresholds[1:-1].tolist()
+    assert any(not t.is_integer() for t in table) and any(t.is_integer() for t in table)
+
+
 def test_input_hessians_give_a_zero_sum_to_an_optional_module_that_sees_nothing() -> None:
     seen, unseen = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     sums, _ = input_hessians({"seen": seen, "unseen": unseen}, lambda: seen(torch.randn(3, 8)), optional=["unseen"])
