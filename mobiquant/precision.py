@@ -95,10 +95,7 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     reached: dict[int, set[int]] = {index: set() for index in points_of_pass}
     for index, points in tqdm(points_of_pass.items(), desc="router thresholds", unit="budget", disable=not progress,
                               leave=False):
-        shares = [
-            allocator.allocate(grid[point]) if allocator is not None else [grid[point]] * len(layers)
-            for point in points
-        ]
+        shares = [_layer_shares(allocator, grid[point], len(layers)) for point in points]
         layer_bits = {id(layer): [share[i] for share in shares] for i, layer in enumerate(layers)}
 
         def hook(layer: MoBiLinear, args: tuple, index: int = index, points: list[int] = points,
@@ -139,6 +136,19 @@ def calibrate_thresholds(model: nn.Module, samples: torch.Tensor, allocate: bool
     if isinstance(quant, dict):
         quant["threshold_allocation"] = "fisher" if allocate else "same-per-layer"
         quant["threshold_order"] = THRESHOLD_ORDER
+
+
+def _layer_shares(allocator: Allocator | None, budget: float, count: int) -> list[float]:
+    """Each of the ``count`` layers' bits at a grid ``budget``: the allocator's share, or the budget itself.
+
+    A layer no token reached in the allocation's pass (an expert not routed to at full precision) weighs nothing
+    there, so any share is free to the allocator, which gives it the fewest bits; the threshold passes, at lower
+    budgets, may route tokens to it: it runs them at the budget itself, as without allocation.
+    """
+    if allocator is None:
+        return [budget] * count
+    shares = allocator.allocate(budget)
+    return [share if curve.params else budget for share, curve in zip(shares, allocator.curves, strict=True)]
 
 
 def _whole_slices_threshold(layer: MoBiLinear, bits: float) -> float:

@@ -267,6 +267,37 @@ def test_an_expert_reached_at_some_budgets_only_runs_the_others_at_whole_slices(
     assert any(not t.is_integer() for t in table) and any(t.is_integer() for t in table)
 
 
+def test_an_expert_not_reached_at_full_precision_runs_the_budget_where_it_is_reached(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allocation's pass runs the model at full precision; the threshold passes, at lower budgets, route
+    otherwise and may reach an expert that pass did not. That expert weighs nothing in the allocation (its share
+    would be one slice at every budget): it runs the budget itself, and the model spends about the budget."""
+
+    def not_the_last_expert_in_the_allocation_pass(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
+        # The allocation's pass is the one pass with gradients.
+        if torch.is_grad_enabled():
+            return _never_the_last_expert(self, hidden_states)
+        return original(self, hidden_states)
+
+    original = MixtralTopKRouter.forward
+    monkeypatch.setattr(MixtralTopKRouter, "forward", not_the_last_expert_in_the_allocation_pass)
+    model = quantize_tiny(tiny_model("mixtral", seed=7), seed=7)
+    samples = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    calibrate_thresholds(model, samples)
+    layers = mobi_layers(model)
+    for index in range(model.config.num_hidden_layers):
+        layer = layers[f"model.layers.{index}.mlp.experts.{EXPERTS - 1}.down_proj"]
+        for bits, threshold in zip(layer.threshold_bits.tolist(), layer.thresholds.tolist(), strict=True):
+            if bits >= 3.0:
+                assert threshold < SLICES - 1, (index, bits)
+    for bits in (5.0, 7.0):
+        set_precision(model, avg_bits=bits)
+        with track_bits(model) as meter, torch.no_grad():
+            model(samples)
+        assert meter.avg_bits == pytest.approx(bits, abs=0.2)
+
+
 def test_input_hessians_give_a_zero_sum_to_an_optional_module_that_sees_nothing() -> None:
     seen, unseen = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     sums, _ = input_hessians({"seen": seen, "unseen": unseen}, lambda: seen(torch.randn(3, 8)), optional=["unseen"])
