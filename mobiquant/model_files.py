@@ -174,7 +174,12 @@ class ModelFiles:
                 for key in dict.fromkeys(keys):
                     tensors[key] = handle.get_tensor(self._stored[key])
         for name, (stacked, expert, half) in cut.items():
-            weight = tensors[stacked][expert]
+            experts = tensors[stacked]
+            if experts.dim() != 3 or expert >= len(experts):
+                # Indexing would fail with a bare IndexError (a source of fewer experts than its config names).
+                raise SourceError(f"{stacked} in {self.folder} has the shape {list(experts.shape)}: the config's "
+                                  f"{self.arch.num_experts} experts need {self.arch.num_experts} stacked matrices")
+            weight = experts[expert]
             tensors[name] = (weight if half is None else weight.chunk(2, dim=0)[half]).clone()
         for stacked in {stacked for stacked, _expert, _half in cut.values()} - set(names):
             del tensors[stacked]

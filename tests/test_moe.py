@@ -175,6 +175,22 @@ def test_experts_stored_stacked_are_read_per_expert(tmp_path: Path) -> None:
             assert torch.equal(want[name], got[name]), name
 
 
+def test_stacked_experts_fewer_than_the_config_names_are_one_clear_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import SourceError
+
+    model = tiny_model("qwen3_moe", seed=8)
+    model.config.save_pretrained(tmp_path)
+    state = {name: t[: EXPERTS - 1] if ".experts." in name else t for name, t in model.state_dict().items()}
+    save_file({name: t.contiguous() for name, t in state.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=rf"experts\.gate_up_proj in .* has the shape \[{EXPERTS - 1}, 128, 64\]: "
+                                          rf"the config's {EXPERTS} experts need {EXPERTS} stacked matrices$"):
+        ModelFiles(tmp_path).check()
+
+
 def _never_the_last_expert(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
     """Mixtral's router with the last expert never chosen (as a real router may never choose an expert on a
     small calibration set)."""
