@@ -375,6 +375,22 @@ def _record_mask(*_args: object, **_kwargs: object) -> None:
 _forget_mask = _record_mask
 
 
+class _PassMeter(BitMeter):
+    """A hold's meter of one forward pass, which also knows the pass's tokens: the most that one layer counted.
+
+    Every token of a pass runs through the attention linears, while an expert's linears see only the tokens routed
+    to it: the tokens weighted by the layers' sizes, over all the layers' sizes, would undercount a mixture of
+    experts' tokens (in a dense model, where every layer counts every token, both are the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+
+    def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
+        super().add(slice_sum, tokens, layer_params)
+        self.tokens = max(self.tokens, tokens)
+
+
 class BudgetHold:
     """Holds a routed model's measured average bits at ``avg_bits`` on the text it serves (``hold_budget``).
 
@@ -403,8 +419,7 @@ class BudgetHold:
         # The budget's range: a model holding fewer slices than it was calibrated with reads its tables
         # above what it holds (_budget_over_held_slices).
         self._range = (float(BITS_PER_SLICE), float(BITS_PER_SLICE * max(layer.num_slices for layer in layers)))
-        self._weights = float(sum(layer.in_features * layer.out_features for layer in layers))
-        self._this_pass = BitMeter()
+        self._this_pass = _PassMeter()
         self.meter = BitMeter()
         for layer in layers:
             layer.bit_meters += [self._this_pass, self.meter]
@@ -419,6 +434,9 @@ class BudgetHold:
         # without meters (MoBiLinear.__getstate__): give them the copied hold's. (They are whole by now: a hold is
         # reached from the model's hooks, before its modules, and copies them within.)
         self.__dict__.update(state)
+        if not isinstance(self._this_pass, _PassMeter):
+            # A hold pickled by an earlier version: its pass meter, empty between passes, did not count tokens.
+            self._this_pass = _PassMeter()
         if not self.__dict__.get("_released", False):
             for layer in self._layers:
                 layer.bit_meters += [m for m in (self._this_pass, self.meter) if m not in layer.bit_meters]
@@ -426,9 +444,9 @@ class BudgetHold:
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self._this_pass.weighted_tokens:
             return
-        spent = self._this_pass.avg_bits
-        tokens = self._this_pass.weighted_tokens / self._weights
+        spent, tokens = self._this_pass.avg_bits, self._this_pass.tokens
         self._this_pass.weighted_slices = self._this_pass.weighted_tokens = 0.0
+        self._this_pass.tokens = 0
         moved = self.budget + min(1.0, tokens / self.horizon_tokens) * (self.avg_bits - spent)
         self.budget = min(max(moved, self._range[0]), self._range[1])
         _read_tables(self._layers, self._tables, self.budget)

@@ -19,7 +19,7 @@ from mobiquant.arch import LinearExperts, architecture_of, summarize_linears
 from mobiquant.calibration import CalibrationConfig, quantize_files
 from mobiquant.checkpoint import load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.clip_search import input_hessians
-from mobiquant.precision import calibrate_thresholds, set_precision, track_bits
+from mobiquant.precision import calibrate_thresholds, hold_budget, set_precision, track_bits
 from tests.tiny_models import EXPERTS, MOE_FAMILIES, SLICES, VOCAB, logits, quantize_tiny, tiny_model
 
 FAST = dict(group_size=32, router_hidden=16, epochs_stage1=1, epochs_stage2=1, batch_size=4)
@@ -103,6 +103,20 @@ def test_set_precision_holds_the_budget_when_experts_serve_different_token_count
         with track_bits(model) as meter, torch.no_grad():
             model(samples)
         assert meter.avg_bits == pytest.approx(bits, abs=0.05)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_held_budget_moves_by_the_tokens_of_a_pass_whatever_its_experts_serve(family: str) -> None:
+    """hold_budget moves the budget by (avg_bits - spent) * tokens / horizon_tokens after each pass: the tokens are
+    the pass's, though each expert's linears serve only the tokens routed to it."""
+    model = quantize_tiny(tiny_model(family, seed=3), seed=3)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with hold_budget(model, 3.0, horizon_tokens=4 * ids.numel()) as hold, torch.no_grad():
+        for _pass in range(2):
+            before = hold.budget
+            with track_bits(model) as meter:
+                model(ids)
+            assert hold.budget == pytest.approx(before + (3.0 - meter.avg_bits) / 4, rel=1e-12)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
