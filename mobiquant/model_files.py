@@ -152,7 +152,10 @@ class ModelFiles:
                 if tuple(tensor.shape) != self._shapes[name]:
                     raise SourceError(f"{self._cut[name][0]} in {self.folder} gives {name} the shape "
                                       f"{list(tensor.shape)}, the config needs {list(self._shapes[name])}")
-                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                if not tensor.is_floating_point():
+                    raise SourceError(f"tensor {self._cut[name][0]} in {self.folder} is {tensor.dtype}, not floating "
+                                      "point")
+                if not torch.isfinite(tensor).all():
                     raise SourceError(f"{name} contains NaN or Inf values (in {self.folder})")
 
     def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -205,6 +205,22 @@ def test_stacked_experts_fewer_than_the_config_names_are_one_clear_error(tmp_pat
         ModelFiles(tmp_path).check()
 
 
+def test_stacked_experts_of_integers_are_named_not_floating_point(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import SourceError
+
+    model = tiny_model("qwen3_moe", seed=8)
+    model.config.save_pretrained(tmp_path)
+    state = {name: t.to(torch.int32) if name.endswith(".experts.down_proj") else t
+             for name, t in model.state_dict().items()}
+    save_file({name: t.contiguous() for name, t in state.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=r"experts\.down_proj in .* is torch\.int32, not floating point$"):
+        ModelFiles(tmp_path).check()
+
+
 def _never_the_last_expert(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
     """Mixtral's router with the last expert never chosen (as a real router may never choose an expert on a
     small calibration set)."""
