@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mobiquant import INSTALL_HINT
@@ -125,29 +127,56 @@ def padding_metered(hflm: type) -> type:
     return PaddingMeteredHFLM
 
 
-@contextlib.contextmanager
-def recording_right_padding(wrapped: Any) -> Any:
-    """Inside the block, each batch lm-eval's ``HFLM`` right-pads (``pad_and_concat`` of its module) is recorded on
-    ``wrapped`` (a ``padding_metered`` HFLM) with its mask, 1 for each row's own tokens, for its next model call."""
-    import torch
+# lm-eval's modules whose pad_and_concat is wrapped: their own function and how many recording blocks, in any
+# thread, are open. The wrapper records into the innermost recording HFLM of the thread that pads, so evaluations
+# running at once in several threads each record their own batches, and the last to end restores lm-eval's own.
+_PADDING_LOCK = threading.Lock()
+_WRAPPED_PADDING: dict[str, tuple[Callable[..., Any], int]] = {}
+_RECORDING = threading.local()
 
-    module = sys.modules[wrapped.padding_module]
-    original = getattr(module, "pad_and_concat", None)
+
+@contextlib.contextmanager
+def recording_right_padding(wrapped: Any) -> Iterator[None]:
+    """Inside the block, each batch lm-eval's ``HFLM`` right-pads (``pad_and_concat`` of its module) in this thread
+    is recorded on ``wrapped`` (a ``padding_metered`` HFLM) with its mask, 1 for each row's own tokens, for its next
+    model call."""
+    name = wrapped.padding_module
+    module = sys.modules[name]
+    with _PADDING_LOCK:
+        if name in _WRAPPED_PADDING:
+            original, users = _WRAPPED_PADDING[name]
+            _WRAPPED_PADDING[name] = original, users + 1
+        else:
+            original = getattr(module, "pad_and_concat", None)
+            if original is not None:
+                module.pad_and_concat = functools.partial(_recorded_pad_and_concat, original)
+                _WRAPPED_PADDING[name] = original, 1
     if original is None:  # an lm-eval that pads otherwise: nothing to record
         yield
         return
-
-    def pad_and_concat(max_length: int, tensors: list[Any], padding_side: str = "right") -> Any:
-        lengths = [int(tensor.shape[-1]) for tensor in tensors]  # before padding: it replaces the list's tensors
-        padded = original(max_length, tensors, padding_side=padding_side)
-        if padding_side == "right":
-            mask = (torch.arange(max_length) < torch.tensor(lengths)[:, None]).long()
-            wrapped._right_padded = (padded, mask)
-        return padded
-
-    module.pad_and_concat = pad_and_concat
+    recording = _RECORDING.__dict__.setdefault("stack", [])
+    recording.append(wrapped)
     try:
         yield
     finally:
-        module.pad_and_concat = original
+        recording.pop()
         wrapped._right_padded = None
+        with _PADDING_LOCK:
+            original, users = _WRAPPED_PADDING.pop(name)
+            if users > 1:
+                _WRAPPED_PADDING[name] = original, users - 1
+            else:
+                module.pad_and_concat = original
+
+
+def _recorded_pad_and_concat(original: Callable[..., Any], max_length: int, tensors: list[Any],
+                             padding_side: str = "right") -> Any:
+    import torch
+
+    lengths = [int(tensor.shape[-1]) for tensor in tensors]  # before padding: it replaces the list's tensors
+    padded = original(max_length, tensors, padding_side=padding_side)
+    recording = getattr(_RECORDING, "stack", None)
+    if padding_side == "right" and recording:
+        mask = (torch.arange(max_length) < torch.tensor(lengths)[:, None]).long()
+        recording[-1]._right_padded = (padded, mask)
+    return padded

@@ -253,3 +253,52 @@ def test_avg_bits_count_no_padding_at_any_batch_size(checkpoint: Path, task_dir:
     ]
     assert batched[1]["avg_bits"] == alone[1]["avg_bits"] == 4.0
     assert batched[0]["avg_bits"] == pytest.approx(alone[0]["avg_bits"], rel=1e-9)
+
+
+def test_padding_is_recorded_per_thread_by_evaluations_running_at_once() -> None:
+    """Two evaluations in two threads (two models on two devices) each record their own batches' padding, whichever
+    ends first, and lm-eval's pad_and_concat is its own again once both have ended."""
+    import threading
+
+    from lm_eval.models.huggingface import HFLM
+
+    from mobiquant.harness import padding_metered, recording_right_padding
+
+    wrapped_class = padding_metered(HFLM)
+    module = sys.modules[wrapped_class.padding_module]
+    original = module.pad_and_concat
+    first, second = object.__new__(wrapped_class), object.__new__(wrapped_class)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def pad(lengths: list[int]) -> Any:
+        return module.pad_and_concat(max(lengths), [torch.arange(1, n + 1) for n in lengths], padding_side="right")
+
+    def run_first() -> None:
+        with recording_right_padding(first):
+            first_in.set()
+            second_in.wait(10)
+            padded = pad([2, 3])
+            seen["first"] = first._right_padded
+            seen["first_batch"] = padded
+        first_out.set()
+
+    def run_second() -> None:
+        first_in.wait(10)
+        with recording_right_padding(second):
+            second_in.set()
+            first_out.wait(10)
+            padded = pad([4, 1, 2])
+            seen["second"] = second._right_padded
+            seen["second_batch"] = padded
+
+    threads = [threading.Thread(target=run_first), threading.Thread(target=run_second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen["first"][0] is seen["first_batch"]
+    assert seen["first"][1].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert seen["second"] is not None and seen["second"][0] is seen["second_batch"]
+    assert seen["second"][1].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert module.pad_and_concat is original
