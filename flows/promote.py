@@ -20,11 +20,11 @@ from prefect.states import Failed
 from flows.params import InvalidParametersError
 from registry.publish import PublishError
 from registry.release import promote_release
-from registry.tracking import CANDIDATE
+from registry.tracking import CANDIDATE, VersionNotFoundError
 
 # Failures a promotion expects and explains in one line (a refused or unready release, no such version, an MLflow
 # store that refuses us): their tracebacks say nothing more to the reviewer.
-EXPECTED_ERRORS = (PublishError, LookupError, InvalidParametersError, MlflowException)
+EXPECTED_ERRORS = (PublishError, VersionNotFoundError, InvalidParametersError, MlflowException)
 
 
 @flow(name="promote", log_prints=True)
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
     except EXPECTED_ERRORS as error:
-        # LookupError: no such registered model, version or alias.
         print(f"promote: error: {_message(error)}", file=sys.stderr)
         return 1
     print(f"published {result['repo_id']}@main commit {result['commit']} (tag {result['tag']})")

@@ -39,6 +39,10 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking server or database cannot be used."""
 
 
+class VersionNotFoundError(LookupError):
+    """No such registered model, version or alias."""
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (seconds, not the client's minutes of retries) when MLflow cannot be reached."""
     if uri.startswith(("http://", "https://")):
@@ -239,9 +243,9 @@ def get_version(uri: str, name: str, version: str | None = None, alias: str | No
         return client.get_model_version_by_alias(name, alias or CANDIDATE)
     except MlflowException as error:
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
-            raise LookupError(f"no registered model {name!r} in {redacted_uri(uri)}") from error
+            raise VersionNotFoundError(f"no registered model {name!r} in {redacted_uri(uri)}") from error
         what = f"version {version}" if version is not None else f"alias {alias or CANDIDATE!r}"
-        raise LookupError(f"registered model {name!r} has no {what} in {redacted_uri(uri)}") from error
+        raise VersionNotFoundError(f"registered model {name!r} has no {what} in {redacted_uri(uri)}") from error
 
 
 def run_artifact_text(uri: str, run_id: str, path: str) -> str:

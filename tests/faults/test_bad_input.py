@@ -321,7 +321,8 @@ def test_invalid_flow_parameters_are_one_line(case: str, tiny_model: Path, tmp_p
 def test_invalid_parameters_stop_the_flow_before_anything(tiny_model: Path, tmp_path: Path, prefect_env: Path) -> None:
     with pytest.raises(InvalidParametersError, match=r"budgets \[9\.0\] are outside \[2, 8\]"):
         compress(**tiny_params(tiny_model, tmp_path, budgets=[9.0]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefect-home"]
+    # Nothing but Prefect's own home (where it may persist the run's failure).
+    assert [p.name for p in tmp_path.iterdir() if p.name != "prefect-home"] == []
 
 
 def test_shipped_deployment_parameters_are_valid_and_a_bad_one_is_not() -> None:

@@ -345,6 +345,15 @@ def test_promote_command_errors_are_one_line(
     # lets the error out of the flow, which Prefect logs with its traceback.
     state = promote("mobiquant-nope", "bob", mlflow_uri=uri, return_state=True)
     assert state.is_failed() and state.message == reason, state
+    # A bug (here a damaged version's missing tag) is no expected error: it keeps its traceback.
+    def damaged(*_args: object, **_kwargs: object) -> dict[str, str]:
+        raise KeyError("publish.kind")
+
+    monkeypatch.setattr("flows.promote.promote_release", damaged)
+    state = promote("mobiquant-nope", "bob", mlflow_uri=uri, return_state=True)
+    assert state.is_failed() and state.message.startswith("Flow run encountered an exception: KeyError"), state
+    monkeypatch.undo()
     monkeypatch.setenv("MOBIQUANT_DEBUG", "1")
     state = promote("mobiquant-nope", "bob", mlflow_uri=uri, return_state=True)
-    assert state.is_failed() and state.message.startswith("Flow run encountered an exception: LookupError"), state
+    assert state.is_failed(), state
+    assert state.message.startswith("Flow run encountered an exception: VersionNotFoundError"), state
