@@ -32,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mo
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.arch import architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, calibrate_block  # noqa: E402
 from mobiquant.calibration.capture import capture_block_inputs  # noqa: E402
 from mobiquant.calibration.saliency import token_weights  # noqa: E402
@@ -54,7 +54,8 @@ def main() -> None:
     source_files = materialize(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(source_files.path)
     model = AutoModelForCausalLM.from_pretrained(source_files.path, dtype=torch.float32).eval()
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model.config)
+    arch.linearize(model)
     samples = calibration_samples(tokenizer, "shakespeare:train", args.samples, args.seqlen, 0)
     source = InMemoryModel(model)
     configs = {

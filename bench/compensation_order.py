@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mo
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.arch import architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, calibrate_block, quantized_block  # noqa: E402
 from mobiquant.calibration.capture import block_outputs  # noqa: E402
 from mobiquant.data import calibration_samples  # noqa: E402
@@ -54,7 +54,8 @@ def main() -> None:
     source = materialize(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model.config)
+    arch.linearize(model)
     samples = calibration_samples(tokenizer, "shakespeare:train", args.samples, args.seqlen, 0)
     hidden, all_kwargs = first_block_inputs(model, arch, samples)
     blocks = arch.block_list(model)

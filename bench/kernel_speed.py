@@ -47,7 +47,7 @@ if str(REPO_ROOT) not in sys.path:  # a plain checkout: mobiquant is not install
     sys.path.insert(0, str(REPO_ROOT))
 
 from mobiquant import kernels  # noqa: E402
-from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.arch import architecture_of  # noqa: E402
 from mobiquant.layers import MoBiLinear  # noqa: E402
 from mobiquant.precision import set_precision  # noqa: E402
 from mobiquant.slicing import slice_weight  # noqa: E402
@@ -273,7 +273,8 @@ def llama_shaped_model(layers: int, dims: dict[str, int], device: torch.device) 
 
 def to_mobilinears(model: nn.Module, group_size: int) -> None:
     """Replace every block linear by a MoBiLinear holding its weight's 4-slice MoBiSlice form, with row gains."""
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model.config)
+    arch.linearize(model)
     for block in arch.block_list(model):
         for name, linear in arch.quantized_linears(block).items():
             with torch.device(linear.weight.device):

@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mobiquant.allocation import loss_gradient_passes  # noqa: E402
-from mobiquant.arch import Architecture, architecture_for  # noqa: E402
+from mobiquant.arch import Architecture, architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report  # noqa: E402
 from mobiquant.calibration.capture import block_outputs  # noqa: E402
 from mobiquant.calibration.config import linear_weight_tuples  # noqa: E402
@@ -370,7 +370,8 @@ def main() -> None:
     source = materialize(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    arch = architecture_for(base.config.model_type)
+    arch = architecture_of(base.config)
+    arch.linearize(base)
     samples = calibration_samples(tokenizer, "shakespeare:train", args.samples, args.seqlen, args.seed)
     texts = {"plays": evaluation_tokens(tokenizer, "shakespeare:test"),
              "python docs": tokenizer(python_docs_text(), return_tensors="pt", verbose=False).input_ids}

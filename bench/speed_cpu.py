@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:  # a plain checkout, or another checkout's mo
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from mobiquant.arch import architecture_for  # noqa: E402
+from mobiquant.arch import architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, quantization_config  # noqa: E402
 from mobiquant.checkpoint import replace_linears  # noqa: E402
 from mobiquant.precision import calibrate_thresholds, mobi_layers, set_precision, track_bits  # noqa: E402
@@ -38,7 +38,8 @@ from mobiquant.sources import materialize, smollm2_gguf_path  # noqa: E402
 
 
 def elastic_copy(model: torch.nn.Module, group_size: int, num_slices: int) -> torch.nn.Module:
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_of(model.config)
+    arch.linearize(model)
     originals = {}
     for index, block in enumerate(arch.block_list(model)):
         for name, linear in arch.quantized_linears(block).items():
