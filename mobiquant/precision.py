@@ -20,6 +20,7 @@ import bisect
 import functools
 import inspect
 import logging
+import math
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,8 +153,10 @@ def _layer_shares(allocator: Allocator | None, budget: float, count: int) -> lis
 
 
 def _whole_slices_threshold(layer: MoBiLinear, bits: float) -> float:
-    """The whole-number threshold on ordered scores that runs ``layer`` at the slice count nearest ``bits``."""
-    slices = min(max(round(bits / BITS_PER_SLICE), 1), layer.num_slices)
+    """The whole-number threshold on ordered scores that runs ``layer`` at the slice count nearest ``bits``; a budget
+    halfway between two counts (an odd number of bits) takes the higher, at every budget alike."""
+    # Not round(): it rounds halves to even, which would take 3 bits up to 2 slices but 5 bits down to 2.
+    slices = min(max(math.floor(bits / BITS_PER_SLICE + 0.5), 1), layer.num_slices)
     return float(layer.num_slices - slices)
 
 

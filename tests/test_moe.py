@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,7 @@ def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
             assert not torch.all(layers[name].gains[0] == 1), name
             # Its thresholds are whole numbers: no router call, the slice count nearest the budget.
             assert torch.equal(layers[name].thresholds, layers[name].thresholds.round()), name
-            for bits, slices in ((2.5, 1), (4.0, 2), (5.0, 2), (6.0, 3)):
+            for bits, slices in ((2.5, 1), (3.0, 2), (4.0, 2), (5.0, 3), (6.0, 3), (7.0, 4)):
                 set_precision(quantized, avg_bits=bits)
                 assert float(layers[name].threshold) == SLICES - slices, (name, bits)
             # Its router is constant: between grid points (a fractional threshold) every token runs alike.
@@ -305,7 +306,7 @@ def test_an_expert_reached_at_some_budgets_only_runs_the_others_at_whole_slices(
         grid, table = layer.threshold_bits.tolist(), layer.thresholds.tolist()
         for bits, threshold in zip(grid[1:-1], table[1:-1], strict=True):
             if threshold.is_integer():
-                assert threshold == SLICES - min(max(round(bits / 2), 1), SLICES), (name, bits)
+                assert threshold == SLICES - min(max(math.floor(bits / 2 + 0.5), 1), SLICES), (name, bits)
             if bits >= 3.0:
                 assert threshold < SLICES - 1, (name, bits)
     # The last expert was reached in some passes (thresholds from its scores) and not in others.
