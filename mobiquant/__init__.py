@@ -26,6 +26,8 @@ _EXPORTS = {
     "quantize_model": "mobiquant.calibration",
     "quantize": "mobiquant.api",
     "load_checkpoint": "mobiquant.checkpoint",
+    # Named by the message that refuses another quantization_config at from_pretrained.
+    "MoBiQuantConfig": "mobiquant.checkpoint",
     "save_checkpoint": "mobiquant.checkpoint",
     "MoBiLinear": "mobiquant.layers",
     "MoBiRouter": "mobiquant.layers",

@@ -790,6 +790,8 @@ def test_a_quantization_config_argument_of_another_kind_is_one_line_from_mobiqua
     assert message.startswith("from_pretrained(quantization_config=...) of a MoBiQuant checkpoint takes a "
                               "mobiquant.MoBiQuantConfig or nothing"), message
     assert message.endswith(described), message
+    # The class the message names is there to pass.
+    assert mobiquant.MoBiQuantConfig is checkpoint.MoBiQuantConfig
 
 
 def test_a_quantization_config_argument_of_this_method_loads_with_the_checkpoints_own(tmp_path: Path) -> None:
