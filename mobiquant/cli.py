@@ -28,6 +28,8 @@ EXIT_INTERRUPTED = 130
 AUTO_GROUP_SIZES = (128, 64, 32)
 # mobiquant.slicing.MAX_SLICES (a test keeps them equal).
 MAX_SLICES = 8
+# What mobiquant.devices.resolve_device accepts, for every command's --device.
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 
 
 class CommandError(ValueError):
@@ -165,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=_epochs, metavar="S1,S2", help="epochs of stage 1 and stage 2 (default: 1,1)"
     )
     quantize.add_argument(
-        "--mode", choices=("parallel", "sequential"), help="block inputs: full precision or quantized"
+        "--mode", choices=("parallel", "sequential"),
+        help="block inputs: the full-precision model's (parallel, the default: blocks calibrate independently) or "
+        "the quantized blocks' outputs (sequential, as GPTQ: one block after another)",
     )
     quantize.add_argument(
         "--group-size", type=_positive_int, help="input columns per scale (default: 128, or 64/32 where 128 won't fit)"
@@ -173,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--slices", type=_slice_count, help=f"2-bit slices K, 1..{MAX_SLICES} (default: 4, i.e. up to 8 bits)"
     )
-    quantize.add_argument("--router-hidden", type=int, help="router hidden width (0: no router, uniform only)")
+    quantize.add_argument(
+        "--router-hidden", type=int, help="router hidden width (default: 32; 0: no router, uniform only)"
+    )
     quantize.add_argument(
         "--precision-weights", type=slice_weights_arg, metavar="K:W,...",
         help="weights of the output error at K slices that the error-compensated codes minimise, e.g. 1:4,2:1,3:1 "
@@ -209,11 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "saliency, the squared loss gradient at each linear's outputs (default: loss-weighted)",
     )
     quantize.add_argument("--seed", type=int, default=0, help="seed for samples and training (default: 0)")
+    quantize.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     quantize.add_argument(
-        "--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
-    )
-    quantize.add_argument(
-        "--threads", type=_positive_int, help="CPU threads for torch (default: the cores this process may use)"
+        "--threads", type=_positive_int,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this process may use)",
     )
     quantize.add_argument(
         "--compute-dtype", choices=("float32", "tfloat32", "bfloat16"), default="float32",
@@ -238,13 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="perplexity (or lm-eval benchmark tasks) and measured average bits per precision setting"
     )
     evaluate.add_argument("checkpoint", metavar="DIR", help="MoBiQuant checkpoint directory")
-    evaluate.add_argument("--data", default="shakespeare:test", help="evaluation text (default: %(default)s)")
-    evaluate.add_argument("--avg-bits", type=_float_list, default=[], metavar="B,...", help="routed average bits")
+    evaluate.add_argument(
+        "--data", default="shakespeare:test", help="evaluation text for perplexity (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--avg-bits", type=_float_list, default=[], metavar="B,...",
+        help="routed average bits (with neither --avg-bits nor --uniform: every uniform slice count)",
+    )
     evaluate.add_argument("--uniform", type=_int_list, default=[], metavar="K,...", help="uniform slice counts")
-    evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="window length (default: 2048)")
-    evaluate.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows")
-    evaluate.add_argument("--max-slices", type=_positive_int, help="load only the first M slices")
-    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument(
+        "--seqlen", type=_positive_int, default=2048,
+        help="window length (default: 2048, or the model's context where shorter)",
+    )
+    evaluate.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows (default: all)")
+    evaluate.add_argument("--max-slices", type=_positive_int, help="load only the first M slices (default: all)")
+    evaluate.add_argument("--device", help=f"{DEVICE_HELP} (default: auto)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument(
         "--hold-budget", action="store_true",
@@ -276,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the re-fitted checkpoint to OUT (default: replace DIR, atomically)",
     )
     thresholds.add_argument("--force", action="store_true", help="replace OUT if it already holds a checkpoint")
-    thresholds.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    thresholds.add_argument("--device", help=f"{DEVICE_HELP} (default: auto)")
     thresholds.set_defaults(handler=cmd_thresholds)
 
     info = commands.add_parser("info", help="describe a checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -121,6 +122,15 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and "invalid choice" in one_line(err)
     code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--samples", "0")
     assert code == 2 and "positive integer" in one_line(err)
+
+
+def test_help_lists_every_command_and_says_what_every_option_does() -> None:
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert [listed.dest for listed in commands._choices_actions] == list(commands.choices)
+    assert set(commands.choices) == {"quantize", "eval", "thresholds", "info"}
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"mobiquant {name} {action.option_strings}"
 
 
 def test_version_and_help_load_no_torch(capsys: pytest.CaptureFixture) -> None:
