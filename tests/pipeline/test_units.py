@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import json
 import os
@@ -326,6 +327,17 @@ def test_the_hub_endpoint_a_release_goes_to_is_recorded(monkeypatch: pytest.Monk
     assert publish_endpoint(PublishTarget(kind="hub")) == "http://127.0.0.1:9/hub"
     assert publish_endpoint(PublishTarget(kind="hub", endpoint="https://hub.example")) == "https://hub.example"
     assert publish_endpoint(PublishTarget(kind="local")) == ""
+
+
+def test_demo_and_promote_commands_say_what_every_option_does() -> None:
+    from flows import demo, promote
+
+    defaults = demo.demo_parameters()
+    for parser in (demo.build_parser(defaults), promote.build_parser()):
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"{parser.prog} {action.dest}"
+    # The demo's help quotes the compress/demo deployment's settings, which it runs with.
+    assert f"(default: {defaults['samples']})" in demo.build_parser(defaults).format_help()
 
 
 def test_promote_command_errors_are_one_line(
