@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--work-dir", help="resumable work folder (default: .DIR.mobiquant-work beside DIR)")
     quantize.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
-    quantize.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    quantize.add_argument(
+        "--force", action="store_true",
+        help="replace DIR if it holds an earlier MoBiQuant checkpoint (a folder of other files is never replaced)",
+    )
     quantize.add_argument(
         "--allow-pickle",
         action="store_true",
