@@ -223,8 +223,11 @@ class MoBiLinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
-        if self.uniform_slices is not None or self.router is None:
-            return self._uniform_counts(x, self.uniform_slices or self.stored_slices)
+        # Read once: set_precision in another thread may turn a uniform setting routed between two reads, and the
+        # second read would then run the layer at every slice held, which neither setting asked for.
+        uniform = self.uniform_slices
+        if uniform is not None or self.router is None:
+            return self._uniform_counts(x, uniform or self.stored_slices)
         # A whole number leaves no gate to choose tokens for (see ordered_scores): no router is needed.
         gates = self.num_slices - 1
         threshold = min(max(self.threshold, 0.0), float(gates))
