@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +140,9 @@ class MoBiLinear(nn.Module):
         self.register_buffer("thresholds", torch.full((points,), UNCALIBRATED, dtype=torch.float32))
         self.uniform_slices: int | None = num_slices
         self.threshold: float = UNCALIBRATED
-        # Every open ``track_bits`` block counts this layer's tokens, nested blocks included.
-        self.bit_meters: list[BitMeter] = []
+        # Every open ``track_bits`` block counts this layer's tokens, nested blocks included. Replaced, never changed
+        # in place (attach_meters): a pass in another thread counts with the list it read.
+        self.bit_meters: list[Meter] = []
         self._cache_dense = False
         self._dense: dict[int, torch.Tensor] = {}
         self._codes: torch.Tensor | None = None
@@ -255,8 +257,9 @@ class MoBiLinear(nn.Module):
             slices = self._uniform_counts(x, slices)
         elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
             raise ValueError(f"slice counts must lie in 1..{self.stored_slices}")
-        if self.bit_meters:
-            self._count_bits(slices)
+        meters = self.bit_meters
+        if meters:
+            self._count_bits(slices, meters)
         flat_x = x.reshape(-1, self.in_features)
         flat_k = slices.reshape(-1)
         out = _grouped_product(self, flat_x, flat_k)
@@ -264,11 +267,11 @@ class MoBiLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _count_bits(self, slices: torch.Tensor) -> None:
+    def _count_bits(self, slices: torch.Tensor, meters: list[Meter]) -> None:
         # Every meter counts the tokens of the innermost metered pass running in this thread: count them once.
         slice_sum, tokens = _counted_slices(slices, current_pass_mask())
         slice_sum, weights = float(slice_sum), self.in_features * self.out_features
-        for meter in self.bit_meters:
+        for meter in meters:
             meter.add(slice_sum, tokens, weights)
 
     def extra_repr(self) -> str:
@@ -413,24 +416,63 @@ def current_pass_mask() -> PassMask | None:
     return stack[-1].mask if stack else None
 
 
+class Meter(Protocol):
+    """What a layer counts its tokens into (``BitMeter``, a budget hold's meter of each pass)."""
+
+    def add(self, slice_sum: float, tokens: int, layer_params: int) -> None: ...
+
+
+# Guards every change of a layer's meter list: two threads opening or closing blocks at once would otherwise each build
+# a new list from the one they read, and the later would drop the earlier's meter.
+_METER_LISTS_LOCK = threading.Lock()
+
+
+def attach_meters(layers: list[MoBiLinear], meters: list[Meter]) -> None:
+    """Give each of ``layers`` the ``meters`` it does not count in yet."""
+    with _METER_LISTS_LOCK:
+        for layer in layers:
+            layer.bit_meters = layer.bit_meters + [meter for meter in meters if meter not in layer.bit_meters]
+
+
+def detach_meters(layers: list[MoBiLinear], meters: list[Meter]) -> None:
+    """Take ``meters`` off each of ``layers``."""
+    with _METER_LISTS_LOCK:
+        for layer in layers:
+            layer.bit_meters = [meter for meter in layer.bit_meters if all(meter is not gone for gone in meters)]
+
+
 class BitMeter:
-    """Counts the average bits actually used: 2 x slices per token, weighted by each layer's size."""
+    """Counts the average bits actually used: 2 x slices per token, weighted by each layer's size.
+
+    Layers run by several threads add to one meter at once: the sums change under a lock."""
 
     def __init__(self) -> None:
         self.weighted_slices = 0.0
         self.weighted_tokens = 0.0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         # Meters pickled by earlier versions carry the name of a thread-local slot they no longer use.
         self.__dict__.update({name: value for name, value in state.items() if name != "_this_thread"})
+        self._lock = threading.Lock()
 
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
         """Count ``tokens`` tokens that ran ``slice_sum`` slices in all through a layer of ``layer_params`` weights."""
-        self.weighted_slices += slice_sum * layer_params
-        self.weighted_tokens += tokens * layer_params
+        # Once per layer and pass, against a layer's products: the lock costs nothing measurable. Without it two
+        # threads reading a sum before either writes it back lose one's count (CPython 3.11 happens not to switch
+        # threads inside a float +=; free-threaded builds do).
+        with self._lock:
+            self.weighted_slices += slice_sum * layer_params
+            self.weighted_tokens += tokens * layer_params
 
     @property
     def avg_bits(self) -> float:
-        if not self.weighted_tokens:
+        # Both sums of the same adds: a read between another thread's two updates would pair them wrongly.
+        with self._lock:
+            weighted_slices, weighted_tokens = self.weighted_slices, self.weighted_tokens
+        if not weighted_tokens:
             raise ValueError("no token has passed through a MoBiQuant layer yet")
-        return BITS_PER_SLICE * self.weighted_slices / self.weighted_tokens
+        return BITS_PER_SLICE * weighted_slices / weighted_tokens

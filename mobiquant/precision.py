@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,7 +32,17 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from mobiquant.allocation import BISECTION_STEPS, Allocator, layer_cost_curves
-from mobiquant.layers import UNCALIBRATED, BitMeter, MeteredPass, MoBiLinear, PassMask, ordered_scores, pass_stack
+from mobiquant.layers import (
+    UNCALIBRATED,
+    BitMeter,
+    MeteredPass,
+    MoBiLinear,
+    PassMask,
+    attach_meters,
+    detach_meters,
+    ordered_scores,
+    pass_stack,
+)
 from mobiquant.slicing import BITS_PER_SLICE
 
 # Recorded in a checkpoint's quantization_config: what its thresholds are thresholds on.
@@ -39,6 +50,11 @@ THRESHOLD_ORDER = "slice-major"
 log = logging.getLogger(__name__)
 # Where a model keeps the BudgetHold that moves its budget, so that set_precision can release it.
 _HOLD_ATTRIBUTE = "_mobiquant_budget_hold"
+# Held while a model's precision setting is written (set_precision, a budget hold's start, moves and release), not while
+# layers read it: two writers interleaving layer by layer would leave a model half at one setting and half at the other
+# for good, and a hold moving its budget as set_precision releases it would write its thresholds over the new setting.
+# Reentrant: set_precision and a new hold release the model's hold inside it.
+_SETTING_LOCK = threading.RLock()
 
 
 def mobi_layers(model: nn.Module) -> list[MoBiLinear]:
@@ -246,13 +262,15 @@ def set_precision(model: nn.Module, avg_bits: float | None = None, slices: int |
             raise TypeError(f"slices must be a whole number of slices, got {slices!r}")
         if not 1 <= slices <= held:
             raise ValueError(f"slices must be in 1..{held} (slices held in memory), got {slices}")
-        _release_hold(model)
-        for layer in layers:
-            layer.uniform_slices = int(slices)
+        with _SETTING_LOCK:
+            _release_hold(model)
+            for layer in layers:
+                layer.uniform_slices = int(slices)
         return
     tables, budget = _routed_budget(layers, avg_bits, held)
-    _release_hold(model)
-    _read_tables(layers, tables, budget)
+    with _SETTING_LOCK:
+        _release_hold(model)
+        _read_tables(layers, tables, budget)
 
 
 def _release_hold(model: nn.Module) -> None:
@@ -291,6 +309,7 @@ def _routed_budget(layers: list[MoBiLinear], avg_bits: float,
 
 
 def _read_tables(layers: list[MoBiLinear], tables: list[tuple[list[float], list[float]]], budget: float) -> None:
+    # The threshold first: a layer that sees its uniform setting gone (MoBiLinear.route) finds the new threshold.
     for layer, (grid, table) in zip(layers, tables, strict=True):
         layer.threshold = _interpolate(grid, table, budget)
         layer.uniform_slices = None
@@ -378,20 +397,56 @@ def _record_mask(*_args: object, **_kwargs: object) -> None:
 _forget_mask = _record_mask
 
 
-class _PassMeter(BitMeter):
-    """A hold's meter of one forward pass, which also knows the pass's tokens: the most that one layer counted.
+class _PassCounts:
+    """What one thread's forward pass has spent so far."""
 
-    Every token of a pass runs through the attention linears, while an expert's linears see only the tokens routed
-    to it: the tokens weighted by the layers' sizes, over all the layers' sizes, would undercount a mixture of
-    experts' tokens (in a dense model, where every layer counts every token, both are the same)."""
+    __slots__ = ("tokens", "weighted_slices", "weighted_tokens")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.weighted_slices = self.weighted_tokens = 0.0
         self.tokens = 0
 
+
+class _PassMeter:
+    """A hold's meter of the forward pass under way in each thread, which also knows the pass's tokens: the most that
+    one layer counted.
+
+    Per thread: passes that several threads run at once each move the budget by their own bits (one count for all
+    would give the first pass to end the layers the others had run so far, and them the rest). Every token of a pass
+    runs through the attention linears, while an expert's linears see only the tokens routed to it: the tokens
+    weighted by the layers' sizes, over all the layers' sizes, would undercount a mixture of experts' tokens (in a
+    dense model, where every layer counts every token, both are the same)."""
+
+    def __init__(self) -> None:
+        self._threads = threading.local()
+
+    def __getstate__(self) -> dict[str, object]:
+        # Empty between passes; a copy made inside a pass starts its next pass from nothing.
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._threads = threading.local()
+
+    def _counts(self) -> _PassCounts:
+        counts = getattr(self._threads, "counts", None)
+        if counts is None:
+            counts = self._threads.counts = _PassCounts()
+        return counts
+
     def add(self, slice_sum: float, tokens: int, layer_params: int) -> None:
-        super().add(slice_sum, tokens, layer_params)
-        self.tokens = max(self.tokens, tokens)
+        counts = self._counts()
+        counts.weighted_slices += slice_sum * layer_params
+        counts.weighted_tokens += tokens * layer_params
+        counts.tokens = max(counts.tokens, tokens)
+
+    def take(self) -> tuple[float, int] | None:
+        """The average bits and the tokens of this thread's pass, counted from nothing again; None if it counted no
+        token."""
+        counts = self._counts()
+        if not counts.weighted_tokens:
+            return None
+        self._threads.counts = _PassCounts()
+        return BITS_PER_SLICE * counts.weighted_slices / counts.weighted_tokens, counts.tokens
 
 
 class BudgetHold:
@@ -415,8 +470,6 @@ class BudgetHold:
         layers = mobi_layers(model)
         held = min(layer.stored_slices for layer in layers)
         self._tables, self.budget = _routed_budget(layers, avg_bits, held)
-        _release_hold(model)
-        _read_tables(layers, self._tables, self.budget)
         self.model, self.avg_bits, self.horizon_tokens = model, float(avg_bits), int(horizon_tokens)
         self._layers = layers
         # The budget's range: a model holding fewer slices than it was calibrated with reads its tables
@@ -424,12 +477,14 @@ class BudgetHold:
         self._range = (float(BITS_PER_SLICE), float(BITS_PER_SLICE * max(layer.num_slices for layer in layers)))
         self._this_pass = _PassMeter()
         self.meter = BitMeter()
-        for layer in layers:
-            layer.bit_meters += [self._this_pass, self.meter]
-        self._handles = [model.register_forward_hook(self._update),
-                         *_follow_attention_mask(model, follows_copies=True)]
         self._released = False
-        setattr(model, _HOLD_ATTRIBUTE, self)
+        with _SETTING_LOCK:
+            _release_hold(model)
+            _read_tables(layers, self._tables, self.budget)
+            attach_meters(layers, [self._this_pass, self.meter])
+            self._handles = [model.register_forward_hook(self._update),
+                             *_follow_attention_mask(model, follows_copies=True)]
+            setattr(model, _HOLD_ATTRIBUTE, self)
 
     def __setstate__(self, state: dict[str, object]) -> None:
         # A copy of the model (copy.deepcopy, pickle, torch.save) copies the hold with it, through the hooks and the
@@ -441,28 +496,30 @@ class BudgetHold:
             # A hold pickled by an earlier version: its pass meter, empty between passes, did not count tokens.
             self._this_pass = _PassMeter()
         if not self.__dict__.get("_released", False):
-            for layer in self._layers:
-                layer.bit_meters += [m for m in (self._this_pass, self.meter) if m not in layer.bit_meters]
+            attach_meters(self._layers, [self._this_pass, self.meter])
 
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:
-        if not self._this_pass.weighted_tokens:
+        this_pass = self._this_pass.take()
+        if this_pass is None:
             return
-        spent, tokens = self._this_pass.avg_bits, self._this_pass.tokens
-        self._this_pass.weighted_slices = self._this_pass.weighted_tokens = 0.0
-        self._this_pass.tokens = 0
-        moved = self.budget + min(1.0, tokens / self.horizon_tokens) * (self.avg_bits - spent)
-        self.budget = min(max(moved, self._range[0]), self._range[1])
-        _read_tables(self._layers, self._tables, self.budget)
+        spent, tokens = this_pass
+        with _SETTING_LOCK:
+            # Released while this pass ran (set_precision in another thread): the model's setting is no longer ours.
+            if self._released:
+                return
+            moved = self.budget + min(1.0, tokens / self.horizon_tokens) * (self.avg_bits - spent)
+            self.budget = min(max(moved, self._range[0]), self._range[1])
+            _read_tables(self._layers, self._tables, self.budget)
 
     def release(self) -> None:
         """Stop moving the budget; the model keeps the thresholds of the last one."""
-        self._released = True
-        for handle in self._handles:
-            handle.remove()
-        for layer in self._layers:
-            layer.bit_meters = [m for m in layer.bit_meters if m is not self._this_pass and m is not self.meter]
-        if getattr(self.model, _HOLD_ATTRIBUTE, None) is self:
-            delattr(self.model, _HOLD_ATTRIBUTE)
+        with _SETTING_LOCK:
+            self._released = True
+            for handle in self._handles:
+                handle.remove()
+            detach_meters(self._layers, [self._this_pass, self.meter])
+            if getattr(self.model, _HOLD_ATTRIBUTE, None) is self:
+                delattr(self.model, _HOLD_ATTRIBUTE)
 
     def __enter__(self) -> BudgetHold:
         return self
@@ -492,13 +549,11 @@ def track_bits(model: nn.Module) -> Iterator[BitMeter]:
     """
     meter = BitMeter()
     layers = mobi_layers(model)
-    for layer in layers:
-        layer.bit_meters.append(meter)
+    attach_meters(layers, [meter])
     handles = _follow_attention_mask(model)
     try:
         yield meter
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers:
-            layer.bit_meters = [other for other in layer.bit_meters if other is not meter]
+        detach_meters(layers, [meter])

@@ -19,8 +19,8 @@ import torch
 
 import mobiquant.precision as precision_module
 from mobiquant.checkpoint import mobi_layers
-from mobiquant.layers import MoBiLinear
-from mobiquant.precision import set_precision
+from mobiquant.layers import BitMeter, MoBiLinear
+from mobiquant.precision import hold_budget, set_precision, track_bits
 from tests.tiny_models import SLICES, VOCAB, quantize_tiny, set_uniform, tiny_model
 
 THREADS = 4
@@ -97,6 +97,149 @@ def served_model(seed: int = 5) -> torch.nn.Module:
 def prompts(count: int, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (1, 3 + index % 4), generator=generator) for index in range(count)]
+
+
+def spent_alone(model: torch.nn.Module, served: list[torch.Tensor]) -> tuple[float, float]:
+    """Weighted slices and weighted tokens of each prompt of ``served`` run alone, one after another, from the
+    layers' own routing: what a meter of ``model`` counts for them."""
+    spent = [0.0, 0.0]
+
+    def count(layer: MoBiLinear, args: tuple) -> None:
+        slices, weights = layer.route(args[0]), layer.in_features * layer.out_features
+        spent[0] += float(slices.sum()) * weights
+        spent[1] += slices.numel() * weights
+
+    handles = [layer.register_forward_pre_hook(count) for layer in mobi_layers(model).values()]
+    with torch.no_grad():
+        for ids in served:
+            model(ids)
+    for handle in handles:
+        handle.remove()
+    return spent[0], spent[1]
+
+
+def test_a_meter_counts_exactly_the_passes_of_threads_sharing_a_model() -> None:
+    torch.set_num_threads(1)
+    model = served_model()
+    served = prompts(4)
+    rounds = 3
+    alone = spent_alone(model, served)
+
+    def serve(_index: int) -> None:
+        with torch.no_grad():
+            for _ in range(rounds):
+                for ids in served:
+                    model(ids)
+
+    with track_bits(model) as meter, switching_inside(BitMeter.add):
+        run_in_threads(serve)
+    # Whole numbers of slices times whole layer sizes: the sums are exact in any order.
+    assert meter.weighted_tokens == THREADS * rounds * alone[1]
+    assert meter.weighted_slices == THREADS * rounds * alone[0]
+
+
+def test_blocks_opened_and_closed_by_threads_at_once_each_count_every_pass_inside_them() -> None:
+    torch.set_num_threads(1)
+    model = served_model()
+    served = prompts(THREADS)
+    # In each round every thread's block is open while every thread runs its prompt: each block counts them all.
+    alone = spent_alone(model, served)
+    rounds = 6
+    all_open, all_ran = threading.Barrier(THREADS), threading.Barrier(THREADS)
+    counted: list[tuple[float, float]] = []
+
+    def serve(index: int) -> None:
+        for _ in range(rounds):
+            # A thread opens its next block while others may still be closing theirs.
+            with track_bits(model) as meter:
+                all_open.wait()
+                with torch.no_grad():
+                    model(served[index])
+                all_ran.wait()
+            counted.append((meter.weighted_slices, meter.weighted_tokens))
+
+    with switching_inside(precision_module.track_bits.__wrapped__, BitMeter.add):
+        run_in_threads(serve)
+    assert counted == [alone] * (THREADS * rounds)
+    assert all(not layer.bit_meters for layer in mobi_layers(model).values())
+
+
+def test_a_held_budget_moves_once_per_pass_by_that_pass_alone_whichever_threads_run_them() -> None:
+    """Every budget reads the same thresholds here, so every pass of one prompt spends the same bits and moves the
+    budget by the same step: threads or not, the budget ends where as many passes run one by one take it."""
+    torch.set_num_threads(1)
+    threaded, reference = served_model(), served_model()
+    for model in (threaded, reference):
+        for layer in mobi_layers(model).values():
+            layer.thresholds = torch.full_like(layer.thresholds, 1.5)
+    ids = prompts(1)[0]
+    passes_per_thread = 6
+    # A long horizon keeps every step small: the budget stays inside its range, where steps add up exactly.
+    held = hold_budget(threaded, 3.0, horizon_tokens=1000)
+    reference_hold = hold_budget(reference, 3.0, horizon_tokens=1000)
+    with torch.no_grad():
+        for _ in range(THREADS * passes_per_thread):
+            reference(ids)
+
+    def serve(_index: int) -> None:
+        with torch.no_grad():
+            for _ in range(passes_per_thread):
+                threaded(ids)
+
+    with switching_inside(BitMeter.add, *SETTING_WRITERS):
+        run_in_threads(serve)
+    assert reference_hold.budget != 3.0
+    assert held.budget == reference_hold.budget
+    assert held.meter.weighted_tokens == reference_hold.meter.weighted_tokens
+    assert held.meter.avg_bits == reference_hold.meter.avg_bits
+
+
+def test_a_pass_ending_after_set_precision_released_its_hold_leaves_the_new_setting() -> None:
+    """The hold moves the budget after each pass; set_precision releases it while a pass runs in another thread: the
+    pass, ending after, must not write the hold's thresholds over the new setting."""
+    torch.set_num_threads(1)
+    model = served_model()
+    layers = list(mobi_layers(model).values())
+    ids = prompts(1)[0]
+    at_end, set_anew = threading.Event(), threading.Event()
+    test_thread = threading.current_thread()
+
+    def pause_at_end(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if threading.current_thread() is not test_thread:
+            at_end.set()
+            set_anew.wait(timeout=30)
+
+    # Registered before the hold's own hook: it runs first, and torch runs the hold's after it even once removed.
+    handle = model.register_forward_hook(pause_at_end)
+    hold_budget(model, 3.0, horizon_tokens=8)
+
+    def serve(_index: int) -> None:
+        with torch.no_grad():
+            model(ids)
+
+    with threads_running(serve, count=1):
+        assert at_end.wait(timeout=30)
+        set_precision(model, slices=2)
+        set_anew.set()
+    handle.remove()
+    assert [layer.uniform_slices for layer in layers] == [2] * len(layers)
+    assert all(not layer.bit_meters for layer in layers)
+
+
+def test_set_precision_called_by_two_threads_at_once_leaves_every_layer_at_one_setting() -> None:
+    torch.set_num_threads(1)
+    model = served_model()
+    layers = list(mobi_layers(model).values())
+    settings = []
+
+    def set_slices(index: int) -> None:
+        set_precision(model, slices=1 + index)
+
+    with switching_inside(*SETTING_WRITERS):
+        for _ in range(10):
+            run_in_threads(set_slices, count=2)
+            settings.append({layer.uniform_slices for layer in layers})
+    assert all(len(setting) == 1 for setting in settings), settings
 
 
 class SliceRecorder:
