@@ -319,17 +319,26 @@ class _PassHooks:
     """Names the hooks one ``track_bits`` block or budget hold put on a model, so each ends only its own passes.
 
     A copy of the model copies its hooks: a hold's still mark the copy's passes (the copy holds the budget too), a
-    tracking block's do nothing (the copy carries no meter of the block)."""
+    tracking block's do nothing (the copy carries no meter of the block). Inert hooks mark no pass; hooks taken off
+    (``remove``) turn inert."""
 
     def __init__(self, follows_copies: bool) -> None:
         self.follows_copies, self.inert = follows_copies, False
+        self.handles: list[RemovableHandle] = []
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.inert = not state.get("follows_copies", False)
+        # Hooks pickled by earlier versions did not list their handles.
+        self.__dict__.setdefault("handles", [])
+
+    def remove(self) -> None:
+        self.inert = True
+        for handle in self.handles:
+            handle.remove()
 
 
-def _follow_attention_mask(model: nn.Module, follows_copies: bool = False) -> list[RemovableHandle]:
+def _follow_attention_mask(model: nn.Module, follows_copies: bool = False) -> _PassHooks:
     """Hooks marking, in this thread, each forward pass of ``model`` with its 2-D attention mask, so that the layers
     it runs do not count padding: the padding of a batch would move the bits measured (and a held budget) with the
     batch's make-up, though it changes no real token's routing. Passes nest (``mobiquant.layers.pass_stack``)."""
@@ -337,14 +346,20 @@ def _follow_attention_mask(model: nn.Module, follows_copies: bool = False) -> li
     position = parameters.index("attention_mask") if "attention_mask" in parameters else None
     owner = _PassHooks(follows_copies)
     # Partials of module functions, not closures: a model pickled with its hooks must pickle them.
-    return [model.register_forward_pre_hook(functools.partial(_begin_pass, owner, position), with_kwargs=True),
-            model.register_forward_hook(functools.partial(_end_pass, owner), always_call=True)]
+    owner.handles = [model.register_forward_pre_hook(functools.partial(_begin_pass, owner, position), with_kwargs=True),
+                     model.register_forward_hook(functools.partial(_end_pass, owner), always_call=True)]
+    return owner
 
 
 def _begin_pass(owner: _PassHooks, position: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
     if owner.inert:
         return
     stack = pass_stack()
+    if any(entry.owner is not None and entry.owner.inert for entry in stack):
+        # Hooks taken off (a block closed, a hold released) in another thread while this thread ran a pass they began:
+        # its end hook went with them. Dropped here, or the thread would keep every such pass (its mask, its kwargs
+        # and the cache in them) as long as it lives.
+        stack[:] = [entry for entry in stack if entry.owner is None or not entry.owner.inert]
     top = stack[-1] if stack else None
     if top is not None and top.module is module and top.kwargs is kwargs:
         # The same call, already begun by the hooks of another block or hold on this model: the same mask.
@@ -482,8 +497,8 @@ class BudgetHold:
             _release_hold(model)
             _read_tables(layers, self._tables, self.budget)
             attach_meters(layers, [self._this_pass, self.meter])
-            self._handles = [model.register_forward_hook(self._update),
-                             *_follow_attention_mask(model, follows_copies=True)]
+            self._pass_hooks = _follow_attention_mask(model, follows_copies=True)
+            self._handles = [model.register_forward_hook(self._update), *self._pass_hooks.handles]
             setattr(model, _HOLD_ATTRIBUTE, self)
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -495,6 +510,10 @@ class BudgetHold:
         if not isinstance(self._this_pass, _PassMeter):
             # A hold pickled by an earlier version: its pass meter, empty between passes, did not count tokens.
             self._this_pass = _PassMeter()
+        if "_pass_hooks" not in state:
+            # A hold pickled by an earlier version did not keep its mask hooks' owner: releasing it takes its hooks
+            # off (they are among its handles) and turns this stand-in inert.
+            self._pass_hooks = _PassHooks(follows_copies=True)
         if not self.__dict__.get("_released", False):
             attach_meters(self._layers, [self._this_pass, self.meter])
 
@@ -517,6 +536,7 @@ class BudgetHold:
             self._released = True
             for handle in self._handles:
                 handle.remove()
+            self._pass_hooks.remove()
             detach_meters(self._layers, [self._this_pass, self.meter])
             if getattr(self.model, _HOLD_ATTRIBUTE, None) is self:
                 delattr(self.model, _HOLD_ATTRIBUTE)
@@ -550,10 +570,9 @@ def track_bits(model: nn.Module) -> Iterator[BitMeter]:
     meter = BitMeter()
     layers = mobi_layers(model)
     attach_meters(layers, [meter])
-    handles = _follow_attention_mask(model)
+    pass_hooks = _follow_attention_mask(model)
     try:
         yield meter
     finally:
-        for handle in handles:
-            handle.remove()
+        pass_hooks.remove()
         detach_meters(layers, [meter])

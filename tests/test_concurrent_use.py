@@ -17,6 +17,7 @@ from types import FrameType
 
 import torch
 
+import mobiquant.layers as layers_module
 import mobiquant.precision as precision_module
 from mobiquant.checkpoint import mobi_layers
 from mobiquant.layers import BitMeter, MoBiLinear
@@ -284,3 +285,36 @@ def test_a_layer_runs_at_the_old_or_the_new_setting_while_set_precision_changes_
     for layer in layers:
         layer.bit_meters = [meter for meter in layer.bit_meters if meter is not recorder]
     assert recorder.per_token <= {1.0, 2.0}
+
+
+def test_a_pass_under_way_when_its_block_closes_leaves_nothing_in_its_thread() -> None:
+    """A block closed in another thread takes its hooks off while this thread's pass runs: the pass's end hook never
+    runs, and the entry its begin hook made (its mask, its call's arguments) must not stay in the thread for good."""
+    torch.set_num_threads(1)
+    model = served_model()
+    ids = prompts(1)[0]
+    opened, paused, closed = threading.Event(), threading.Event(), threading.Event()
+    left_in_thread: list[list] = []
+
+    def pause_once(module: torch.nn.Module, args: tuple) -> None:
+        if not paused.is_set():
+            paused.set()
+            closed.wait(timeout=30)
+
+    handle = model.model.layers[0].register_forward_pre_hook(pause_once)
+
+    def serve(_index: int) -> None:
+        assert opened.wait(timeout=30)
+        with torch.no_grad():
+            model(ids, attention_mask=torch.ones_like(ids))
+            with track_bits(model):
+                model(ids)
+        left_in_thread.append(list(layers_module.pass_stack()))
+
+    with threads_running(serve, count=1):
+        with track_bits(model):
+            opened.set()
+            assert paused.wait(timeout=30)
+        closed.set()
+    handle.remove()
+    assert left_in_thread == [[]]
