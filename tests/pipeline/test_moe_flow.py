@@ -1,0 +1,80 @@
+"""The compress flow end to end on a tiny random Mixtral, on Prefect's ephemeral server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM
+
+import mobiquant
+from flows.compress import compress
+from mobiquant.checkpoint import mobi_layers
+from tests.pipeline.conftest import tiny_params
+from tests.pipeline.tiny import build_tiny_llama
+
+EXPERTS = 4
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+FOLDED = f"mlp.experts.<0-{EXPERTS - 1}>.gate_proj/up_proj/down_proj"
+
+
+def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blocks(
+    tmp_path: Path, prefect_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Released layout (block_sparse_moe.experts.<e>.w1/w2/w3), read as mlp.experts.<e>.gate_proj/down_proj/up_proj.
+    source = build_tiny_llama(tmp_path / "tiny" / "tiny-mixtral", family="mixtral", num_local_experts=EXPERTS,
+                              num_experts_per_tok=2)
+    params = tiny_params(source, tmp_path)
+    summary = compress(**params)
+    assert summary["gate_passed"]
+
+    staging = tmp_path / "published" / summary["repo_id"] / "staging"
+    quantized = AutoModelForCausalLM.from_pretrained(staging).eval()
+    expected = {f"model.layers.{b}.{name}" for b in range(2) for name in (
+        *ATTENTION, *(f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in PROJECTIONS))}
+    assert set(mobi_layers(quantized)) == expected
+
+    # The independent reference: transformers' own Mixtral, stacked experts (gate_up_proj [E, 2I, H]) and all.
+    reference = AutoModelForCausalLM.from_pretrained(source).eval()
+    for block, layer in enumerate(reference.model.layers):
+        gate, up = layer.mlp.experts.gate_up_proj.detach().chunk(2, dim=1)
+        stacked = {"gate_proj": gate, "up_proj": up, "down_proj": layer.mlp.experts.down_proj.detach()}
+        for e in range(EXPERTS):
+            for projection, weights in stacked.items():
+                linear = mobi_layers(quantized)[f"model.layers.{block}.mlp.experts.{e}.{projection}"]
+                error = linear.dense_weight(4, torch.float32) - weights[e]
+                # 8 bits leave a few percent (the clipping weighs the low precisions); another expert's or the
+                # other projection's weights would be as far as the weights themselves (about 141%).
+                assert error.norm() < 0.1 * weights[e].norm(), (block, e, projection)
+    ids = torch.randint(3, 30, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_logits = reference(ids).logits
+        errors = {}
+        for slices in (1, 4):
+            mobiquant.set_precision(quantized, slices=slices)
+            errors[slices] = float((quantized(ids).logits - expected_logits).norm() / expected_logits.norm())
+    assert errors[4] < 0.1 and errors[4] < errors[1]
+
+    client = MlflowClient(params["mlflow_uri"])
+    version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
+    assert version.tags["quantized_linears"] == ",".join((*ATTENTION, FOLDED))
+    run = client.get_run(version.run_id)
+    assert run.data.tags["quantized_linears"] == version.tags["quantized_linears"]
+    assert "loss_block_001_gptq mlp.experts.3.down_proj" in run.data.metrics
+    card = (staging / "README.md").read_text()
+    assert f"`self_attn.o_proj`, `{FOLDED}`;" in card and "mlp.experts.0.gate_proj" not in card
+
+    # A re-run computes nothing again: the capture, every block, the checkpoint and the measurements are reused.
+    for name in ("mobiquant.calibration.capture.capture_token_saliency", "mobiquant.calibration.driver.calibrate_block",
+                 "mobiquant.calibration.finished_model", "mobiquant.evaluation.perplexity",
+                 "mobiquant.evaluation.streamed_perplexities"):
+        monkeypatch.setattr(name, _must_not_run)
+    again = compress(**params)
+    assert again["checkpoint"] == summary["checkpoint"] and again["staged_commit"] == summary["staged_commit"]
+
+
+def _must_not_run(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("recomputed what an earlier run of the same inputs had finished")
