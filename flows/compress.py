@@ -40,6 +40,7 @@ from flows.params import (
 )
 from registry import tracking
 from registry.publish import HubRepoTarget, PublishError, check_writable, same_hub_name, target_for
+from registry.report import unreached_linears
 from tasks import calibration, release
 from tasks.gate import GateCheck, GateFailedError, failure_message
 from tasks.stages import file_lock
@@ -469,6 +470,12 @@ def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
     span = max(b["finished"] for b in blocks) - min(b["started"] for b in blocks) if fresh else 0.0
     _timed(stage_times, "calibrate", started, span)
     logger.info("%d blocks calibrated (%d reused from an earlier run)", len(blocks), len(blocks) - len(fresh))
+    unreached = unreached_linears(blocks)
+    if unreached:
+        # The library says so in its own log as it calibrates, which neither reaches this run's log on the Prefect
+        # API nor is repeated when the blocks are reused.
+        logger.warning("no calibration token reached %s: their codes minimise the weight error alone and their "
+                       "routers are constant (more calibration samples reach more experts)", unreached)
 
     run_dir = work / "runs" / f"{source['sha'][:16]}-{digest}"
     # Two runs of the same model and configuration share run_dir (same sha, same config hash): the second

@@ -22,6 +22,7 @@ from registry.report import (
     model_card,
     plot_ppl_vs_bits,
     stage_table,
+    unreached_linears,
 )
 from tasks.gate import GateCheck
 
@@ -122,6 +123,10 @@ def build_bundle(
     (publish_dir / "README.md").write_text(card)
     files = dict(sorted({**files, "README.md": sha256_file(publish_dir / "README.md")}.items()))
     stages_md, overhead = stage_table(stages, wall_seconds)
+    extra = {"model": model.describe(), "publish target": f"{params.publish.kind} {repo_id}"}
+    unreached = unreached_linears(blocks)
+    if unreached:
+        extra["no calibration token reached (codes from the weights alone, constant routers)"] = unreached
     report = markdown_report(
         title=f"MoBiQuant compression of {source['source']}",
         source=source,
@@ -132,7 +137,7 @@ def build_bundle(
         passed=passed,
         stages_md=stages_md,
         files=files,
-        extra={"model": model.describe(), "publish target": f"{params.publish.kind} {repo_id}"},
+        extra=extra,
     )
     (report_dir / "report.md").write_text(report)
     (report_dir / "quantization_config.json").write_text(json.dumps(quant_config, indent=2))

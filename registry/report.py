@@ -67,6 +67,16 @@ class QuantizedModel:
                 "quantized_linears": ",".join(summarize_linears(self.linears))}
 
 
+def unreached_linears(blocks: list[dict[str, Any]]) -> str:
+    """The linears no calibration token reached, per block (``block 1: mlp.experts.<0,5>.gate_proj/up_proj/
+    down_proj``), from the block results' reports; empty when every linear was reached.
+
+    Such an expert's codes minimise its weight error alone and its router is constant (docs/method.md): a reviewer
+    weighs that against the calibration data's size. A result saved before this was recorded names none."""
+    return "; ".join(f"block {block['block']}: {', '.join(summarize_linears(block['unreached']))}"
+                     for block in sorted(blocks, key=lambda b: b["block"]) if block.get("unreached"))
+
+
 def plot_ppl_vs_bits(validation: dict[str, Any], out_path: str | Path) -> Path:
     """Routed, uniform and RTN perplexity against average bits, full precision as a line."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

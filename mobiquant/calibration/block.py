@@ -98,6 +98,8 @@ class BlockResult:
     """MoBiLinear state of every quantized linear, keyed ``<linear>.<tensor>`` inside the block."""
     losses: dict[str, list[float]]
     seconds: float
+    unreached: tuple[str, ...] = ()
+    """The linears no calibration token reached (experts not routed to), calibrated from their weights alone."""
 
 
 def calibrate_block(
@@ -200,7 +202,7 @@ def calibrate_block(
     finally:
         for name, linear in originals.items():
             _swap(block, name, linear)
-    return BlockResult(state, losses, time.perf_counter() - started)
+    return BlockResult(state, losses, time.perf_counter() - started, tuple(unreached))
 
 
 def truncation_errors(module: TrainableSlicedLinear, x: torch.Tensor) -> torch.Tensor:

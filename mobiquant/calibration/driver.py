@@ -155,7 +155,8 @@ def calibrate_one_block(
         weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
         result = calibrate_block(block, inputs, block_kwargs, source.arch, config, targets, index, progress,
                                  on_progress, weights)
-        save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device))
+        save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device),
+                          result.unreached)
     if needs_next:
         state = load_block_result(out_path)
         quantized = quantized_block(block, source.arch, {k: v.to(device) for k, v in state.items()}, config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,15 +169,20 @@ def result_is_complete(out_path: Path, key: str, block_index: int) -> bool:
 
 
 def read_result_report(out_path: Path) -> dict[str, Any]:
+    """What a block result records beside its tensors; ``unreached`` (the linears no calibration token reached) is
+    None for a result saved before it was recorded."""
     meta = file_metadata(Path(out_path))
+    unreached = json.loads(meta["unreached"]) if "unreached" in meta else None
     return {"block": int(meta["block"]), "losses": json.loads(meta["losses"]), "seconds": float(meta["seconds"]),
-            "device": meta.get("device", ""), "path": str(out_path), "sha256": file_sha256(Path(out_path))}
+            "device": meta.get("device", ""), "unreached": unreached, "path": str(out_path),
+            "sha256": file_sha256(Path(out_path))}
 
 
 def save_block_result(state: dict[str, torch.Tensor], losses: dict[str, list[float]], seconds: float,
-                      out_path: Path, config: CalibrationConfig, key: str, block_index: int, device: str) -> None:
+                      out_path: Path, config: CalibrationConfig, key: str, block_index: int, device: str,
+                      unreached: Sequence[str] = ()) -> None:
     metadata = {"format": RESULT_FORMAT, "resume_key": key, "block": str(block_index), "device": device,
-                "losses": json.dumps(losses), "seconds": f"{seconds:.3f}",
+                "losses": json.dumps(losses), "seconds": f"{seconds:.3f}", "unreached": json.dumps(list(unreached)),
                 "config": json.dumps(config.to_dict(), sort_keys=True)}
     atomic_save(state, Path(out_path), metadata)
 

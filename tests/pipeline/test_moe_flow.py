@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import mobiquant
 from flows.compress import compress
+from mobiquant.arch import summarize_linears
 from mobiquant.checkpoint import mobi_layers
 from tests.pipeline.conftest import tiny_params
 from tests.pipeline.tiny import build_tiny_llama
@@ -25,9 +27,10 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
     tmp_path: Path, prefect_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Released layout (block_sparse_moe.experts.<e>.w1/w2/w3), read as mlp.experts.<e>.gate_proj/down_proj/up_proj.
+    # One expert per token and 32 calibration tokens: this seed's routing leaves an expert of block 1 unreached.
     source = build_tiny_llama(tmp_path / "tiny" / "tiny-mixtral", family="mixtral", num_local_experts=EXPERTS,
-                              num_experts_per_tok=2)
-    params = tiny_params(source, tmp_path)
+                              num_experts_per_tok=1)
+    params = tiny_params(source, tmp_path, samples=2, seqlen=16)
     summary = compress(**params)
     assert summary["gate_passed"]
 
@@ -39,6 +42,11 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
 
     # The independent reference: transformers' own Mixtral, stacked experts (gate_up_proj [E, 2I, H]) and all.
     reference = AutoModelForCausalLM.from_pretrained(source).eval()
+    (samples,) = (tmp_path / "work" / "captures").rglob("samples.safetensors")
+    with torch.no_grad():
+        routing = reference(load_file(samples)["ids"], output_router_logits=True).router_logits
+    unreached = [sorted(set(range(EXPERTS)) - set(logits.argmax(dim=-1).tolist())) for logits in routing]
+    assert any(unreached)
     for block, layer in enumerate(reference.model.layers):
         gate, up = layer.mlp.experts.gate_up_proj.detach().chunk(2, dim=1)
         stacked = {"gate_proj": gate, "up_proj": up, "down_proj": layer.mlp.experts.down_proj.detach()}
@@ -46,9 +54,10 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
             for projection, weights in stacked.items():
                 linear = mobi_layers(quantized)[f"model.layers.{block}.mlp.experts.{e}.{projection}"]
                 error = linear.dense_weight(4, torch.float32) - weights[e]
-                # 8 bits leave a few percent (the clipping weighs the low precisions); another expert's or the
-                # other projection's weights would be as far as the weights themselves (about 141%).
-                assert error.norm() < 0.1 * weights[e].norm(), (block, e, projection)
+                # 8 bits leave 4-10% here (the clipping weighs the low precisions, the codes answer an expert's few
+                # tokens); another expert's or the other projection's weights are as far as two random matrices
+                # (141%).
+                assert error.norm() < 0.3 * weights[e].norm(), (block, e, projection)
     ids = torch.randint(3, 30, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected_logits = reference(ids).logits
@@ -65,6 +74,11 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
     assert run.data.tags["quantized_linears"] == version.tags["quantized_linears"]
     assert "loss_block_001_gptq mlp.experts.3.down_proj" in run.data.metrics
     card = (staging / "README.md").read_text()
+    report = Path(summary["report"]).read_text()
+    named = "; ".join(f"block {b}: " + ", ".join(summarize_linears(f"mlp.experts.{e}.{p}" for e in experts
+                                                                   for p in PROJECTIONS))
+                      for b, experts in enumerate(unreached) if experts)
+    assert f"**no calibration token reached (codes from the weights alone, constant routers)**: {named}\n" in report
     assert f"`self_attn.o_proj`, `{FOLDED}`;" in card and "mlp.experts.0.gate_proj" not in card
 
     # A re-run computes nothing again: the capture, every block, the checkpoint and the measurements are reused.
