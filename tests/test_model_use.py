@@ -125,6 +125,30 @@ def test_torch_compile_runs_a_routed_model_as_it_runs_eagerly() -> None:
     torch.testing.assert_close(compiled, eager)
 
 
+def padded_prompts() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three prompts of 3, 11 and 7 tokens, a next token for each, and the prompts left-padded into one batch with
+    its attention mask."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (3, 11, 7)]
+    next_tokens = torch.randint(3, VOCAB, (3,), generator=generator)
+    width = max(len(prompt) for prompt in prompts)
+    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    return prompts, next_tokens, batch, mask
+
+
+def bits_of_a_padded_batch(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
+                           next_tokens: torch.Tensor) -> float:
+    """Average bits ``track_bits`` measures over the padded batch's prefill and one decode step."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = len(batch)
+    with track_bits(model) as meter, torch.no_grad():
+        cache = model(batch, attention_mask=mask, position_ids=positions, use_cache=True).cache
+        model(next_tokens.unsqueeze(1), attention_mask=torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1),
+              position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
+    return meter.avg_bits
+
+
 def bits_of_each_prompt_alone(model: torch.nn.Module, prompts: list[torch.Tensor], next_tokens: torch.Tensor) -> float:
     """Average bits of each prompt's prefill and one decode step, run alone, from the layers' own routing."""
     spent = [0.0, 0.0]
@@ -147,18 +171,9 @@ def bits_of_each_prompt_alone(model: torch.nn.Module, prompts: list[torch.Tensor
 def test_padding_counts_in_neither_the_measured_bits_nor_a_held_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantize_tiny(tiny_model("llama", seed=5), seed=5)
     set_uniform(model, None, threshold=1.5)
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (3, 11, 7)]
-    next_tokens = torch.randint(3, VOCAB, (3,), generator=generator)
-    width = max(len(prompt) for prompt in prompts)
-    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with track_bits(model) as meter, torch.no_grad():
-        cache = model(batch, attention_mask=mask, position_ids=positions, use_cache=True).cache
-        model(next_tokens.unsqueeze(1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
-              position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
-    assert meter.avg_bits == pytest.approx(bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-12)
+    prompts, next_tokens, batch, mask = padded_prompts()
+    assert bits_of_a_padded_batch(model, batch, mask, next_tokens) == pytest.approx(
+        bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-12)
     # A held budget moves as far on a padded prompt as on the prompt alone.
     budgets = []
     for ids, attention_mask in ((prompts[0].unsqueeze(0), None), (batch[:1], mask[:1])):

@@ -403,23 +403,14 @@ def test_sequential_mode_calibrates_a_mixture_of_experts(tmp_path: Path) -> None
 def test_padding_counts_in_no_experts_measured_bits() -> None:
     """An expert's linears serve some of a padded batch's rows: the mask is laid over those rows, so the bits of a
     padded batch are those of its prompts run alone (tests/test_model_use.py for the dense families)."""
-    from tests.test_model_use import bits_of_each_prompt_alone
+    from tests.test_model_use import bits_of_a_padded_batch, bits_of_each_prompt_alone, padded_prompts
     from tests.tiny_models import set_uniform
 
     model = quantize_tiny(tiny_model("mixtral", seed=12), seed=12)
     set_uniform(model, None, threshold=1.5)
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (3, 11, 7)]
-    next_tokens = torch.randint(3, VOCAB, (3,), generator=generator)
-    width = max(len(prompt) for prompt in prompts)
-    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with track_bits(model) as meter, torch.no_grad():
-        cache = model(batch, attention_mask=mask, position_ids=positions, use_cache=True).cache
-        model(next_tokens.unsqueeze(1), attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
-              position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
-    assert meter.avg_bits == pytest.approx(bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-9)
+    prompts, next_tokens, batch, mask = padded_prompts()
+    assert bits_of_a_padded_batch(model, batch, mask, next_tokens) == pytest.approx(
+        bits_of_each_prompt_alone(model, prompts, next_tokens), rel=1e-9)
 
 
 def test_the_commands_quantize_and_evaluate_a_mixture_of_experts(tmp_path: Path, capsys: pytest.CaptureFixture
