@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+import pytest
 import torch
 
 import mobiquant.layers as layers_module
@@ -28,6 +29,16 @@ THREADS = 4
 # What a precision change and a held budget's move run.
 SETTING_WRITERS = (precision_module.set_precision, precision_module._read_tables, precision_module.BudgetHold._update,
                    precision_module.BudgetHold.release)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_each() -> Iterator[None]:
+    """Each serving thread computes on one torch thread (the threads share the cores), and the tests after these keep
+    torch's own setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -120,7 +131,6 @@ def spent_alone(model: torch.nn.Module, served: list[torch.Tensor]) -> tuple[flo
 
 
 def test_a_meter_counts_exactly_the_passes_of_threads_sharing_a_model() -> None:
-    torch.set_num_threads(1)
     model = served_model()
     served = prompts(4)
     rounds = 3
@@ -140,7 +150,6 @@ def test_a_meter_counts_exactly_the_passes_of_threads_sharing_a_model() -> None:
 
 
 def test_blocks_opened_and_closed_by_threads_at_once_each_count_every_pass_inside_them() -> None:
-    torch.set_num_threads(1)
     model = served_model()
     served = prompts(THREADS)
     # In each round every thread's block is open while every thread runs its prompt: each block counts them all.
@@ -168,7 +177,6 @@ def test_blocks_opened_and_closed_by_threads_at_once_each_count_every_pass_insid
 def test_a_held_budget_moves_once_per_pass_by_that_pass_alone_whichever_threads_run_them() -> None:
     """Every budget reads the same thresholds here, so every pass of one prompt spends the same bits and moves the
     budget by the same step: threads or not, the budget ends where as many passes run one by one take it."""
-    torch.set_num_threads(1)
     threaded, reference = served_model(), served_model()
     for model in (threaded, reference):
         for layer in mobi_layers(model).values():
@@ -198,7 +206,6 @@ def test_a_held_budget_moves_once_per_pass_by_that_pass_alone_whichever_threads_
 def test_a_pass_ending_after_set_precision_released_its_hold_leaves_the_new_setting() -> None:
     """The hold moves the budget after each pass; set_precision releases it while a pass runs in another thread: the
     pass, ending after, must not write the hold's thresholds over the new setting."""
-    torch.set_num_threads(1)
     model = served_model()
     layers = list(mobi_layers(model).values())
     ids = prompts(1)[0]
@@ -228,7 +235,6 @@ def test_a_pass_ending_after_set_precision_released_its_hold_leaves_the_new_sett
 
 
 def test_set_precision_called_by_two_threads_at_once_leaves_every_layer_at_one_setting() -> None:
-    torch.set_num_threads(1)
     model = served_model()
     layers = list(mobi_layers(model).values())
     settings = []
@@ -258,7 +264,6 @@ class SliceRecorder:
 def test_a_layer_runs_at_the_old_or_the_new_setting_while_set_precision_changes_it() -> None:
     """One slice for every token, or a routed budget whose thresholds all give two: a layer that reads its setting as
     it changes runs one or the other, never a third."""
-    torch.set_num_threads(1)
     model = served_model()
     layers = list(mobi_layers(model).values())
     for layer in layers:
@@ -290,7 +295,6 @@ def test_a_layer_runs_at_the_old_or_the_new_setting_while_set_precision_changes_
 def test_a_pass_under_way_when_its_block_closes_leaves_nothing_in_its_thread() -> None:
     """A block closed in another thread takes its hooks off while this thread's pass runs: the pass's end hook never
     runs, and the entry its begin hook made (its mask, its call's arguments) must not stay in the thread for good."""
-    torch.set_num_threads(1)
     model = served_model()
     ids = prompts(1)[0]
     opened, paused, closed = threading.Event(), threading.Event(), threading.Event()
