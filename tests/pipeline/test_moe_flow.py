@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from prefect import get_client
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -79,6 +81,10 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
                           for b, experts in enumerate(unreached) if experts)
     unreached_line = f"**no calibration token reached (codes from the weights alone, constant routers)**: {per_block}\n"
     assert unreached_line in Path(summary["report"]).read_text()
+    # The library's own warning, logged in the block's task run, is in that task run's log on the Prefect API.
+    library_warnings = [log for log in asyncio.run(_api_logs()) if log.name == "mobiquant.calibration.block"]
+    assert any(log.task_run_id and "no calibration token reached mlp.experts." in log.message
+               for log in library_warnings), library_warnings
     assert f"`self_attn.o_proj`, `{FOLDED}`;" in card and "mlp.experts.0.gate_proj" not in card
 
     # A re-run computes nothing again: the capture, every block, the checkpoint and the measurements are reused.
@@ -89,6 +95,11 @@ def test_compress_quantizes_every_expert_of_a_mixtral_and_a_rerun_reuses_its_blo
     again = compress(**params)
     assert again["checkpoint"] == summary["checkpoint"] and again["staged_commit"] == summary["staged_commit"]
     assert unreached_line in Path(again["report"]).read_text()
+
+
+async def _api_logs() -> list:
+    async with get_client() as client:
+        return await client.read_logs()
 
 
 def _must_not_run(*_args: object, **_kwargs: object) -> None:
