@@ -514,7 +514,10 @@ class BudgetHold:
             # A hold pickled by an earlier version did not keep its mask hooks' owner: releasing it takes its hooks
             # off (they are among its handles) and turns this stand-in inert.
             self._pass_hooks = _PassHooks(follows_copies=True)
-        if not self.__dict__.get("_released", False):
+        # A hold pickled by an earlier version did not record a release: it was holding (a released hold's hooks are
+        # off the model, which then no longer reaches it).
+        self.__dict__.setdefault("_released", False)
+        if not self._released:
             attach_meters(self._layers, [self._this_pass, self.meter])
 
     def _update(self, module: nn.Module, args: tuple, output: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import pickle
@@ -19,9 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import mobiquant.layers as layers_module
+import mobiquant.precision as precision
 from mobiquant.checkpoint import LOAD_GUARD, attach_quantizer, load_checkpoint, mobi_layers, save_checkpoint
-from mobiquant.layers import MoBiLinear, PassMask
-from mobiquant.precision import declare_padding, hold_budget, set_precision, track_bits
+from mobiquant.layers import BitMeter, MoBiLinear, PassMask
+from mobiquant.precision import BudgetHold, declare_padding, hold_budget, set_precision, track_bits
 from tests.tiny_models import VOCAB, logits, quantize_tiny, set_uniform, tiny_model
 
 
@@ -111,6 +113,33 @@ def test_a_copy_made_while_a_budget_is_held_holds_it_on_its_own(copy_of: Callabl
     counted = held.meter.weighted_tokens
     logits(model, served[1])
     assert held.meter.weighted_tokens > counted and held.budget != budget
+
+
+def as_pickled_by_an_earlier_version(model: torch.nn.Module, hold: BudgetHold) -> None:
+    """Lay ``hold`` and its hooks on ``model`` out as mobiquant 1a7d030 did: no release flag, no mask hooks' owner,
+    a BitMeter as the pass meter, and mask hooks that are partials of ``_record_mask`` / ``_forget_mask``."""
+    hold._pass_hooks.remove()
+    del hold._pass_hooks, hold._released
+    hold._this_pass = BitMeter()
+    hold._weights = float(sum(layer.in_features * layer.out_features for layer in mobi_layers(model).values()))
+    meters = [hold._this_pass, hold.meter]
+    hold._handles = [
+        hold._handles[0],
+        model.register_forward_pre_hook(functools.partial(precision._record_mask, meters, None), with_kwargs=True),
+        model.register_forward_hook(functools.partial(precision._forget_mask, meters), always_call=True),
+    ]
+
+
+def test_a_model_pickled_holding_a_budget_by_an_earlier_version_still_holds_it() -> None:
+    model = quantize_tiny(tiny_model("llama", seed=3), seed=3)
+    as_pickled_by_an_earlier_version(model, hold_budget(model, 3.0, horizon_tokens=8))
+    twin = pickled(model)
+    hold = getattr(twin, precision._HOLD_ATTRIBUTE)
+    budget = hold.budget
+    logits(twin, torch.randint(0, VOCAB, (1, 6)))
+    assert hold.budget != budget
+    set_precision(twin, slices=2)
+    assert not any(layer.bit_meters for layer in mobi_layers(twin).values())
 
 
 def test_torch_compile_runs_a_routed_model_as_it_runs_eagerly() -> None:
