@@ -18,6 +18,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from mobiquant import cli
 from mobiquant.arch import LinearExperts, architecture_of, summarize_linears
 from mobiquant.calibration import CalibrationConfig, quantize_files
+from mobiquant.calibration.store import read_result_report
 from mobiquant.checkpoint import load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.clip_search import input_hessians
 from mobiquant.precision import calibrate_thresholds, hold_budget, set_precision, track_bits
@@ -280,6 +281,23 @@ def test_an_expert_no_calibration_token_reaches_is_calibrated_from_its_weights(
     for bits in (2.0, 3.0, 5.0, 8.0):
         set_precision(quantized, avg_bits=bits)
         assert torch.isfinite(logits(quantized, ids)).all()
+
+
+def test_an_unreached_expert_is_recorded_without_the_clip_search_and_the_codes_hessians(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the clip search and error compensation no Hessian shows an expert unreached: the block results still
+    name it (the flow's log and report read them)."""
+    tiny_model("mixtral", seed=9).save_pretrained(tmp_path / "source")
+    monkeypatch.setattr(MixtralTopKRouter, "forward", _never_the_last_expert)
+    config = CalibrationConfig(**FAST, clip_search=False, error_compensation=False)
+    quantize_files(tmp_path / "source", torch.randint(0, VOCAB, (4, 32)), config, tmp_path / "work",
+                   model_key="k", device=torch.device("cpu"), progress=False)
+    results = sorted(path for path in (tmp_path / "work").rglob("block_*.safetensors") if path.parent.name == "blocks")
+    assert len(results) == 2
+    for path in results:
+        assert read_result_report(path)["unreached"] == [
+            f"mlp.experts.{EXPERTS - 1}.{projection}" for projection in ("gate_proj", "up_proj", "down_proj")]
 
 
 def test_an_expert_reached_at_some_budgets_only_runs_the_others_at_whole_slices(

@@ -92,6 +92,27 @@ def _batched_outputs(block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[
         return torch.cat([run_block(block, inputs[i : i + batch], block_kwargs) for i in range(0, len(inputs), batch)])
 
 
+def _outputs_and_unreached(block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], batch: int,
+                           linears: Mapping[str, nn.Module]) -> tuple[torch.Tensor, list[str]]:
+    """The block's outputs on ``inputs``, and which of ``linears`` no input row reached."""
+    reached: set[str] = set()
+
+    def note(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args[0].numel():
+                reached.add(name)
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(note(name)) for name, linear in linears.items()]
+    try:
+        outputs = _batched_outputs(block, inputs, block_kwargs, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, [name for name in linears if name not in reached]
+
+
 @dataclass
 class BlockResult:
     state: dict[str, torch.Tensor]
@@ -140,6 +161,7 @@ def calibrate_block(
         # routed, so an expert's rows are other tokens: its tokens weigh alike.
         token_weights = {name: weights for name, weights in token_weights.items() if name not in optional}
     hessians: dict[str, torch.Tensor] = {}
+    unreached: list[str] = []
     with compute_precision(config, device):
         if config.clip_search or config.error_compensation:
             # One pass of the unquantized block gives the clip search and GPTQ their inputs' X^T X (in
@@ -149,18 +171,24 @@ def calibrate_block(
                 optional,
             )
             targets = outputs.float() if targets is None else targets
-        elif targets is None:
-            targets = _batched_outputs(block, inputs, block_kwargs, config.batch_size).float()
-    unreached = [name for name in originals if name in hessians and not bool(hessians[name].any())]
+            unreached = [name for name in originals if not bool(hessians[name].any())]
+        elif targets is None or optional:
+            # No Hessians to tell which experts no token reached: this pass tells it (and gives the targets).
+            outputs, unreached = _outputs_and_unreached(block, inputs, block_kwargs, config.batch_size,
+                                                        {name: originals[name] for name in optional})
+            targets = outputs.float() if targets is None else targets
     if unreached:
         # No token was routed to these experts: no output error to weigh. The identity Hessian makes the clip
         # search, the codes and the row gains minimise the weight error itself (the codes are then the nearest
         # codes of the clipped grid, with nothing to compensate).
-        log.warning("block %d: no calibration token reached %s; their clipping, codes and gains minimise the "
-                    "weight error (identity Hessian), their routers are constant",
-                    block_index, ", ".join(summarize_linears(unreached)))
+        how = ("their clipping, codes and gains minimise the weight error (identity Hessian)" if hessians
+               else "their codes come from their weights alone")
+        log.warning("block %d: no calibration token reached %s; %s, their routers are constant",
+                    block_index, ", ".join(summarize_linears(unreached)), how)
         for name in unreached:
-            hessians[name] = torch.eye(len(hessians[name]), dtype=hessians[name].dtype, device=hessians[name].device)
+            if name in hessians:
+                hessians[name] = torch.eye(len(hessians[name]), dtype=hessians[name].dtype,
+                                           device=hessians[name].device)
     trainables = {name: TrainableSlicedLinear(linear, config, router_generator) for name, linear in originals.items()}
     if config.clip_search:
         # The clip search is most of a block's time before LWC: it gets a bar of its own.
