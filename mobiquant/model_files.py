@@ -135,17 +135,19 @@ class ModelFiles:
                 continue
             if name not in self._file_of:
                 raise SourceError(f"{self.folder} lacks the tensor {name} (shape {list(shape)})")
+            # Named as stored, where a user looks for it (Mixtral's block_sparse_moe.experts.3.w1, say).
+            stored = self._stored[name]
             with safe_open(str(self._file_of[name]), "pt") as handle:
-                lazy = handle.get_slice(self._stored[name])
+                lazy = handle.get_slice(stored)
                 found = tuple(lazy.get_shape())
                 if found != shape:
                     raise SourceError(
-                        f"tensor {name} in {self.folder} has shape {list(found)}, the config needs {list(shape)}"
+                        f"tensor {stored} in {self.folder} has shape {list(found)}, the config needs {list(shape)}"
                     )
                 if lazy.get_dtype() not in _SAFETENSORS_DTYPES:
-                    raise SourceError(f"tensor {name} in {self.folder} is {lazy.get_dtype()}, not floating point")
-                if not torch.isfinite(handle.get_tensor(self._stored[name])).all():
-                    raise SourceError(f"{name} contains NaN or Inf values (in {self.folder})")
+                    raise SourceError(f"tensor {stored} in {self.folder} is {lazy.get_dtype()}, not floating point")
+                if not torch.isfinite(handle.get_tensor(stored)).all():
+                    raise SourceError(f"{stored} contains NaN or Inf values (in {self.folder})")
         for names in stacked.values():
             # One stacked tensor read once for all its experts.
             for name, tensor in self.read(names).items():

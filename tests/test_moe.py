@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,29 @@ def test_stacked_experts_of_integers_are_named_not_floating_point(tmp_path: Path
               metadata={"format": "pt"})
     with pytest.raises(SourceError, match=r"experts\.down_proj in .* is torch\.int32, not floating point$"):
         ModelFiles(tmp_path).check()
+
+
+def test_a_bad_tensor_in_released_names_is_named_as_stored(tmp_path: Path) -> None:
+    """Mixtral's files name an expert's linears w1/w2/w3 under block_sparse_moe: a bad one is named so, not by the
+    name transformers gives it in memory, which no file holds."""
+    from safetensors.torch import load_file, save_file
+
+    from mobiquant.model_files import ModelFiles
+    from mobiquant.sources import SourceError
+    from tests.pipeline.tiny import build_tiny_llama
+
+    source = build_tiny_llama(tmp_path / "mixtral", family="mixtral", num_local_experts=EXPERTS, num_experts_per_tok=2)
+    (weights,) = source.glob("*.safetensors")
+    stored = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    state = load_file(weights)
+    state[stored][0, 0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=rf"^{re.escape(stored)} contains NaN or Inf values"):
+        ModelFiles(source).check()
+    state[stored] = state[stored][:, :-1].contiguous()
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SourceError, match=rf"^tensor {re.escape(stored)} in .* has shape"):
+        ModelFiles(source).check()
 
 
 def _never_the_last_expert(self: MixtralTopKRouter, hidden_states: torch.Tensor) -> tuple:
