@@ -472,8 +472,8 @@ def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
     logger.info("%d blocks calibrated (%d reused from an earlier run)", len(blocks), len(blocks) - len(fresh))
     unreached = unreached_linears(blocks)
     if unreached:
-        # The library says so in its own log as it calibrates, which neither reaches this run's log on the Prefect
-        # API nor is repeated when the blocks are reused.
+        # The library says so in the block's task run log as it calibrates (tasks/run_log.py), not when the blocks are
+        # reused: this line names them on every run.
         logger.warning("no calibration token reached %s: their codes minimise the weight error alone and their "
                        "routers are constant (more calibration samples reach more experts)", unreached)
 
