@@ -276,13 +276,17 @@ def linearize_experts(model: nn.Module, arch: Architecture) -> nn.Module:
     return model
 
 
+# An expert's linear: the experts' path, the expert's index, the projection (``mlp.experts.5.down_proj``).
+EXPERT_LINEAR = re.compile(r"(.*experts)\.(\d+)\.(.+)")
+
+
 def summarize_linears(names: Iterable[str]) -> list[str]:
     """Linear names with each run of experts folded: ``mlp.experts.<0-7>.gate_proj/up_proj/down_proj`` stands for
     8 experts' three linears (a 128-expert model lists 384 names otherwise)."""
     out: list[str] = []
     experts: dict[str, tuple[set[int], list[str]]] = {}
     for name in names:
-        found = re.fullmatch(r"(.*experts)\.(\d+)\.(.+)", name)
+        found = EXPERT_LINEAR.fullmatch(name)
         if found is None:
             out.append(name)
             continue
@@ -315,10 +319,12 @@ def fold_experts(names: Iterable[str]) -> dict[str, str]:
     names = list(names)
     last: dict[str, int] = {}
     for name in names:
-        found = re.fullmatch(r"(.*experts)\.(\d+)\.(.+)", name)
+        found = EXPERT_LINEAR.fullmatch(name)
         if found is not None:
             last[found.group(1)] = max(last.get(found.group(1), 0), int(found.group(2)))
-    return {name: re.sub(r"^(.*experts)\.\d+\.", lambda m: f"{m.group(1)}.<0-{last[m.group(1)]}>.", name)
+    # A model of one expert has no range to write: <0>, not <0-0>.
+    span = {path: f"0-{top}" if top else "0" for path, top in last.items()}
+    return {name: re.sub(r"^(.*experts)\.\d+\.", lambda m: f"{m.group(1)}.<{span[m.group(1)]}>.", name)
             for name in names}
 
 

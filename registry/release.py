@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from huggingface_hub import HfApi
 
 from flows.params import CompressParams, PublishTarget
+from mobiquant.arch import EXPERT_LINEAR
 from registry import tracking
 from registry.hashing import sha256_file
 from registry.publish import LocalRepoTarget, PublishError, target_for
@@ -31,6 +33,8 @@ MANIFEST_ARTIFACT = "sha256.json"
 PROMOTING_TAG = "publish.promoting"
 # tasks.stages.validate runs the full-precision model in float32 (it does not record the dtype).
 VALIDATION_FP_DTYPE = "float32"
+# How mobiquant.calibration.block names a linear's GPTQ error curve in a block's losses: "gptq <linear>".
+GPTQ_CURVE = "gptq "
 
 
 def evaluation_setup(
@@ -172,6 +176,33 @@ def metrics_of(validation: dict[str, Any], stages: dict[str, dict[str, float]], 
     return {k.replace(".", "_"): v for k, v in metrics.items()}
 
 
+def step_metrics_of(blocks: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each block's loss curves as MLflow step metrics ``loss_block_<NNN>_<curve>``.
+
+    An expert linear's GPTQ curve (its error at 1, 2, ... slices) is folded over the block's experts into two
+    series per projection, ``gptq mlp.experts.down_proj mean`` and ``... max`` (the worst expert): one series per
+    expert would be some 18k for 128 experts in 48 blocks, more than MLflow's UI can list or a run logs quickly.
+    ``blocks.json`` in the run's report keeps every expert's curve.
+    """
+    metrics: dict[str, list[float]] = {}
+    for block in blocks:
+        prefix = f"loss_block_{block['block']:03d}_"
+        experts: dict[str, list[list[float]]] = {}
+        for name, curve in block.get("losses", {}).items():
+            found = EXPERT_LINEAR.fullmatch(name) if name.startswith(GPTQ_CURVE) else None
+            if found is None:
+                metrics[prefix + name] = curve
+            else:
+                # The group is "gptq <experts' path>.<projection>": the name without the expert's index.
+                experts.setdefault(f"{found.group(1)}.{found.group(3)}", []).append(curve)
+        for name, curves in experts.items():
+            # Every expert's curve has one error per slice count; numpy refuses ragged ones and carries a NaN.
+            errors = np.asarray(curves, dtype=np.float64)
+            metrics[f"{prefix}{name} mean"] = errors.mean(axis=0).tolist()
+            metrics[f"{prefix}{name} max"] = errors.max(axis=0).tolist()
+    return metrics
+
+
 def record(
     params: CompressParams,
     *,
@@ -186,10 +217,6 @@ def record(
     run_name: str,
 ) -> dict[str, str | None]:
     """The MLflow run, and for a passing run a registered version (alias set only once staged)."""
-    step_metrics = {}
-    for block in blocks:
-        for stage_name, curve in block.get("losses", {}).items():
-            step_metrics[f"loss_block_{block['block']:03d}_{stage_name}"] = curve
     tags = {
         "source": source["source"],
         "source_sha": source["sha"],
@@ -203,7 +230,7 @@ def record(
         run_name=run_name,
         params=recorded_params(params),
         metrics=metrics_of(validation, stages, bundle["overhead"]),
-        step_metrics=step_metrics,
+        step_metrics=step_metrics_of(blocks),
         artifacts_dir=Path(bundle["report_dir"]),
         tags=tags,
     )

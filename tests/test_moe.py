@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from mobiquant import cli
-from mobiquant.arch import LinearExperts, architecture_of, summarize_linears
+from mobiquant.arch import LinearExperts, architecture_of, fold_experts, summarize_linears
 from mobiquant.calibration import CalibrationConfig, quantize_files
 from mobiquant.calibration.store import read_result_report
 from mobiquant.checkpoint import load_checkpoint, mobi_layers, save_checkpoint
@@ -82,6 +82,19 @@ def test_expert_linears_are_listed_per_expert_and_summarised() -> None:
     CalibrationConfig(module_precision_weights={"down_proj": (1, 1, 1, 1)}).check_linear_names(arch)
     with pytest.raises(ValueError, match=r"mlp\.experts\.<0-3>\.gate_proj/up_proj/down_proj\)$"):
         CalibrationConfig(module_precision_weights={"w2": (1, 1, 1, 1)}).check_linear_names(arch)
+
+
+def test_fold_experts_names_each_projection_of_every_expert() -> None:
+    names = ["self_attn.o_proj", "mlp.experts.0.down_proj", "mlp.experts.7.down_proj", "mlp.experts.3.gate_proj"]
+    assert fold_experts(names) == {
+        "self_attn.o_proj": "self_attn.o_proj",
+        "mlp.experts.0.down_proj": "mlp.experts.<0-7>.down_proj",
+        "mlp.experts.7.down_proj": "mlp.experts.<0-7>.down_proj",
+        "mlp.experts.3.gate_proj": "mlp.experts.<0-7>.gate_proj",
+    }
+    # A model of one expert has no range: <0>, not <0-0>.
+    assert fold_experts(["mlp.experts.0.up_proj", "self_attn.q_proj"]) == {
+        "mlp.experts.0.up_proj": "mlp.experts.<0>.up_proj", "self_attn.q_proj": "self_attn.q_proj"}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

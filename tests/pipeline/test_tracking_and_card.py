@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -103,6 +105,49 @@ def test_model_version_source_is_the_published_repo(tmp_path: Path, kind: str) -
     assert {k: version.tags[k] for k in ("model_type", "architecture", "quantized_linears")} == {
         "model_type": "phi3", "architecture": "Phi3ForCausalLM",
         "quantized_linears": "self_attn.qkv_proj,mlp.down_proj"}
+
+
+def test_experts_gptq_curves_reach_mlflow_as_a_mean_and_a_max_per_projection(tmp_path: Path) -> None:
+    """One series per expert's linear would be some 18k for a 128-expert, 48-block model: the run holds, per block
+    and projection, the mean over the experts and the worst expert at each slice count; the dense linears' GPTQ
+    curves and the stage and router curves keep their names and values."""
+    rng = np.random.default_rng()
+    experts, slices, projections = 5, 4, ("gate_proj", "up_proj", "down_proj")
+    blocks, expected = [], {}
+    for index in (0, 3):
+        dense = {"stage1": rng.random(7).tolist(), "gptq self_attn.q_proj": rng.random(slices).tolist(),
+                 "gptq self_attn.o_proj": rng.random(slices).tolist(), "router_fit_residual": rng.random(3).tolist(),
+                 "stage2": rng.random(7).tolist()}
+        # As mobiquant.calibration.block lists them: expert by expert, each one's projections.
+        errors = rng.random((experts, len(projections), slices))
+        losses = dict(dense)
+        for e in range(experts):
+            for p, projection in enumerate(projections):
+                losses[f"gptq mlp.experts.{e}.{projection}"] = errors[e, p].tolist()
+        blocks.append({"block": index, "losses": losses})
+        expected |= {f"loss_block_{index:03d}_{name}": curve for name, curve in dense.items()}
+        for p, projection in enumerate(projections):
+            folded = f"loss_block_{index:03d}_gptq mlp.experts.{projection}"
+            expected[f"{folded} mean"] = errors[:, p].mean(axis=0).tolist()
+            expected[f"{folded} max"] = errors[:, p].max(axis=0).tolist()
+    params = CompressParams(model="tester/tiny", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            publish={"kind": "local", "root": str(tmp_path / "published")})
+    (tmp_path / "report").mkdir()
+    recorded = release.record(
+        params, source={"source": "tester/tiny", "sha": "abc", "kind": "hub"},
+        bundle={"overhead": 0.1, "report_dir": str(tmp_path / "report"), "repo_id": "tester/tiny-mobiquant",
+                "model": MODEL.tags()},
+        validation=VALIDATION, checks=[], passed=False, stages={}, blocks=blocks,
+        checkpoint_dir=tmp_path / "work" / "ckpt", run_name="r1",
+    )  # fmt: skip
+    client = MlflowClient(params.mlflow_uri)
+    logged = {name for name in client.get_run(recorded["run_id"]).data.metrics if name.startswith("loss_block_")}
+    assert logged == set(expected)
+    assert not [name for name in logged if re.search(r"experts\.\d", name)]
+    for name, curve in expected.items():
+        history = sorted(client.get_metric_history(recorded["run_id"], name), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(len(curve))), name
+        np.testing.assert_allclose([m.value for m in history], curve, rtol=1e-12, atol=0, err_msg=name)
 
 
 def test_evaluation_setup_cuts_windows_as_perplexity_does(tmp_path: Path) -> None:
