@@ -14,16 +14,18 @@ stays at full precision.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mobiquant.layers import serving_rows
+from mobiquant.layers import served_rows, serving_rows
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -228,6 +230,49 @@ class LinearExperts(nn.ModuleList):
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
+
+
+# Set inside counting_expert_tokens: where the tokens of the experts module's current call start among the tokens of
+# all its calls since entering.
+_CALL_START: ContextVar[dict[str, int] | None] = ContextVar("mobiquant_expert_call_start", default=None)
+
+
+@contextlib.contextmanager
+def counting_expert_tokens(block: nn.Module) -> Iterator[None]:
+    """Number the tokens ``block``'s experts module is called with, for :func:`expert_token_positions`.
+
+    Token ``t`` of a call is ``t`` plus the tokens of the earlier calls since entering: the position of the token in
+    the flattened inputs of all the calls, whatever their batching, so a saliency pass and a Hessian pass that batch
+    the same samples differently number each token alike. Hooks on the experts module only while inside: inference
+    pays nothing.
+    """
+    experts = [module for module in block.modules() if isinstance(module, LinearExperts)]
+    if len(experts) > 1:
+        # One count of tokens per block: two experts modules would number their calls over each other's.
+        raise ValueError(f"a block with {len(experts)} experts modules: token positions need one")
+    count = {"start": 0, "end": 0}
+
+    def new_call(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        count["start"], count["end"] = count["end"], count["end"] + len(hidden)
+
+    handles = [module.register_forward_pre_hook(new_call, with_kwargs=True) for module in experts]
+    token = _CALL_START.set(count)
+    try:
+        yield
+    finally:
+        _CALL_START.reset(token)
+        for handle in handles:
+            handle.remove()
+
+
+def expert_token_positions() -> torch.Tensor | None:
+    """From a hook of an expert's linear inside :func:`counting_expert_tokens`: the positions of the tokens its rows
+    are (increasing, on the rows' device); None for any other module or outside."""
+    count, served = _CALL_START.get(), served_rows()
+    if count is None or served is None:
+        return None
+    return served[0] + count["start"]
 
 
 def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from mobiquant.arch import expert_token_positions
 from mobiquant.slicing import group_min_max, round_params, scale_zero_from_range
 
 log = logging.getLogger(__name__)
@@ -115,24 +116,75 @@ def clip_logit(factor: torch.Tensor) -> torch.Tensor:
     return torch.log(factor) - torch.log1p(-factor)
 
 
+class _TokensByPosition:
+    """An expert linear's token weights looked up by the positions of the rows' tokens, not by row order.
+
+    A token the weights were not measured on (the router sent it here only in this pass) weighs 1, the weights'
+    mean: its own saliency was never measured at this linear, and 1 keeps the Hessian's scale that of ``X^T X``.
+    """
+
+    def __init__(self, positions: torch.Tensor, weights: torch.Tensor) -> None:
+        order = positions.argsort()
+        self.positions, self.weights = positions[order], weights[order]
+        self.measured = positions
+        self.seen: list[torch.Tensor] = []
+        # Per call, the rows of tokens measured elsewhere; summed once at the end, not read (a device sync) per call.
+        self.unmeasured: list[torch.Tensor] = []
+
+    def weights_of(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.positions.device != positions.device:
+            self.positions, self.weights = self.positions.to(positions.device), self.weights.to(positions.device)
+        self.seen.append(positions)
+        if not len(self.positions):
+            self.unmeasured.append(torch.tensor(len(positions)))
+            return torch.ones(len(positions), dtype=self.weights.dtype, device=positions.device)
+        index = torch.searchsorted(self.positions, positions).clamp_max(len(self.positions) - 1)
+        found = self.positions[index] == positions
+        self.unmeasured.append((~found).sum())
+        return torch.where(found, self.weights[index], torch.ones_like(self.weights[index]))
+
+    def new_rows(self) -> int:
+        return sum(int(count) for count in self.unmeasured)
+
+    def rerouted(self) -> bool:
+        seen = torch.cat(self.seen).cpu() if self.seen else torch.zeros(0, dtype=torch.int64)
+        return not torch.equal(seen, self.measured.cpu())
+
+
 def input_hessians(
     modules: Mapping[str, torch.nn.Module],
     run: Callable[[], torch.Tensor],
     token_weights: Mapping[str, torch.Tensor] | None = None,
     optional: Collection[str] = (),
+    token_positions: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``X^T X`` (float64 sums) of the inputs each module sees while ``run()`` executes, and its result.
 
     With ``token_weights`` (per module, one weight per input row in the order ``run`` feeds them) the sums
     are ``X^T diag(w) X``; every module named there must see exactly that many rows. A module in ``optional``
     (an expert's linear: the router may send it no token) that sees no input gets a zero sum; any other is an
-    error. An optional module that sees another number of rows than its weights (its tokens were routed
-    otherwise when the weights were measured) gets the unweighted sum, with a warning.
+    error.
+
+    An expert's tokens can be routed otherwise than when its weights were measured (a near tie in the router).
+    With ``token_positions`` (per expert linear, the positions of its weights' tokens, as
+    :func:`mobiquant.calibration.saliency.token_positions` gives them) each row takes the weight of its own token,
+    found by position (``run`` must run inside :func:`mobiquant.arch.counting_expert_tokens`); a token measured
+    elsewhere weighs 1 (the weights' mean), and a warning counts those rows. An optional module without positions
+    that sees another number of rows than its weights gets the unweighted sum, with a warning; one that sees as many
+    rows can only be trusted to have seen the same tokens.
     """
     optional = set(optional)
     sums: dict[str, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}
     rows_seen: dict[str, int] = dict.fromkeys(modules, 0)
+    given = token_weights or {}
+    by_position: dict[str, _TokensByPosition] = {}
+    for name, positions in (token_positions or {}).items():
+        if name not in given or name not in modules:
+            continue
+        if len(positions) != len(given[name]):
+            raise ValueError(f"{name} has {len(positions)} token positions for {len(given[name])} token weights")
+        by_position[name] = _TokensByPosition(positions, given[name])
 
     def accumulate(name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
@@ -140,14 +192,21 @@ def input_hessians(
             start = rows_seen[name]
             rows_seen[name] = start + len(x)
             weighted = x
-            if token_weights is not None and name in token_weights:
+            if name in by_position:
+                positions = expert_token_positions()
+                if positions is None or len(positions) != len(x):
+                    raise RuntimeError(f"token positions of {name} given, but its rows' positions are unknown: "
+                                       "run inside mobiquant.arch.counting_expert_tokens")
+                weights = by_position[name].weights_of(positions)
+                weighted = x * weights.to(dtype=x.dtype).unsqueeze(1)
+            elif name in given:
                 if name in optional:
                     plain[name] = plain[name] + x.T @ x if name in plain else x.T @ x
-                weights = token_weights[name][start : start + len(x)]
+                weights = given[name][start : start + len(x)]
                 if len(weights) != len(x):
                     if name in optional:
                         return
-                    raise ValueError(f"{name} saw more input rows than its {len(token_weights[name])} token weights")
+                    raise ValueError(f"{name} saw more input rows than its {len(given[name])} token weights")
                 weighted = x * weights.to(device=x.device, dtype=x.dtype).unsqueeze(1)
             product = weighted.T @ x
             sums[name] = sums[name] + product if name in sums else product
@@ -166,16 +225,22 @@ def input_hessians(
     missing = set(modules) - set(sums)
     if missing:
         raise RuntimeError(f"no calibration input reached {sorted(missing)}")
-    given = token_weights or {}
-    rerouted = sorted(name for name in optional & set(given) if rows_seen[name] != len(given[name]))
+    # Without positions, only a changed row count shows that routing changed.
+    rerouted = sorted(name for name in optional & (set(given) - set(by_position))
+                      if rows_seen[name] != len(given[name]))
     if rerouted:
         log.warning("%d expert linears saw other tokens than their saliencies were measured on (routing changed): "
                     "their tokens weigh alike, e.g. %s", len(rerouted), rerouted[0])
         # An expert that now sees no token keeps its zero sum.
         sums.update({name: plain[name] for name in rerouted if name in plain})
+    matched = sorted(name for name, tokens in by_position.items() if tokens.rerouted())
+    if matched:
+        new_rows = sum(by_position[name].new_rows() for name in matched)
+        log.warning("%d expert linears saw other tokens than their saliencies were measured on (routing changed at "
+                    "a near tie), e.g. %s: each row keeps its own token's saliency, and their %d rows of tokens "
+                    "measured at other experts weigh 1 (the mean)", len(matched), matched[0], new_rows)
     short = sorted(name for name in given if name in modules and name not in optional
                    and rows_seen[name] != len(given[name]))
     if short:
         raise ValueError(f"{short} saw fewer input rows than their token weights")
     return sums, result
-

@@ -364,6 +364,11 @@ def serving_rows(rows: torch.Tensor, tokens: int) -> Iterator[None]:
         _SERVED_ROWS.reset(token)
 
 
+def served_rows() -> tuple[torch.Tensor, int] | None:
+    """Inside :func:`serving_rows`: the rows served and the pass's token count; None outside."""
+    return _SERVED_ROWS.get()
+
+
 def _counted_slices(slices: torch.Tensor, attention_mask: PassMask | None) -> tuple[torch.Tensor, int]:
     """The slices summed over the tokens to count, on ``slices``' device and not yet read, and their number.
 

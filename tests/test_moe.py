@@ -13,15 +13,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from mobiquant import cli
 from mobiquant.arch import LinearExperts, architecture_of, fold_experts, summarize_linears
-from mobiquant.calibration import CalibrationConfig, quantize_files
-from mobiquant.calibration.store import read_result_report
+from mobiquant.calibration import CalibrationConfig, calibrate_block, quantize_files
+from mobiquant.calibration import block as block_module
+from mobiquant.calibration.capture import capture_block_inputs
+from mobiquant.calibration.saliency import saliency_path, token_positions, token_weights
+from mobiquant.calibration.store import (
+    KWARGS_FILE,
+    atomic_save,
+    file_metadata,
+    fp_input_path,
+    load_block_kwargs,
+    load_hidden,
+    read_result_report,
+)
 from mobiquant.checkpoint import load_checkpoint, mobi_layers, save_checkpoint
 from mobiquant.clip_search import input_hessians
+from mobiquant.model_files import ModelFiles
 from mobiquant.precision import calibrate_thresholds, hold_budget, set_precision, track_bits
 from tests.tiny_models import EXPERTS, MOE_FAMILIES, SLICES, VOCAB, logits, quantize_tiny, tiny_model
 
@@ -484,3 +497,127 @@ def test_the_commands_quantize_and_evaluate_a_mixture_of_experts(tmp_path: Path,
     rows = json.loads(capsys.readouterr().out)["results"]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(row["perplexity"])) for row in rows)
     assert sorted(row["avg_bits"] for row in rows)[::2] == [2.0, 8.0]
+
+
+def captured_mixtral(tmp_path: Path) -> tuple[ModelFiles, Path]:
+    """A tiny Mixtral's capture: block inputs and saliencies, the saliency pass in batches of 3 samples."""
+    model = tiny_model("mixtral", seed=13)
+    model.save_pretrained(tmp_path / "m")
+    files = ModelFiles(tmp_path / "m")
+    samples = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(13))
+    capture_block_inputs(files, samples, tmp_path / "c", device=torch.device("cpu"), model_key="k",
+                         store_dtype=torch.float32, batch_size=3)
+    return files, tmp_path / "c"
+
+
+def hessians_with_a_flip(files: ModelFiles, capture_dir: Path, monkeypatch: pytest.MonkeyPatch, recorded: dict,
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Block 0's Hessians from calibrate_block (batches of 2 samples) with one token swapped for another at expert
+    ``e`` (the row count of ``e`` stays): token ``a``, ``e``'s first, goes to ``f`` instead; token ``b``, after ``e``'s
+    second token and not routed to it, goes to ``e`` instead of ``g``. Also the experts' inputs and routing as the
+    Hessian pass fed them (all tokens, in order), and ``(e, a, b, f, g)``."""
+    e = next(k for k in range(EXPERTS) if len(recorded[f"mlp.experts.{k}.gate_proj:token_positions"]) >= 3)
+    measured = recorded[f"mlp.experts.{e}.gate_proj:token_positions"].tolist()
+    a = measured[0]
+    b = next(t for t in range(measured[1] + 1, 10**6) if t not in measured)
+    block = files.block(0, torch.device("cpu"))
+    fed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    swap: dict[str, int] = {}
+
+    def flip(_module: torch.nn.Module, args: tuple) -> tuple:
+        hidden, index, weights = args
+        start = sum(len(h) for h, _ in fed)
+        index = index.clone()
+        if start <= a < start + len(hidden):
+            row = index[a - start]
+            swap["f"] = next(k for k in range(EXPERTS) if k not in row.tolist())
+            row[row == e] = swap["f"]
+        if start <= b < start + len(hidden):
+            swap["g"] = int(index[b - start, 0])
+            index[b - start, 0] = e
+        fed.append((hidden.detach().clone(), index))
+        return hidden, index, weights
+
+    block.get_submodule("mlp.experts").register_forward_pre_hook(flip)
+    sums: dict[str, torch.Tensor] = {}
+    real = block_module.input_hessians
+
+    def keep(*args: object, **kwargs: object) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        found, outputs = real(*args, **kwargs)
+        sums.update(found)
+        return found, outputs
+
+    monkeypatch.setattr(block_module, "input_hessians", keep)
+    kwargs = load_block_kwargs(capture_dir / KWARGS_FILE).for_block(0)
+    config = CalibrationConfig(group_size=32, router_hidden=0, epochs_stage1=0, epochs_stage2=0, batch_size=2,
+                               error_compensation=False)
+    calibrate_block(block, load_hidden(fp_input_path(capture_dir, 0)), kwargs, files.arch, config, progress=False,
+                    token_weights=token_weights(capture_dir, 0), token_positions=token_positions(capture_dir, 0))
+    hidden = torch.cat([h for h, _ in fed]).double()
+    routing = torch.cat([index for _, index in fed])
+    return sums, hidden, routing, (e, a, b, swap["f"], swap["g"])
+
+
+def weighted_gram(x: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """``X^T diag(w) X``, row by row in float64: the reference, sharing no code with input_hessians."""
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for row, weight in zip(x, weights, strict=True):
+        out += weight * torch.outer(row, row)
+    return out
+
+
+def test_an_expert_whose_router_swaps_a_token_weighs_each_row_by_its_own_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A near tie can route one token away from an expert and another to it between the saliency pass and the
+    Hessian pass, leaving the expert's row count alone: the rows after the swap must keep their own tokens'
+    saliencies (matched by token position, over batches of other sizes), not their neighbours', and the token new to
+    the expert weighs 1, the mean."""
+    files, capture_dir = captured_mixtral(tmp_path)
+    recorded = load_file(str(saliency_path(capture_dir, 0)))
+    with caplog.at_level(logging.WARNING, logger="mobiquant.clip_search"):
+        sums, hidden, routing, (e, a, b, f, g) = hessians_with_a_flip(files, capture_dir, monkeypatch, recorded)
+    # The gate and up projections of an expert take the expert's inputs, each with saliencies of its own.
+    for k in range(EXPERTS):
+        tokens = torch.nonzero((routing == k).any(dim=1)).flatten().tolist()
+        for projection in ("gate_proj", "up_proj"):
+            name = f"mlp.experts.{k}.{projection}"
+            measured = recorded[f"{name}:token_positions"].tolist()
+            saliency = recorded[name].double()
+            own = dict(zip(measured, (saliency / saliency.mean()).tolist(), strict=True))
+            want = weighted_gram(hidden[tokens], [own.get(t, 1.0) for t in tokens])
+            torch.testing.assert_close(sums[name], want, rtol=1e-10, atol=1e-12)
+            if k == e:
+                assert len(tokens) == len(measured) and tokens != measured and a not in tokens and b in tokens
+                # What row order gave: every row between the swapped tokens took the saliency of the token before.
+                shifted = weighted_gram(hidden[tokens], (saliency / saliency.mean()).tolist())
+                assert not torch.allclose(shifted, want, rtol=1e-3), "the swap must change the Hessian"
+    affected = 3 * len({e, f, g})
+    assert f"{affected} expert linears saw other tokens" in caplog.text
+    assert "their 6 rows of tokens measured at other experts weigh 1" in caplog.text
+
+
+def test_saliencies_stored_without_token_positions_are_matched_by_row_count_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A capture written before the positions were recorded: its expert linears' rows are checked by count only, an
+    expert with another count weighs its tokens alike and one with the same count keeps the row order."""
+    files, capture_dir = captured_mixtral(tmp_path)
+    path = saliency_path(capture_dir, 0)
+    recorded = load_file(str(path))
+    atomic_save({name: tensor for name, tensor in recorded.items() if not name.endswith(":token_positions")}, path,
+                file_metadata(path))
+    assert token_positions(capture_dir, 0) == {}
+    assert set(token_weights(capture_dir, 0)) == set(files.arch.linears)
+    with caplog.at_level(logging.WARNING, logger="mobiquant.clip_search"):
+        sums, hidden, routing, (_e, _a, _b, f, g) = hessians_with_a_flip(files, capture_dir, monkeypatch, recorded)
+    for k in range(EXPERTS):
+        tokens = torch.nonzero((routing == k).any(dim=1)).flatten().tolist()
+        saliency = recorded[f"mlp.experts.{k}.gate_proj"].double()
+        if len(tokens) == len(saliency):
+            want = weighted_gram(hidden[tokens], (saliency / saliency.mean()).tolist())
+        else:
+            assert k in (f, g)
+            want = weighted_gram(hidden[tokens], [1.0] * len(tokens))
+        torch.testing.assert_close(sums[f"mlp.experts.{k}.gate_proj"], want, rtol=1e-10, atol=1e-12)
+    assert "their tokens weigh alike" in caplog.text and "each row keeps its own token's saliency" not in caplog.text

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mobiquant.arch import Architecture, summarize_linears
+from mobiquant.arch import Architecture, counting_expert_tokens, summarize_linears
 from mobiquant.calibration.config import ROUTER_FIT_LR, ROUTER_FIT_STEPS, ROUTER_FIT_TOKENS, CalibrationConfig
 from mobiquant.calibration.trainable import TrainableSlicedLinear
 from mobiquant.clip_search import input_hessians
@@ -134,12 +134,14 @@ def calibrate_block(
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
     token_weights: Mapping[str, torch.Tensor] | None = None,
+    token_positions: Mapping[str, torch.Tensor] | None = None,
 ) -> BlockResult:
     """Calibrate one block; ``targets`` default to the full-precision block's outputs on ``inputs``.
 
     ``token_weights`` (per linear, one per input token) weigh the tokens in the Hessians of the clip search,
-    the codes and the row gains (:mod:`mobiquant.calibration.saliency`). The block's own linears are left
-    untouched; the result holds the quantized state.
+    the codes and the row gains (:mod:`mobiquant.calibration.saliency`); ``token_positions`` (per expert linear,
+    its weights' tokens) give an expert's rows their own tokens' weights where the router breaks a near tie otherwise
+    than when they were measured. The block's own linears are left untouched; the result holds the quantized state.
     """
     started = time.perf_counter()
     seed = config.seed * 100_003 + block_index
@@ -165,11 +167,13 @@ def calibrate_block(
     with compute_precision(config, device):
         if config.clip_search or config.error_compensation:
             # One pass of the unquantized block gives the clip search and GPTQ their inputs' X^T X (in
-            # sequential mode the quantized blocks' outputs) and, in parallel mode, the targets.
-            hessians, outputs = input_hessians(
-                originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size), token_weights,
-                optional,
-            )
+            # sequential mode the quantized blocks' outputs) and, in parallel mode, the targets. The experts' tokens
+            # are numbered as in the saliency pass, to match their rows to the saliencies by token.
+            with counting_expert_tokens(block):
+                hessians, outputs = input_hessians(
+                    originals, lambda: _batched_outputs(block, inputs, block_kwargs, config.batch_size),
+                    token_weights, optional, token_positions,
+                )
             targets = outputs.float() if targets is None else targets
             unreached = [name for name in originals if not bool(hessians[name].any())]
         elif targets is None or optional:

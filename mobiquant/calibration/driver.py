@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mobiquant.calibration.block import ProgressCallback, calibrate_block, compute_precision, quantized_block
 from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs, check_windows
 from mobiquant.calibration.config import SEQUENTIAL_PROPAGATION_SLICES, CalibrationConfig, quantization_config
-from mobiquant.calibration.saliency import token_weights
+from mobiquant.calibration.saliency import token_positions, token_weights
 from mobiquant.calibration.store import (
     KWARGS_FILE,
     atomic_save,
@@ -153,8 +153,9 @@ def calibrate_one_block(
             targets = block_outputs(block, fp_inputs, block_kwargs, config.batch_size, torch.float32)
     if not cached:
         weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
+        positions = token_positions(capture_dir, index) if config.loss_weighted_hessians else None
         result = calibrate_block(block, inputs, block_kwargs, source.arch, config, targets, index, progress,
-                                 on_progress, weights)
+                                 on_progress, weights, positions)
         save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device),
                           result.unreached)
     if needs_next:

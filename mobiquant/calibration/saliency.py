@@ -13,6 +13,10 @@ The gradients come from the full-precision model, one block in memory at a time,
 backwards from the loss: block ``i`` runs again on its captured inputs, and the gradient at its outputs is
 the gradient that block ``i + 1`` left at its inputs. Each block's saliencies are written beside its
 captured inputs; an interrupted walk resumes below the last block it wrote.
+
+An expert's linears see only the tokens routed to the expert. Their saliencies are stored with the positions of
+those tokens (:func:`token_positions`), so a later pass whose router breaks a near tie otherwise can still give each
+row its own token's weight (:func:`mobiquant.clip_search.input_hessians`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mobiquant.arch import Architecture
+from mobiquant.arch import Architecture, counting_expert_tokens, expert_token_positions
 from mobiquant.calibration.store import atomic_save, fp_input_path, holds_capture, load_hidden
 from mobiquant.model_files import BlockSource
 from mobiquant.streaming import BlockKwargs, block_returns_tuple, head_logits, run_block
 
 GRADIENT_KEY = "input_gradient"
+# Beside an expert linear's saliencies, under its name plus this: the positions of its rows' tokens (int64).
+POSITIONS_SUFFIX = ":token_positions"
 
 
 def saliency_path(capture_dir: Path, index: int) -> Path:
@@ -53,17 +59,26 @@ def block_token_saliency(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each quantized linear's ``[tokens]`` saliencies ``s_t``, and the loss's gradient at ``inputs``.
 
+    An expert's linear sees only its tokens: its saliencies come with the positions of their tokens among the
+    flattened tokens of ``inputs`` (key ``<linear>`` plus :data:`POSITIONS_SUFFIX`).
+
     ``loss_of_outputs(start, outputs)`` is the loss (or any scalar with the loss's gradient at ``outputs``)
     as a function of the block's outputs for samples ``start:start + len(outputs)``. The block's parameters
     get no gradient.
     """
     device = next(block.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in arch.quantized_linears(block)}
+    positions: dict[str, list[torch.Tensor]] = {}
 
     def record(name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            where = expert_token_positions()
+
             def on_gradient(grad: torch.Tensor) -> None:
                 parts[name].append(grad.detach().float().pow(2).sum(dim=-1).reshape(-1).cpu())
+                # Kept with the saliencies they belong to, so both list the same rows in the same order.
+                if where is not None:
+                    positions.setdefault(name, []).append(where.cpu())
 
             output.register_hook(on_gradient)
 
@@ -72,17 +87,23 @@ def block_token_saliency(
     handles = [linear.register_forward_hook(record(name)) for name, linear in arch.quantized_linears(block).items()]
     gradient = torch.empty(inputs.shape, dtype=torch.float32)
     try:
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size].to(device=device, dtype=torch.float32).requires_grad_(True)
-            with torch.enable_grad():
-                loss = loss_of_outputs(start, run_block(block, chunk, block_kwargs))
-                (chunk_gradient,) = torch.autograd.grad(loss, chunk)
-            gradient[start : start + len(chunk)] = chunk_gradient.cpu()
+        with counting_expert_tokens(block):
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start : start + batch_size].to(device=device, dtype=torch.float32).requires_grad_(True)
+                with torch.enable_grad():
+                    loss = loss_of_outputs(start, run_block(block, chunk, block_kwargs))
+                    (chunk_gradient,) = torch.autograd.grad(loss, chunk)
+                gradient[start : start + len(chunk)] = chunk_gradient.cpu()
     finally:
         for handle in handles:
             handle.remove()
-    # An expert's linear that no token reached has no saliency.
-    return {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}, gradient
+    # An expert's linear that no token reached has no saliency (and, in a block of experts, no position).
+    saliency = {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
+    if arch.experts is not None:
+        prefix = f"{arch.experts.path}."
+        saliency.update({name + POSITIONS_SUFFIX: torch.cat(positions[name]) if name in positions
+                         else torch.zeros(0, dtype=torch.int64) for name in parts if name.startswith(prefix)})
+    return saliency, gradient
 
 
 def capture_token_saliency(
@@ -163,6 +184,19 @@ def token_weights(capture_dir: Path, index: int) -> dict[str, torch.Tensor]:
     """
     weights = {}
     for name, saliency in load_file(str(saliency_path(capture_dir, index))).items():
+        if name.endswith(POSITIONS_SUFFIX):
+            continue
         mean = saliency.double().mean()
         weights[name] = saliency.double() / mean if mean > 0 else torch.ones_like(saliency, dtype=torch.float64)
     return weights
+
+
+def token_positions(capture_dir: Path, index: int) -> dict[str, torch.Tensor]:
+    """Block ``index``'s expert linears' token positions, each matching its :func:`token_weights` row for row.
+
+    Empty for a dense block, and for files written before the positions were recorded (their expert linears' rows
+    can then be checked by count only).
+    """
+    stored = load_file(str(saliency_path(capture_dir, index)))
+    return {name.removesuffix(POSITIONS_SUFFIX): tensor for name, tensor in stored.items()
+            if name.endswith(POSITIONS_SUFFIX)}
