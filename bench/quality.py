@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,11 @@ from mobiquant.allocation import loss_gradient_passes  # noqa: E402
 from mobiquant.arch import Architecture, architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report  # noqa: E402
 from mobiquant.calibration.capture import block_outputs  # noqa: E402
-from mobiquant.calibration.config import linear_weight_tuples  # noqa: E402
+from mobiquant.calibration.config import DEFAULT_END_TO_END_LR, linear_weight_tuples  # noqa: E402
+from mobiquant.calibration.driver import END_TO_END_DIR  # noqa: E402
+from mobiquant.calibration.end_to_end import STATE_FILE  # noqa: E402
 from mobiquant.calibration.saliency import token_weights  # noqa: E402
-from mobiquant.calibration.store import read_manifest  # noqa: E402
+from mobiquant.calibration.store import read_manifest, readable_metadata  # noqa: E402
 from mobiquant.cli import linear_weights_arg  # noqa: E402
 from mobiquant.clip_search import input_hessians, search_clipping  # noqa: E402
 from mobiquant.data import calibration_samples, evaluation_tokens, token_windows  # noqa: E402
@@ -295,9 +298,20 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
                           ("module_clip_search_weights", args.module_clip_weights)):
         if given is not None:
             options[option] = linear_weight_tuples(dict(given), 4)
+    if args.end_to_end_steps:
+        options |= {"end_to_end_steps": args.end_to_end_steps, "end_to_end_lr": args.end_to_end_lr}
     config = CalibrationConfig(**options)
     started = time.perf_counter()
+    # Keyed by the blocks' settings: a run with end-to-end tuning reuses the blocks of a run without it.
     work_dir = args.work_dir / f"elastic-{config.digest()}"
+    if config.end_to_end_steps:
+        # The same blocks untuned, side by side with the tuned rows below.
+        untuned = quantize_model(copy.deepcopy(base), samples, replace(config, end_to_end_steps=0), work_dir)
+        for k in range(1, config.num_slices + 1):
+            set_precision(untuned, slices=k)
+            record("MoBiQuant uniform, before end-to-end tuning", f"{k} slices", untuned, 2.0 * k)
+        del untuned
+        started = time.perf_counter()
     elastic = quantize_model(copy.deepcopy(base), samples, config, work_dir)
     for layer in mobi_layers(elastic):
         layer.cache_dense = True  # one dense W_k per slice count in use: the evaluation's speed, not its result
@@ -310,6 +324,9 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
                           / 60,
                           "saliency_minutes": saliency_seconds / 60,
                           "this_run_minutes": (time.perf_counter() - started) / 60}
+    stage = readable_metadata(work_dir / END_TO_END_DIR / STATE_FILE) if config.end_to_end_steps else None
+    if stage is not None:
+        timings["end-to-end tuning"] = {"minutes": float(stage["seconds"]) / 60, "steps": int(stage["step"])}
     for k in range(1, config.num_slices + 1):
         set_precision(elastic, slices=k)
         record("MoBiQuant uniform", f"{k} slices", elastic, 2.0 * k, key=f"elastic@{2 * k}")
@@ -359,6 +376,14 @@ def main() -> None:
                         help="block inputs of the elastic calibration (default: sequential, the GPTQ peers' protocol)")
     parser.add_argument("--elastic-only", action="store_true",
                         help="full precision and the elastic checkpoint only (another weighting, same peers)")
+    parser.add_argument("--four-bit-peers", action="store_true",
+                        help="full precision, the elastic checkpoint and the 4-bit peers only (GPTQ-4 on both grids, "
+                        "HQQ-4): the 2- and 3-slice targets")
+    parser.add_argument("--end-to-end-steps", type=int, default=0,
+                        help="end-to-end tuning steps after the blocks (default 0: off); the untuned uniform rows "
+                        "are recorded too, from the same blocks")
+    parser.add_argument("--end-to-end-lr", type=float, default=DEFAULT_END_TO_END_LR,
+                        help="peak learning rate of the end-to-end tuning")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -424,6 +449,13 @@ def main() -> None:
                                  functools.partial(token_weights, capture_dir))
         record("GPTQ-4, clip search, loss-weighted Hessians", f"W4g{args.group_size}", models[""], 4.0)
         del models
+    if args.four_bit_peers:
+        record_four_bit_peers(base, arch, samples, elastic_config.damp, args.group_size, timings, record)
+        save()
+        print_rows(report["rows"])
+        print_fp_ratios(report["rows"])
+        print_two_slice_targets(report["rows"], list(texts))
+        return
     if args.elastic_only:
         save()
         print_rows(report["rows"])
@@ -454,13 +486,7 @@ def main() -> None:
     report["mixed_peer_share_at_2_bits"] = record_mixed_peer(base, arch, samples, clip_searched, elastic_config.damp,
                                                              args.group_size, timings, record)
     del clip_searched
-    hqq = copy.deepcopy(base)
-    with torch.no_grad():
-        for block in arch.block_list(hqq):
-            for linear in arch.quantized_linears(block).values():
-                linear.weight.copy_(hqq_weight(linear.weight, 4, args.group_size))
-    record("HQQ", f"W4g{args.group_size}", hqq, 4.0)
-    del hqq
+    record("HQQ", f"W4g{args.group_size}", hqq_model(base, arch, args.group_size), 4.0)
 
     migration = {
         "elastic (GPTQ codes): 2 vs 4 bits": top_overlap(errors["elastic@2"], errors["elastic@4"]),
@@ -470,6 +496,46 @@ def main() -> None:
     report["top10_overlap"] = migration
     save()
     print_tables(report)
+
+
+def hqq_model(base: nn.Module, arch: Architecture, group_size: int) -> nn.Module:
+    hqq = copy.deepcopy(base)
+    with torch.no_grad():
+        for block in arch.block_list(hqq):
+            for linear in arch.quantized_linears(block).values():
+                linear.weight.copy_(hqq_weight(linear.weight, 4, group_size))
+    return hqq
+
+
+def record_four_bit_peers(base: nn.Module, arch: Architecture, samples: torch.Tensor, damp: float, group_size: int,
+                          timings: dict, record: Callable[..., None]) -> None:
+    """The three 4-bit peers the 2-slice targets are judged against: GPTQ-4 on min-max groups and on the clip
+    search, HQQ-4."""
+    for grid, quantizer in (("min-max", minmax_gptq(4, group_size)),
+                            ("clip search", clip_search_gptq(4, group_size, damp))):
+        started = time.perf_counter()
+        model = sequential_peer(base, arch, samples, lambda _index, _name, quantizer=quantizer: quantizer)[""]
+        timings[f"GPTQ-4 {grid}"] = {"minutes": (time.perf_counter() - started) / 60}
+        record(f"GPTQ-4, {grid}", f"W4g{group_size}", model, 4.0)
+    record("HQQ", f"W4g{group_size}", hqq_model(base, arch, group_size), 4.0)
+
+
+def print_two_slice_targets(rows: list[dict], texts: list[str]) -> None:
+    """The 2-slice and 3-slice targets of every uniform elastic row set in the run (tuned or not)."""
+    ppl_of = {(row["method"], row["setting"]): row["ppl"] for row in rows}
+    group = next(row["setting"] for row in rows if row["method"] == "HQQ").split("g")[1]
+    checks = []
+    for method in sorted({row["method"] for row in rows if row["method"].startswith("MoBiQuant uniform")}):
+        two, three = ppl_of[(method, "2 slices")], ppl_of[(method, "3 slices")]
+        for text in texts:
+            best4 = min(ppl_of[("GPTQ-4, min-max", f"W4g{group}")][text], ppl_of[("HQQ", f"W4g{group}")][text])
+            clip4 = ppl_of[("GPTQ-4, clip search", f"W4g{group}")][text]
+            checks += [(text, f"{method}: 2 slices / better of min-max GPTQ-4 and HQQ-4 (<= 0.92)",
+                        two[text] / best4, 0.92),
+                       (text, f"{method}: 2 slices / clip-search GPTQ-4 (<= 1.02)", two[text] / clip4, 1.02),
+                       (text, f"{method}: 3 slices / full precision (<= 1.01)",
+                        three[text] / ppl_of[("full precision", "fp32")][text], 1.01)]
+    _print_checks(checks)
 
 
 def print_rows(rows: list[dict]) -> None:

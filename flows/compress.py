@@ -339,7 +339,8 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
     weights, clip = params.precision_weights, params.clip_search_weights
-    chosen = {name: getattr(params, name) for name in ("damp", "descent_sweeps") if getattr(params, name) is not None}
+    chosen = {name: getattr(params, name) for name in ("damp", "descent_sweeps", "end_to_end_steps", "end_to_end_lr")
+              if getattr(params, name) is not None}
     return CalibrationConfig(
         num_slices=params.num_slices,
         group_size=params.group_size,
@@ -358,10 +359,12 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     ).to_dict()
 
 
-def config_digest(config: dict[str, Any]) -> str:
+def config_digests(config: dict[str, Any]) -> tuple[str, str]:
+    """The blocks' settings hash and the finished model's (the blocks' and the end-to-end stage's)."""
     from mobiquant.calibration import CalibrationConfig
 
-    return CalibrationConfig.from_dict(config).digest()
+    calibration = CalibrationConfig.from_dict(config)
+    return calibration.digest(), calibration.model_digest()
 
 
 def _timed(stage_times: dict[str, dict[str, float]], name: str, started: float, work: float) -> None:
@@ -388,6 +391,8 @@ def compress(
     module_clip_search_weights: dict[str, dict[int, float]] | None = None,
     damp: float | None = None,
     descent_sweeps: int | None = None,
+    end_to_end_steps: int | None = None,
+    end_to_end_lr: float | None = None,
     loss_weighted_hessians: bool = True,
     seed: int = 0,
     budgets: list[float] | None = None,
@@ -441,7 +446,8 @@ def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
     logger.info("source %s (%s) at sha %s", source["source"], source["kind"], source["sha"])
 
     config = params_config(params)
-    digest = config_digest(config)
+    # Blocks are keyed by their own settings, so runs differing only in the end-to-end stage share them.
+    digest, model_digest = config_digests(config)
     data_key = f"{params.calibration_data}-{params.samples}x{params.seqlen}-seed{params.seed}".replace("/", "_")
     capture_dir = work / "captures" / source["sha"][:16] / data_key.replace(":", "_")
     started = time.perf_counter()
@@ -477,7 +483,7 @@ def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
         logger.warning("no calibration token reached %s: their codes minimise the weight error alone and their "
                        "routers are constant (more calibration samples reach more experts)", unreached)
 
-    run_dir = work / "runs" / f"{source['sha'][:16]}-{digest}"
+    run_dir = work / "runs" / f"{source['sha'][:16]}-{model_digest}"
     # Two runs of the same model and configuration share run_dir (same sha, same config hash): the second
     # waits here, then redoes the cheap steps from the blocks the first left, instead of mixing files with it.
     with file_lock(run_dir.parent / f"{run_dir.name}.lock"):

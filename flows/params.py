@@ -156,6 +156,13 @@ class CompressParams(BaseModel):
     descent_sweeps: int | None = Field(
         None, ge=0, le=64, description="coordinate-descent sweeps over the codes after GPTQ's pass (default: config)"
     )
+    end_to_end_steps: int | None = Field(
+        None, ge=0, le=100000,
+        description="steps tuning the group parameters through the whole model after the blocks (default: config, 0)",
+    )
+    end_to_end_lr: float | None = Field(
+        None, gt=0, le=1, description="peak learning rate of the end-to-end tuning (default: config)"
+    )
     loss_weighted_hessians: bool = Field(
         True, description="weigh calibration tokens in the Hessians by their loss saliency (False: GPTQ's X^T X)"
     )

@@ -204,15 +204,21 @@ class MoBiLinear(nn.Module):
         usable = cached is not None and (torch.is_inference_mode_enabled() or not cached.is_inference())
         if usable and cached.dtype == dtype and cached.device == self.planes.device:
             return cached
-        if self._codes is None or self._codes.device != self.planes.device:
-            code_dtype = torch.uint8 if BITS_PER_SLICE * self.stored_slices <= 8 else torch.int32
-            self._codes = unpack_codes(self.planes, self.stored_slices).to(code_dtype)
+        codes = self.dense_codes()
         shift = BITS_PER_SLICE * (self.stored_slices - k)
-        codes = self._codes >> shift if shift else self._codes
+        codes = codes >> shift if shift else codes
         weight = dequantize_codes(codes, self.scale, self.zero, k, dtype, self.gains[k - 1] if self.gained else None)
         if self.cache_dense:
             self._dense[k] = weight
         return weight
+
+    def dense_codes(self) -> torch.Tensor:
+        """The codes ``c_K`` of every slice held, unpacked (``[out, in]``; one byte per weight up to 4 slices) and
+        kept until the planes change."""
+        if self._codes is None or self._codes.device != self.planes.device:
+            code_dtype = torch.uint8 if BITS_PER_SLICE * self.stored_slices <= 8 else torch.int32
+            self._codes = unpack_codes(self.planes, self.stored_slices).to(code_dtype)
+        return self._codes
 
     @property
     def gained(self) -> bool:

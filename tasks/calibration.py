@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import State, TaskRun
 
 from tasks import stages
@@ -55,9 +55,15 @@ def checkpoint(
     out_dir: str,
     device: str,
 ) -> dict[str, Any]:
-    """Assemble, set the router thresholds and save; an intact checkpoint of the same inputs is returned as is."""
+    """Assemble, tune end to end where asked, set the router thresholds and save; an intact checkpoint of the same
+    inputs is returned as is."""
+    logger = get_run_logger()
+
+    def log_step(done: int, steps: int, loss: float) -> None:
+        logger.info("end-to-end tuning: step %d/%d, loss %.4g", done, steps, loss)
+
     return stages.checkpoint(
-        Path(model_dir), Path(capture_dir), block_paths, config, Path(samples_path), Path(out_dir), device
+        Path(model_dir), Path(capture_dir), block_paths, config, Path(samples_path), Path(out_dir), device, log_step
     )
 
 

@@ -173,14 +173,18 @@ def calibrate_block(
 
 
 def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], config: dict[str, Any],
-               samples_path: Path, out_dir: Path, device: str) -> dict[str, Any]:
-    """The final checkpoint from the calibrated blocks: assembled on ``device``, router thresholds set on the
-    calibration samples, saved once (the driver's ``finished_model``, as ``mobiquant quantize`` does).
+               samples_path: Path, out_dir: Path, device: str,
+               on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """The final checkpoint from the calibrated blocks: assembled on ``device``, tuned end to end where the config
+    asks (resumable in the ``end-to-end`` folder beside ``out_dir``; ``on_step`` hears of each step), router
+    thresholds set on the calibration samples, saved once (the driver's ``finished_model``, as ``mobiquant
+    quantize`` does).
 
     ``out_dir.key`` records what it was built from (source, samples, settings, every block result's hash)
     and the files written: a re-run with the same inputs and an intact folder returns it without rebuilding.
     """
     from mobiquant.calibration import CalibrationConfig, finished_model
+    from mobiquant.calibration.driver import END_TO_END_DIR
     from mobiquant.calibration.store import read_manifest, read_result_report
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.devices import resolve_device
@@ -194,7 +198,7 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
     key = {
         "model": manifest["model"],
         "samples": file_sha256(samples_path),
-        "config": calibration.digest(),
+        "config": calibration.model_digest(),
         "blocks": {str(r["block"]): r["sha256"] for r in sorted(reports, key=lambda r: r["block"])},
     }
     record = out_dir.with_name(out_dir.name + ".key")
@@ -214,6 +218,9 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
         load_file(str(samples_path))["ids"],
         resolve_device(device),
         manifest.get("provenance", {}),
+        capture_dir=Path(capture_dir),
+        stage_dir=out_dir.with_name(END_TO_END_DIR),
+        on_step=on_step,
     )
     save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
     files = tree_manifest(out_dir)

@@ -48,6 +48,13 @@ DEFAULT_ROW_GAIN_SLICES = 2
 DEFAULT_ELASTIC_DAMP = 0.1
 # Coordinate-descent sweeps after GPTQ's pass (mobiquant.gptq): what two sweeps move is measured in docs/quality.md.
 DEFAULT_DESCENT_SWEEPS = 0
+# End-to-end tuning (mobiquant.calibration.end_to_end): weights of the KL at 1, 2, 3, 4 slices and Adam's peak
+# learning rate, the probe's settings (docs/quality.md). One slice weighs nothing: its KL is an order of magnitude
+# above the others' and, weighed, it raised theirs.
+DEFAULT_END_TO_END_WEIGHTS = (0.0, 1.0, 1.0, 0.5)
+DEFAULT_END_TO_END_LR = 5e-4
+# Options applied after the blocks, to the assembled model: they key the end-to-end stage, not the block results.
+END_TO_END_OPTIONS = ("end_to_end_steps", "end_to_end_lr", "end_to_end_weights")
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -84,6 +91,15 @@ class CalibrationConfig:
     descent_sweeps: int = DEFAULT_DESCENT_SWEEPS
     """Sweeps of coordinate descent over the codes' columns after GPTQ's pass, on the same weighted objective
     (``nested_codes(descent_sweeps=...)``); 0 keeps GPTQ's codes."""
+    end_to_end_steps: int = 0
+    """Steps of end-to-end tuning after the blocks (:mod:`mobiquant.calibration.end_to_end`): every linear's group
+    scales, zeros and row gains trained through the whole model towards the full-precision model's next-token
+    distribution, codes fixed, ``batch_size`` calibration windows per step; 0: off."""
+    end_to_end_lr: float = DEFAULT_END_TO_END_LR
+    """Peak learning rate of the end-to-end tuning (Adam, cosine decay to 0 over its steps)."""
+    end_to_end_weights: tuple[float, ...] | None = None
+    """Weight of the KL at 1, 2, ... slices in the end-to-end tuning's loss; ``None`` takes
+    ``DEFAULT_END_TO_END_WEIGHTS``."""
     loss_weighted_hessians: bool = True
     """Weigh each calibration token in the Hessians by its saliency, the squared gradient of the calibration
     loss at the linear's outputs (:mod:`mobiquant.calibration.saliency`); ``False``: every token alike, GPTQ's
@@ -126,13 +142,17 @@ class CalibrationConfig:
         for option in ("gain_aware_passes", "descent_sweeps"):
             if getattr(self, option) < 0:
                 raise ValueError(f"{option} must be a whole number >= 0, got {getattr(self, option)!r}")
+        if self.end_to_end_steps < 0:
+            raise ValueError(f"end_to_end_steps must be a whole number >= 0, got {self.end_to_end_steps!r}")
+        if not 0.0 < self.end_to_end_lr < math.inf:
+            raise ValueError(f"end_to_end_lr must be a positive number, got {self.end_to_end_lr!r}")
         if self.row_gain_slices < 0:
             raise ValueError(f"row_gain_slices must be >= 0, got {self.row_gain_slices!r}")
         # Gains at 1..row_gain_slices slices: a checkpoint with fewer slices fits them at every slice it has.
         object.__setattr__(self, "row_gain_slices", min(self.row_gain_slices, self.num_slices))
         if not 0.0 < self.damp <= MAX_DAMP:
             raise ValueError(f"damp must be in (0, {MAX_DAMP:g}], got {self.damp!r}")
-        for option in ("clip_search_weights", "precision_weights"):
+        for option in ("clip_search_weights", "precision_weights", "end_to_end_weights"):
             if getattr(self, option) is not None:
                 object.__setattr__(self, option, self._checked(option, getattr(self, option)))
         for option in ("module_clip_search_weights", "module_precision_weights"):
@@ -175,6 +195,18 @@ class CalibrationConfig:
         per_linear = {**self._fitted(DEFAULT_MODULE_CLIP_SEARCH_WEIGHTS), **self.module_clip_search_weights}
         return self._objective(_for_linear(per_linear, linear, self.clip_search_weights), DEFAULT_CLIP_SEARCH_WEIGHTS)
 
+    def end_to_end_objective(self) -> dict[int, float]:
+        """Slice count -> weight of its KL in the end-to-end tuning's loss (a control: its own count alone; where the
+        default weighs no slice count held, the finest)."""
+        objective = self._objective(self.end_to_end_weights, DEFAULT_END_TO_END_WEIGHTS)
+        return objective or {self.num_slices: 1.0}
+
+    def end_to_end_settings(self) -> dict[str, Any]:
+        """What the end-to-end stage's result depends on beyond the block results: its options, the weights it
+        resolves to, the batch and the seed drawing the batches."""
+        return {**{option: getattr(self, option) for option in END_TO_END_OPTIONS},
+                "objective": self.end_to_end_objective(), "batch_size": self.batch_size, "seed": self.seed}
+
     def _fitted(self, defaults: Mapping[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
         """Default weights cut or padded with zeros to ``num_slices`` (those weighing no slice left out)."""
         fitted = {name: (weights + (0.0,) * self.num_slices)[: self.num_slices] for name, weights in defaults.items()}
@@ -211,8 +243,18 @@ class CalibrationConfig:
         return cls(**values)
 
     def digest(self) -> str:
-        """Hash of every setting that changes the result (the resume key, with model sha and block)."""
-        keyed = {**self.to_dict(), "algorithm_revision": ALGORITHM_REVISION}
+        """Hash of every setting that changes a block's result (its resume key, with model sha and block); the
+        end-to-end options change only the model assembled afterwards (:meth:`model_digest`)."""
+        blocks = {k: v for k, v in self.to_dict().items() if k not in END_TO_END_OPTIONS}
+        keyed = {**blocks, "algorithm_revision": ALGORITHM_REVISION}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_digest(self) -> str:
+        """Hash of every setting that changes the finished model: the blocks' and the end-to-end stage's (the
+        blocks' alone, :meth:`digest`, where the stage is off)."""
+        if not self.end_to_end_steps:
+            return self.digest()
+        keyed = {"blocks": self.digest(), "end_to_end": self.end_to_end_settings()}
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,9 @@ A run is four steps over files, each resumable:
 2. :func:`calibrate_one_block` calibrates one block from its captured inputs and saves the result under the
    resume key; in sequential mode it also writes the next block's quantized inputs. The pipeline runs it as
    one task per block, :func:`calibrate_blocks` runs it in a loop;
-3. :func:`assemble` builds the packed elastic model from the source's files and the block results;
+3. :func:`assemble` builds the packed elastic model from the source's files and the block results; with
+   ``end_to_end_steps``, :func:`tune_assembled` then trains its group parameters through the whole model
+   (:mod:`mobiquant.calibration.end_to_end`);
 4. :func:`finish` sets the quantization config (one builder, with the capture's provenance) and the router
    thresholds. :func:`finished_model` is steps 3 and 4 on one device, for a model calibrated from files.
 """
@@ -28,6 +30,14 @@ from tqdm.auto import tqdm
 from mobiquant.calibration.block import ProgressCallback, calibrate_block, compute_precision, quantized_block
 from mobiquant.calibration.capture import DTYPES, block_outputs, capture_block_inputs, check_windows
 from mobiquant.calibration.config import SEQUENTIAL_PROPAGATION_SLICES, CalibrationConfig, quantization_config
+from mobiquant.calibration.end_to_end import (
+    TEACHER_FILE,
+    TEACHER_TOP_K,
+    StepCallback,
+    stage_key,
+    tune_end_to_end,
+    write_teacher,
+)
 from mobiquant.calibration.saliency import token_positions, token_weights
 from mobiquant.calibration.store import (
     KWARGS_FILE,
@@ -48,9 +58,12 @@ from mobiquant.calibration.store import (
 from mobiquant.checkpoint import CheckpointError, attach_quantizer, refuse_quantized, replace_linears
 from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skeleton
 from mobiquant.slicing import check_slicing_shape
+from mobiquant.sources import file_sha256
 
 # In a run's work folder: held by the one calibration using the folder.
 LOCK_FILE = "calibration.lock"
+# In a run's work folder: the end-to-end stage's teacher and saved state.
+END_TO_END_DIR = "end-to-end"
 
 
 class WorkFolderInUse(OSError):
@@ -232,6 +245,29 @@ def apply_block_results(model: torch.nn.Module, block_paths: Mapping[int, Path],
     return model
 
 
+def write_teacher_if_tuned(source: BlockSource, capture_dir: Path, samples: torch.Tensor,
+                           config: CalibrationConfig, stage_dir: Path, device: torch.device) -> Path | None:
+    """The end-to-end stage's teacher file (the full-precision model's top next-token log-probabilities), written
+    from the capture unless there already; None where the stage is off. An in-memory source's blocks must still be
+    full precision."""
+    if not config.end_to_end_steps:
+        return None
+    return write_teacher(source, capture_dir, samples, Path(stage_dir) / TEACHER_FILE, TEACHER_TOP_K, device,
+                         config.batch_size)
+
+
+def tune_assembled(model: torch.nn.Module, teacher: Path | None, block_paths: Mapping[int, Path],
+                   samples: torch.Tensor, config: CalibrationConfig, stage_dir: Path, progress: bool = True,
+                   on_step: StepCallback | None = None) -> dict[str, Any] | None:
+    """The end-to-end stage on the assembled ``model`` (on its device), resumable from ``stage_dir``; its report,
+    or None where it is off (``teacher`` None)."""
+    if teacher is None:
+        return None
+    hashes = {index: file_sha256(Path(path)) for index, path in block_paths.items()}
+    key = stage_key(config, hashes, samples, TEACHER_TOP_K)
+    return tune_end_to_end(model, samples, teacher, config, stage_dir, key, progress, on_step)
+
+
 def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationConfig,
            provenance: Mapping[str, Any] | None = None, progress: bool = False) -> torch.nn.Module:
     """Record the quantization config and calibrate the router thresholds on ``samples`` (model's device); the
@@ -247,10 +283,18 @@ def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationCon
 
 def finished_model(files: ModelFiles, block_paths: Mapping[int, Path], config: CalibrationConfig,
                    samples: torch.Tensor, device: torch.device, provenance: Mapping[str, Any] | None = None,
-                   progress: bool = False) -> torch.nn.Module:
-    """The elastic model from the source's files and the block results, on ``device``, thresholds set on
+                   progress: bool = False, capture_dir: Path | None = None, stage_dir: Path | None = None,
+                   on_step: StepCallback | None = None) -> torch.nn.Module:
+    """The elastic model from the source's files and the block results, on ``device``, tuned end to end where
+    ``config`` asks (from the capture in ``capture_dir``, resumable in ``stage_dir``), thresholds set on
     ``samples``: what ``quantize_files`` returns and the pipeline saves."""
-    return finish(assemble(files, block_paths, config).to(device), samples, config, provenance, progress)
+    model = assemble(files, block_paths, config).to(device)
+    if config.end_to_end_steps:
+        if capture_dir is None or stage_dir is None:
+            raise ValueError("end-to-end tuning needs the capture folder and a folder for its stage")
+        teacher = write_teacher_if_tuned(files, capture_dir, samples, config, stage_dir, device)
+        tune_assembled(model, teacher, block_paths, samples, config, stage_dir, progress, on_step)
+    return finish(model, samples, config, provenance, progress)
 
 
 def quantize_files(
@@ -283,7 +327,8 @@ def quantize_files(
                              batch_size=config.batch_size, progress=progress)
         reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
         block_paths = {r["block"]: Path(r["path"]) for r in reports}
-        return finished_model(files, block_paths, config, samples, device, provenance, progress)
+        return finished_model(files, block_paths, config, samples, device, provenance, progress, capture_dir,
+                              Path(work_dir) / END_TO_END_DIR)
 
 
 def quantize_model(
@@ -313,5 +358,10 @@ def quantize_model(
         capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),
                              store_dtype=torch.float32, batch_size=config.batch_size, progress=progress)
         reports = calibrate_blocks(source, capture_dir, config, blocks_dir, compute_device, progress, on_progress)
-        model = apply_block_results(model.float(), {r["block"]: Path(r["path"]) for r in reports}, config)
+        block_paths = {r["block"]: Path(r["path"]) for r in reports}
+        stage_dir = Path(work_dir) / END_TO_END_DIR
+        # Before the blocks are replaced: the teacher is the full-precision model.
+        teacher = write_teacher_if_tuned(source, capture_dir, samples, config, stage_dir, compute_device)
+        model = apply_block_results(model.float(), block_paths, config)
+        tune_assembled(model, teacher, block_paths, samples, config, stage_dir, progress)
     return finish(model, samples, config, progress=progress)

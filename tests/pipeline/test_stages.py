@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,39 @@ def test_the_checkpoint_stage_saves_once_and_keeps_an_intact_checkpoint_of_the_s
     save_file(tensors, block_paths[0], metadata)
     rebuilt = build()
     assert not rebuilt["reused"] and rebuilt["files"] != first["files"]
+
+
+def test_the_checkpoint_stage_tunes_end_to_end_from_the_capture_and_keys_the_checkpoint_by_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    options = dict(group_size=32, router_hidden=8, epochs_stage1=0, epochs_stage2=1)
+    plain = CalibrationConfig(**options).to_dict()
+    captured, block_paths = _calibrated_blocks(tiny_model, tmp_path, plain)
+    samples = load_file(captured["samples_path"])["ids"]
+    out = tmp_path / "run" / "checkpoint"
+    steps: list[tuple[int, int]] = []
+
+    def build(config: dict) -> dict:
+        return stages.checkpoint(tiny_model, tmp_path / "capture", block_paths, config,
+                                 Path(captured["samples_path"]), out, "cpu",
+                                 on_step=lambda done, total, _loss: steps.append((done, total)))
+
+    assert not build(plain)["reused"] and not steps
+    untuned = load_checkpoint(out)
+    tuned_config = CalibrationConfig(**options, end_to_end_steps=3, end_to_end_lr=1e-2).to_dict()
+    assert not build(tuned_config)["reused"], "another stage setting, the same blocks: a new checkpoint"
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert (out.parent / "end-to-end" / "teacher.safetensors").is_file()
+    tuned = load_checkpoint(out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["end_to_end_steps"] == 3
+    layers = [(a, b) for a, b in zip(untuned.modules(), tuned.modules(), strict=True) if hasattr(a, "planes")]
+    assert layers and all(torch.equal(a.planes, b.planes) and not torch.equal(a.scale, b.scale) for a, b in layers)
+    # The thresholds were fitted on the tuned weights: a routed budget is still spent as asked.
+    set_precision(tuned, avg_bits=3.0)
+    with torch.no_grad(), track_bits(tuned) as meter:
+        tuned(samples)
+    assert meter.avg_bits == pytest.approx(3.0, abs=0.05)
+    assert build(tuned_config)["reused"] and len(steps) == 3
 
 
 def _must_not_run(*_args: object, **_kwargs: object) -> None:

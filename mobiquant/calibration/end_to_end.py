@@ -1,0 +1,319 @@
+"""End-to-end tuning of the group parameters with the codes fixed (EfficientQAT's E2E-QP on MoBiSlice).
+
+The block-wise calibration fits each block to its own outputs; what one block's error does to the next
+blocks and to the next-token distribution is seen by none of them. This stage, after the blocks, trains every
+quantized linear's group scales and zeros and its row gains through the whole model, so that the
+quantized model's next-token distribution at each weighted slice count matches the full-precision model's.
+Codes, routers and the format do not change (the kernels read tuned values as they read calibrated ones);
+the router thresholds are fitted afterwards, on the tuned weights.
+
+Per linear, three tensors are trained, all starting at zero (a run of no steps changes nothing):
+
+* ``log_scale``, ``[out, groups]``: the group's scale becomes ``s * exp(log_scale)``;
+* ``zero_shift``, ``[out, groups]``: its zero becomes ``z + zero_shift`` (in base-slice code units);
+* ``log_gain``, ``[K, out]``: the row gain at ``k`` slices becomes ``g_k * exp(log_gain[k - 1])``.
+
+The loss is ``sum_k w_k KL(p || q_k)``, with ``p`` the full-precision model's next-token distribution and
+``q_k`` the quantized model's with every linear at ``k`` slices, averaged over the calibration positions.
+The teacher is stored as each position's ``top_k`` most likely tokens and their log-probabilities: ``p`` and
+``q_k`` are compared on those ``top_k`` tokens and one bucket for the rest of the vocabulary (:func:`coarse_kl`,
+the full KL when ``top_k`` covers the vocabulary, a lower bound otherwise), so a 128k-vocabulary teacher over
+thousands of sequences takes megabytes, not gigabytes. The teacher's last hidden states come from the capture
+(the last block run on its captured full-precision inputs), so the full-precision model is never loaded whole.
+
+Resumable: the trained tensors and Adam's moments are saved under the stage's folder every
+``SAVE_EVERY_SECONDS`` and at the end, keyed by the block results, the samples and the settings; a finished
+stage is read back, an interrupted one goes on from its last saved step with the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mobiquant.calibration.capture import block_outputs
+from mobiquant.calibration.config import CalibrationConfig
+from mobiquant.calibration.store import (
+    KWARGS_FILE,
+    atomic_save,
+    fp_input_path,
+    load_block_kwargs,
+    load_hidden,
+    readable_metadata,
+)
+from mobiquant.layers import MoBiLinear
+from mobiquant.model_files import BlockSource
+from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, SlicedWeight, dequantize_codes
+from mobiquant.streaming import block_returns_tuple, head_logits
+
+TEACHER_FILE = "teacher.safetensors"
+# Teacher tokens kept per position: the KL is taken over them and one bucket for the rest of the vocabulary.
+TEACHER_TOP_K = 64
+STATE_FILE = "state.safetensors"
+# Part of the stage's key: bump it when a change to this module changes what the stage computes.
+STAGE_REVISION = 1
+# A save writes the trained tensors and two Adam moments (three times the group parameters): a few GB on a 70B
+# model, so not after every step.
+SAVE_EVERY_SECONDS = 120.0
+
+
+def coarse_kl(student_logits: torch.Tensor, top_log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(p || q)`` on the teacher's top tokens and one bucket for the rest.
+
+    ``student_logits``: ``[..., vocab]``; ``top_log_probs`` and ``top_indices``: ``[..., top_k]``, the teacher's
+    log-probabilities of its ``top_k`` most likely tokens (log-softmax over the whole vocabulary). Both
+    distributions are coarsened to those tokens plus "any other token"; the KL of coarsened distributions never
+    exceeds the full KL and equals it when ``top_k`` is the vocabulary.
+    """
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    student_top = student.gather(-1, top_indices)
+    teacher = top_log_probs.float()
+    top_terms = (teacher.exp() * (teacher - student_top)).sum(-1)
+    if top_indices.shape[-1] >= student_logits.shape[-1]:
+        # No token outside the top ones: the teacher's rest is rounding alone.
+        return top_terms.mean()
+    # The rest bucket's student log-probability from the logits outside the top tokens (no 1 - sum cancellation).
+    outside = student.scatter(-1, top_indices, -math.inf)
+    student_rest = torch.logsumexp(outside, dim=-1)
+    teacher_rest_prob = (1.0 - teacher.exp().sum(-1)).clamp(min=0.0)
+    rest_terms = torch.where(teacher_rest_prob > 0,
+                             teacher_rest_prob * (teacher_rest_prob.clamp(min=1e-30).log() - student_rest),
+                             torch.zeros_like(teacher_rest_prob))
+    return (top_terms + rest_terms).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+@torch.no_grad()
+def write_teacher(source: BlockSource, capture_dir: Path, samples: torch.Tensor, out_path: Path, top_k: int,
+                  device: torch.device, batch_size: int = 4) -> Path:
+    """The full-precision model's top ``top_k`` next-token log-probabilities at every position of ``samples``.
+
+    The last block runs on its captured full-precision inputs and the model's own final norm and head give the
+    logits, row by row: one block and the head in memory. A file of the same capture and ``top_k`` is reused.
+    """
+    capture_dir, out_path = Path(capture_dir), Path(out_path)
+    tag = json.dumps({"capture": _capture_tag(capture_dir), "top_k": top_k}, sort_keys=True)
+    meta = readable_metadata(out_path)
+    if meta is not None and meta.get("teacher") == tag:
+        return out_path
+    last = source.num_blocks - 1
+    block_kwargs = load_block_kwargs(capture_dir / KWARGS_FILE, device).for_block(last)
+    block = source.block(last, device)
+    inputs = load_hidden(fp_input_path(capture_dir, last))
+    outputs = block_outputs(block, inputs, block_kwargs, batch_size, torch.float32)
+    returns_tuple = block_returns_tuple(block, inputs[:1].to(device).float(), block_kwargs)
+    del block
+    stem = source.stem(device)
+    values, indices = [], []
+    for row, hidden in zip(samples, outputs, strict=True):
+        logits = head_logits(stem, source.arch, row, hidden.unsqueeze(0), returns_tuple)[0].double()
+        top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
+        values.append(top.values.float().cpu())
+        indices.append(top.indices.cpu())
+    atomic_save({"log_probs": torch.stack(values), "indices": torch.stack(indices)}, out_path, {"teacher": tag})
+    return out_path
+
+
+def _capture_tag(capture_dir: Path) -> str:
+    manifest = json.loads((capture_dir / "manifest.json").read_text())
+    return json.dumps({k: manifest[k] for k in ("model", "samples_sha256", "dtype", "format")}, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The student
+
+
+class TunedLinear(nn.Module):
+    """A MoBiLinear run at ``slices`` with trainable multipliers of its group parameters and row gains.
+
+    The weight is rebuilt from the layer's codes at every call (``dequantize_codes`` with the tuned values), so
+    gradients reach the three trained tensors; the codes and the layer itself are not changed until
+    :meth:`write_back`.
+    """
+
+    def __init__(self, layer: MoBiLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.slices = layer.stored_slices
+        self.log_scale = nn.Parameter(torch.zeros(layer.scale.shape, device=layer.scale.device))
+        self.zero_shift = nn.Parameter(torch.zeros(layer.zero.shape, device=layer.zero.device))
+        self.log_gain = nn.Parameter(torch.zeros(layer.gains.shape, device=layer.gains.device))
+
+    def tuned(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tuned scale, zero and gains, in float32."""
+        layer = self.layer
+        return (layer.scale.float() * self.log_scale.exp(), layer.zero.float() + self.zero_shift,
+                layer.gains.float() * self.log_gain.exp())
+
+    def weight(self, k: int) -> torch.Tensor:
+        scale, zero, gains = self.tuned()
+        full = self.layer.stored_slices
+        codes = self.layer.dense_codes() >> (BITS_PER_SLICE * (full - k))
+        return dequantize_codes(codes, scale, zero, k, torch.float32, gains[k - 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight(self.slices).to(x.dtype).T
+        if self.layer.bias is not None:
+            out = out + self.layer.bias.to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Store the tuned values in the layer, rounded to the format's float16 as calibrated values are."""
+        scale, zero, gains = self.tuned()
+        layer = self.layer
+        layer.load_sliced(SlicedWeight(layer.planes, scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE), layer.group_size,
+                                       gains.to(PARAM_DTYPE)))
+
+
+@contextmanager
+def tuned_linears(model: nn.Module) -> Iterator[dict[str, TunedLinear]]:
+    """Every MoBiLinear of ``model`` replaced by a :class:`TunedLinear` of it, put back on leaving."""
+    names = [name for name, module in model.named_modules() if isinstance(module, MoBiLinear)]
+    if not names:
+        raise ValueError("the model has no MoBiLinear layers to tune")
+    tuned = {name: TunedLinear(model.get_submodule(name)) for name in names}
+    try:
+        for name, wrapper in tuned.items():
+            _set_submodule(model, name, wrapper)
+        yield tuned
+    finally:
+        for name, wrapper in tuned.items():
+            _set_submodule(model, name, wrapper.layer)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def stage_key(config: CalibrationConfig, block_hashes: Mapping[int, str], samples: torch.Tensor, top_k: int) -> str:
+    """What the stage's result depends on: every block result, the samples, the stage's settings."""
+    keyed = {"blocks": {str(i): block_hashes[i] for i in sorted(block_hashes)},
+             "samples": hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest(), "top_k": top_k,
+             "config": config.end_to_end_settings(), "revision": STAGE_REVISION}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Called after each step with the steps done, the steps in all and the step's loss (the pipeline logs them).
+StepCallback = Callable[[int, int, float], None]
+
+
+def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path, config: CalibrationConfig,
+                    stage_dir: Path, key: str, progress: bool = True,
+                    on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Train the group parameters and row gains of ``model``'s MoBiLinear layers for ``config.end_to_end_steps``
+    steps against the teacher file, then store them in the layers; resumes from ``stage_dir``.
+
+    ``samples`` are the calibration windows the teacher was computed on (``[n, seqlen]``), ``config.batch_size``
+    of them per step, in an order drawn from ``config.seed`` per pass over them. Returns a report: the loss at
+    each step (those of earlier runs included), seconds, and whether the result was read back (``cached``).
+    """
+    steps = config.end_to_end_steps
+    objective = config.end_to_end_objective()
+    stage_dir = Path(stage_dir)
+    state_path = stage_dir / STATE_FILE
+    teacher = load_file(str(teacher_path))
+    if len(teacher["indices"]) != len(samples) or teacher["indices"].shape[1] != samples.shape[1]:
+        raise ValueError(f"the teacher holds {tuple(teacher['indices'].shape[:2])} positions, the samples "
+                         f"{tuple(samples.shape)}")
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    model.requires_grad_(False)
+    with tuned_linears(model) as tuned:
+        params = {f"{name}.{part}": getattr(wrapper, part) for name, wrapper in tuned.items()
+                  for part in ("log_scale", "zero_shift", "log_gain")}
+        optimizer = torch.optim.Adam(params.values(), lr=config.end_to_end_lr)
+        done, losses, seconds = _restore(state_path, key, params, optimizer)
+        cached = done == steps
+        batch_order = _batch_order(len(samples), config.batch_size, steps, config.seed)
+        bar = tqdm(total=steps, initial=done, desc="end-to-end tuning", unit="step", disable=not progress)
+        saved = time.perf_counter()
+        for step in range(done, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.end_to_end_lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+            rows = batch_order[step]
+            tokens = samples[rows].to(device)
+            top_log_probs, top_indices = (teacher[name][rows].to(device) for name in ("log_probs", "indices"))
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            # One backward per slice count: only one count's activations are held at a time.
+            for k, weight in objective.items():
+                for wrapper in tuned.values():
+                    wrapper.slices = k
+                loss = weight * coarse_kl(model(tokens, use_cache=False).logits, top_log_probs, top_indices)
+                loss.backward()
+                total += float(loss.detach())
+            optimizer.step()
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step + 1, steps, total)
+            if time.perf_counter() - saved > SAVE_EVERY_SECONDS or step + 1 == steps:
+                _save(state_path, key, step + 1, losses, seconds + time.perf_counter() - start, params, optimizer)
+                saved = time.perf_counter()
+        bar.close()
+        for wrapper in tuned.values():
+            wrapper.write_back()
+    return {"losses": losses, "seconds": seconds + (0.0 if cached else time.perf_counter() - start),
+            "steps": steps, "cached": cached}
+
+
+def _batch_order(num_samples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The rows of each step: one permutation of the samples per pass, cut into batches (the last one shorter)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[torch.Tensor] = []
+    while len(order) < steps:
+        order.extend(torch.split(torch.randperm(num_samples, generator=generator), batch_size))
+    return order[:steps]
+
+
+def _save(path: Path, key: str, step: int, losses: list[float], seconds: float, params: dict[str, nn.Parameter],
+          optimizer: torch.optim.Optimizer) -> None:
+    tensors = {f"param:{name}": p.detach() for name, p in params.items()}
+    for name, p in params.items():
+        state = optimizer.state.get(p)
+        if state:
+            tensors[f"exp_avg:{name}"], tensors[f"exp_avg_sq:{name}"] = state["exp_avg"], state["exp_avg_sq"]
+    atomic_save(tensors, path, {"key": key, "step": str(step), "losses": json.dumps(losses),
+                                "seconds": f"{seconds:.3f}"})
+
+
+def _restore(path: Path, key: str, params: dict[str, nn.Parameter],
+             optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float]:
+    """Steps done, their losses and seconds, from a state saved under ``key`` (loaded into ``params`` and
+    ``optimizer``); nothing done where there is none or it is another key's."""
+    meta = readable_metadata(path)
+    if meta is None or meta.get("key") != key:
+        return 0, [], 0.0
+    tensors = load_file(str(path))
+    step = int(meta["step"])
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param:{name}"])
+            if f"exp_avg:{name}" in tensors:
+                optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                      "exp_avg": tensors[f"exp_avg:{name}"].to(p.device),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq:{name}"].to(p.device)}
+    return step, json.loads(meta["losses"]), float(meta["seconds"])
+

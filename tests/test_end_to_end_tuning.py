@@ -1,0 +1,211 @@
+"""End-to-end tuning of the group parameters (mobiquant.calibration.end_to_end), against float64 references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_method import FAST, tiny_llama
+from tiny_models import tiny_model
+
+import mobiquant.calibration.end_to_end as end_to_end
+from mobiquant.calibration import CalibrationConfig, quantize_model
+from mobiquant.calibration.capture import capture_block_inputs
+from mobiquant.calibration.end_to_end import TunedLinear, coarse_kl, stage_key, write_teacher
+from mobiquant.layers import MoBiLinear
+from mobiquant.model_files import InMemoryModel, ModelFiles
+from mobiquant.precision import mobi_layers, set_precision
+from mobiquant.slicing import full_codes, slice_weight
+
+TUNED = {**FAST, "end_to_end_lr": 1e-2}
+
+
+def full_kl64(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    p = F.log_softmax(teacher_logits.double(), dim=-1)
+    q = F.log_softmax(student_logits.double(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+def test_coarse_kl_is_the_kl_of_the_coarsened_distributions_float64() -> None:
+    torch.manual_seed(11)
+    vocab = 50
+    teacher_logits, student_logits = 3 * torch.randn(2, 5, vocab), 3 * torch.randn(2, 5, vocab)
+    p = F.log_softmax(teacher_logits.double(), dim=-1)
+    q = F.log_softmax(student_logits.double(), dim=-1)
+    for top_k in (1, 7, vocab):
+        top = torch.topk(p, top_k, dim=-1)
+        p_top, q_top = top.values.exp(), q.gather(-1, top.indices).exp()
+        p_coarse = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1).clamp(min=0)
+        q_coarse = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+        terms = torch.where(p_coarse > 0, p_coarse * (p_coarse.clamp(min=1e-300).log() - q_coarse.log()), 0.0)
+        reference = terms.sum(-1).mean()
+        got = coarse_kl(student_logits, top.values.float(), top.indices)
+        assert got.item() == pytest.approx(reference.item(), rel=1e-4, abs=1e-6)
+        assert got.item() <= full_kl64(teacher_logits, student_logits).item() + 1e-6
+    assert got.item() == pytest.approx(full_kl64(teacher_logits, student_logits).item(), rel=1e-4)
+
+
+def test_tuned_linear_rebuilds_its_weight_from_the_tuned_parameters_float64() -> None:
+    torch.manual_seed(12)
+    out_features, in_features, group, slices = 24, 64, 32, 4
+    weight = torch.randn(out_features, in_features)
+    sliced = slice_weight(weight, group_size=group, num_slices=slices)
+    layer = MoBiLinear(in_features, out_features, slices, group, bias=True, router_hidden=None)
+    layer.load_sliced(sliced, torch.randn(out_features))
+    layer.gains = (1 + 0.1 * torch.randn(slices, out_features)).half()
+    tuned = TunedLinear(layer)
+    with torch.no_grad():
+        for tensor in (tuned.log_scale, tuned.zero_shift, tuned.log_gain):
+            tensor.copy_(0.05 * torch.randn(tensor.shape))
+    x = torch.randn(5, in_features)
+
+    def reference(scale: torch.Tensor, zero: torch.Tensor, gains: torch.Tensor, k: int) -> torch.Tensor:
+        # W_k = C + g_k (s ((c_k + 0.5) / 4^(k-1) - z) - C), C = s (2 - z), per group; the codes are the stored ones.
+        codes = stored_codes >> (2 * (slices - k))
+        s, z = scale.repeat_interleave(group, -1), zero.repeat_interleave(group, -1)
+        centre = s * (2 - z)
+        weight = centre + gains[k - 1, :, None] * (s * ((codes.double() + 0.5) / 4 ** (k - 1) - z) - centre)
+        return x.double() @ weight.T + layer.bias.double()
+
+    # slice_weight stores the floor codes of the weight on its grid.
+    stored_codes = full_codes(weight, sliced.scale, sliced.zero, slices)
+    scale = layer.scale.double() * tuned.log_scale.double().exp()
+    zero = layer.zero.double() + tuned.zero_shift.double()
+    gains = layer.gains.double() * tuned.log_gain.double().exp()
+    for k in range(1, slices + 1):
+        tuned.slices = k
+        torch.testing.assert_close(tuned(x).double(), reference(scale, zero, gains, k), rtol=1e-5, atol=1e-4)
+    tuned.write_back()
+    # Stored as the format's float16, and run by the layer itself.
+    for k in range(1, slices + 1):
+        expected = reference(scale.half().double(), zero.half().double(), gains.half().double(), k)
+        torch.testing.assert_close(layer(x, slices=k).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def named_layers(model: torch.nn.Module) -> list[tuple[str, MoBiLinear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoBiLinear)]
+
+
+def weighted_kl(model: torch.nn.Module, fp_logits: torch.Tensor, samples: torch.Tensor,
+                objective: dict[int, float]) -> float:
+    total = 0.0
+    for k, weight in objective.items():
+        set_precision(model, slices=k)
+        with torch.no_grad():
+            total += weight * full_kl64(fp_logits, model(samples).logits).item()
+    return total
+
+
+def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(tmp_path: Path) -> None:
+    torch.manual_seed(13)
+    samples = torch.randint(0, 96, (8, 32))
+    with torch.no_grad():
+        fp_logits = tiny_llama(3)(samples).logits
+    config = CalibrationConfig(**TUNED, end_to_end_steps=24)
+    untuned = quantize_model(tiny_llama(3), samples, CalibrationConfig(**TUNED), tmp_path / "w", progress=False)
+    tuned = quantize_model(tiny_llama(3), samples, config, tmp_path / "w", progress=False)
+    objective = config.end_to_end_objective()
+    assert objective == {2: 1.0, 3: 1.0, 4: 0.5}
+    before, after = (weighted_kl(m, fp_logits, samples, objective) for m in (untuned, tuned))
+    assert after < 0.9 * before
+    changed = 0
+    for (name, a), (_, b) in zip(named_layers(untuned), named_layers(tuned), strict=True):
+        assert torch.equal(a.planes, b.planes), name
+        for key, value in a.router.state_dict().items():
+            assert torch.equal(value, b.router.state_dict()[key]), (name, key)
+        changed += not torch.equal(a.scale, b.scale)
+    assert changed == len(mobi_layers(tuned))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_stage_resumes_to_the_same_result_and_a_finished_one_is_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(14)
+    samples = torch.randint(0, 96, (6, 32))
+    config = CalibrationConfig(**TUNED, end_to_end_steps=5)
+    whole = quantize_model(tiny_llama(3), samples, config, tmp_path / "whole", progress=False)
+
+    monkeypatch.setattr(end_to_end, "SAVE_EVERY_SECONDS", 0.0)
+    calls = {"n": 0}
+    real_kl = end_to_end.coarse_kl
+
+    def failing_kl(*args: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 3 * len(config.end_to_end_objective()):  # during the fourth step
+            raise Interrupted
+        return real_kl(*args)
+
+    monkeypatch.setattr(end_to_end, "coarse_kl", failing_kl)
+    with pytest.raises(Interrupted):
+        quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(end_to_end, "coarse_kl", real_kl)
+    resumed = quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
+
+    def never(*_args: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(end_to_end, "coarse_kl", never)
+    reread = quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
+    for model in (resumed, reread):
+        for (name, a), (_, b) in zip(named_layers(whole), named_layers(model), strict=True):
+            for tensor in ("scale", "zero", "gains"):
+                assert torch.equal(getattr(a, tensor), getattr(b, tensor)), (name, tensor)
+
+
+def test_the_blocks_are_keyed_without_the_stage_and_the_stage_by_its_settings() -> None:
+    base = CalibrationConfig(**FAST)
+    tuned = CalibrationConfig(**FAST, end_to_end_steps=8)
+    assert tuned.digest() == base.digest() == CalibrationConfig(**FAST, end_to_end_lr=1e-3).digest()
+    assert base.model_digest() == base.digest() != tuned.model_digest()
+    assert tuned.model_digest() != CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_lr=1e-3).model_digest()
+    samples = torch.zeros(2, 8, dtype=torch.long)
+    keys = {stage_key(config, blocks, samples, 64)
+            for config in (tuned, CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_weights=(0, 1, 0, 0)))
+            for blocks in ({0: "a", 1: "b"}, {0: "a", 1: "c"})}
+    assert len(keys) == 4
+    assert stage_key(tuned, {0: "a"}, samples, 64) != stage_key(tuned, {0: "a"}, samples + 1, 64)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"end_to_end_steps": -1}, "end_to_end_steps must be a whole number >= 0"),
+    ({"end_to_end_lr": 0.0}, "end_to_end_lr must be a positive number"),
+    ({"end_to_end_lr": float("inf")}, "end_to_end_lr must be a positive number"),
+    ({"end_to_end_weights": (1.0, 2.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
+    ({"end_to_end_weights": (0.0, 0.0, 0.0, 0.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
+])
+def test_bad_stage_settings_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CalibrationConfig(**options)
+
+
+def test_the_objective_follows_the_slices_held() -> None:
+    assert CalibrationConfig(num_slices=2).end_to_end_objective() == {2: 1.0}
+    assert CalibrationConfig(num_slices=1).end_to_end_objective() == {1: 1.0}
+    assert CalibrationConfig(target_bits=4.0).end_to_end_objective() == {2: 1.0}
+    assert CalibrationConfig(end_to_end_weights=(1, 0, 0, 2)).end_to_end_objective() == {1: 1.0, 4: 2.0}
+
+
+@pytest.mark.parametrize("source_kind", ["files", "in memory"])
+def test_the_teacher_is_the_full_precision_models_top_log_probabilities(tmp_path: Path, source_kind: str) -> None:
+    torch.manual_seed(15)
+    model = tiny_model("llama", seed=5)
+    samples = torch.randint(3, 128, (3, 16))
+    with torch.no_grad():
+        reference = torch.topk(F.log_softmax(model(samples).logits.double(), -1), 10, dim=-1)
+    if source_kind == "files":
+        model.save_pretrained(tmp_path / "src")
+        source = ModelFiles(tmp_path / "src")
+    else:
+        source = InMemoryModel(model)
+    capture_block_inputs(source, samples, tmp_path / "capture", device=torch.device("cpu"), model_key="tiny",
+                         store_dtype=torch.float32)
+    path = write_teacher(source, tmp_path / "capture", samples, tmp_path / "teacher.safetensors", 10,
+                         torch.device("cpu"), batch_size=2)
+    teacher = end_to_end.load_file(str(path))
+    torch.testing.assert_close(teacher["log_probs"].double(), reference.values, rtol=0, atol=1e-4)
+    assert torch.equal(teacher["indices"], reference.indices)
