@@ -176,6 +176,10 @@ def metrics_of(validation: dict[str, Any], stages: dict[str, dict[str, float]], 
     return {k.replace(".", "_"): v for k, v in metrics.items()}
 
 
+# The end-to-end stage's loss at each step, as an MLflow step metric.
+END_TO_END_SERIES = "end_to_end_loss"
+
+
 def step_metrics_of(blocks: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Each block's loss curves as MLflow step metrics ``loss_block_<NNN>_<curve>``.
 
@@ -215,8 +219,10 @@ def record(
     blocks: list[dict[str, Any]],
     checkpoint_dir: Path,
     run_name: str,
+    end_to_end: dict[str, Any] | None = None,
 ) -> dict[str, str | None]:
-    """The MLflow run, and for a passing run a registered version (alias set only once staged)."""
+    """The MLflow run, and for a passing run a registered version (alias set only once staged); ``end_to_end`` is
+    the end-to-end stage's report (its loss at each step becomes the ``end_to_end_loss`` series)."""
     tags = {
         "source": source["source"],
         "source_sha": source["sha"],
@@ -230,7 +236,7 @@ def record(
         run_name=run_name,
         params=recorded_params(params),
         metrics=metrics_of(validation, stages, bundle["overhead"]),
-        step_metrics=step_metrics_of(blocks),
+        step_metrics={**step_metrics_of(blocks), **({END_TO_END_SERIES: end_to_end["losses"]} if end_to_end else {})},
         artifacts_dir=Path(bundle["report_dir"]),
         tags=tags,
     )

@@ -85,6 +85,7 @@ def report(
         blocks=blocks,
         checkpoint_dir=Path(checkpoint["path"]),
         run_name=run_name,
+        end_to_end=checkpoint.get("end_to_end"),
     )
     create_table_artifact(
         key="gate-results",

@@ -185,6 +185,7 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
     """
     from mobiquant.calibration import CalibrationConfig, finished_model
     from mobiquant.calibration.driver import END_TO_END_DIR
+    from mobiquant.calibration.end_to_end import stage_report
     from mobiquant.calibration.store import read_manifest, read_result_report
     from mobiquant.checkpoint import save_checkpoint
     from mobiquant.devices import resolve_device
@@ -202,11 +203,13 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
         "blocks": {str(r["block"]): r["sha256"] for r in sorted(reports, key=lambda r: r["block"])},
     }
     record = out_dir.with_name(out_dir.name + ".key")
+    stage_dir = out_dir.with_name(END_TO_END_DIR)
     if record.exists():
         kept = json.loads(record.read_text())
         if out_dir.is_dir() and kept.get("key") == key and kept.get("files") == tree_manifest(out_dir):
             return {"path": str(out_dir), "files": kept["files"], "reused": True,
-                    "seconds": time.perf_counter() - start}
+                    "seconds": time.perf_counter() - start,
+                    "end_to_end": stage_report(stage_dir) if calibration.end_to_end_steps else None}
         # The record says this stage wrote the folder: a stale or damaged one goes, whatever is left of it.
         if out_dir.is_dir():
             shutil.rmtree(out_dir)
@@ -219,7 +222,7 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
         resolve_device(device),
         manifest.get("provenance", {}),
         capture_dir=Path(capture_dir),
-        stage_dir=out_dir.with_name(END_TO_END_DIR),
+        stage_dir=stage_dir,
         on_step=on_step,
     )
     save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
@@ -227,7 +230,8 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
     partial = record.with_name(record.name + ".partial")
     partial.write_text(json.dumps({"key": key, "files": files}, indent=2))
     partial.replace(record)
-    return {"path": str(out_dir), "files": files, "reused": False, "seconds": time.perf_counter() - start}
+    return {"path": str(out_dir), "files": files, "reused": False, "seconds": time.perf_counter() - start,
+            "end_to_end": stage_report(stage_dir) if calibration.end_to_end_steps else None}
 
 
 def compile_kernels(archs: list[str], out_dir: Path) -> dict[str, Any]:

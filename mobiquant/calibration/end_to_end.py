@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from mobiquant.calibration.capture import block_outputs
@@ -167,6 +168,11 @@ class TunedLinear(nn.Module):
         return dequantize_codes(codes, scale, zero, k, torch.float32, gains[k - 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The rebuilt weight is not kept for the backward pass but rebuilt there: kept, every linear's dense weight
+        # would sit in memory until the backward (the model's size in float32 on top of its codes).
+        return checkpoint(self._product, x, use_reentrant=False)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self.weight(self.slices).to(x.dtype).T
         if self.layer.bias is not None:
             out = out + self.layer.bias.to(out.dtype)
@@ -277,6 +283,14 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
             wrapper.write_back()
     return {"losses": losses, "seconds": seconds + (0.0 if cached else time.perf_counter() - start),
             "steps": steps, "cached": cached}
+
+
+def stage_report(stage_dir: Path) -> dict[str, Any] | None:
+    """The saved stage's steps done, loss at each and seconds, or None where nothing was saved."""
+    meta = readable_metadata(Path(stage_dir) / STATE_FILE)
+    if meta is None:
+        return None
+    return {"steps": int(meta["step"]), "losses": json.loads(meta["losses"]), "seconds": float(meta["seconds"])}
 
 
 def _batch_order(num_samples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

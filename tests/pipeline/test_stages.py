@@ -106,8 +106,10 @@ def test_the_checkpoint_stage_tunes_end_to_end_from_the_capture_and_keys_the_che
     assert not build(plain)["reused"] and not steps
     untuned = load_checkpoint(out)
     tuned_config = CalibrationConfig(**options, end_to_end_steps=3, end_to_end_lr=1e-2).to_dict()
-    assert not build(tuned_config)["reused"], "another stage setting, the same blocks: a new checkpoint"
+    built = build(tuned_config)
+    assert not built["reused"], "another stage setting, the same blocks: a new checkpoint"
     assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert built["end_to_end"]["steps"] == 3 and len(built["end_to_end"]["losses"]) == 3
     assert (out.parent / "end-to-end" / "teacher.safetensors").is_file()
     tuned = load_checkpoint(out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["end_to_end_steps"] == 3
@@ -118,7 +120,8 @@ def test_the_checkpoint_stage_tunes_end_to_end_from_the_capture_and_keys_the_che
     with torch.no_grad(), track_bits(tuned) as meter:
         tuned(samples)
     assert meter.avg_bits == pytest.approx(3.0, abs=0.05)
-    assert build(tuned_config)["reused"] and len(steps) == 3
+    again = build(tuned_config)
+    assert again["reused"] and len(steps) == 3 and again["end_to_end"] == built["end_to_end"]
 
 
 def _must_not_run(*_args: object, **_kwargs: object) -> None:

@@ -130,6 +130,7 @@ def test_experts_gptq_curves_reach_mlflow_as_a_mean_and_a_max_per_projection(tmp
             folded = f"loss_block_{index:03d}_gptq mlp.experts.{projection}"
             expected[f"{folded} mean"] = errors[:, p].mean(axis=0).tolist()
             expected[f"{folded} max"] = errors[:, p].max(axis=0).tolist()
+    tuning_losses = rng.random(6).tolist()
     params = CompressParams(model="tester/tiny", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                             publish={"kind": "local", "root": str(tmp_path / "published")})
     (tmp_path / "report").mkdir()
@@ -139,10 +140,13 @@ def test_experts_gptq_curves_reach_mlflow_as_a_mean_and_a_max_per_projection(tmp
                 "model": MODEL.tags()},
         validation=VALIDATION, checks=[], passed=False, stages={}, blocks=blocks,
         checkpoint_dir=tmp_path / "work" / "ckpt", run_name="r1",
+        end_to_end={"steps": 6, "losses": tuning_losses, "seconds": 1.0},
     )  # fmt: skip
     client = MlflowClient(params.mlflow_uri)
     logged = {name for name in client.get_run(recorded["run_id"]).data.metrics if name.startswith("loss_block_")}
     assert logged == set(expected)
+    tuning = sorted(client.get_metric_history(recorded["run_id"], "end_to_end_loss"), key=lambda m: m.step)
+    np.testing.assert_allclose([m.value for m in tuning], tuning_losses, rtol=1e-12, atol=0)
     assert not [name for name in logged if re.search(r"experts\.\d", name)]
     for name, curve in expected.items():
         history = sorted(client.get_metric_history(recorded["run_id"], name), key=lambda m: m.step)
