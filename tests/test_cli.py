@@ -586,6 +586,24 @@ def test_quantize_writes_a_checkpoint(
     assert sum(isinstance(m, MoBiLinear) for m in model.modules()) == 14
 
 
+def test_quantize_tunes_end_to_end_when_asked_and_shows_its_progress(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
+) -> None:
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    work = ("--work-dir", str(tmp_path / "work"))
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(plain), "--data", str(text_file), *QUICK, *work)
+    assert code == 0, err
+    code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tuned), "--data", str(text_file), *QUICK, *work,
+                       "--end-to-end-steps", "2", "--end-to-end-lr", "0.01")
+    assert code == 0, err
+    assert "end-to-end tuning" in err and "calibrating blocks" in err
+    quant = json.loads((tuned / "config.json").read_text())["quantization_config"]
+    assert (quant["calibration"]["end_to_end_steps"], quant["calibration"]["end_to_end_lr"]) == (2, 0.01)
+    pairs = [(a, b) for a, b in zip(load_checkpoint(plain).modules(), load_checkpoint(tuned).modules(), strict=True)
+             if isinstance(a, MoBiLinear)]
+    assert all(torch.equal(a.planes, b.planes) and not torch.equal(a.scale, b.scale) for a, b in pairs)
+
+
 def test_a_one_slice_checkpoint_is_written_and_evaluated(
     capsys: pytest.CaptureFixture, tmp_path: Path, model_folder: Path, text_file: Path
 ) -> None:
