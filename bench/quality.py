@@ -300,6 +300,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
             options[option] = linear_weight_tuples(dict(given), 4)
     if args.end_to_end_steps:
         options |= {"end_to_end_steps": args.end_to_end_steps, "end_to_end_lr": args.end_to_end_lr}
+    if args.end_to_end_weights:
+        options["end_to_end_weights"] = tuple(args.end_to_end_weights)
     config = CalibrationConfig(**options)
     started = time.perf_counter()
     # Keyed by the blocks' settings: a run with end-to-end tuning reuses the blocks of a run without it.
@@ -382,6 +384,8 @@ def main() -> None:
     parser.add_argument("--end-to-end-steps", type=int, default=0,
                         help="end-to-end tuning steps after the blocks (default 0: off); the untuned uniform rows "
                         "are recorded too, from the same blocks")
+    parser.add_argument("--end-to-end-weights", type=float, nargs=4, metavar="W",
+                        help="weights of the KL at 1..4 slices in the end-to-end tuning (default: the config's)")
     parser.add_argument("--end-to-end-lr", type=float, default=DEFAULT_END_TO_END_LR,
                         help="peak learning rate of the end-to-end tuning")
     parser.add_argument("--eval-seqlen", type=int, default=512)

@@ -338,7 +338,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
     from mobiquant.calibration import CalibrationConfig
     from mobiquant.calibration.config import linear_weight_tuples, precision_weight_tuple
 
-    weights, clip = params.precision_weights, params.clip_search_weights
+    weights, clip, tuning = params.precision_weights, params.clip_search_weights, params.end_to_end_weights
     chosen = {name: getattr(params, name) for name in ("damp", "descent_sweeps", "end_to_end_steps", "end_to_end_lr")
               if getattr(params, name) is not None}
     return CalibrationConfig(
@@ -352,6 +352,7 @@ def params_config(params: CompressParams) -> dict[str, Any]:
         compute_dtype=params.compute_dtype,
         precision_weights=None if weights is None else precision_weight_tuple(weights, params.num_slices),
         clip_search_weights=None if clip is None else precision_weight_tuple(clip, params.num_slices),
+        end_to_end_weights=None if tuning is None else precision_weight_tuple(tuning, params.num_slices),
         module_precision_weights=linear_weight_tuples(params.module_precision_weights, params.num_slices),
         module_clip_search_weights=linear_weight_tuples(params.module_clip_search_weights, params.num_slices),
         loss_weighted_hessians=params.loss_weighted_hessians,
@@ -392,6 +393,7 @@ def compress(
     damp: float | None = None,
     descent_sweeps: int | None = None,
     end_to_end_steps: int | None = None,
+    end_to_end_weights: dict[int, float] | None = None,
     end_to_end_lr: float | None = None,
     loss_weighted_hessians: bool = True,
     seed: int = 0,

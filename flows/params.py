@@ -160,6 +160,9 @@ class CompressParams(BaseModel):
         None, ge=0, le=100000,
         description="steps tuning the group parameters through the whole model after the blocks (default: config, 0)",
     )
+    end_to_end_weights: dict[int, float] | None = Field(
+        None, description="slice count -> weight of its KL in the end-to-end tuning (default: config)"
+    )
     end_to_end_lr: float | None = Field(
         None, gt=0, le=1, description="peak learning rate of the end-to-end tuning (default: config)"
     )

@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate of --end-to-end-steps (Adam, cosine decay; default: 5e-4)",
     )
     quantize.add_argument(
+        "--end-to-end-weights", type=slice_weights_arg, metavar="K:W,...",
+        help="weights of the KL at K slices in --end-to-end-steps' loss (default: 2:1,3:1,4:0.5)",
+    )
+    quantize.add_argument(
         "--uniform-hessians", action="store_true",
         help="weigh every calibration token alike in the Hessians (GPTQ's X^T X) instead of by its loss "
         "saliency, the squared loss gradient at each linear's outputs (default: loss-weighted)",
@@ -372,6 +376,8 @@ def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, 
         options["precision_weights"] = precision_weight_tuple(args.precision_weights, num_slices)
     if args.clip_weights is not None:
         options["clip_search_weights"] = precision_weight_tuple(args.clip_weights, num_slices)
+    if args.end_to_end_weights is not None:
+        options["end_to_end_weights"] = precision_weight_tuple(args.end_to_end_weights, num_slices)
     for option, given in (("module_precision_weights", args.module_precision_weights),
                           ("module_clip_search_weights", args.module_clip_weights)):
         options[option] = linear_weight_tuples(dict(given or ()), num_slices)

@@ -594,11 +594,12 @@ def test_quantize_tunes_end_to_end_when_asked_and_shows_its_progress(
     code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(plain), "--data", str(text_file), *QUICK, *work)
     assert code == 0, err
     code, _, err = run(capsys, "quantize", str(model_folder), "-o", str(tuned), "--data", str(text_file), *QUICK, *work,
-                       "--end-to-end-steps", "2", "--end-to-end-lr", "0.01")
+                       "--end-to-end-steps", "2", "--end-to-end-lr", "0.01", "--end-to-end-weights", "2:1,3:2")
     assert code == 0, err
     assert "end-to-end tuning" in err and "calibrating blocks" in err
     quant = json.loads((tuned / "config.json").read_text())["quantization_config"]
     assert (quant["calibration"]["end_to_end_steps"], quant["calibration"]["end_to_end_lr"]) == (2, 0.01)
+    assert quant["calibration"]["end_to_end_weights"] == [0.0, 1.0, 2.0]
     pairs = [(a, b) for a, b in zip(load_checkpoint(plain).modules(), load_checkpoint(tuned).modules(), strict=True)
              if isinstance(a, MoBiLinear)]
     assert all(torch.equal(a.planes, b.planes) and not torch.equal(a.scale, b.scale) for a, b in pairs)
