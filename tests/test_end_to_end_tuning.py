@@ -117,6 +117,8 @@ def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(tmp_path: Pat
             assert torch.equal(value, b.router.state_dict()[key]), (name, key)
         changed += not torch.equal(a.scale, b.scale)
     assert changed == len(mobi_layers(tuned))
+    # Only the tuned tensors trained: the model's own parameters keep their flags.
+    assert [p.requires_grad for p in tuned.parameters()] == [p.requires_grad for p in untuned.parameters()]
 
 
 class Interrupted(Exception):

@@ -203,6 +203,18 @@ def tuned_linears(model: nn.Module) -> Iterator[dict[str, TunedLinear]]:
             _set_submodule(model, name, wrapper.layer)
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """``model``'s own parameters without gradients inside (only the tuned tensors train); as they were after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -244,8 +256,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
                          f"{tuple(samples.shape)}")
     device = next(model.parameters()).device
     start = time.perf_counter()
-    model.requires_grad_(False)
-    with tuned_linears(model) as tuned:
+    with frozen(model), tuned_linears(model) as tuned:
         params = {f"{name}.{part}": getattr(wrapper, part) for name, wrapper in tuned.items()
                   for part in ("log_scale", "zero_shift", "log_gain")}
         optimizer = torch.optim.Adam(params.values(), lr=config.end_to_end_lr)
