@@ -224,6 +224,7 @@ def checkpoint(model_dir: Path, capture_dir: Path, block_paths: list[str], confi
         capture_dir=Path(capture_dir),
         stage_dir=stage_dir,
         on_step=on_step,
+        block_hashes={r["block"]: r["sha256"] for r in reports},
     )
     save_checkpoint(model, out_dir, tokenizer=load_tokenizer(model_dir), overwrite=True)
     files = tree_manifest(out_dir)

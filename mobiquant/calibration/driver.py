@@ -256,15 +256,14 @@ def write_teacher_if_tuned(source: BlockSource, capture_dir: Path, samples: torc
                          config.batch_size)
 
 
-def tune_assembled(model: torch.nn.Module, teacher: Path | None, block_paths: Mapping[int, Path],
+def tune_assembled(model: torch.nn.Module, teacher: Path | None, block_hashes: Mapping[int, str],
                    samples: torch.Tensor, config: CalibrationConfig, stage_dir: Path, progress: bool = True,
                    on_step: StepCallback | None = None) -> dict[str, Any] | None:
-    """The end-to-end stage on the assembled ``model`` (on its device), resumable from ``stage_dir``; its report,
-    or None where it is off (``teacher`` None)."""
+    """The end-to-end stage on the assembled ``model`` (on its device), resumable from ``stage_dir`` under a key of
+    the block results' sha256s ``block_hashes``; its report, or None where it is off (``teacher`` None)."""
     if teacher is None:
         return None
-    hashes = {index: file_sha256(Path(path)) for index, path in block_paths.items()}
-    key = stage_key(config, hashes, samples, TEACHER_TOP_K)
+    key = stage_key(config, block_hashes, samples, TEACHER_TOP_K)
     return tune_end_to_end(model, samples, teacher, config, stage_dir, key, progress, on_step)
 
 
@@ -284,16 +283,19 @@ def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationCon
 def finished_model(files: ModelFiles, block_paths: Mapping[int, Path], config: CalibrationConfig,
                    samples: torch.Tensor, device: torch.device, provenance: Mapping[str, Any] | None = None,
                    progress: bool = False, capture_dir: Path | None = None, stage_dir: Path | None = None,
-                   on_step: StepCallback | None = None) -> torch.nn.Module:
+                   on_step: StepCallback | None = None,
+                   block_hashes: Mapping[int, str] | None = None) -> torch.nn.Module:
     """The elastic model from the source's files and the block results, on ``device``, tuned end to end where
-    ``config`` asks (from the capture in ``capture_dir``, resumable in ``stage_dir``), thresholds set on
-    ``samples``: what ``quantize_files`` returns and the pipeline saves."""
+    ``config`` asks (from the capture in ``capture_dir``, resumable in ``stage_dir``; ``block_hashes``, the results'
+    sha256s where the caller has them, else read here), thresholds set on ``samples``: what ``quantize_files``
+    returns and the pipeline saves."""
     model = assemble(files, block_paths, config).to(device)
     if config.end_to_end_steps:
         if capture_dir is None or stage_dir is None:
             raise ValueError("end-to-end tuning needs the capture folder and a folder for its stage")
         teacher = write_teacher_if_tuned(files, capture_dir, samples, config, stage_dir, device)
-        tune_assembled(model, teacher, block_paths, samples, config, stage_dir, progress, on_step)
+        hashes = block_hashes or {index: file_sha256(Path(path)) for index, path in block_paths.items()}
+        tune_assembled(model, teacher, hashes, samples, config, stage_dir, progress, on_step)
     return finish(model, samples, config, provenance, progress)
 
 
@@ -328,7 +330,7 @@ def quantize_files(
         reports = calibrate_blocks(files, capture_dir, config, blocks_dir, device, progress, on_progress)
         block_paths = {r["block"]: Path(r["path"]) for r in reports}
         return finished_model(files, block_paths, config, samples, device, provenance, progress, capture_dir,
-                              Path(work_dir) / END_TO_END_DIR)
+                              Path(work_dir) / END_TO_END_DIR, block_hashes={r["block"]: r["sha256"] for r in reports})
 
 
 def quantize_model(
@@ -363,5 +365,6 @@ def quantize_model(
         # Before the blocks are replaced: the teacher is the full-precision model.
         teacher = write_teacher_if_tuned(source, capture_dir, samples, config, stage_dir, compute_device)
         model = apply_block_results(model.float(), block_paths, config)
-        tune_assembled(model, teacher, block_paths, samples, config, stage_dir, progress)
+        tune_assembled(model, teacher, {r["block"]: r["sha256"] for r in reports}, samples, config, stage_dir,
+                       progress)
     return finish(model, samples, config, progress=progress)

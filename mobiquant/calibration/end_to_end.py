@@ -52,6 +52,7 @@ from mobiquant.calibration.store import (
     fp_input_path,
     load_block_kwargs,
     load_hidden,
+    read_manifest,
     readable_metadata,
 )
 from mobiquant.layers import MoBiLinear
@@ -131,7 +132,7 @@ def write_teacher(source: BlockSource, capture_dir: Path, samples: torch.Tensor,
 
 
 def _capture_tag(capture_dir: Path) -> str:
-    manifest = json.loads((capture_dir / "manifest.json").read_text())
+    manifest = read_manifest(capture_dir)
     return json.dumps({k: manifest[k] for k in ("model", "samples_sha256", "dtype", "format")}, sort_keys=True)
 
 
