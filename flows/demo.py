@@ -22,6 +22,7 @@ from flows.params import InvalidParametersError, parse_params
 from registry.publish import PublishError
 
 ROOT = Path(__file__).resolve().parent.parent
+EPHEMERAL_STARTUP_SECONDS = 120
 
 
 def demo_parameters() -> dict[str, Any]:
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
     # No API URL configured: run on Prefect's ephemeral in-process server.
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # Prefect waits 20 s for that server by default; on a small machine busy with other work it can take longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_SECONDS))
     # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when it
     # loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
