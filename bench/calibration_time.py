@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from mobiquant.arch import architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, calibrate_block  # noqa: E402
 from mobiquant.calibration.capture import capture_block_inputs  # noqa: E402
-from mobiquant.calibration.saliency import token_positions, token_weights  # noqa: E402
+from mobiquant.calibration.saliency import read_token_saliency  # noqa: E402
 from mobiquant.calibration.store import KWARGS_FILE, fp_input_path, load_block_kwargs, load_hidden  # noqa: E402
 from mobiquant.data import calibration_samples  # noqa: E402
 from mobiquant.model_files import InMemoryModel  # noqa: E402
@@ -75,8 +75,8 @@ def main() -> None:
             order = list(configs) if turn % 2 == 0 else list(reversed(configs))
             for name in order:
                 config = configs[name]
-                weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
-                positions = token_positions(capture_dir, index) if config.loss_weighted_hessians else None
+                weights, positions = (read_token_saliency(capture_dir, index) if config.loss_weighted_hessians
+                                      else (None, None))
                 started = time.perf_counter()
                 calibrate_block(source.block(index, torch.device("cpu")), inputs, all_kwargs.for_block(index), arch,
                                 config, block_index=index, progress=False, token_weights=weights,

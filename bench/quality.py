@@ -58,7 +58,7 @@ from mobiquant.calibration.capture import block_outputs  # noqa: E402
 from mobiquant.calibration.config import DEFAULT_END_TO_END_LR, linear_weight_tuples  # noqa: E402
 from mobiquant.calibration.driver import END_TO_END_DIR  # noqa: E402
 from mobiquant.calibration.end_to_end import STATE_FILE  # noqa: E402
-from mobiquant.calibration.saliency import token_weights  # noqa: E402
+from mobiquant.calibration.saliency import read_token_saliency  # noqa: E402
 from mobiquant.calibration.store import read_manifest, readable_metadata  # noqa: E402
 from mobiquant.cli import linear_weights_arg  # noqa: E402
 from mobiquant.clip_search import input_hessians, search_clipping  # noqa: E402
@@ -450,7 +450,7 @@ def main() -> None:
         capture_dir = args.work_dir / f"elastic-{elastic_config.digest()}" / "capture"
         quantizer = clip_search_gptq(4, args.group_size, elastic_config.damp)
         models = sequential_peer(base, arch, samples, lambda _index, _name: quantizer,
-                                 functools.partial(token_weights, capture_dir))
+                                 lambda index: read_token_saliency(capture_dir, index).weights)
         record("GPTQ-4, clip search, loss-weighted Hessians", f"W4g{args.group_size}", models[""], 4.0)
         del models
     if args.four_bit_peers:

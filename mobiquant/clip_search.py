@@ -167,7 +167,7 @@ def input_hessians(
 
     An expert's tokens can be routed otherwise than when its weights were measured (a near tie in the router).
     With ``token_positions`` (per expert linear, the positions of its weights' tokens, as
-    :func:`mobiquant.calibration.saliency.token_positions` gives them) each row takes the weight of its own token,
+    :func:`mobiquant.calibration.saliency.read_token_saliency` gives them) each row takes the weight of its own token,
     found by position (``run`` must run inside :func:`mobiquant.arch.counting_expert_tokens`); a token measured
     elsewhere weighs 1 (the weights' mean), and a warning counts those rows. An optional module without positions
     that sees another number of rows than its weights gets the unweighted sum, with a warning; one that sees as many

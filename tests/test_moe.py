@@ -22,7 +22,7 @@ from mobiquant.arch import LinearExperts, architecture_of, fold_experts, summari
 from mobiquant.calibration import CalibrationConfig, calibrate_block, quantize_files
 from mobiquant.calibration import block as block_module
 from mobiquant.calibration.capture import capture_block_inputs
-from mobiquant.calibration.saliency import saliency_path, token_positions, token_weights
+from mobiquant.calibration.saliency import read_token_saliency, saliency_path
 from mobiquant.calibration.store import (
     KWARGS_FILE,
     atomic_save,
@@ -551,8 +551,9 @@ def hessians_with_a_flip(files: ModelFiles, capture_dir: Path, monkeypatch: pyte
     kwargs = load_block_kwargs(capture_dir / KWARGS_FILE).for_block(0)
     config = CalibrationConfig(group_size=32, router_hidden=0, epochs_stage1=0, epochs_stage2=0, batch_size=2,
                                error_compensation=False)
+    saliency = read_token_saliency(capture_dir, 0)
     calibrate_block(block, load_hidden(fp_input_path(capture_dir, 0)), kwargs, files.arch, config, progress=False,
-                    token_weights=token_weights(capture_dir, 0), token_positions=token_positions(capture_dir, 0))
+                    token_weights=saliency.weights, token_positions=saliency.positions)
     hidden = torch.cat([h for h, _ in fed]).double()
     routing = torch.cat([index for _, index in fed])
     return sums, hidden, routing, (e, a, b, swap["f"], swap["g"])
@@ -607,8 +608,9 @@ def test_saliencies_stored_without_token_positions_are_matched_by_row_count_as_b
     recorded = load_file(str(path))
     atomic_save({name: tensor for name, tensor in recorded.items() if not name.endswith(":token_positions")}, path,
                 file_metadata(path))
-    assert token_positions(capture_dir, 0) == {}
-    assert set(token_weights(capture_dir, 0)) == set(files.arch.linears)
+    saliency = read_token_saliency(capture_dir, 0)
+    assert saliency.positions == {}
+    assert set(saliency.weights) == set(files.arch.linears)
     with caplog.at_level(logging.WARNING, logger="mobiquant.clip_search"):
         sums, hidden, routing, (_e, _a, _b, f, g) = hessians_with_a_flip(files, capture_dir, monkeypatch, recorded)
     for k in range(EXPERTS):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from mobiquant.arch import architecture_for
 from mobiquant.calibration import CalibrationConfig, calibrate_block
 from mobiquant.calibration.capture import capture_block_inputs
-from mobiquant.calibration.saliency import input_gradient_path, saliency_path, token_weights
+from mobiquant.calibration.saliency import input_gradient_path, read_token_saliency, saliency_path
 from mobiquant.calibration.store import atomic_save, file_metadata
 from mobiquant.clip_search import input_hessians
 from mobiquant.gptq import nested_codes
@@ -113,14 +113,16 @@ def test_token_weights_have_mean_one_and_keep_uniform_weights_for_a_silent_linea
     capture_block_inputs(ModelFiles(tmp_path / "m"), torch.randint(0, VOCAB, (3, 12)), tmp_path / "c", device=CPU,
                          model_key="k")
     raw = load_file(str(saliency_path(tmp_path / "c", 1)))
-    weights = token_weights(tmp_path / "c", 1)
+    weights, positions = read_token_saliency(tmp_path / "c", 1)
+    assert positions == {}  # a dense block
     for name, saliency in raw.items():
         assert weights[name].dtype == torch.float64
         assert weights[name].mean().item() == pytest.approx(1.0, rel=1e-12)
         assert torch.allclose(weights[name] * saliency.double().mean(), saliency.double(), rtol=1e-12)
     path = saliency_path(tmp_path / "c", 1)
     atomic_save({**raw, "mlp.down_proj": torch.zeros_like(raw["mlp.down_proj"])}, path, file_metadata(path))
-    assert torch.equal(token_weights(tmp_path / "c", 1)["mlp.down_proj"], torch.ones(36, dtype=torch.float64))
+    silent = read_token_saliency(tmp_path / "c", 1).weights["mlp.down_proj"]
+    assert torch.equal(silent, torch.ones(36, dtype=torch.float64))
 
 
 def test_weighted_hessians_are_x_transposed_diag_w_x() -> None:

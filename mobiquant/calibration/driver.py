@@ -38,7 +38,7 @@ from mobiquant.calibration.end_to_end import (
     tune_end_to_end,
     write_teacher,
 )
-from mobiquant.calibration.saliency import token_positions, token_weights
+from mobiquant.calibration.saliency import read_token_saliency
 from mobiquant.calibration.store import (
     KWARGS_FILE,
     atomic_save,
@@ -165,8 +165,7 @@ def calibrate_one_block(
         with compute_precision(config, device):
             targets = block_outputs(block, fp_inputs, block_kwargs, config.batch_size, torch.float32)
     if not cached:
-        weights = token_weights(capture_dir, index) if config.loss_weighted_hessians else None
-        positions = token_positions(capture_dir, index) if config.loss_weighted_hessians else None
+        weights, positions = read_token_saliency(capture_dir, index) if config.loss_weighted_hessians else (None, None)
         result = calibrate_block(block, inputs, block_kwargs, source.arch, config, targets, index, progress,
                                  on_progress, weights, positions)
         save_block_result(result.state, result.losses, result.seconds, out_path, config, key, index, str(device),

@@ -15,7 +15,7 @@ the gradient that block ``i + 1`` left at its inputs. Each block's saliencies ar
 captured inputs; an interrupted walk resumes below the last block it wrote.
 
 An expert's linears see only the tokens routed to the expert. Their saliencies are stored with the positions of
-those tokens (:func:`token_positions`), so a later pass whose router breaks a near tie otherwise can still give each
+those tokens (:func:`read_token_saliency`), so a later pass whose router breaks a near tie otherwise can still give each
 row its own token's weight (:func:`mobiquant.clip_search.input_hessians`).
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -177,26 +177,26 @@ def capture_token_saliency(
     return names
 
 
-def token_weights(capture_dir: Path, index: int) -> dict[str, torch.Tensor]:
-    """Block ``index``'s saliencies scaled to mean 1 per linear (the Hessians' scale stays that of ``X^T X``).
+class TokenSaliency(NamedTuple):
+    """One block's token weights per linear, and its expert linears' token positions."""
 
-    A linear whose outputs never reach the loss (every saliency 0) keeps uniform weights.
+    weights: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor]
+
+
+def read_token_saliency(capture_dir: Path, index: int) -> TokenSaliency:
+    """Block ``index``'s saliencies scaled to mean 1 per linear (the Hessians' scale stays that of ``X^T X``), and
+    its expert linears' token positions, each matching its weights row for row.
+
+    A linear whose outputs never reach the loss (every saliency 0) keeps uniform weights. The positions are empty
+    for a dense block, and for files written before they were recorded (their expert linears' rows can then be
+    checked by count only).
     """
-    weights = {}
-    for name, saliency in load_file(str(saliency_path(capture_dir, index))).items():
+    weights, positions = {}, {}
+    for name, stored in load_file(str(saliency_path(capture_dir, index))).items():
         if name.endswith(POSITIONS_SUFFIX):
+            positions[name.removesuffix(POSITIONS_SUFFIX)] = stored
             continue
-        mean = saliency.double().mean()
-        weights[name] = saliency.double() / mean if mean > 0 else torch.ones_like(saliency, dtype=torch.float64)
-    return weights
-
-
-def token_positions(capture_dir: Path, index: int) -> dict[str, torch.Tensor]:
-    """Block ``index``'s expert linears' token positions, each matching its :func:`token_weights` row for row.
-
-    Empty for a dense block, and for files written before the positions were recorded (their expert linears' rows
-    can then be checked by count only).
-    """
-    stored = load_file(str(saliency_path(capture_dir, index)))
-    return {name.removesuffix(POSITIONS_SUFFIX): tensor for name, tensor in stored.items()
-            if name.endswith(POSITIONS_SUFFIX)}
+        mean = stored.double().mean()
+        weights[name] = stored.double() / mean if mean > 0 else torch.ones_like(stored, dtype=torch.float64)
+    return TokenSaliency(weights, positions)
