@@ -3,8 +3,9 @@
 GGUF source -> its first blocks as a model folder -> calibration on Shakespeare -> elastic checkpoint ->
 evaluation at routed budgets and uniform precisions -> loaded back through transformers and generating.
 
-The model is cut to its first :data:`BLOCKS` blocks: every block costs the calibration the same, and all 30 took
-a third of the suite's time. The whole model runs in ``python -m flows.demo`` and ``bench/quality.py``.
+The model is cut to its first :data:`BLOCKS` blocks: every block costs the calibration the same, and the 30 blocks'
+calibration was the largest part of the suite's time. The whole model runs in ``python -m flows.demo`` and
+``bench/quality.py``.
 """
 
 import json
