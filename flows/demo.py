@@ -11,7 +11,6 @@ deployment in ``prefect.yaml``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,13 +79,29 @@ def main(argv: list[str] | None = None) -> int:
     params.update({k: v for k, v in overrides.items() if v is not None})
     params.update(work_dir=args.work_dir, mlflow_uri=args.mlflow_uri)
     params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
-    # No API URL configured: run on Prefect's ephemeral in-process server.
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    # Prefect waits 20 s for that server by default; on a small machine busy with other work it can take longer.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_SECONDS))
-    # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when it
-    # loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import (
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    # Defaults, not overrides: a value the user set (environment or Prefect profile) wins. They go through Prefect's
+    # settings context rather than os.environ, which Prefect reads once, when it is first imported.
+    demo_defaults = {
+        # No API URL configured: run on Prefect's ephemeral server.
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: True,
+        # Prefect waits 20 s for that server by default; on a small machine busy with other work it can take longer.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS,
+        # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when
+        # it loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
+    with temporary_settings(set_defaults=demo_defaults):
+        return _run(params)
+
+
+def _run(params: dict[str, Any]) -> int:
     from flows.compress import PreflightError, compress, preflight
     from tasks.gate import GateFailedError
 

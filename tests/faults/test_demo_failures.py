@@ -6,8 +6,10 @@ reuse the first one's blocks, checkpoint and measurements."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +69,20 @@ def _demo(tiny_model: Path, folder: Path, case: str) -> tuple[dict, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(folder / f"prefect-{case}"), OMP_NUM_THREADS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true")
-    done = subprocess.run([sys.executable, "-c", RUN, str(tiny_model), str(folder), case], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=900)
-    output = done.stdout + done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    # Output goes to files, not pipes, and the run has its own session: a server process it leaves behind (Prefect
+    # orphans one whose start timed out) can neither hold the test until its timeout nor outlive the test.
+    stdout, stderr = folder / f"{case}.stdout", folder / f"{case}.stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-c", RUN, str(tiny_model), str(folder), case], cwd=folder,
+                                   env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            process.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = stdout.read_text() + stderr.read_text()
+    lines = [line for line in stdout.read_text().splitlines() if line.startswith("RESULT ")]
     assert lines, output
     return json.loads(lines[-1].removeprefix("RESULT ")), output
 
@@ -128,3 +140,33 @@ def test_only_expected_errors_lose_their_traceback_in_task_run_logs_and_none_wit
     assert logged(RuntimeError("a bug")).exc_info is not None
     monkeypatch.setenv("MOBIQUANT_DEBUG", "1")
     assert logged(PublishError("refused")).exc_info is not None
+
+
+def test_the_demos_prefect_defaults_hold_when_prefect_was_imported_first_and_the_users_settings_win(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prefect reads the environment once, when first imported (here, by this suite): the demo's defaults must reach
+    # Prefect's settings some other way. The old os.environ.setdefault left the 20 s wait that failed a CI run.
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    from flows import demo
+
+    seen: list[tuple[int, bool]] = []
+
+    def run(_params: dict) -> int:
+        wait, analytics = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_SERVER_ANALYTICS_ENABLED
+        seen.append((wait.value(), analytics.value()))
+        return 0
+
+    monkeypatch.setattr(demo, "_run", run)
+    argv = ["--work-dir", str(tmp_path / "work"), "--publish-root", str(tmp_path / "published")]
+    assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == 20  # Prefect's own default
+    assert demo.main(argv) == 0
+    assert seen == [(120, False)]
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 7}):
+        assert demo.main(argv) == 0
+    assert seen[-1][0] == 7
