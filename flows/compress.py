@@ -10,21 +10,25 @@ gate leaves its report and MLflow run, publishes nothing and fails the flow (non
 
 from __future__ import annotations
 
+import argparse
+import copy
 import importlib.util
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import httpx2
+import yaml
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -556,3 +560,119 @@ def _compress(given: dict[str, Any], wall_start: float) -> dict[str, Any]:
             outcome["version"],
         )
         return summary
+
+
+# Prefect defaults for a run started from a command line with no Prefect server (``python -m flows.compress``,
+# ``python -m flows.demo``). Defaults, not overrides: what the user set (environment or Prefect profile) wins.
+# They go through Prefect's settings context: Prefect reads ``os.environ`` once, when it is first imported.
+LOCAL_PREFECT_DEFAULTS: dict[str, Any] = {
+    # No API URL configured: run on Prefect's ephemeral server (PREFECT_SERVER_ALLOW_EPHEMERAL_MODE).
+    "server.ephemeral.enabled": True,
+    # Prefect waits 20 s for that server by default; on a small machine busy with other work it can take longer
+    # (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS).
+    "server.ephemeral.startup_timeout_seconds": 120,
+    # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when it
+    # loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers
+    # (PREFECT_SERVER_ANALYTICS_ENABLED).
+    "server.analytics_enabled": False,
+}
+DEPLOYMENTS_FILE = Path(__file__).resolve().parent.parent / "prefect.yaml"
+
+
+def deployment_parameters(name: str, deployments_file: Path = DEPLOYMENTS_FILE) -> dict[str, Any]:
+    """The parameters of the ``compress`` deployment ``name`` in ``prefect.yaml`` (one source of truth for every
+    entry point)."""
+    spec = yaml.safe_load(deployments_file.read_text())
+    found = {d["name"]: d.get("parameters", {}) for d in spec["deployments"]
+             if d.get("entrypoint") == "flows/compress.py:compress"}
+    if name not in found:
+        raise InvalidParametersError(
+            f"no compress deployment {name!r} in {deployments_file} (there: {', '.join(found)})")
+    return copy.deepcopy(found[name])
+
+
+def with_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``params`` with each ``KEY=VALUE`` applied; VALUE is YAML (``8``, ``[3, 4]``, ``{kind: local}``) and a dotted
+    KEY (``publish.root=out``) sets one field of a nested parameter."""
+    params = copy.deepcopy(params)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise InvalidParametersError(f"--set {assignment!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        target = params
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise InvalidParametersError(f"--set {assignment!r}: {part} is not a mapping")
+        try:
+            target[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise InvalidParametersError(f"--set {assignment!r}: the value is not YAML ({error.problem})") from error
+    return params
+
+
+def run_locally(params: dict[str, Any], prog: str) -> int:
+    """Run ``compress(**params)`` in this process, as a command line does: the parameters and services are checked
+    before Prefect starts a run, an expected failure is one line on stderr and exit status 1, and a finished run
+    prints where its checkpoint, report, release and MLflow version are. Any other error propagates."""
+    with temporary_settings(set_defaults=LOCAL_PREFECT_DEFAULTS):
+        try:
+            preflight(parse_params(params))
+            summary = compress(**params)
+        except EXPECTED_ERRORS as error:
+            # Prefect has logged a failed run in one line (its state's message); the report or the publish target
+            # says the rest. A service lost after the check fails the flow's own preflight the same way.
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 1
+    db = summary["mlflow_uri"]
+    print()
+    print(f"checkpoint:   {summary['checkpoint']}")
+    print(f"report:       {summary['report']}")
+    publish = params.get("publish") or {}
+    if publish.get("kind", "local") == "local" and publish.get("root"):
+        print(f"staged:       {Path(publish['root']) / summary['repo_id'] / 'staging'}")
+    else:
+        print(f"staged:       {summary['repo_id']}@{publish.get('staging_branch', 'staging')}")
+    print(f"MLflow:       {summary['registered_model']} version {summary['version']} (alias candidate)")
+    print(f"MLflow UI:    mlflow ui --backend-store-uri {db}")
+    print(f"promote:      python -m flows.promote {summary['registered_model']} --reviewer NAME --mlflow-uri {db}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m flows.compress``'s options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.compress",
+        description="Run the compress flow in this process with a deployment's parameters from prefect.yaml, "
+        "on the Prefect server of PREFECT_API_URL or, with none, Prefect's ephemeral server.",
+    )
+    parser.add_argument("--deployment", default="llama",
+                        help="start from this deployment's parameters in prefect.yaml (default: %(default)s)")
+    parser.add_argument("--params", type=Path, metavar="FILE",
+                        help="a YAML or JSON mapping of parameters, applied over the deployment's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="one parameter, applied last; VALUE is YAML, a dotted KEY sets a nested field "
+                        "(--set model=org/name --set samples=64 --set publish.kind=local); repeatable")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "mobiquant compress"
+    try:
+        params = deployment_parameters(args.deployment)
+        if args.params is not None:
+            given = yaml.safe_load(args.params.read_text())
+            if not isinstance(given, dict):
+                raise InvalidParametersError(f"--params {args.params}: expected a mapping of parameters")
+            params.update(given)
+        params = with_overrides(params, args.assignments)
+    except (InvalidParametersError, OSError, yaml.YAMLError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    return run_locally(params, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

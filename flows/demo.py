@@ -15,19 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flows.params import InvalidParametersError, parse_params
-from registry.publish import PublishError
-
-ROOT = Path(__file__).resolve().parent.parent
-EPHEMERAL_STARTUP_SECONDS = 120
+from flows.compress import deployment_parameters, run_locally
 
 
 def demo_parameters() -> dict[str, Any]:
     """The parameters of the ``compress/demo`` deployment (one source of truth for both entry points)."""
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    return next(d for d in spec["deployments"] if d["name"] == "demo")["parameters"]
+    return deployment_parameters("demo")
 
 
 def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
@@ -79,54 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     params.update({k: v for k, v in overrides.items() if v is not None})
     params.update(work_dir=args.work_dir, mlflow_uri=args.mlflow_uri)
     params["publish"] = {**params["publish"], "root": str(Path(args.publish_root).resolve())}
-    from prefect.settings import (
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    # Defaults, not overrides: a value the user set (environment or Prefect profile) wins. They go through Prefect's
-    # settings context rather than os.environ, which Prefect reads once, when it is first imported.
-    demo_defaults = {
-        # No API URL configured: run on Prefect's ephemeral server.
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: True,
-        # Prefect waits 20 s for that server by default; on a small machine busy with other work it can take longer.
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS,
-        # The ephemeral server's telemetry heartbeat writes to the same sqlite file as the starting run and, when
-        # it loses that race, prints a "database is locked" traceback; it would also try to reach Prefect's servers.
-        PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }
-    with temporary_settings(set_defaults=demo_defaults):
-        return _run(params)
-
-
-def _run(params: dict[str, Any]) -> int:
-    from flows.compress import PreflightError, compress, preflight
-    from tasks.gate import GateFailedError
-
-    # Parameters and services are checked before Prefect starts a run: one line and exit status 1 when not usable.
-    try:
-        preflight(parse_params(params))
-    except (InvalidParametersError, PreflightError, PublishError) as error:
-        print(f"mobiquant demo: error: {error}", file=sys.stderr)
-        return 1
-    try:
-        summary = compress(**params)
-    except (GateFailedError, PublishError, PreflightError, InvalidParametersError) as error:
-        # Prefect has logged the failed run in one line (its state's message); the report or the publish target
-        # says the rest. A service lost after the check above fails the flow's own preflight the same way.
-        print(f"mobiquant demo: error: {error}", file=sys.stderr)
-        return 1
-    db = summary["mlflow_uri"]
-    print()
-    print(f"checkpoint:   {summary['checkpoint']}")
-    print(f"report:       {summary['report']}")
-    print(f"staged:       {Path(params['publish']['root']) / summary['repo_id'] / 'staging'}")
-    print(f"MLflow:       {summary['registered_model']} version {summary['version']} (alias candidate)")
-    print(f"MLflow UI:    mlflow ui --backend-store-uri {db}")
-    print(f"promote:      python -m flows.promote {summary['registered_model']} --reviewer NAME --mlflow-uri {db}")
-    return 0
+    return run_locally(params, "mobiquant demo")
 
 
 if __name__ == "__main__":

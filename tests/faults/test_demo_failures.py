@@ -146,27 +146,28 @@ def test_the_demos_prefect_defaults_hold_when_prefect_was_imported_first_and_the
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Prefect reads the environment once, when first imported (here, by this suite): the demo's defaults must reach
-    # Prefect's settings some other way. The old os.environ.setdefault left the 20 s wait that failed a CI run.
+    # Prefect's settings some other way. An os.environ.setdefault left the 20 s wait that failed a CI run.
     from prefect.settings import (
         PREFECT_SERVER_ANALYTICS_ENABLED,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
     )
 
+    import flows.compress
     from flows import demo
 
     seen: list[tuple[int, bool]] = []
 
-    def run(_params: dict) -> int:
+    def preflight(_params: object) -> None:
         wait, analytics = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_SERVER_ANALYTICS_ENABLED
         seen.append((wait.value(), analytics.value()))
-        return 0
+        raise flows.compress.PreflightError("stopped by the test")
 
-    monkeypatch.setattr(demo, "_run", run)
+    monkeypatch.setattr(flows.compress, "preflight", preflight)
     argv = ["--work-dir", str(tmp_path / "work"), "--publish-root", str(tmp_path / "published")]
     assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == 20  # Prefect's own default
-    assert demo.main(argv) == 0
+    assert demo.main(argv) == 1
     assert seen == [(120, False)]
     with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 7}):
-        assert demo.main(argv) == 0
+        assert demo.main(argv) == 1
     assert seen[-1][0] == 7
