@@ -55,6 +55,10 @@ CASES: dict[str, tuple[str, str]] = {
         "Gate fails / publish refused / publish bug (demo command)",
         "one line and Failed(reason), exit 1; a bug keeps its traceback",
     ),
+    "test_the_demos_prefect_defaults_hold_when_prefect_was_imported_first_and_the_users_settings_win": (
+        "Prefect's ephemeral server slow to start (demo command)",
+        "waits 120 s, not Prefect's 20 s; a user's setting wins",
+    ),
     "test_only_expected_errors_lose_their_traceback_in_task_run_logs_and_none_with_mobiquant_debug": (
         "Expected vs unexpected error in task-run logs",
         "expected on one line; others, and all with MOBIQUANT_DEBUG=1, keep tracebacks",
