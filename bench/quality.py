@@ -299,7 +299,8 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
         if given is not None:
             options[option] = linear_weight_tuples(dict(given), 4)
     if args.end_to_end_steps:
-        options |= {"end_to_end_steps": args.end_to_end_steps, "end_to_end_lr": args.end_to_end_lr}
+        options |= {"end_to_end_steps": args.end_to_end_steps, "end_to_end_lr": args.end_to_end_lr,
+                    "end_to_end_dtype": args.end_to_end_dtype}
     if args.end_to_end_weights:
         options["end_to_end_weights"] = tuple(args.end_to_end_weights)
     config = CalibrationConfig(**options)
@@ -388,6 +389,8 @@ def main() -> None:
                         help="weights of the KL at 1..4 slices in the end-to-end tuning (default: the config's)")
     parser.add_argument("--end-to-end-lr", type=float, default=DEFAULT_END_TO_END_LR,
                         help="peak learning rate of the end-to-end tuning")
+    parser.add_argument("--end-to-end-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the end-to-end tuning's matrix products")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

@@ -166,6 +166,9 @@ class CompressParams(BaseModel):
     end_to_end_lr: float | None = Field(
         None, gt=0, le=1, description="peak learning rate of the end-to-end tuning (default: config)"
     )
+    end_to_end_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="precision of the end-to-end tuning's matrix products (default: config, float32)"
+    )
     loss_weighted_hessians: bool = Field(
         True, description="weigh calibration tokens in the Hessians by their loss saliency (False: GPTQ's X^T X)"
     )

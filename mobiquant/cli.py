@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate of --end-to-end-steps (Adam, cosine decay; default: 5e-4)",
     )
     quantize.add_argument(
+        "--end-to-end-dtype", choices=("float32", "bfloat16"),
+        help="precision of --end-to-end-steps' matrix products: bfloat16 (autocast) is faster on GPUs and on CPUs "
+        "with bf16 units (default: float32)",
+    )
+    quantize.add_argument(
         "--end-to-end-weights", type=slice_weights_arg, metavar="K:W,...",
         help="weights of the KL at K slices in --end-to-end-steps' loss (default: 2:1,3:1,4:0.5)",
     )
@@ -369,6 +374,8 @@ def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, 
         options["end_to_end_steps"] = args.end_to_end_steps
     if args.end_to_end_lr is not None:
         options["end_to_end_lr"] = args.end_to_end_lr
+    if args.end_to_end_dtype is not None:
+        options["end_to_end_dtype"] = args.end_to_end_dtype
     if args.uniform_hessians:
         options["loss_weighted_hessians"] = False
     num_slices = options.get("num_slices", 4)

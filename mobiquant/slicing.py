@@ -151,6 +151,23 @@ def group_centres(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return scale.float() * (2.0 - zero.float())
 
 
+def group_step_offset(
+    scale: torch.Tensor, zero: torch.Tensor, num_slices: int, gain: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (``[out, groups, 1]``, float32), the ``step`` and ``offset`` with ``W_k = offset + c_k * step``:
+    ``step = s / 4^(k-1)``, ``offset = s * (0.5 / 4^(k-1) - z)``; with a row ``gain`` (``[out]``) both are taken
+    towards the group's centre as ``C + gain * (W_k - C)`` asks. Differentiable in ``scale``, ``zero`` and ``gain``.
+    """
+    s = scale.float().unsqueeze(-1)
+    step = s / 4 ** (num_slices - 1)
+    offset = step * 0.5 - s * zero.float().unsqueeze(-1)
+    if gain is not None:
+        g = gain.float().view(-1, 1, 1)
+        offset = g * offset + (1.0 - g) * group_centres(scale, zero).unsqueeze(-1)
+        step = g * step
+    return step, offset
+
+
 def dequantize_codes(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -166,16 +183,15 @@ def dequantize_codes(
     the CPU path rebuilds ``W_k`` on every call, and full-size temporaries for the expanded scale and
     zero cost more than the product they feed.
     """
+    return affine_codes(codes, *group_step_offset(scale, zero, num_slices, gain)).to(dtype)
+
+
+def affine_codes(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``offset + codes * step`` with ``codes`` ``[out, in]`` and ``step``, ``offset`` ``[out, groups, 1]``, in
+    float32, ``[out, in]``."""
     out_features, in_features = codes.shape
-    s = scale.float().unsqueeze(-1)
-    step = s / 4 ** (num_slices - 1)
-    offset = step * 0.5 - s * zero.float().unsqueeze(-1)
-    if gain is not None:
-        g = gain.float().view(-1, 1, 1)
-        offset = g * offset + (1.0 - g) * group_centres(scale, zero).unsqueeze(-1)
-        step = g * step
-    weight = torch.addcmul(offset, codes.reshape(out_features, scale.shape[1], -1).float(), step)
-    return weight.reshape(out_features, in_features).to(dtype)
+    weight = torch.addcmul(offset, codes.reshape(out_features, step.shape[1], -1).float(), step)
+    return weight.reshape(out_features, in_features)
 
 
 @dataclass

@@ -28,27 +28,53 @@ def full_kl64(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
     return (p.exp() * (p - q)).sum(-1).mean()
 
 
-def test_coarse_kl_is_the_kl_of_the_coarsened_distributions_float64() -> None:
+def reference_kl(student_logits: torch.Tensor, top: torch.return_types.topk) -> torch.Tensor:
+    """The KL of the coarsened distributions in float64, from probabilities; the student's rest summed over the
+    tokens outside the top ones."""
+    q = F.softmax(student_logits.double(), dim=-1)
+    outside = torch.ones_like(q).scatter(-1, top.indices, 0.0)
+    p_top = top.values.exp()
+    # With no token outside, the teacher's rest is rounding: none.
+    p_rest = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0) * outside.amax(-1, keepdim=True)
+    p_coarse = torch.cat([p_top, p_rest], -1)
+    q_coarse = torch.cat([q.gather(-1, top.indices), (q * outside).sum(-1, keepdim=True)], -1)
+    kept = p_coarse > 0
+    terms = torch.where(kept, p_coarse * (p_coarse.clamp(min=1e-300).log() - q_coarse.where(kept, 1.0).log()), 0.0)
+    return terms.sum(-1).mean()
+
+
+def test_coarse_kl_and_its_gradient_are_those_of_the_coarsened_distributions_float64() -> None:
     torch.manual_seed(11)
     vocab = 50
-    teacher_logits, student_logits = 3 * torch.randn(2, 5, vocab), 3 * torch.randn(2, 5, vocab)
+    teacher_logits = 3 * torch.randn(2, 5, vocab)
+    # The last position's student is sure of the teacher's top token: its rest holds almost no mass.
+    student_logits = 3 * torch.randn(2, 5, vocab)
+    student_logits[1, 4, teacher_logits[1, 4].argmax()] = 40.0
     p = F.log_softmax(teacher_logits.double(), dim=-1)
-    q = F.log_softmax(student_logits.double(), dim=-1)
     for top_k in (1, 7, vocab):
         top = torch.topk(p, top_k, dim=-1)
-        p_top, q_top = top.values.exp(), q.gather(-1, top.indices).exp()
-        p_coarse = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1).clamp(min=0)
-        q_coarse = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
-        terms = torch.where(p_coarse > 0, p_coarse * (p_coarse.clamp(min=1e-300).log() - q_coarse.log()), 0.0)
-        reference = terms.sum(-1).mean()
-        got = coarse_kl(student_logits, top.values.float(), top.indices)
+        student = student_logits.double().requires_grad_(True)
+        reference = reference_kl(student, top)
+        (reference_grad,) = torch.autograd.grad(reference, student)
+        got_student = student_logits.clone().requires_grad_(True)
+        got = coarse_kl(got_student, top.values.float(), top.indices)
+        got.backward()
         assert got.item() == pytest.approx(reference.item(), rel=1e-4, abs=1e-6)
+        # The gradient the stage trains on.
+        torch.testing.assert_close(got_student.grad.double(), reference_grad, rtol=1e-4, atol=1e-7)
         assert got.item() <= full_kl64(teacher_logits, student_logits).item() + 1e-6
     assert got.item() == pytest.approx(full_kl64(teacher_logits, student_logits).item(), rel=1e-4)
 
 
-def test_tuned_linear_rebuilds_its_weight_from_the_tuned_parameters_float64() -> None:
+# Under bf16 autocast the products round their inputs to 8 bits of mantissa: the same values, looser; a group's
+# gradient sums terms of both signs, so it is held to the whole tensor's size there, not to its own.
+PRODUCT_TOLERANCES = {False: {"value": (1e-5, 1e-4), "grad": 1e-4}, True: {"value": (2e-2, 5e-2), "grad": 1e-2}}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_tuned_linear_rebuilds_its_weight_and_gradients_from_the_tuned_parameters_float64(autocast: bool) -> None:
     torch.manual_seed(12)
+    (value_rtol, value_atol), grad_tolerance = PRODUCT_TOLERANCES[autocast].values()
     out_features, in_features, group, slices = 24, 64, 32, 4
     weight = torch.randn(out_features, in_features)
     sliced = slice_weight(weight, group_size=group, num_slices=slices)
@@ -61,22 +87,49 @@ def test_tuned_linear_rebuilds_its_weight_from_the_tuned_parameters_float64() ->
             tensor.copy_(0.05 * torch.randn(tensor.shape))
     x = torch.randn(5, in_features)
 
-    def reference(scale: torch.Tensor, zero: torch.Tensor, gains: torch.Tensor, k: int) -> torch.Tensor:
+    def reference(scale: torch.Tensor, zero: torch.Tensor, gains: torch.Tensor, k: int,
+                  inputs: torch.Tensor | None = None) -> torch.Tensor:
         # W_k = C + g_k (s ((c_k + 0.5) / 4^(k-1) - z) - C), C = s (2 - z), per group; the codes are the stored ones.
         codes = stored_codes >> (2 * (slices - k))
         s, z = scale.repeat_interleave(group, -1), zero.repeat_interleave(group, -1)
         centre = s * (2 - z)
         weight = centre + gains[k - 1, :, None] * (s * ((codes.double() + 0.5) / 4 ** (k - 1) - z) - centre)
-        return x.double() @ weight.T + layer.bias.double()
+        return (x.double() if inputs is None else inputs) @ weight.T + layer.bias.double()
 
     # slice_weight stores the floor codes of the weight on its grid.
     stored_codes = full_codes(weight, sliced.scale, sliced.zero, slices)
     scale = layer.scale.double() * tuned.log_scale.double().exp()
     zero = layer.zero.double() + tuned.zero_shift.double()
     gains = layer.gains.double() * tuned.log_gain.double().exp()
+    trained = (tuned.log_scale, tuned.zero_shift, tuned.log_gain)
     for k in range(1, slices + 1):
         tuned.slices = k
-        torch.testing.assert_close(tuned(x).double(), reference(scale, zero, gains, k), rtol=1e-5, atol=1e-4)
+        x_grad = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = tuned(x_grad)
+        assert got.dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(got.double(), reference(scale, zero, gains, k), rtol=value_rtol, atol=value_atol)
+        # The gradients the stage trains on, against float64 autograd through the reference.
+        upstream = torch.randn(got.shape, dtype=torch.float64)
+        got.backward(upstream.float())
+        got_grads = [x_grad.grad] + [t.grad.clone() for t in trained]
+        # The trained tensors and the input keep their own precision whatever the products ran in.
+        assert all(grad.dtype == torch.float32 for grad in got_grads)
+        x64 = x.double().requires_grad_(True)
+        trained64 = [t.detach().double().requires_grad_(True) for t in trained]
+        out64 = reference(layer.scale.double() * trained64[0].exp(), layer.zero.double() + trained64[1],
+                          layer.gains.double() * trained64[2].exp(), k, x64)
+        expected_grads = torch.autograd.grad(out64, [x64, *trained64], upstream)
+        for name, got_grad, expected in zip(("x", "log_scale", "zero_shift", "log_gain"), got_grads, expected_grads,
+                                            strict=True):
+            if autocast:
+                relative = (got_grad.double() - expected).norm() / expected.norm()
+                assert relative < grad_tolerance, (name, k, relative.item())
+            else:
+                torch.testing.assert_close(got_grad.double(), expected, rtol=grad_tolerance, atol=grad_tolerance,
+                                           msg=lambda m, name=name, k=k: f"{name} at {k}: {m}")
+        for t in trained:
+            t.grad = None
     tuned.write_back()
     # Stored as the format's float16, and run by the layer itself.
     for k in range(1, slices + 1):
@@ -98,12 +151,13 @@ def weighted_kl(model: torch.nn.Module, fp_logits: torch.Tensor, samples: torch.
     return total
 
 
-def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(tmp_path: Path, dtype: str) -> None:
     torch.manual_seed(13)
     samples = torch.randint(0, 96, (8, 32))
     with torch.no_grad():
         fp_logits = tiny_llama(3)(samples).logits
-    config = CalibrationConfig(**TUNED, end_to_end_steps=24)
+    config = CalibrationConfig(**TUNED, end_to_end_steps=24, end_to_end_dtype=dtype)
     untuned = quantize_model(tiny_llama(3), samples, CalibrationConfig(**TUNED), tmp_path / "w", progress=False)
     tuned = quantize_model(tiny_llama(3), samples, config, tmp_path / "w", progress=False)
     objective = config.end_to_end_objective()
@@ -165,11 +219,13 @@ def test_the_blocks_are_keyed_without_the_stage_and_the_stage_by_its_settings() 
     assert tuned.digest() == base.digest() == CalibrationConfig(**FAST, end_to_end_lr=1e-3).digest()
     assert base.model_digest() == base.digest() != tuned.model_digest()
     assert tuned.model_digest() != CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_lr=1e-3).model_digest()
+    in_bf16 = CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_dtype="bfloat16")
+    assert in_bf16.digest() == base.digest() and in_bf16.model_digest() != tuned.model_digest()
     samples = torch.zeros(2, 8, dtype=torch.long)
-    keys = {stage_key(config, blocks, samples, 64)
-            for config in (tuned, CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_weights=(0, 1, 0, 0)))
+    reweighted = CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_weights=(0, 1, 0, 0))
+    keys = {stage_key(config, blocks, samples, 64) for config in (tuned, reweighted, in_bf16)
             for blocks in ({0: "a", 1: "b"}, {0: "a", 1: "c"})}
-    assert len(keys) == 4
+    assert len(keys) == 6
     assert stage_key(tuned, {0: "a"}, samples, 64) != stage_key(tuned, {0: "a"}, samples + 1, 64)
 
 
@@ -179,6 +235,7 @@ def test_the_blocks_are_keyed_without_the_stage_and_the_stage_by_its_settings() 
     ({"end_to_end_lr": float("inf")}, "end_to_end_lr must be a positive number"),
     ({"end_to_end_weights": (1.0, 2.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
     ({"end_to_end_weights": (0.0, 0.0, 0.0, 0.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
+    ({"end_to_end_dtype": "float16"}, r"end_to_end_dtype must be one of \('float32', 'bfloat16'\)"),
 ])
 def test_bad_stage_settings_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

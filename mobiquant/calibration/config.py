@@ -54,7 +54,8 @@ DEFAULT_DESCENT_SWEEPS = 0
 DEFAULT_END_TO_END_WEIGHTS = (0.0, 1.0, 1.0, 0.5)
 DEFAULT_END_TO_END_LR = 5e-4
 # Options applied after the blocks, to the assembled model: they key the end-to-end stage, not the block results.
-END_TO_END_OPTIONS = ("end_to_end_steps", "end_to_end_lr", "end_to_end_weights")
+END_TO_END_OPTIONS = ("end_to_end_steps", "end_to_end_lr", "end_to_end_weights", "end_to_end_dtype")
+END_TO_END_DTYPES = ("float32", "bfloat16")
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -100,6 +101,9 @@ class CalibrationConfig:
     end_to_end_weights: tuple[float, ...] | None = None
     """Weight of the KL at 1, 2, ... slices in the end-to-end tuning's loss; ``None`` takes
     ``DEFAULT_END_TO_END_WEIGHTS``."""
+    end_to_end_dtype: str = "float32"
+    """Precision of the end-to-end tuning's matrix products: ``float32``, or ``bfloat16`` (autocast, on the CPU
+    as on CUDA; the trained tensors, their gradients' sums and the loss stay float32)."""
     loss_weighted_hessians: bool = True
     """Weigh each calibration token in the Hessians by its saliency, the squared gradient of the calibration
     loss at the linear's outputs (:mod:`mobiquant.calibration.saliency`); ``False``: every token alike, GPTQ's
@@ -146,6 +150,8 @@ class CalibrationConfig:
             raise ValueError(f"end_to_end_steps must be a whole number >= 0, got {self.end_to_end_steps!r}")
         if not 0.0 < self.end_to_end_lr < math.inf:
             raise ValueError(f"end_to_end_lr must be a positive number, got {self.end_to_end_lr!r}")
+        if self.end_to_end_dtype not in END_TO_END_DTYPES:
+            raise ValueError(f"end_to_end_dtype must be one of {END_TO_END_DTYPES}, got {self.end_to_end_dtype!r}")
         if self.row_gain_slices < 0:
             raise ValueError(f"row_gain_slices must be >= 0, got {self.row_gain_slices!r}")
         # Gains at 1..row_gain_slices slices: a checkpoint with fewer slices fits them at every slice it has.

@@ -38,10 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from mobiquant.calibration.capture import block_outputs
@@ -57,7 +55,7 @@ from mobiquant.calibration.store import (
 )
 from mobiquant.layers import MoBiLinear
 from mobiquant.model_files import BlockSource
-from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, SlicedWeight, dequantize_codes
+from mobiquant.slicing import BITS_PER_SLICE, PARAM_DTYPE, SlicedWeight, affine_codes, group_step_offset
 from mobiquant.streaming import block_returns_tuple, head_logits
 
 TEACHER_FILE = "teacher.safetensors"
@@ -79,19 +77,22 @@ def coarse_kl(student_logits: torch.Tensor, top_log_probs: torch.Tensor, top_ind
     distributions are coarsened to those tokens plus "any other token"; the KL of coarsened distributions never
     exceeds the full KL and equals it when ``top_k`` is the vocabulary.
     """
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    student_top = student.gather(-1, top_indices)
+    logits = student_logits.float()
     teacher = top_log_probs.float()
-    top_terms = (teacher.exp() * (teacher - student_top)).sum(-1)
-    if top_indices.shape[-1] >= student_logits.shape[-1]:
+    top_logits = logits.gather(-1, top_indices)
+    top_lse = torch.logsumexp(top_logits, dim=-1)
+    if top_indices.shape[-1] >= logits.shape[-1]:
         # No token outside the top ones: the teacher's rest is rounding alone.
-        return top_terms.mean()
-    # The rest bucket's student log-probability from the logits outside the top tokens (no 1 - sum cancellation).
-    outside = student.scatter(-1, top_indices, -math.inf)
-    student_rest = torch.logsumexp(outside, dim=-1)
+        return (teacher.exp() * (teacher - (top_logits - top_lse.unsqueeze(-1)))).sum(-1).mean()
+    # The rest's log-sum from the logits outside the top tokens, not as log(1 - top mass): no cancellation where the
+    # top tokens hold nearly all the mass. The whole log-sum follows from the two parts, with no log-softmax over
+    # the vocabulary kept for the backward pass.
+    rest_lse = torch.logsumexp(logits.scatter(-1, top_indices, -math.inf), dim=-1)
+    lse = torch.logaddexp(top_lse, rest_lse)
+    top_terms = (teacher.exp() * (teacher - (top_logits - lse.unsqueeze(-1)))).sum(-1)
     teacher_rest_prob = (1.0 - teacher.exp().sum(-1)).clamp(min=0.0)
     rest_terms = torch.where(teacher_rest_prob > 0,
-                             teacher_rest_prob * (teacher_rest_prob.clamp(min=1e-30).log() - student_rest),
+                             teacher_rest_prob * (teacher_rest_prob.clamp(min=1e-30).log() - (rest_lse - lse)),
                              torch.zeros_like(teacher_rest_prob))
     return (top_terms + rest_terms).mean()
 
@@ -140,10 +141,49 @@ def _capture_tag(capture_dir: Path) -> str:
 # The student
 
 
+class _CodesProduct(torch.autograd.Function):
+    """``x @ W.T`` with ``W = offset + (codes >> shift) * step`` per group, differentiable in ``x``, ``step`` and
+    ``offset``.
+
+    Only ``x`` and the small per-group tensors are kept for the backward pass, which rebuilds ``W`` from the
+    layer's codes (kept, every linear's dense weight would sit in memory until the backward: the model's size in
+    float32 on top of its codes). Written out rather than left to autograd under activation checkpointing, which
+    would also run the forward product a second time: a third of the linears' arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, shift: int, step: torch.Tensor,
+                offset: torch.Tensor) -> torch.Tensor:
+        # Under autocast the products run in its dtype, as a linear's would; the per-group tensors stay float32.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        ctx.input_dtype = x.dtype
+        x = x.to(dtype)
+        ctx.save_for_backward(x, codes, step, offset)
+        ctx.shift = shift
+        return x @ affine_codes(codes >> shift, step, offset).to(dtype).T
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, codes, step, offset = ctx.saved_tensors
+        codes = codes >> ctx.shift
+        grad_out = grad_out.to(x.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ affine_codes(codes, step, offset).to(x.dtype)).to(ctx.input_dtype)
+        out_features, in_features = codes.shape
+        # dL/dW, summed over the group's columns against 1 and against the codes.
+        grad_weight = (grad_out.reshape(-1, out_features).T @ x.reshape(-1, in_features)).float()
+        grad_weight = grad_weight.view(out_features, step.shape[1], -1)
+        grad_offset = grad_weight.sum(-1, keepdim=True)
+        grad_step = torch.linalg.vecdot(grad_weight, codes.view(grad_weight.shape).float()).unsqueeze(-1)
+        return grad_x, None, None, grad_step, grad_offset
+
+
 class TunedLinear(nn.Module):
     """A MoBiLinear run at ``slices`` with trainable multipliers of its group parameters and row gains.
 
-    The weight is rebuilt from the layer's codes at every call (``dequantize_codes`` with the tuned values), so
+    The weight is rebuilt from the layer's codes at every call (``group_step_offset`` of the tuned values), so
     gradients reach the three trained tensors; the codes and the layer itself are not changed until
     :meth:`write_back`.
     """
@@ -162,19 +202,11 @@ class TunedLinear(nn.Module):
         return (layer.scale.float() * self.log_scale.exp(), layer.zero.float() + self.zero_shift,
                 layer.gains.float() * self.log_gain.exp())
 
-    def weight(self, k: int) -> torch.Tensor:
-        scale, zero, gains = self.tuned()
-        full = self.layer.stored_slices
-        codes = self.layer.dense_codes() >> (BITS_PER_SLICE * (full - k))
-        return dequantize_codes(codes, scale, zero, k, torch.float32, gains[k - 1])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The rebuilt weight is not kept for the backward pass but rebuilt there: kept, every linear's dense weight
-        # would sit in memory until the backward (the model's size in float32 on top of its codes).
-        return checkpoint(self._product, x, use_reentrant=False)
-
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self.weight(self.slices).to(x.dtype).T
+        scale, zero, gains = self.tuned()
+        step, offset = group_step_offset(scale, zero, self.slices, gains[self.slices - 1])
+        shift = BITS_PER_SLICE * (self.layer.stored_slices - self.slices)
+        out = _CodesProduct.apply(x, self.layer.dense_codes(), shift, step, offset)
         if self.layer.bias is not None:
             out = out + self.layer.bias.to(out.dtype)
         return out
@@ -256,6 +288,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
         raise ValueError(f"the teacher holds {tuple(teacher['indices'].shape[:2])} positions, the samples "
                          f"{tuple(samples.shape)}")
     device = next(model.parameters()).device
+    autocast = config.end_to_end_dtype == "bfloat16"
     start = time.perf_counter()
     with frozen(model), tuned_linears(model) as tuned:
         params = {f"{name}.{part}": getattr(wrapper, part) for name, wrapper in tuned.items()
@@ -278,7 +311,9 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
             for k, weight in objective.items():
                 for wrapper in tuned.values():
                     wrapper.slices = k
-                loss = weight * coarse_kl(model(tokens, use_cache=False).logits, top_log_probs, top_indices)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(tokens, use_cache=False).logits
+                loss = weight * coarse_kl(logits, top_log_probs, top_indices)
                 loss.backward()
                 total += float(loss.detach())
             optimizer.step()
