@@ -148,7 +148,7 @@ class _CodesProduct(torch.autograd.Function):
     Only ``x`` and the small per-group tensors are kept for the backward pass, which rebuilds ``W`` from the
     layer's codes (kept, every linear's dense weight would sit in memory until the backward: the model's size in
     float32 on top of its codes). Written out rather than left to autograd under activation checkpointing, which
-    would also run the forward product a second time: a third of the linears' arithmetic.
+    would also run the forward product a second time: a third more arithmetic in the linears.
     """
 
     @staticmethod
