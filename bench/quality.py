@@ -55,7 +55,7 @@ from mobiquant.allocation import loss_gradient_passes  # noqa: E402
 from mobiquant.arch import Architecture, architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report  # noqa: E402
 from mobiquant.calibration.capture import block_outputs  # noqa: E402
-from mobiquant.calibration.config import DEFAULT_END_TO_END_LR, linear_weight_tuples  # noqa: E402
+from mobiquant.calibration.config import DEFAULT_END_TO_END_LR, END_TO_END_DTYPES, linear_weight_tuples  # noqa: E402
 from mobiquant.calibration.driver import END_TO_END_DIR  # noqa: E402
 from mobiquant.calibration.end_to_end import STATE_FILE  # noqa: E402
 from mobiquant.calibration.saliency import read_token_saliency  # noqa: E402
@@ -389,7 +389,7 @@ def main() -> None:
                         help="weights of the KL at 1..4 slices in the end-to-end tuning (default: the config's)")
     parser.add_argument("--end-to-end-lr", type=float, default=DEFAULT_END_TO_END_LR,
                         help="peak learning rate of the end-to-end tuning")
-    parser.add_argument("--end-to-end-dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--end-to-end-dtype", choices=END_TO_END_DTYPES, default="float32",
                         help="precision of the end-to-end tuning's matrix products")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
