@@ -186,11 +186,17 @@ def dequantize_codes(
     return affine_codes(codes, *group_step_offset(scale, zero, num_slices, gain)).to(dtype)
 
 
-def affine_codes(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def affine_codes(
+    codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``offset + codes * step`` with ``codes`` ``[out, in]`` and ``step``, ``offset`` ``[out, groups, 1]``, in
-    float32, ``[out, in]``."""
+    float32, ``[out, in]``; written into ``out`` (float32, contiguous, as many elements) where given."""
     out_features, in_features = codes.shape
-    weight = torch.addcmul(offset, codes.reshape(out_features, step.shape[1], -1).float(), step)
+    grouped = codes.reshape(out_features, step.shape[1], -1).float()
+    if out is None:
+        weight = torch.addcmul(offset, grouped, step)
+    else:
+        weight = torch.addcmul(offset, grouped, step, out=out.view(grouped.shape))
     return weight.reshape(out_features, in_features)
 
 

@@ -66,6 +66,73 @@ def test_coarse_kl_and_its_gradient_are_those_of_the_coarsened_distributions_flo
     assert got.item() == pytest.approx(full_kl64(teacher_logits, student_logits).item(), rel=1e-4)
 
 
+# The fused head and loss against float64: elementwise in float32; under bf16 autocast the head's product rounds
+# its inputs to 8 bits of mantissa, so the value is looser and the gradient is held to its whole tensor's size.
+HEAD_KL_TOLERANCES = {False: {"value": 1e-5, "grad": (1e-4, 1e-6)}, True: {"value": 2e-2, "grad": 3e-2}}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_the_fused_head_and_loss_give_the_coarse_kl_and_its_gradient_in_the_hidden_states_float64(
+        autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(17)
+    vocab, features = 40, 24
+    # Three positions per chunk: ten positions end on a shorter chunk.
+    monkeypatch.setitem(end_to_end.LOGIT_CHUNK_ELEMENTS, "cpu", 3 * vocab + 5)
+    weight, bias = torch.randn(vocab, features), torch.randn(vocab)
+    hidden = torch.randn(2, 5, features)
+    teacher = F.log_softmax(3 * torch.randn(2, 5, vocab).double(), dim=-1)
+    # The last position's student is sure of the teacher's top token: its rest holds almost no mass.
+    hidden[1, 4] = 6 * weight[teacher[1, 4].argmax()] / weight[teacher[1, 4].argmax()].norm()
+    tolerance = HEAD_KL_TOLERANCES[autocast]
+    for top_k in (1, 7, vocab):
+        top = torch.topk(teacher, top_k, dim=-1)
+        hidden64 = hidden.double().requires_grad_(True)
+        reference = reference_kl(hidden64 @ weight.double().T + bias.double(), top)
+        (reference_grad,) = torch.autograd.grad(reference, hidden64)
+        got_hidden = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            dtype = torch.bfloat16 if autocast else torch.float32
+            got = end_to_end._HeadKL.apply(got_hidden, weight.to(dtype), bias, top.values.float(), top.indices)
+        (3.0 * got).backward()
+        assert got.dtype == torch.float32 and got_hidden.grad.dtype == torch.float32
+        assert got.item() == pytest.approx(reference.item(), rel=tolerance["value"], abs=1e-6)
+        if autocast:
+            error = (got_hidden.grad.double() - 3.0 * reference_grad).norm() / reference_grad.norm()
+            assert error < tolerance["grad"] * 3.0
+        else:
+            rtol, atol = tolerance["grad"]
+            torch.testing.assert_close(got_hidden.grad.double(), 3.0 * reference_grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_the_students_loss_through_the_head_slot_is_the_coarse_kl_of_the_models_logits(family: str) -> None:
+    torch.manual_seed(19)
+    model = tiny_model(family, seed=6)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    top = torch.topk(F.log_softmax(3 * torch.randn(2, 12, model.config.vocab_size), dim=-1), 9, dim=-1)
+    norm = model.model.norm.weight
+
+    def loss_and_grad(slot: bool) -> tuple[float, torch.Tensor]:
+        norm.grad = None
+        if slot:
+            with end_to_end.head_slot(model) as head:
+                loss = end_to_end.student_kl(model, head, tokens, top.values, top.indices)
+                loss.backward()
+            # Gemma 2 caps its logits: the slot has handed them over whole.
+            assert head.fused == (family == "llama")
+        else:
+            loss = coarse_kl(model(tokens, use_cache=False).logits, top.values, top.indices)
+            loss.backward()
+        return loss.item(), norm.grad.clone()
+
+    (expected, expected_grad), (got, got_grad) = loss_and_grad(False), loss_and_grad(True)
+    assert got == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-7)
+    # The slot is gone: the model computes its logits again.
+    assert model.get_output_embeddings().weight.shape[0] == model.config.vocab_size
+    assert model(tokens).logits.shape[-1] == model.config.vocab_size
+
+
 # Under bf16 autocast the products round their inputs to 8 bits of mantissa: the same values, looser; a group's
 # gradient sums terms of both signs, so it is held to the whole tensor's size there, not to its own.
 PRODUCT_TOLERANCES = {False: {"value": (1e-5, 1e-4), "grad": 1e-4}, True: {"value": (2e-2, 5e-2), "grad": 1e-2}}
@@ -188,24 +255,24 @@ def test_an_interrupted_stage_resumes_to_the_same_result_and_a_finished_one_is_r
 
     monkeypatch.setattr(end_to_end, "SAVE_EVERY_SECONDS", 0.0)
     calls = {"n": 0}
-    real_kl = end_to_end.coarse_kl
+    real_kl = end_to_end.student_kl
 
-    def failing_kl(*args: torch.Tensor) -> torch.Tensor:
+    def failing_kl(*args: object) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] > 3 * len(config.end_to_end_objective()):  # during the fourth step
             raise Interrupted
         return real_kl(*args)
 
-    monkeypatch.setattr(end_to_end, "coarse_kl", failing_kl)
+    monkeypatch.setattr(end_to_end, "student_kl", failing_kl)
     with pytest.raises(Interrupted):
         quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(end_to_end, "coarse_kl", real_kl)
+    monkeypatch.setattr(end_to_end, "student_kl", real_kl)
     resumed = quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
 
-    def never(*_args: torch.Tensor) -> torch.Tensor:
+    def never(*_args: object) -> torch.Tensor:
         raise AssertionError("a finished stage was trained again")
 
-    monkeypatch.setattr(end_to_end, "coarse_kl", never)
+    monkeypatch.setattr(end_to_end, "student_kl", never)
     reread = quantize_model(tiny_llama(3), samples, config, tmp_path / "cut", progress=False)
     for model in (resumed, reread):
         for (name, a), (_, b) in zip(named_layers(whole), named_layers(model), strict=True):

@@ -80,21 +80,122 @@ def coarse_kl(student_logits: torch.Tensor, top_log_probs: torch.Tensor, top_ind
     logits = student_logits.float()
     teacher = top_log_probs.float()
     top_logits = logits.gather(-1, top_indices)
-    top_lse = torch.logsumexp(top_logits, dim=-1)
+    top_lse = torch.logsumexp(top_logits, dim=-1, keepdim=True)
     if top_indices.shape[-1] >= logits.shape[-1]:
-        # No token outside the top ones: the teacher's rest is rounding alone.
-        return (teacher.exp() * (teacher - (top_logits - top_lse.unsqueeze(-1)))).sum(-1).mean()
+        return _coarse_kl_terms(teacher, top_logits - top_lse, None).mean()
     # The rest's log-sum from the logits outside the top tokens, not as log(1 - top mass): no cancellation where the
     # top tokens hold nearly all the mass. The whole log-sum follows from the two parts, with no log-softmax over
     # the vocabulary kept for the backward pass.
-    rest_lse = torch.logsumexp(logits.scatter(-1, top_indices, -math.inf), dim=-1)
+    rest_lse = torch.logsumexp(logits.scatter(-1, top_indices, -math.inf), dim=-1, keepdim=True)
     lse = torch.logaddexp(top_lse, rest_lse)
-    top_terms = (teacher.exp() * (teacher - (top_logits - lse.unsqueeze(-1)))).sum(-1)
+    return _coarse_kl_terms(teacher, top_logits - lse, rest_lse - lse).mean()
+
+
+def _coarse_kl_terms(teacher: torch.Tensor, top_log_q: torch.Tensor, rest_log_q: torch.Tensor | None) -> torch.Tensor:
+    """The coarse KL per position from the teacher's top log-probabilities and the student's (``[..., top_k]``), and
+    the student's log-probability of the rest (``[..., 1]``; None where the top tokens are the whole vocabulary:
+    the teacher's rest is then rounding alone)."""
+    top_terms = (teacher.exp() * (teacher - top_log_q)).sum(-1)
+    if rest_log_q is None:
+        return top_terms
     teacher_rest_prob = (1.0 - teacher.exp().sum(-1)).clamp(min=0.0)
     rest_terms = torch.where(teacher_rest_prob > 0,
-                             teacher_rest_prob * (teacher_rest_prob.clamp(min=1e-30).log() - (rest_lse - lse)),
+                             teacher_rest_prob * (teacher_rest_prob.clamp(min=1e-30).log() - rest_log_q.squeeze(-1)),
                              torch.zeros_like(teacher_rest_prob))
-    return (top_terms + rest_terms).mean()
+    return top_terms + rest_terms
+
+
+@torch.no_grad()
+def _coarse_kl_and_gradient(logits: torch.Tensor, teacher: torch.Tensor,
+                            top_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse KL per position and its gradient in the logits (``[positions, vocab]``, float32), written out and
+    made in place: the gradient is ``logits``, overwritten.
+
+    With ``q = softmax(logits)``, ``m`` the teacher's coarse mass (1 up to rounding), ``p_R`` its rest and ``q_R``
+    the student's: a top token's entry is ``m q_j - p_j``; any other's ``m q_j - p_R q_j / q_R``, computed as
+    ``exp(l_j - lse_R) (m q_R - p_R)`` so that nothing divides by a vanishing ``q_R``.
+    """
+    top_logits = logits.gather(-1, top_indices)
+    top_lse = torch.logsumexp(top_logits, dim=-1, keepdim=True)
+    teacher_top_prob = teacher.exp()
+    mass = teacher_top_prob.sum(-1, keepdim=True)
+    if top_indices.shape[-1] >= logits.shape[-1]:
+        kl = _coarse_kl_terms(teacher, top_logits - top_lse, None)
+        grad = logits.zero_()
+        student_top_prob = (top_logits - top_lse).exp()
+    else:
+        # exp(l_j - max) outside the top tokens, 0 at them: the rest's log-sum, and once scaled its gradient.
+        rest_exp = logits.scatter_(-1, top_indices, -math.inf)
+        rest_max = rest_exp.amax(-1, keepdim=True)
+        rest_sum = rest_exp.sub_(rest_max).exp_().sum(-1, keepdim=True)
+        rest_lse = rest_max + rest_sum.log()
+        lse = torch.logaddexp(top_lse, rest_lse)
+        kl = _coarse_kl_terms(teacher, top_logits - lse, rest_lse - lse)
+        teacher_rest_prob = (1.0 - mass).clamp(min=0.0)
+        mass = mass + teacher_rest_prob
+        student_top_prob = (top_logits - lse).exp()
+        grad = rest_exp.mul_((mass * (rest_lse - lse).exp() - teacher_rest_prob) / rest_sum)
+    grad.scatter_(-1, top_indices, mass * student_top_prob - teacher_top_prob)
+    return kl, grad
+
+
+# Positions per chunk of the fused head and loss: this many logits over the vocabulary. On a CPU, 16 MB of float32
+# stays below glibc's largest threshold for serving a buffer from the heap, where larger ones are mapped afresh and
+# page-faulted at every use; on a GPU a chunk must be long enough that the head's weight, read once per chunk, is
+# read a few times per pass, not hundreds.
+LOGIT_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+LOGIT_CHUNK_ELEMENTS_DEVICE = 1 << 26
+
+
+class _HeadKL(torch.autograd.Function):
+    """:func:`coarse_kl` of the head's logits ``hidden @ weight.T + bias``, differentiable in ``hidden`` only, with
+    the product in ``weight``'s dtype.
+
+    The logits are made a chunk of positions at a time, into one buffer reused by every chunk, and the chunk's
+    gradient in ``hidden`` is taken in the same pass (:func:`_coarse_kl_and_gradient`), so no ``[positions, vocab]``
+    tensor is kept: the whole logits, their float32 copy and autograd's saved softmax would be gigabytes on a large
+    vocabulary. The backward scales the stored gradient. The head is not trained.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                top_log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        vocab, features = weight.shape
+        flat = hidden.reshape(-1, features).to(weight.dtype)
+        teacher = top_log_probs.reshape(len(flat), -1).float()
+        indices = top_indices.reshape(len(flat), -1)
+        chunk_elements = LOGIT_CHUNK_ELEMENTS.get(hidden.device.type, LOGIT_CHUNK_ELEMENTS_DEVICE)
+        rows = min(len(flat), max(1, chunk_elements // vocab))
+        logits_buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+        # The product's own dtype, where it is not float32: the logits before, the gradient after the loss.
+        product_buffer = None if weight.dtype == torch.float32 else torch.empty_like(logits_buffer, dtype=weight.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(flat.shape, dtype=torch.float32, device=hidden.device)
+        # The dtypes are chosen here: autocast, where it is on, would not write into the buffers.
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(flat), rows):
+                part = slice(start, start + rows)
+                count = len(flat[part])
+                logits = logits_buffer[:count]
+                if product_buffer is None:
+                    torch.matmul(flat[part], weight.T, out=logits)
+                else:
+                    logits.copy_(torch.matmul(flat[part], weight.T, out=product_buffer[:count]))
+                if bias is not None:
+                    logits += bias.float()
+                kl, grad_logits = _coarse_kl_and_gradient(logits, teacher[part], indices[part])
+                total += kl.sum()
+                if product_buffer is not None:
+                    grad_logits = product_buffer[:count].copy_(grad_logits)
+                grad[part] = grad_logits @ weight
+        ctx.save_for_backward(grad)
+        ctx.positions, ctx.shape, ctx.dtype = len(flat), hidden.shape, hidden.dtype
+        return total / len(flat)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * (grad_loss / ctx.positions)).view(ctx.shape).to(ctx.dtype), None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -141,6 +242,32 @@ def _capture_tag(capture_dir: Path) -> str:
 # The student
 
 
+class _Scratch:
+    """Buffers that every linear's weight rebuild writes into, one product at a time: on a CPU a fresh weight-sized
+    tensor per product and per step is mapped afresh and page-faulted in, which costs more than the product."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A ``shape`` tensor of ``dtype`` on ``device``, uninitialised, that the next call of the same name reuses."""
+        numel, key = math.prod(shape), (name, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def codes(self, codes: torch.Tensor, shift: int) -> torch.Tensor:
+        """``codes >> shift`` in float32 (exact: at most 2^24)."""
+        shifted = torch.bitwise_right_shift(codes, shift, out=self.get("codes", codes.shape, codes.dtype, codes.device))
+        return self.get("codes_f32", codes.shape, torch.float32, codes.device).copy_(shifted)
+
+    def weight(self, codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``affine_codes`` of float ``codes`` in ``dtype``."""
+        weight = affine_codes(codes, step, offset, out=self.get("weight", codes.shape, torch.float32, codes.device))
+        return weight if dtype == torch.float32 else self.get("weight", codes.shape, dtype, codes.device).copy_(weight)
+
+
 class _CodesProduct(torch.autograd.Function):
     """``x @ W.T`` with ``W = offset + (codes >> shift) * step`` per group, differentiable in ``x``, ``step`` and
     ``offset``.
@@ -148,36 +275,41 @@ class _CodesProduct(torch.autograd.Function):
     Only ``x`` and the small per-group tensors are kept for the backward pass, which rebuilds ``W`` from the
     layer's codes (kept, every linear's dense weight would sit in memory until the backward: the model's size in
     float32 on top of its codes). Written out rather than left to autograd under activation checkpointing, which
-    would also run the forward product a second time: a third more arithmetic in the linears.
+    would also run the forward product a second time: a third more arithmetic in the linears. The rebuilt weights
+    and the weight's gradient live in ``scratch``'s buffers.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, shift: int, step: torch.Tensor,
-                offset: torch.Tensor) -> torch.Tensor:
+                offset: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
         # Under autocast the products run in its dtype, as a linear's would; the per-group tensors stay float32.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         ctx.input_dtype = x.dtype
         x = x.to(dtype)
         ctx.save_for_backward(x, codes, step, offset)
-        ctx.shift = shift
-        return x @ affine_codes(codes >> shift, step, offset).to(dtype).T
+        ctx.shift, ctx.scratch = shift, scratch
+        return x @ scratch.weight(scratch.codes(codes, shift), step, offset, dtype).T
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, codes, step, offset = ctx.saved_tensors
-        codes = codes >> ctx.shift
+        scratch = ctx.scratch
+        shifted = scratch.codes(codes, ctx.shift)
         grad_out = grad_out.to(x.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ affine_codes(codes, step, offset).to(x.dtype)).to(ctx.input_dtype)
+            grad_x = (grad_out @ scratch.weight(shifted, step, offset, x.dtype)).to(ctx.input_dtype)
         out_features, in_features = codes.shape
         # dL/dW, summed over the group's columns against 1 and against the codes.
-        grad_weight = (grad_out.reshape(-1, out_features).T @ x.reshape(-1, in_features)).float()
+        grad_weight = torch.matmul(grad_out.reshape(-1, out_features).T, x.reshape(-1, in_features),
+                                   out=scratch.get("grad_weight", codes.shape, x.dtype, x.device))
+        if grad_weight.dtype != torch.float32:
+            grad_weight = scratch.get("grad_weight", codes.shape, torch.float32, x.device).copy_(grad_weight)
         grad_weight = grad_weight.view(out_features, step.shape[1], -1)
         grad_offset = grad_weight.sum(-1, keepdim=True)
-        grad_step = torch.linalg.vecdot(grad_weight, codes.view(grad_weight.shape).float()).unsqueeze(-1)
-        return grad_x, None, None, grad_step, grad_offset
+        grad_step = grad_weight.mul_(shifted.view(grad_weight.shape)).sum(-1, keepdim=True)
+        return grad_x, None, None, grad_step, grad_offset, None
 
 
 class TunedLinear(nn.Module):
@@ -188,9 +320,10 @@ class TunedLinear(nn.Module):
     :meth:`write_back`.
     """
 
-    def __init__(self, layer: MoBiLinear) -> None:
+    def __init__(self, layer: MoBiLinear, scratch: _Scratch | None = None) -> None:
         super().__init__()
         self.layer = layer
+        self.scratch = scratch or _Scratch()
         self.slices = layer.stored_slices
         self.log_scale = nn.Parameter(torch.zeros(layer.scale.shape, device=layer.scale.device))
         self.zero_shift = nn.Parameter(torch.zeros(layer.zero.shape, device=layer.zero.device))
@@ -206,7 +339,7 @@ class TunedLinear(nn.Module):
         scale, zero, gains = self.tuned()
         step, offset = group_step_offset(scale, zero, self.slices, gains[self.slices - 1])
         shift = BITS_PER_SLICE * (self.layer.stored_slices - self.slices)
-        out = _CodesProduct.apply(x, self.layer.dense_codes(), shift, step, offset)
+        out = _CodesProduct.apply(x, self.layer.dense_codes(), shift, step, offset, self.scratch)
         if self.layer.bias is not None:
             out = out + self.layer.bias.to(out.dtype)
         return out
@@ -226,7 +359,8 @@ def tuned_linears(model: nn.Module) -> Iterator[dict[str, TunedLinear]]:
     names = [name for name, module in model.named_modules() if isinstance(module, MoBiLinear)]
     if not names:
         raise ValueError("the model has no MoBiLinear layers to tune")
-    tuned = {name: TunedLinear(model.get_submodule(name)) for name in names}
+    scratch = _Scratch()
+    tuned = {name: TunedLinear(model.get_submodule(name), scratch) for name in names}
     try:
         for name, wrapper in tuned.items():
             _set_submodule(model, name, wrapper)
@@ -246,6 +380,67 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+class _HeadSlot(nn.Module):
+    """Stands in the model's output embeddings during the stage. Fused (at first), it keeps the head's input and
+    returns an empty tensor for the logits, which :func:`student_kl` computes with the loss; unfused, the head."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+        self.fused = True
+        self.hidden: torch.Tensor | None = None
+        self.placeholder: torch.Tensor | None = None
+        self._weights: dict[torch.dtype, torch.Tensor] = {}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.head(hidden)
+        self.hidden = hidden
+        self.placeholder = hidden[..., :0]
+        return self.placeholder
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The head's weight in ``dtype``, converted once for the whole stage."""
+        if dtype not in self._weights:
+            self._weights[dtype] = self.head.weight.detach().to(dtype)
+        return self._weights[dtype]
+
+
+@contextmanager
+def head_slot(model: nn.Module) -> Iterator[_HeadSlot | None]:
+    """A :class:`_HeadSlot` in place of ``model``'s output embeddings, put back on leaving; None where the head is
+    not a linear layer (the logits are then taken whole)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        yield None
+        return
+    name = next(name for name, module in model.named_modules() if module is head)
+    slot = _HeadSlot(head)
+    _set_submodule(model, name, slot)
+    try:
+        yield slot
+    finally:
+        _set_submodule(model, name, head)
+
+
+def student_kl(model: nn.Module, head: _HeadSlot | None, tokens: torch.Tensor, top_log_probs: torch.Tensor,
+               top_indices: torch.Tensor) -> torch.Tensor:
+    """:func:`coarse_kl` of ``model``'s next-token distribution on ``tokens``, with the head's product and the loss
+    fused (:class:`_HeadKL`) where ``head`` is a slot and the model's logits are the head's output as is."""
+    logits = model(tokens, use_cache=False).logits
+    if head is not None and head.fused:
+        if logits is head.placeholder:
+            device_type = tokens.device.type
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else head.hidden.dtype
+            bias = None if head.head.bias is None else head.head.bias.detach()
+            return _HeadKL.apply(head.hidden, head.weight(dtype), bias, top_log_probs, top_indices)
+        # The model changes its head's output (caps or scales the logits): they are taken whole from now on.
+        head.fused = False
+        logits = model(tokens, use_cache=False).logits
+    return coarse_kl(logits, top_log_probs, top_indices)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -290,7 +485,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
     device = next(model.parameters()).device
     autocast = config.end_to_end_dtype == "bfloat16"
     start = time.perf_counter()
-    with frozen(model), tuned_linears(model) as tuned:
+    with frozen(model), tuned_linears(model) as tuned, head_slot(model) as head:
         params = {f"{name}.{part}": getattr(wrapper, part) for name, wrapper in tuned.items()
                   for part in ("log_scale", "zero_shift", "log_gain")}
         optimizer = torch.optim.Adam(params.values(), lr=config.end_to_end_lr)
@@ -312,8 +507,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
                 for wrapper in tuned.values():
                     wrapper.slices = k
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(tokens, use_cache=False).logits
-                loss = weight * coarse_kl(logits, top_log_probs, top_indices)
+                    loss = weight * student_kl(model, head, tokens, top_log_probs, top_indices)
                 loss.backward()
                 total += float(loss.detach())
             optimizer.step()
