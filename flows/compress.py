@@ -593,6 +593,19 @@ def deployment_parameters(name: str, deployments_file: Path = DEPLOYMENTS_FILE) 
     return copy.deepcopy(found[name])
 
 
+def merged(params: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``params``: a mapping given where ``params`` holds one is merged into it key by key (a publish
+    ``root`` alone keeps the deployment's ``kind``); anything else replaces. ``--set KEY={...}`` replaces a mapping
+    whole."""
+    result = copy.deepcopy(params)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
 def with_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     """``params`` with each ``KEY=VALUE`` applied; VALUE is YAML (``8``, ``[3, 4]``, ``{kind: local}``) and a dotted
     KEY (``publish.root=out``) sets one field of a nested parameter."""
@@ -652,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deployment", default="llama",
                         help="start from this deployment's parameters in prefect.yaml (default: %(default)s)")
     parser.add_argument("--params", type=Path, metavar="FILE",
-                        help="a YAML or JSON mapping of parameters, applied over the deployment's")
+                        help="a YAML or JSON mapping of parameters, applied over the deployment's (a nested "
+                        "mapping key by key)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
                         help="one parameter, applied last; VALUE is YAML, a dotted KEY sets a nested field "
                         "(--set model=org/name --set samples=64 --set publish.kind=local); repeatable")
@@ -668,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             given = yaml.safe_load(args.params.read_text())
             if not isinstance(given, dict):
                 raise InvalidParametersError(f"--params {args.params}: expected a mapping of parameters")
-            params.update(given)
+            params = merged(params, given)
         params = with_overrides(params, args.assignments)
     except (InvalidParametersError, OSError, yaml.YAMLError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -69,6 +70,25 @@ def test_bad_command_lines_are_one_line_and_run_nothing(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mobiquant compress: error: ") and message in err[0], (argv, err)
     assert list(tmp_path.iterdir()) == [listed]
+
+
+def test_a_params_file_is_merged_into_the_deployments_parameters_key_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(flows.compress, "run_locally", lambda params, prog: ran.update(params) or 0)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"publish:\n  root: {tmp_path / 'here'}\nsamples: 8\nbudgets: [3.0]\n")
+    deployment = deployment_parameters("demo")
+    assert main(["--deployment", "demo", "--params", str(params_file), "--set", "publish.staging_branch=review"]) == 0
+    # The file's root and the --set field join the deployment's other publish fields; lists and values replace.
+    assert ran["publish"] == {**deployment["publish"], "root": str(tmp_path / "here"), "staging_branch": "review"}
+    assert ran["samples"] == 8 and ran["budgets"] == [3.0]
+    assert {k: v for k, v in ran.items() if k not in ("publish", "samples", "budgets")} == {
+        k: v for k, v in deployment.items() if k not in ("publish", "samples", "budgets")}
+    # A mapping set whole replaces the deployment's.
+    assert main(["--deployment", "demo", "--set", "publish={kind: local, root: x}"]) == 0
+    assert ran["publish"] == {"kind": "local", "root": "x"}
 
 
 def test_the_command_runs_the_flow_with_the_deployments_parameters_and_the_overrides(
