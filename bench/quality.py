@@ -55,7 +55,12 @@ from mobiquant.allocation import loss_gradient_passes  # noqa: E402
 from mobiquant.arch import Architecture, architecture_of  # noqa: E402
 from mobiquant.calibration import CalibrationConfig, quantize_model, read_result_report  # noqa: E402
 from mobiquant.calibration.capture import block_outputs  # noqa: E402
-from mobiquant.calibration.config import DEFAULT_END_TO_END_LR, END_TO_END_DTYPES, linear_weight_tuples  # noqa: E402
+from mobiquant.calibration.config import (  # noqa: E402
+    DEFAULT_END_TO_END_LR,
+    END_TO_END_DTYPES,
+    END_TO_END_SCHEDULES,
+    linear_weight_tuples,
+)
 from mobiquant.calibration.driver import END_TO_END_DIR  # noqa: E402
 from mobiquant.calibration.end_to_end import STATE_FILE  # noqa: E402
 from mobiquant.calibration.saliency import read_token_saliency  # noqa: E402
@@ -300,7 +305,7 @@ def run_elastic(args: argparse.Namespace, base: nn.Module, samples: torch.Tensor
             options[option] = linear_weight_tuples(dict(given), 4)
     if args.end_to_end_steps:
         options |= {"end_to_end_steps": args.end_to_end_steps, "end_to_end_lr": args.end_to_end_lr,
-                    "end_to_end_dtype": args.end_to_end_dtype}
+                    "end_to_end_dtype": args.end_to_end_dtype, "end_to_end_schedule": args.end_to_end_schedule}
     if args.end_to_end_weights:
         options["end_to_end_weights"] = tuple(args.end_to_end_weights)
     config = CalibrationConfig(**options)
@@ -391,6 +396,8 @@ def main() -> None:
                         help="peak learning rate of the end-to-end tuning")
     parser.add_argument("--end-to-end-dtype", choices=END_TO_END_DTYPES, default="float32",
                         help="precision of the end-to-end tuning's matrix products")
+    parser.add_argument("--end-to-end-schedule", choices=END_TO_END_SCHEDULES, default="all",
+                        help="slice counts each end-to-end step runs: all weighted ones, or one in turn")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

@@ -344,7 +344,8 @@ def params_config(params: CompressParams) -> dict[str, Any]:
 
     weights, clip, tuning = params.precision_weights, params.clip_search_weights, params.end_to_end_weights
     chosen = {name: getattr(params, name)
-              for name in ("damp", "descent_sweeps", "end_to_end_steps", "end_to_end_lr", "end_to_end_dtype")
+              for name in ("damp", "descent_sweeps", "end_to_end_steps", "end_to_end_lr", "end_to_end_dtype",
+                           "end_to_end_schedule")
               if getattr(params, name) is not None}
     return CalibrationConfig(
         num_slices=params.num_slices,
@@ -401,6 +402,7 @@ def compress(
     end_to_end_weights: dict[int, float] | None = None,
     end_to_end_lr: float | None = None,
     end_to_end_dtype: Literal["float32", "bfloat16"] | None = None,
+    end_to_end_schedule: Literal["all", "rotate"] | None = None,
     loss_weighted_hessians: bool = True,
     seed: int = 0,
     budgets: list[float] | None = None,

@@ -169,6 +169,9 @@ class CompressParams(BaseModel):
     end_to_end_dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="precision of the end-to-end tuning's matrix products (default: config, float32)"
     )
+    end_to_end_schedule: Literal["all", "rotate"] | None = Field(
+        None, description="slice counts each end-to-end step runs: all weighted ones, or one in turn (default: all)"
+    )
     loss_weighted_hessians: bool = Field(
         True, description="weigh calibration tokens in the Hessians by their loss saliency (False: GPTQ's X^T X)"
     )

@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with bf16 units (default: float32)",
     )
     quantize.add_argument(
+        "--end-to-end-schedule", choices=("all", "rotate"),
+        help="slice counts each step of --end-to-end-steps runs: all weighted ones, or one in turn in the weights' "
+        "proportions (rotate: a pass per step, not one per count; default: all)",
+    )
+    quantize.add_argument(
         "--end-to-end-weights", type=slice_weights_arg, metavar="K:W,...",
         help="weights of the KL at K slices in --end-to-end-steps' loss (default: 2:1,3:1,4:0.5)",
     )
@@ -376,6 +381,8 @@ def calibration_options(args: argparse.Namespace, group_size: int) -> dict[str, 
         options["end_to_end_lr"] = args.end_to_end_lr
     if args.end_to_end_dtype is not None:
         options["end_to_end_dtype"] = args.end_to_end_dtype
+    if args.end_to_end_schedule is not None:
+        options["end_to_end_schedule"] = args.end_to_end_schedule
     if args.uniform_hessians:
         options["loss_weighted_hessians"] = False
     num_slices = options.get("num_slices", 4)

@@ -190,15 +190,17 @@ def test_precision_weights_parse_to_the_configs_tuple(capsys: pytest.CaptureFixt
     for bad in ("-1", "1.5", "x"):
         code, err = run_usage(capsys, "quantize", "m", "-o", "x", "--descent-sweeps", bad)
         assert code == 2 and "expected a whole number >= 0" in one_line(err)
-    for flags, tuning in (([], (0, CalibrationConfig().end_to_end_lr, "float32")),
-                          (["--end-to-end-steps", "16", "--end-to-end-lr", "1e-3", "--end-to-end-dtype", "bfloat16"],
-                           (16, 1e-3, "bfloat16"))):
+    for flags, tuning in (([], (0, CalibrationConfig().end_to_end_lr, "float32", "all")),
+                          (["--end-to-end-steps", "16", "--end-to-end-lr", "1e-3", "--end-to-end-dtype", "bfloat16",
+                            "--end-to-end-schedule", "rotate"], (16, 1e-3, "bfloat16", "rotate"))):
         options = cli.calibration_options(cli.build_parser().parse_args(["quantize", "m", "-o", "x", *flags]), 64)
         config = CalibrationConfig(**options)
-        assert (config.end_to_end_steps, config.end_to_end_lr, config.end_to_end_dtype) == tuning
+        assert (config.end_to_end_steps, config.end_to_end_lr, config.end_to_end_dtype,
+                config.end_to_end_schedule) == tuning
     for flag, bad, message in (("--end-to-end-steps", "-2", "expected a whole number >= 0"),
                                ("--end-to-end-lr", "0", "expected a positive number"),
-                               ("--end-to-end-dtype", "float16", "invalid choice: 'float16'")):
+                               ("--end-to-end-dtype", "float16", "invalid choice: 'float16'"),
+                               ("--end-to-end-schedule", "random", "invalid choice: 'random'")):
         code, err = run_usage(capsys, "quantize", "m", "-o", "x", flag, bad)
         assert code == 2 and message in one_line(err)
     for option in ("--precision-weights", "--clip-weights"):

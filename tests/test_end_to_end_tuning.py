@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 import mobiquant.calibration.end_to_end as end_to_end
 from mobiquant.calibration import CalibrationConfig, quantize_model
 from mobiquant.calibration.capture import capture_block_inputs
-from mobiquant.calibration.end_to_end import TunedLinear, coarse_kl, stage_key, write_teacher
+from mobiquant.calibration.end_to_end import TunedLinear, coarse_kl, stage_key, step_objectives, write_teacher
 from mobiquant.layers import MoBiLinear
 from mobiquant.model_files import InMemoryModel, ModelFiles
 from mobiquant.precision import mobi_layers, set_precision
@@ -218,15 +218,26 @@ def weighted_kl(model: torch.nn.Module, fp_logits: torch.Tensor, samples: torch.
     return total
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(tmp_path: Path, dtype: str) -> None:
+@pytest.mark.parametrize(("dtype", "schedule"), [("float32", "all"), ("bfloat16", "all"), ("float32", "rotate")])
+def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(
+        tmp_path: Path, dtype: str, schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(13)
     samples = torch.randint(0, 96, (8, 32))
     with torch.no_grad():
         fp_logits = tiny_llama(3)(samples).logits
-    config = CalibrationConfig(**TUNED, end_to_end_steps=24, end_to_end_dtype=dtype)
+    steps = 24 if schedule == "all" else 48
+    config = CalibrationConfig(**TUNED, end_to_end_steps=steps, end_to_end_dtype=dtype, end_to_end_schedule=schedule)
     untuned = quantize_model(tiny_llama(3), samples, CalibrationConfig(**TUNED), tmp_path / "w", progress=False)
+    passes = {"n": 0}
+    real_kl = end_to_end.student_kl
+
+    def counted_kl(*args: object) -> torch.Tensor:
+        passes["n"] += 1
+        return real_kl(*args)
+
+    monkeypatch.setattr(end_to_end, "student_kl", counted_kl)
     tuned = quantize_model(tiny_llama(3), samples, config, tmp_path / "w", progress=False)
+    assert passes["n"] == steps * (3 if schedule == "all" else 1)
     objective = config.end_to_end_objective()
     assert objective == {2: 1.0, 3: 1.0, 4: 0.5}
     before, after = (weighted_kl(m, fp_logits, samples, objective) for m in (untuned, tuned))
@@ -288,11 +299,14 @@ def test_the_blocks_are_keyed_without_the_stage_and_the_stage_by_its_settings() 
     assert tuned.model_digest() != CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_lr=1e-3).model_digest()
     in_bf16 = CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_dtype="bfloat16")
     assert in_bf16.digest() == base.digest() and in_bf16.model_digest() != tuned.model_digest()
+    rotated = CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_schedule="rotate")
+    assert rotated.digest() == base.digest() and rotated.model_digest() not in (tuned.model_digest(),
+                                                                                 in_bf16.model_digest())
     samples = torch.zeros(2, 8, dtype=torch.long)
     reweighted = CalibrationConfig(**FAST, end_to_end_steps=8, end_to_end_weights=(0, 1, 0, 0))
-    keys = {stage_key(config, blocks, samples, 64) for config in (tuned, reweighted, in_bf16)
+    keys = {stage_key(config, blocks, samples, 64) for config in (tuned, reweighted, in_bf16, rotated)
             for blocks in ({0: "a", 1: "b"}, {0: "a", 1: "c"})}
-    assert len(keys) == 6
+    assert len(keys) == 8
     assert stage_key(tuned, {0: "a"}, samples, 64) != stage_key(tuned, {0: "a"}, samples + 1, 64)
 
 
@@ -303,10 +317,30 @@ def test_the_blocks_are_keyed_without_the_stage_and_the_stage_by_its_settings() 
     ({"end_to_end_weights": (1.0, 2.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
     ({"end_to_end_weights": (0.0, 0.0, 0.0, 0.0)}, "end_to_end_weights needs 4 finite non-negative weights"),
     ({"end_to_end_dtype": "float16"}, r"end_to_end_dtype must be one of \('float32', 'bfloat16'\)"),
+    ({"end_to_end_schedule": "random"}, r"end_to_end_schedule must be one of \('all', 'rotate'\)"),
 ])
 def test_bad_stage_settings_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CalibrationConfig(**options)
+
+
+def test_rotating_steps_run_one_slice_count_each_in_the_weights_proportions_spread_out() -> None:
+    objective = {2: 1.0, 3: 1.0, 4: 0.5}
+    assert step_objectives(objective, "all", 3) == [objective] * 3
+    assert step_objectives(objective, "rotate", 10) == [{k: 2.5} for k in (2, 3, 4, 2, 3) * 2]
+    assert step_objectives({3: 2.0}, "rotate", 2) == [{3: 2.0}] * 2
+    generator = torch.Generator().manual_seed(21)
+    for _ in range(5):
+        weights = (torch.rand(4, generator=generator) + 0.05).tolist()
+        objective = dict(zip((1, 2, 3, 4), weights, strict=True))
+        steps = 97
+        chosen = [next(iter(step)) for step in step_objectives(objective, "rotate", steps)]
+        assert all(next(iter(step.values())) == pytest.approx(sum(weights))
+                   for step in step_objectives(objective, "rotate", steps))
+        for k, weight in objective.items():
+            # Every prefix of the steps holds each count in its share, to within one step.
+            for prefix in range(1, steps + 1):
+                assert abs(chosen[:prefix].count(k) - prefix * weight / sum(weights)) < 1.0 + 1e-9, (k, prefix)
 
 
 def test_the_objective_follows_the_slices_held() -> None:

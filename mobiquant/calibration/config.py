@@ -54,8 +54,11 @@ DEFAULT_DESCENT_SWEEPS = 0
 DEFAULT_END_TO_END_WEIGHTS = (0.0, 1.0, 1.0, 0.5)
 DEFAULT_END_TO_END_LR = 5e-4
 # Options applied after the blocks, to the assembled model: they key the end-to-end stage, not the block results.
-END_TO_END_OPTIONS = ("end_to_end_steps", "end_to_end_lr", "end_to_end_weights", "end_to_end_dtype")
+END_TO_END_OPTIONS = ("end_to_end_steps", "end_to_end_lr", "end_to_end_weights", "end_to_end_dtype",
+                      "end_to_end_schedule")
 END_TO_END_DTYPES = ("float32", "bfloat16")
+# Which weighted slice counts a step of the end-to-end stage runs: all of them, or one in turn (docs/method.md).
+END_TO_END_SCHEDULES = ("all", "rotate")
 # Past this the dampening outweighs the Hessian itself: the codes tend to plain rounding of the compensated copy.
 MAX_DAMP = 10.0
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -104,6 +107,9 @@ class CalibrationConfig:
     end_to_end_dtype: str = "float32"
     """Precision of the end-to-end tuning's matrix products: ``float32``, or ``bfloat16`` (autocast, on the CPU
     as on CUDA; the trained tensors, their gradients' sums and the loss stay float32)."""
+    end_to_end_schedule: str = "all"
+    """The slice counts each step of the end-to-end tuning runs: ``all`` weighted ones, or one, in turn in the
+    weights' proportions (``rotate``: a step costs one forward and backward pass instead of one per count)."""
     loss_weighted_hessians: bool = True
     """Weigh each calibration token in the Hessians by its saliency, the squared gradient of the calibration
     loss at the linear's outputs (:mod:`mobiquant.calibration.saliency`); ``False``: every token alike, GPTQ's
@@ -152,6 +158,9 @@ class CalibrationConfig:
             raise ValueError(f"end_to_end_lr must be a positive number, got {self.end_to_end_lr!r}")
         if self.end_to_end_dtype not in END_TO_END_DTYPES:
             raise ValueError(f"end_to_end_dtype must be one of {END_TO_END_DTYPES}, got {self.end_to_end_dtype!r}")
+        if self.end_to_end_schedule not in END_TO_END_SCHEDULES:
+            raise ValueError(f"end_to_end_schedule must be one of {END_TO_END_SCHEDULES}, "
+                             f"got {self.end_to_end_schedule!r}")
         if self.row_gain_slices < 0:
             raise ValueError(f"row_gain_slices must be >= 0, got {self.row_gain_slices!r}")
         # Gains at 1..row_gain_slices slices: a checkpoint with fewer slices fits them at every slice it has.

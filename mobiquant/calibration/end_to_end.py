@@ -15,6 +15,8 @@ Per linear, three tensors are trained, all starting at zero (a run of no steps c
 
 The loss is ``sum_k w_k KL(p || q_k)``, with ``p`` the full-precision model's next-token distribution and
 ``q_k`` the quantized model's with every linear at ``k`` slices, averaged over the calibration positions.
+A step runs every weighted slice count, or (``end_to_end_schedule="rotate"``) one count in turn
+(:func:`step_objectives`).
 The teacher is stored as each position's ``top_k`` most likely tokens and their log-probabilities: ``p`` and
 ``q_k`` are compared on those ``top_k`` tokens and one bucket for the rest of the vocabulary (:func:`coarse_kl`,
 the full KL when ``top_k`` covers the vocabulary, a lower bound otherwise), so a 128k-vocabulary teacher over
@@ -460,6 +462,28 @@ def stage_key(config: CalibrationConfig, block_hashes: Mapping[int, str], sample
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def step_objectives(objective: Mapping[int, float], schedule: str, steps: int) -> list[dict[int, float]]:
+    """Per step, the slice counts it runs and the weights of their KLs.
+
+    ``all``: every count of ``objective`` at every step. ``rotate``: one count per step, chosen by smooth weighted
+    round-robin (each count gains its weight per step, the one with most, ties to the fewest slices, runs and
+    gives back the weights' sum), so the counts come in the weights' proportions, spread out (1 / 1 / 0.5 at 2 / 3
+    / 4 slices: 2, 3, 4, 2, 3, ...); its KL weighs the weights' sum, so a step's loss has the scale of ``all``'s.
+    """
+    if schedule == "all":
+        return [dict(objective) for _ in range(steps)]
+    total = sum(objective.values())
+    credit = dict.fromkeys(objective, 0.0)
+    chosen = []
+    for _ in range(steps):
+        for k, weight in objective.items():
+            credit[k] += weight
+        k = max(credit, key=lambda count: (credit[count], -count))
+        credit[k] -= total
+        chosen.append({k: total})
+    return chosen
+
+
 # Called after each step with the steps done, the steps in all and the step's loss (the pipeline logs them).
 StepCallback = Callable[[int, int, float], None]
 
@@ -475,7 +499,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
     each step (those of earlier runs included), seconds, and whether the result was read back (``cached``).
     """
     steps = config.end_to_end_steps
-    objective = config.end_to_end_objective()
+    objectives = step_objectives(config.end_to_end_objective(), config.end_to_end_schedule, steps)
     stage_dir = Path(stage_dir)
     state_path = stage_dir / STATE_FILE
     teacher = load_file(str(teacher_path))
@@ -503,7 +527,7 @@ def tune_end_to_end(model: nn.Module, samples: torch.Tensor, teacher_path: Path,
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             # One backward per slice count: only one count's activations are held at a time.
-            for k, weight in objective.items():
+            for k, weight in objectives[step].items():
                 for wrapper in tuned.values():
                     wrapper.slices = k
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

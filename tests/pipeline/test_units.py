@@ -138,11 +138,13 @@ def test_method_parameters_reach_the_calibration_config() -> None:
     given = CompressParams(model="org/model", damp=0.4, clip_search_weights={1: 2.0, 3: 5.0},
                            precision_weights={2: 1.0}, module_clip_search_weights={"v_proj": {1: 1.0}},
                            loss_weighted_hessians=False, descent_sweeps=3, end_to_end_steps=12, end_to_end_lr=1e-3,
-                           end_to_end_weights={2: 2.0, 3: 1.0}, end_to_end_dtype="bfloat16")
+                           end_to_end_weights={2: 2.0, 3: 1.0}, end_to_end_dtype="bfloat16",
+                           end_to_end_schedule="rotate")
     config = CalibrationConfig.from_dict(params_config(given))
     assert config.damp == 0.4 and config.clip_search_weights == (2.0, 0.0, 5.0, 0.0)
     assert config.descent_sweeps == 3
     assert (config.end_to_end_steps, config.end_to_end_lr, config.end_to_end_dtype) == (12, 1e-3, "bfloat16")
+    assert config.end_to_end_schedule == "rotate"
     assert config.end_to_end_objective() == {2: 2.0, 3: 1.0}
     assert config.loss_weighted_hessians is False
     assert config.precision_weights == (0.0, 1.0, 0.0, 0.0)
