@@ -260,7 +260,7 @@ class _Scratch:
         return buffer[:numel].view(shape)
 
     def codes(self, codes: torch.Tensor, shift: int) -> torch.Tensor:
-        """``codes >> shift`` in float32 (exact: at most 2^24)."""
+        """``codes >> shift`` in float32 (exact: 8 slices are 16 bits)."""
         shifted = torch.bitwise_right_shift(codes, shift, out=self.get("codes", codes.shape, codes.dtype, codes.device))
         return self.get("codes_f32", codes.shape, torch.float32, codes.device).copy_(shifted)
 
