@@ -219,7 +219,7 @@ def weighted_kl(model: torch.nn.Module, fp_logits: torch.Tensor, samples: torch.
 
 
 @pytest.mark.parametrize(("dtype", "schedule"), [("float32", "all"), ("bfloat16", "all"), ("float32", "rotate")])
-def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(
+def test_tuning_lowers_the_weighted_kl_keeps_the_codes_and_refits_the_routers(
         tmp_path: Path, dtype: str, schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(13)
     samples = torch.randint(0, 96, (8, 32))
@@ -242,13 +242,13 @@ def test_tuning_lowers_the_weighted_kl_and_keeps_codes_and_routers(
     assert objective == {2: 1.0, 3: 1.0, 4: 0.5}
     before, after = (weighted_kl(m, fp_logits, samples, objective) for m in (untuned, tuned))
     assert after < 0.9 * before
-    changed = 0
+    changed, refit = 0, 0
     for (name, a), (_, b) in zip(named_layers(untuned), named_layers(tuned), strict=True):
         assert torch.equal(a.planes, b.planes), name
-        for key, value in a.router.state_dict().items():
-            assert torch.equal(value, b.router.state_dict()[key]), (name, key)
         changed += not torch.equal(a.scale, b.scale)
-    assert changed == len(mobi_layers(tuned))
+        # Fitted again to the tuned weights' errors (tests/test_router_refit.py), from the blocks' routers.
+        refit += not torch.equal(a.router.fc1.weight, b.router.fc1.weight)
+    assert changed == refit == len(mobi_layers(tuned))
     # Only the tuned tensors trained: the model's own parameters keep their flags.
     assert [p.requires_grad for p in tuned.parameters()] == [p.requires_grad for p in untuned.parameters()]
 

@@ -37,7 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mobiquant.arch import Architecture, counting_expert_tokens, summarize_linears
-from mobiquant.calibration.config import ROUTER_FIT_LR, ROUTER_FIT_STEPS, ROUTER_FIT_TOKENS, CalibrationConfig
+from mobiquant.calibration.config import ROUTER_FIT_TOKENS, CalibrationConfig
+from mobiquant.calibration.routers import fit_router
 from mobiquant.calibration.trainable import TrainableSlicedLinear
 from mobiquant.clip_search import input_hessians
 from mobiquant.layers import MoBiLinear
@@ -254,16 +255,8 @@ def fit_routers_to_errors(
     block_index: int = 0,
     progress: bool = False,
 ) -> list[float]:
-    """Fit every router's logits to the log truncation error of its tokens; returns each fit's residual.
-
-    Gate ``e`` buys slice ``e+1``, which removes nearly all of the error ``err_e`` left at ``e`` slices
-    (the next slice's error is about 16 times smaller). A router whose logit ``e`` predicts
-    ``log err_e`` therefore ranks (token, slice) pairs by the error each removes, and a threshold on
-    those scores spends a layer's bits where they remove the most output error. The errors fall with
-    ``e``, so the fitted logits already respect the nesting. Targets are centred per layer: logit 0 (the
-    training mask's cut) sits in the middle of the range. The residual reported is the mean squared
-    fit error over the targets' variance (0 is a perfect ranking, 1 no better than a constant).
-    """
+    """Fit every router's logits to the log truncation error of its tokens (:func:`fit_router`, the block's
+    inputs sampled at every slice); returns each fit's residual."""
     per_batch = max(1, math.ceil(ROUTER_FIT_TOKENS / math.ceil(len(inputs) / config.batch_size)))
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in trainables}
 
@@ -296,16 +289,7 @@ def fit_routers_to_errors(
                     param.zero_()
             continue
         x = torch.cat(seen[name]).float()
-        target = truncation_errors(module, x).clamp_min(1e-30).log()
-        target = target - target.mean()
-        module.router.requires_grad_(True)
-        optimizer = torch.optim.Adam(module.router.parameters(), lr=ROUTER_FIT_LR)
-        for _step in range(ROUTER_FIT_STEPS):
-            loss = F.mse_loss(module.router(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        residuals.append(float(loss.detach()) / max(float(target.var()), 1e-12))
+        residuals.append(fit_router(module.router, x, truncation_errors(module, x)))
     return residuals
 
 

@@ -9,7 +9,7 @@ A run is four steps over files, each resumable:
    one task per block, :func:`calibrate_blocks` runs it in a loop;
 3. :func:`assemble` builds the packed elastic model from the source's files and the block results; with
    ``end_to_end_steps``, :func:`tune_assembled` then trains its group parameters through the whole model
-   (:mod:`mobiquant.calibration.end_to_end`);
+   (:mod:`mobiquant.calibration.end_to_end`) and fits the routers again to the tuned weights;
 4. :func:`finish` sets the quantization config (one builder, with the capture's provenance) and the router
    thresholds. :func:`finished_model` is steps 3 and 4 on one device, for a model calibrated from files.
 """
@@ -38,6 +38,7 @@ from mobiquant.calibration.end_to_end import (
     tune_end_to_end,
     write_teacher,
 )
+from mobiquant.calibration.routers import refit_routers
 from mobiquant.calibration.saliency import read_token_saliency
 from mobiquant.calibration.store import (
     KWARGS_FILE,
@@ -259,11 +260,15 @@ def tune_assembled(model: torch.nn.Module, teacher: Path | None, block_hashes: M
                    samples: torch.Tensor, config: CalibrationConfig, stage_dir: Path, progress: bool = True,
                    on_step: StepCallback | None = None) -> dict[str, Any] | None:
     """The end-to-end stage on the assembled ``model`` (on its device), resumable from ``stage_dir`` under a key of
-    the block results' sha256s ``block_hashes``; its report, or None where it is off (``teacher`` None)."""
+    the block results' sha256s ``block_hashes``, then the routers fitted anew to the tuned weights (the blocks fitted
+    them to the weights before the stage); its report, or None where it is off (``teacher`` None)."""
     if teacher is None:
         return None
     key = stage_key(config, block_hashes, samples, TEACHER_TOP_K)
-    return tune_end_to_end(model, samples, teacher, config, stage_dir, key, progress, on_step)
+    report = tune_end_to_end(model, samples, teacher, config, stage_dir, key, progress, on_step)
+    if config.routed:
+        refit_routers(model, samples, config.batch_size, config.seed, progress)
+    return report
 
 
 def finish(model: torch.nn.Module, samples: torch.Tensor, config: CalibrationConfig,
