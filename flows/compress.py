@@ -221,7 +221,7 @@ def check_data(params: CompressParams) -> None:
 def check_device(params: CompressParams) -> None:
     """The device exists here and the compute dtype suits it; a remote Dask cluster's workers resolve their own (a
     local cluster's workers are this machine)."""
-    from mobiquant.devices import DeviceError, resolve_device
+    from mobiquant.devices import DeviceError, check_bf16_products, resolve_device
 
     if params.runner == "dask" and params.dask_address:
         return
@@ -231,6 +231,11 @@ def check_device(params: CompressParams) -> None:
         raise PreflightError(str(error)) from error
     if params.compute_dtype != "float32" and device.type != "cuda":
         raise PreflightError(f"compute_dtype {params.compute_dtype} needs a CUDA device; {device} computes in float32")
+    if params.end_to_end_steps and params.end_to_end_dtype == "bfloat16":
+        try:
+            check_bf16_products(device, "end_to_end_dtype bfloat16")
+        except ValueError as error:
+            raise PreflightError(str(error)) from error
 
 
 def check_gated_tasks(params: CompressParams) -> None:

@@ -46,6 +46,16 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def check_bf16_products(device: torch.device, setting: str) -> None:
+    """Refuse ``setting`` (bf16 matrix products) on a CPU without bf16 instructions (AVX-512 or AMX), where
+    torch runs them in a reference kernel on one thread, many times slower than float32 (``docs/method.md``): a
+    choice made to go faster must not make a long calibration slower. GPUs and bf16 CPUs pass."""
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(f"{setting} needs a GPU or a CPU with bf16 instructions (AVX-512 or AMX); this CPU "
+                         f"({torch.backends.cpu.get_cpu_capability()}) runs bf16 matrix products many times slower "
+                         "than float32: use float32")
+
+
 def available_threads() -> int:
     """``OMP_NUM_THREADS`` when set, else the cores this process may run on (its CPU affinity).
 

@@ -226,6 +226,8 @@ def test_tuning_lowers_the_weighted_kl_keeps_the_codes_and_refits_the_routers(
     with torch.no_grad():
         fp_logits = tiny_llama(3)(samples).logits
     steps = 24 if schedule == "all" else 48
+    # The arithmetic under test: a CPU without bf16 instructions runs it too (slowly; calibrations refuse it there).
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     config = CalibrationConfig(**TUNED, end_to_end_steps=steps, end_to_end_dtype=dtype, end_to_end_schedule=schedule)
     untuned = quantize_model(tiny_llama(3), samples, CalibrationConfig(**TUNED), tmp_path / "w", progress=False)
     passes = {"n": 0}
@@ -323,6 +325,16 @@ def test_bad_stage_settings_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CalibrationConfig(**options)
 
+
+
+def test_a_bf16_stage_on_a_cpu_without_bf16_instructions_is_refused_before_the_work_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Such a CPU runs bf16 products in a reference kernel, many times slower than float32.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    config = CalibrationConfig(**TUNED, end_to_end_steps=2, end_to_end_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"^end_to_end_dtype bfloat16 needs a GPU or a CPU with bf16 instructions"):
+        quantize_model(tiny_llama(3), torch.randint(0, 96, (4, 32)), config, tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
 
 def test_rotating_steps_run_one_slice_count_each_in_the_weights_proportions_spread_out() -> None:
     objective = {2: 1.0, 3: 1.0, 4: 0.5}

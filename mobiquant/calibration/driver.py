@@ -57,6 +57,7 @@ from mobiquant.calibration.store import (
     save_block_result,
 )
 from mobiquant.checkpoint import CheckpointError, attach_quantizer, refuse_quantized, replace_linears
+from mobiquant.devices import check_bf16_products
 from mobiquant.model_files import BlockSource, InMemoryModel, ModelFiles, skeleton
 from mobiquant.slicing import check_slicing_shape
 from mobiquant.sources import file_sha256
@@ -117,6 +118,12 @@ def check_config(source: BlockSource, config: CalibrationConfig) -> None:
     """Fail before any heavy work on settings this model cannot take."""
     check_group_size(source, config.group_size)
     config.check_linear_names(source.arch)
+
+
+def check_device_settings(config: CalibrationConfig, device: torch.device) -> None:
+    """Fail before any heavy work on settings ``device`` cannot run well."""
+    if config.end_to_end_steps and config.end_to_end_dtype == "bfloat16":
+        check_bf16_products(device, "end_to_end_dtype bfloat16")
 
 
 def check_group_size(source: BlockSource, group_size: int) -> None:
@@ -324,6 +331,7 @@ def quantize_files(
     files = ModelFiles(model_dir)
     files.check()
     check_config(files, config)
+    check_device_settings(config, device)
     # Before the work folder is taken: refused settings leave nothing behind.
     check_windows(files, samples)
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
@@ -356,9 +364,10 @@ def quantize_model(
     refuse_quantized(model)
     source = InMemoryModel(model)
     check_config(source, config)
+    compute_device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_device_settings(config, compute_device)
     # Before the work folder is taken: refused settings leave nothing behind.
     check_windows(source, samples)
-    compute_device = torch.device(device) if device is not None else next(model.parameters()).device
     capture_dir, blocks_dir = Path(work_dir) / "capture", Path(work_dir) / "blocks"
     with work_folder_lock(work_dir):
         capture_block_inputs(source, samples, capture_dir, device=compute_device, model_key=source.fingerprint(),

@@ -43,6 +43,24 @@ def test_a_local_dask_cluster_without_cuda_refuses_a_cuda_compute_dtype_before_a
     check_device(params.model_copy(update={"dask_address": "tcp://scheduler:8786"}))
 
 
+
+@pytest.mark.parametrize("native", [False, True], ids=["avx2-cpu", "bf16-cpu"])
+def test_a_bf16_end_to_end_stage_on_a_cpu_without_bf16_instructions_is_refused_before_any_work(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    params = parse_params(tiny_params(tiny_model, tmp_path, device="cpu", end_to_end_steps=4,
+                                      end_to_end_dtype="bfloat16"))
+    if native:
+        check_device(params)
+        return
+    with pytest.raises(PreflightError, match=r"^end_to_end_dtype bfloat16 needs a GPU or a CPU with bf16 "
+                       r"instructions .* use float32$"):
+        check_device(params)
+    # Without the stage, or in float32, nothing runs bf16 products.
+    check_device(params.model_copy(update={"end_to_end_steps": 0}))
+    check_device(params.model_copy(update={"end_to_end_dtype": "float32"}))
+
 def test_missing_mlflow_database_folder(tiny_model: Path, tmp_path: Path) -> None:
     params = parse_params(tiny_params(tiny_model, tmp_path, mlflow_uri=f"sqlite:///{tmp_path}/absent/mlflow.db"))
     with pytest.raises(PreflightError, match=r"MLflow database folder .*absent does not exist"):
