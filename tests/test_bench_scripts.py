@@ -97,3 +97,27 @@ def test_a_skipped_fault_case_is_shown_with_its_reason_and_is_no_failure(capsys:
     faults.print_table(list(rows.values()))
     table = capsys.readouterr().out
     assert "| n/a " in table and "CHECK" not in table
+
+
+def test_router_refit_bench_puts_back_the_routers_the_blocks_calibrated(tmp_path: Path) -> None:
+    from test_method import FAST, tiny_llama
+
+    from bench.router_refit import with_block_routers
+    from mobiquant.calibration import CalibrationConfig, quantize_model
+    from mobiquant.calibration.store import load_block_result, result_path
+
+    torch.manual_seed(31)
+    samples = torch.randint(0, 96, (4, 32))
+    config = CalibrationConfig(**FAST, end_to_end_steps=2, end_to_end_lr=1e-2)
+    refit = quantize_model(tiny_llama(8), samples, config, tmp_path / "w", progress=False)
+    stale = with_block_routers(refit, tmp_path / "w" / "blocks", samples)
+    for index, (block, refit_block) in enumerate(zip(stale.model.layers, refit.model.layers, strict=True)):
+        saved = load_block_result(result_path(tmp_path / "w" / "blocks", index))
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            router, refit_router = block.get_submodule(name).router, refit_block.get_submodule(name).router
+            assert torch.equal(router.fc1.weight, saved[f"{name}.router.fc1.weight"])
+            assert not torch.equal(router.fc1.weight, refit_router.fc1.weight)
+            # Only the routers differ, and each model has thresholds of its own routers.
+            layer, refit_layer = block.get_submodule(name), refit_block.get_submodule(name)
+            assert torch.equal(layer.scale, refit_layer.scale) and torch.equal(layer.planes, refit_layer.planes)
+            assert not torch.equal(layer.thresholds, refit_layer.thresholds)
