@@ -50,7 +50,7 @@ def fit_router(router: MoBiRouter, x: torch.Tensor, errors: torch.Tensor) -> flo
 def errors_kept(layer: MoBiLinear, x: torch.Tensor) -> torch.Tensor:
     """``[tokens, K-1]``: column e-1 is ``||x (W_e - W_K)^T||^2``, the output error a token keeps at e slices
     against the most the layer holds (``K`` its stored slices; the full-precision weight is not part of a
-    checkpoint, and ``W_K`` is 16 times closer to it than ``W_{K-1}``)."""
+    checkpoint, and ``W_K``'s own error is a slice finer than ``W_{K-1}``'s)."""
     with torch.no_grad():
         finest = layer.dense_weight(layer.stored_slices, torch.float32)
         return torch.stack([(x @ (layer.dense_weight(e, torch.float32) - finest).T).pow(2).sum(dim=-1)
@@ -63,8 +63,9 @@ def refit_routers(model: nn.Module, samples: torch.Tensor, batch_size: int, seed
 
     The model runs the calibration windows ``samples`` at every slice it holds, ``batch_size`` windows a pass
     (on the model's device), and each layer keeps ``ROUTER_FIT_TOKENS`` of its input tokens, drawn from ``seed``, as
-    the block calibration does; each router is then fitted from its weights to the errors :func:`errors_kept` on
-    those tokens. A layer no token reached (an expert the calibration text never routes to) keeps its router.
+    the block calibration does; each router is then fitted, starting from its current weights, to the errors
+    :func:`errors_kept` on those tokens. A layer no token reached (an expert the calibration text never routes to)
+    keeps its router.
     """
     layers = {name: module for name, module in model.named_modules()
               if isinstance(module, MoBiLinear) and module.router is not None}
