@@ -99,6 +99,10 @@ CASES: dict[str, tuple[str, str]] = {
         "bfloat16 on a local Dask cluster, no CUDA",
         "PreflightError before any work; a remote cluster is not checked",
     ),
+    "test_a_bf16_end_to_end_stage_on_a_cpu_without_bf16_instructions_is_refused_before_any_work": (
+        "bf16 end-to-end stage on a CPU without bf16 units",
+        "one-line PreflightError before any work; bf16 CPUs, float32 and no stage pass",
+    ),
     "test_a_database_store_without_its_driver_is_one_line_and_keeps_its_password_out": (
         "MLflow database store, driver missing",
         "one-line PreflightError, password masked",
