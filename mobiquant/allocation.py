@@ -67,7 +67,7 @@ def lagrangian_choice(curves: list[CostCurve], price: float) -> list[int]:
     """Each layer's number of switched-on pairs minimising its cost plus ``price`` per parameter-bit."""
     chosen = []
     for curve in curves:
-        steps = torch.arange(len(curve.cost), dtype=torch.float64)
+        steps = torch.arange(len(curve.cost), dtype=torch.float64, device=curve.cost.device)
         objective = curve.cost + price * curve.params * BITS_PER_SLICE * steps / curve.tokens
         chosen.append(int(torch.argmin(objective)))
     return chosen
@@ -99,15 +99,17 @@ class Allocator:
         # NaN entries are where torch.argmin stops; the bounds cannot place them, so such curves take the scan.
         self._scan = any(bool(torch.isnan(curve.cost).any()) for curve in curves)
         blocks = -(-max(len(curve.cost) for curve in curves) // self._BLOCK)
+        device = curves[0].cost.device
         # Padding is +inf: never below a real entry, and a later index where it ties one.
-        cost = torch.full((len(curves), blocks * self._BLOCK), float("inf"), dtype=torch.float64)
+        cost = torch.full((len(curves), blocks * self._BLOCK), float("inf"), dtype=torch.float64, device=device)
         for row, curve in zip(cost, curves, strict=True):
             row[: len(curve.cost)] = curve.cost
         self._cost = cost.reshape(len(curves), blocks, self._BLOCK)
-        self._steps = torch.arange(blocks * self._BLOCK, dtype=torch.float64).reshape(blocks, self._BLOCK)
+        self._steps = torch.arange(blocks * self._BLOCK, dtype=torch.float64, device=device)
+        self._steps = self._steps.reshape(blocks, self._BLOCK)
         self._block_min = self._cost.amin(dim=-1)
         self._block_first = self._steps[:, 0]
-        self._tokens = torch.tensor([[curve.tokens] for curve in curves], dtype=torch.float64)
+        self._tokens = torch.tensor([[curve.tokens] for curve in curves], dtype=torch.float64, device=device)
         self._total = sum(curve.params for curve in curves)
         self._choices: dict[float, list[int]] = {}
 
@@ -120,9 +122,9 @@ class Allocator:
     def _bound(self, price: float) -> list[int]:
         # The per-parameter-bit price of each layer as lagrangian_choice forms it, in Python floats.
         scale = torch.tensor([[price * curve.params * BITS_PER_SLICE] for curve in self.curves],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=self._cost.device)
         bound = self._block_min + scale * self._block_first / self._tokens
-        layers = torch.arange(len(self.curves))
+        layers = torch.arange(len(self.curves), device=self._cost.device)
         # The block of lowest bound gives each layer an entry's value; every block bounded above it is out.
         best = torch.argmin(bound, dim=1)
         reached = (self._cost[layers, best] + scale * self._steps[best] / self._tokens).amin(dim=1)
@@ -215,7 +217,7 @@ def layer_cost_curves(model: nn.Module, layers: list[MoBiLinear], samples: torch
     for layer in layers:
         if not served[id(layer)]:
             # An expert no calibration token reached weighs nothing in the budget (its thresholds: precision.py).
-            curves.append(CostCurve(0.0, 1, torch.zeros(layer.stored_slices, dtype=torch.float64)))
+            curves.append(CostCurve(0.0, 1, torch.zeros(layer.stored_slices, dtype=torch.float64, device="cpu")))
             continue
         # Weighted by the tokens it served: a whole-model budget is the bits of the weights tokens actually ran.
         params = layer.in_features * layer.out_features * served[id(layer)] / most

@@ -87,8 +87,8 @@ def search_clipping(
     weight = weight.float()
     blocks = group_hessian_blocks(hessian.float(), group_size)
     counts = sorted(slice_weights)
-    coefficients = torch.tensor([float(slice_weights[k]) for k in counts]).view(-1, 1, 1)
-    candidates = torch.tensor([no_clip, *sorted((f for f in grid if f < no_clip), reverse=True)])
+    coefficients = torch.tensor([float(slice_weights[k]) for k in counts], device=weight.device).view(-1, 1, 1)
+    candidates = torch.tensor([no_clip, *sorted((f for f in grid if f < no_clip), reverse=True)], device=weight.device)
 
     def objective(upper: torch.Tensor | float, lower: torch.Tensor | float) -> torch.Tensor:
         return (group_output_errors(weight, blocks, group_size, upper, lower, counts) * coefficients).sum(0)

@@ -378,7 +378,8 @@ def token_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int =
             f"{description} has {available} tokens, fewer than {n_samples} samples x {seqlen} "
             f"= {n_samples * seqlen}; use at most {available // seqlen} samples at this length, or more text"
         )
-    starts = torch.randint(0, available - seqlen + 1, (n_samples,), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, available - seqlen + 1, (n_samples,), generator=generator, device=generator.device)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
@@ -391,10 +392,10 @@ def _document_windows(
         draws += 1
         if draws > _MAX_DRAWS_PER_SAMPLE * n_samples:
             raise DataSourceError(f"{corpus.description} has too few documents longer than {seqlen} tokens")
-        doc = int(torch.randint(0, len(corpus.texts), (1,), generator=generator))
+        doc = int(torch.randint(0, len(corpus.texts), (1,), generator=generator, device=generator.device))
         tokens = _tokenize(tokenizer, corpus.texts[doc])[0]
         if tokens.numel() <= seqlen:
             continue
-        start = int(torch.randint(0, tokens.numel() - seqlen + 1, (1,), generator=generator))
+        start = int(torch.randint(0, tokens.numel() - seqlen + 1, (1,), generator=generator, device=generator.device))
         windows.append(tokens[start : start + seqlen])
     return torch.stack(windows)

@@ -263,7 +263,7 @@ def fit_routers_to_errors(
     def keep_sample(name: str) -> Callable[..., None]:
         def hook(module: TrainableSlicedLinear, args: tuple) -> None:
             tokens = args[0].detach().reshape(-1, module.weight.shape[1])
-            pick = torch.randperm(len(tokens), generator=generator)[:per_batch]
+            pick = torch.randperm(len(tokens), generator=generator, device=generator.device)[:per_batch]
             seen[name].append(tokens[pick])
 
         return hook
@@ -335,13 +335,14 @@ def _train_stage(
     )
     step = 0
     for _epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator, device=generator.device)
         epoch_loss = 0.0
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             fraction = step / max(total_steps - 1, 1)
             temperature = config.temperature_start * (config.temperature_end / config.temperature_start) ** fraction
-            slices = fixed_slices or int(torch.randint(1, config.num_slices + 1, (1,), generator=generator))
+            slices = fixed_slices or int(torch.randint(1, config.num_slices + 1, (1,), generator=generator,
+                                                       device=generator.device))
             # Routed steps alternate with uniform steps at a random slice count, so the shared clipping
             # stays fitted to every uniform precision while the routers learn which tokens need more.
             routing_step = routed and (step % 2 == 0 or codes_fixed)
@@ -355,7 +356,8 @@ def _train_stage(
             loss = F.mse_loss(out.float(), targets[idx])
             total = loss
             if routing_step:
-                target_bits = 2.0 + (2.0 * config.num_slices - 2.0) * float(torch.rand((), generator=generator))
+                fraction_of_range = float(torch.rand((), generator=generator, device=generator.device))
+                target_bits = 2.0 + (2.0 * config.num_slices - 2.0) * fraction_of_range
                 bits = _routed_bits(trainables, layer_params)
                 total = loss + config.budget_weight * (bits - target_bits) ** 2
             optimizer.zero_grad(set_to_none=True)

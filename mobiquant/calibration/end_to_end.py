@@ -563,7 +563,7 @@ def _batch_order(num_samples: int, batch_size: int, steps: int, seed: int) -> li
     generator = torch.Generator().manual_seed(seed)
     order: list[torch.Tensor] = []
     while len(order) < steps:
-        order.extend(torch.split(torch.randperm(num_samples, generator=generator), batch_size))
+        order.extend(torch.split(torch.randperm(num_samples, generator=generator, device=generator.device), batch_size))
     return order[:steps]
 
 

@@ -79,7 +79,7 @@ def refit_routers(model: nn.Module, samples: torch.Tensor, batch_size: int, seed
         def hook(module: MoBiLinear, args: tuple) -> None:
             tokens = args[0].detach().reshape(-1, module.in_features)
             if len(tokens):
-                pick = torch.randperm(len(tokens), generator=generator)[:per_batch]
+                pick = torch.randperm(len(tokens), generator=generator, device=generator.device)[:per_batch]
                 seen[name].append(tokens[pick.to(tokens.device)].float())
 
         return hook

@@ -85,7 +85,7 @@ def block_token_saliency(
         return hook
 
     handles = [linear.register_forward_hook(record(name)) for name, linear in arch.quantized_linears(block).items()]
-    gradient = torch.empty(inputs.shape, dtype=torch.float32)
+    gradient = torch.empty(inputs.shape, dtype=torch.float32, device="cpu")  # gathered on the host
     try:
         with counting_expert_tokens(block):
             for start in range(0, len(inputs), batch_size):
