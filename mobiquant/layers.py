@@ -163,7 +163,7 @@ class MoBiLinear(nn.Module):
         self.scale = sliced.scale.to(PARAM_DTYPE).clone()
         self.zero = sliced.zero.to(PARAM_DTYPE).clone()
         gains = torch.ones_like(self.gains) if sliced.gains is None else sliced.gains.to(PARAM_DTYPE)
-        self.gains = torch.cat([gains, self.gains[len(gains):]]).clone()
+        self.gains = torch.cat([gains, self.gains[len(gains):].to(gains.device)]).clone()
         if bias is not None:
             self.bias = bias.detach().to(self.compute_dtype).clone()
         self._drop_cache()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mobiquant.calibration import CalibrationConfig, quantize_model
-from mobiquant.layers import MoBiLinear, MoBiRouter
+from mobiquant.layers import MoBiRouter
 from mobiquant.precision import set_precision
 from tests.tiny_models import tiny_model
 
@@ -34,7 +34,7 @@ def _built_on_the_host(init: Callable[..., None]) -> Callable[..., None]:
 
 @pytest.fixture
 def meta_default_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for module in (nn.Linear, nn.Embedding, nn.LayerNorm, MoBiLinear, MoBiRouter):
+    for module in (nn.Linear, nn.Embedding, nn.LayerNorm, MoBiRouter):
         monkeypatch.setattr(module, "__init__", _built_on_the_host(module.__init__))
     torch.set_default_device("meta")
     try:

@@ -390,10 +390,11 @@ def quantized_block(block: nn.Module, arch: Architecture, state: dict[str, torch
                     config: CalibrationConfig) -> nn.Module:
     """``block`` with its quantized linears replaced by MoBiLinear layers holding ``state``."""
     for name, linear in arch.quantized_linears(block).items():
-        layer = MoBiLinear(linear.in_features, linear.out_features, config.num_slices, config.group_size,
-                           bias=linear.bias is not None,
-                           router_hidden=config.router_hidden if config.routed else None,
-                           dtype=linear.weight.dtype)
+        with torch.device(linear.weight.device):  # load_state_dict copies into the layer's own tensors
+            layer = MoBiLinear(linear.in_features, linear.out_features, config.num_slices, config.group_size,
+                               bias=linear.bias is not None,
+                               router_hidden=config.router_hidden if config.routed else None,
+                               dtype=linear.weight.dtype)
         prefix = f"{name}."
         layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         _swap(block, name, layer)

@@ -147,14 +147,15 @@ class TrainableSlicedLinear(nn.Module):
     def to_mobilinear(self) -> MoBiLinear:
         upper, lower = self.clip_factors()
         out_features, in_features = self.weight.shape
-        layer = MoBiLinear(
-            in_features,
-            out_features,
-            self.num_slices,
-            self.group_size,
-            bias=self.bias is not None,
-            router_hidden=self.router.fc1.out_features if self.router is not None else None,
-        )
+        with torch.device(self.weight.device):  # the block's device, where its outputs are computed next
+            layer = MoBiLinear(
+                in_features,
+                out_features,
+                self.num_slices,
+                self.group_size,
+                bias=self.bias is not None,
+                router_hidden=self.router.fc1.out_features if self.router is not None else None,
+            )
         sliced = self.fixed or slice_weight(self.weight, self.group_size, self.num_slices,
                                             clip=(upper.detach(), lower.detach()))
         layer.load_sliced(sliced, self.bias)
