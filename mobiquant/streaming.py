@@ -157,16 +157,18 @@ def head_logits(
     """:func:`logits_from_last_hidden` differentiable in ``last_hidden`` (the model's final norm and head)."""
     blocks = arch.block_list(stem)
     dtype = next(p.dtype for p in stem.parameters() if p.device.type != "meta")
+    device = _device_of(stem)
 
     def passthrough(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
         return (hidden_states,) if returns_tuple else hidden_states
 
     def last(*_args: Any, **_kwargs: Any) -> Any:
-        out = last_hidden.to(dtype)
+        # The teacher's last hidden states come from the host (block_outputs keeps them beside its inputs).
+        out = last_hidden.to(device=device, dtype=dtype)
         return (out,) if returns_tuple else out
 
     with contextlib.ExitStack() as stack:
         for block in blocks[:-1]:
             stack.enter_context(_replaced_forward(block, passthrough))
         stack.enter_context(_replaced_forward(blocks[-1], last))
-        return stem(row.unsqueeze(0).to(_device_of(stem)), use_cache=False).logits
+        return stem(row.unsqueeze(0).to(device), use_cache=False).logits
