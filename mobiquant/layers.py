@@ -231,16 +231,26 @@ class MoBiLinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Slice count per token of ``x`` (``[..., in]`` -> ``[...]``) under the current setting."""
+        uniform, threshold = self._setting()
+        return self._counts(x, uniform, threshold)
+
+    def _setting(self) -> tuple[int | None, float]:
+        """The slice count of every token where the setting alone decides it (None where the router does), and
+        the threshold on ordered scores."""
         # Read once: set_precision in another thread may turn a uniform setting routed between two reads, and the
         # second read would then run the layer at every slice held, which neither setting asked for.
         uniform = self.uniform_slices
         if uniform is not None or self.router is None:
-            return self._uniform_counts(x, uniform or self.stored_slices)
+            return uniform or self.stored_slices, 0.0
         # A whole number leaves no gate to choose tokens for (see ordered_scores): no router is needed.
-        gates = self.num_slices - 1
-        threshold = min(max(self.threshold, 0.0), float(gates))
+        threshold = min(max(self.threshold, 0.0), float(self.num_slices - 1))
         if threshold.is_integer():
-            return self._uniform_counts(x, min(self.num_slices - int(threshold), self.stored_slices))
+            return min(self.num_slices - int(threshold), self.stored_slices), threshold
+        return None, threshold
+
+    def _counts(self, x: torch.Tensor, uniform: int | None, threshold: float) -> torch.Tensor:
+        if uniform is not None:
+            return self._uniform_counts(x, uniform)
         counts = slices_from_scores(ordered_scores(self.router(x)), threshold)
         return counts.clamp(max=self.stored_slices)
 
@@ -257,8 +267,11 @@ class MoBiLinear(nn.Module):
     def forward(self, x: torch.Tensor, slices: torch.Tensor | int | None = None) -> torch.Tensor:
         # Only a caller's tensor of counts is checked here: reading a CUDA tensor's min and max waits for the
         # GPU, and route() already checks its uniform count and clamps routed ones.
+        # A count every token shares, known on the host: the product then never reads the counts back.
+        uniform = slices if isinstance(slices, int) else None
         if slices is None:
-            slices = self.route(x)
+            uniform, threshold = self._setting()
+            slices = self._counts(x, uniform, threshold)
         elif isinstance(slices, int):
             slices = self._uniform_counts(x, slices)
         elif int(slices.min()) < 1 or int(slices.max()) > self.stored_slices:
@@ -268,7 +281,7 @@ class MoBiLinear(nn.Module):
             self._count_bits(slices, meters)
         flat_x = x.reshape(-1, self.in_features)
         flat_k = slices.reshape(-1)
-        out = _grouped_product(self, flat_x, flat_k)
+        out = _grouped_product(self, flat_x, flat_k, uniform)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -307,15 +320,19 @@ class MoBiLinear(nn.Module):
         return self
 
 
-def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
-    """``x[t] @ W_{slices[t]}^T`` for every token, one dense product per distinct slice count."""
+def _grouped_product(layer: MoBiLinear, x: torch.Tensor, slices: torch.Tensor,
+                     uniform: int | None = None) -> torch.Tensor:
+    """``x[t] @ W_{slices[t]}^T`` for every token, one dense product per distinct slice count; ``uniform``, the count
+    of every token where the caller knows it on the host."""
     # The kernels have no backward: a product that needs gradients (the bit allocation's pass) stays in PyTorch.
     if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
         from mobiquant import kernels
 
         if kernels.enabled():
             return kernels.elastic_linear(x, layer.planes, layer.scale, layer.zero, slices, layer.group_size,
-                                          gains=layer.gains if layer.gained else None)
+                                          gains=layer.gains if layer.gained else None, uniform=uniform)
+    if uniform is not None:
+        return x @ layer.dense_weight(uniform, x.dtype).T
     present, counts = torch.unique(slices, return_counts=True)
     if len(present) == 1:
         return x @ layer.dense_weight(int(present[0]), x.dtype).T

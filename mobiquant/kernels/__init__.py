@@ -134,10 +134,14 @@ def dequant_matmul(
     num_slices: int,
     dequantise: Callable[[int], torch.Tensor],
     out: torch.Tensor,
+    uniform: int | None = None,
 ) -> torch.Tensor:
     """``out[t] = x[t] @ W_{k_t}^T`` with one dense product per slice count present, ``dequantise(k)``
-    giving ``W_k`` [out, in] in x's dtype. Reads the slice counts present back to the host (one sync).
+    giving ``W_k`` [out, in] in x's dtype. Reads the slice counts present back to the host (one sync), unless
+    ``uniform`` gives the count of every token.
     """
+    if uniform is not None:  # the read waits for the device: a large share of a prefill product (docs/gpu.md)
+        return torch.matmul(x, dequantise(min(max(uniform, 1), num_slices)).T, out=out)
     levels = slices.clamp(1, num_slices)
     present = torch.unique(levels).tolist()
     if len(present) == 1:
@@ -220,6 +224,7 @@ def elastic_linear(
     group_size: int,
     out: torch.Tensor | None = None,
     gains: torch.Tensor | None = None,
+    uniform: int | None = None,
 ) -> torch.Tensor:
     """``x[t] @ W_{slices[t]}^T`` for every token: ``x`` [T, in], ``slices`` [T] in 1..K -> [T, out].
 
@@ -230,7 +235,8 @@ def elastic_linear(
     ``out`` (contiguous [T, out], x's dtype, 4-byte aligned) receives the result when given. ``slices`` may
     live on any device: it is moved to ``x``'s; planes, scale and zero must already be there. Row ``gains``
     (float16 ``[K, out]``, format v2) are folded into the group parameters by every kernel, so a gained
-    weight costs no pass of its own.
+    weight costs no pass of its own. ``uniform``, where the caller knows on the host that every count in ``slices``
+    is that number: the prefill path then reads nothing back from the device.
     """
     _check_shapes(x, planes, scale, zero, slices, group_size, gains)
     shape = (x.shape[0], planes.shape[1])
@@ -276,5 +282,5 @@ def elastic_linear(
             _launch.launch_dequant(planes, scale, zero, k, group_size, weight, gains)
             return weight
 
-        dequant_matmul(x, slices, num_slices, dequantise, out)
+        dequant_matmul(x, slices, num_slices, dequantise, out, uniform)
     return out

@@ -17,12 +17,14 @@ import torch
 from bench import kernel_speed
 from mobiquant import kernels
 from mobiquant.kernels import _launch
+from mobiquant.layers import MoBiLinear
 from mobiquant.slicing import slice_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["tests/kernels/test_gpu.py", "bench/kernel_speed.py"])
+@pytest.mark.parametrize("script", ["tests/kernels/test_gpu.py", "bench/kernel_speed.py", "bench/prefill_parts.py",
+                                    "bench/stage_cost.py"])
 def test_scripts_import_mobiquant_from_their_own_checkout(script: str, tmp_path: Path) -> None:
     """Run as scripts in isolated mode (no PYTHONPATH, no current directory on the path), both must import
     the mobiquant of the checkout they live in, not an installed one or none."""
@@ -225,3 +227,36 @@ def test_row_gains_on_the_pytorch_path_match_the_gained_weights_in_float64() -> 
         kernels.elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, slices, 64, gains=gains[:2])
     with pytest.raises(ValueError, match="gains must be float16"):
         kernels.elastic_linear(x, sliced.planes, sliced.scale, sliced.zero, slices, 64, gains=gains.float())
+
+
+def test_the_layer_passes_a_count_its_setting_fixes_to_the_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uniform setting, a whole-number threshold or an int argument fixes every token's count on the host: the
+    layer hands it to the product (whose prefill path then reads nothing back); a router's counts it does not."""
+    from mobiquant import layers
+
+    generator = torch.Generator().manual_seed(5)
+    layer = MoBiLinear(64, 24, num_slices=4, group_size=32, router_hidden=8)
+    layer.load_sliced(slice_weight(torch.randn(24, 64, generator=generator), group_size=32, num_slices=4))
+    x = torch.randn(3, 5, 64, generator=generator)
+    seen: list[int | None] = []
+    product = layers._grouped_product
+
+    def recording(layer_: MoBiLinear, flat_x: torch.Tensor, flat_k: torch.Tensor,
+                  uniform: int | None = None) -> torch.Tensor:
+        seen.append(uniform)
+        if uniform is not None:
+            assert bool((flat_k == uniform).all())
+            # The same numbers as the product that reads the counts.
+            assert torch.equal(product(layer_, flat_x, flat_k, uniform), product(layer_, flat_x, flat_k))
+        return product(layer_, flat_x, flat_k, uniform)
+
+    monkeypatch.setattr(layers, "_grouped_product", recording)
+    layer.uniform_slices = 2
+    layer(x)
+    layer(x, 3)
+    layer.uniform_slices, layer.threshold = None, 1.0  # a whole number: 3 slices, no router read
+    layer(x)
+    layer.threshold = 1.5
+    layer(x)
+    layer(x, torch.full((3, 5), 2))
+    assert seen == [2, 3, 3, None, None]

@@ -73,6 +73,27 @@ def test_uniform_batch_is_one_product_into_out() -> None:
     assert token_errors(out.double(), expected).max() < 1e-5
 
 
+@pytest.mark.parametrize(("uniform", "used"), [(2, 2), (7, 3), (0, 1)])
+def test_a_uniform_count_known_on_the_host_reads_no_count_back(uniform: int, used: int) -> None:
+    """With ``uniform`` the counts are never read: here they live on the meta device, which has no data."""
+    generator = torch.Generator().manual_seed(uniform)
+    sliced = slice_weight(torch.randn(16, 64, generator=generator) * 0.05, 32, 4).truncate(3)
+    x = torch.randn(20, 64, generator=generator)
+    calls: list[int] = []
+
+    def dequantise(k: int) -> torch.Tensor:
+        calls.append(k)
+        return emulate_dequant(sliced.planes, sliced.scale, sliced.zero, k, 32, torch.float16, None).float()
+
+    out = torch.empty(20, 16)
+    counts = torch.empty(20, dtype=torch.long, device="meta")
+    result = kernels.dequant_matmul(x, counts, 3, dequantise, out, uniform=uniform)
+    assert calls == [used] and result.data_ptr() == out.data_ptr()
+    assert token_errors(out.double(), float64_reference(x, sliced, torch.full((20,), used))).max() < 1e-3
+    with pytest.raises((RuntimeError, NotImplementedError)):  # without it the counts are read
+        kernels.dequant_matmul(x, counts, 3, dequantise, out)
+
+
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_planted_dequant_bugs_are_caught(bug: str) -> None:
     sliced = slice_weight(torch.randn(19, 96) * 0.05, 32, 4)
