@@ -178,16 +178,19 @@ def bench_shape(name: str, out_features: int, in_features: int, args: argparse.N
         fp16 = timed(lambda i, x=x: x @ denses[i].T, args.iters, args.graphs, len(denses))
         for mix in ("1", "2", "3", "4", "routed"):
             slices = draw_slices(mix, tokens)
+            # A uniform count is known on the host, as MoBiLinear knows it under set_precision(slices=k).
+            uniform = None if mix == "routed" else int(mix)
             out = torch.empty(tokens, out_features, device="cuda", dtype=torch.float16)
 
             def kernel(i: int, x: torch.Tensor = x, slices: torch.Tensor = slices, out: torch.Tensor = out,
-                       gained: bool = True) -> None:
+                       gained: bool = True, uniform: int | None = uniform) -> None:
                 planes, scale, zero, gains = weights[i]
                 kernels.elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE, out=out,
-                                       gains=gains if gained else None)
+                                       gains=gains if gained else None, uniform=uniform)
 
             # Decode sizes are graph-timed (a launch costs more than a 2-bit GEMV); the dequantise-then-cuBLAS
-            # prefill path reads the slice counts present back to the host, which a graph cannot capture.
+            # prefill path of a routed mix reads the slice counts present back to the host, which a graph cannot
+            # capture, so prefill sizes run plain launches.
             graphs = args.graphs and tokens <= kernels.DECODE_MAX_TOKENS
             seconds = timed(kernel, args.iters, graphs, len(weights))
             # Decode folds the row gains into its group parameters: timed without them too, to show the cost is nil.

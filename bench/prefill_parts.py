@@ -4,8 +4,9 @@
 weight. The dequantisation path (``MOBIQUANT_PREFILL=dequant``) is three parts: the slice counts present read
 back to the host (``torch.unique(...).tolist()``, one sync), ``W_k`` written by the dequantisation kernel, and
 cuBLAS on it. Each part is timed here alone, and the kernel plus cuBLAS without the host read, so that the
-ratio to fp16 cuBLAS says which part to take away. Plain launches (the host read cannot be graph-captured),
-weight copies rotated past the L2 as in the kernel bench.
+ratio to fp16 cuBLAS says which part to take away; and the whole call given the count on the host (``uniform=``,
+as ``MoBiLinear`` passes it under a uniform setting), which reads nothing back. Plain launches (the host read
+cannot be graph-captured), weight copies rotated past the L2 as in the kernel bench.
 
     python bench/prefill_parts.py --out prefill_parts.json
 """
@@ -41,9 +42,9 @@ def parts(out_features: int, in_features: int, k: int, iters: int) -> dict[str, 
     out = torch.empty(TOKENS, out_features, device="cuda").half()
     rebuilt = torch.empty(out_features, in_features, device="cuda").half()
 
-    def whole(i: int) -> None:
+    def whole(i: int, uniform: int | None = None) -> None:
         planes, scale, zero, gains = packed[i]
-        kernels.elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE, out=out, gains=gains)
+        kernels.elastic_linear(x, planes, scale, zero, slices, GROUP_SIZE, out=out, gains=gains, uniform=uniform)
 
     def dequantise(i: int) -> None:
         planes, scale, zero, gains = packed[i]
@@ -59,6 +60,7 @@ def parts(out_features: int, in_features: int, k: int, iters: int) -> dict[str, 
         return {
             "fp16 cuBLAS": timed(lambda i: torch.matmul(x, dense[i].T, out=out), iters, False, copies),
             "elastic_linear (dequant path)": timed(whole, iters, False, copies),
+            "elastic_linear, uniform=k": timed(lambda i: whole(i, uniform=k), iters, False, copies),
             "host read of the counts": timed(lambda _: torch.unique(slices).tolist(), iters, False),
             "dequantisation kernel": timed(dequantise, iters, False, copies),
             "cuBLAS on W_k": timed(lambda _: torch.matmul(x, rebuilt.T, out=out), iters, False),
