@@ -143,13 +143,18 @@ def dequant_matmul(
     if uniform is not None:  # the read waits for the device: a large share of a prefill product (docs/gpu.md)
         return torch.matmul(x, dequantise(min(max(uniform, 1), num_slices)).T, out=out)
     levels = slices.clamp(1, num_slices)
-    present = torch.unique(levels).tolist()
+    tokens_at = torch.bincount(levels, minlength=num_slices + 1).tolist()  # the one read-back
+    present = [k for k in range(1, num_slices + 1) if tokens_at[k]]
+    if not present:
+        return out
     if len(present) == 1:
         return torch.matmul(x, dequantise(present[0]).T, out=out)
-    for k in present:
-        rows = (levels == k).nonzero(as_tuple=True)[0]
-        out.index_copy_(0, rows, x.index_select(0, rows) @ dequantise(k).T)
-    return out
+    # Tokens sorted by slice count make each precision group one contiguous run: one gather, one product per
+    # group, one scatter back, and no further read of the device (a row list per group would be one each).
+    order = torch.argsort(levels, stable=True)
+    groups = x.index_select(0, order).split([tokens_at[k] for k in present])
+    products = torch.cat([rows @ dequantise(k).T for k, rows in zip(present, groups, strict=True)])
+    return out.index_copy_(0, order, products)
 
 
 def reference_elastic_linear(
