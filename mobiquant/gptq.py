@@ -51,7 +51,8 @@ trade them over the whole row (docs/method.md has what they move).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -60,9 +61,11 @@ DEFAULT_BLOCK_SIZE = 128
 # The finest precision the objective may weigh: its prefixes one weighted precision up are all tried per weight.
 MAX_SEARCHED_BITS = 8
 
-# (column index in the weight's own order, current values of the copies [copies, out])
-#   -> (codes [out], the copies' quantized values [copies, out])
+# A weight's columns at the positions of one block of the pass, ``[positions, parts]`` (each part has its own
+# order) -> the quantizer of those positions: (position in the block, current values of the copies
+# ``[copies, rows]``) -> (codes ``[rows]``, the copies' quantized values ``[copies, rows]``).
 ColumnQuantizer = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+BlockQuantizer = Callable[[torch.Tensor], ColumnQuantizer]
 
 
 def damped_hessian(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
@@ -78,81 +81,198 @@ def damped_hessian(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.T
     return damped
 
 
+class _Parts:
+    """Several weights of one input width in one pass: their rows side by side (``[..., rows]``), each part with
+    its own Hessian, column order and factor. A position of the pass is a column of every part, each its own."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], hessians: Sequence[torch.Tensor], damp: float,
+                 act_order: bool) -> None:
+        in_features = weights[0].shape[1]
+        if any(w.shape[1] != in_features or h.shape != (in_features, in_features)
+               for w, h in zip(weights, hessians, strict=True)):
+            raise ValueError("weights compensated in one pass need one input width and a Hessian of that width each")
+        device = weights[0].device
+        orders, dampeds = [], []
+        for hessian in hessians:
+            hessian = hessian.double().to(device)
+            order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
+                     else torch.arange(in_features, device=device))
+            orders.append(order)
+            dampeds.append(damped_hessian(hessian[order][:, order], damp))
+        self.orders = torch.stack(orders, dim=1)  # [in, parts]
+        self.dampeds = torch.stack(dampeds)  # [parts, in, in], each in its part's order
+        self.sizes = [w.shape[0] for w in weights]
+        self.bounds = list(itertools.pairwise([0, *itertools.accumulate(self.sizes)]))
+        self.row_part = torch.repeat_interleave(torch.arange(len(weights), device=device),
+                                                torch.tensor(self.sizes, device=device))
+        # [parts, rows], 1 where the row belongs to the part: a product with it spreads per-part entries over the
+        # rows exactly, and (unlike an index) in one fast product on the CPU too.
+        self.one_hot = torch.nn.functional.one_hot(self.row_part, len(weights)).T.double()
+        # [in, 1, rows]: column-major, so a position's column and the rows of the updates are contiguous.
+        self.target = torch.cat([w.double().T[o] for w, o in zip(weights, orders, strict=True)], dim=1).unsqueeze(1)
+
+    def pivots(self, matrices: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """``[end - start, rows]``: each row's part's diagonal entries of ``matrices`` at positions start..end."""
+        return matrices.diagonal(dim1=1, dim2=2)[:, start:end].T[:, self.row_part]
+
+    def coupling(self, matrices: torch.Tensor, position: int, end: int) -> torch.Tensor:
+        """Row ``position`` of each part's matrix from ``position + 1`` to ``end``, per row: ``[columns, 1, rows]``
+        (``[columns, 1, 1]`` with one part, which broadcasts over the rows without a gather)."""
+        if len(self.sizes) == 1:
+            return matrices[0, position, position + 1 : end, None, None]
+        return torch.mm(matrices[:, position, position + 1 : end].T, self.one_hot)[:, None]
+
+    def reach_later(self, tensor: torch.Tensor, matrices: torch.Tensor, start: int, end: int,
+                    deltas: torch.Tensor) -> None:
+        """``tensor[end:] -= M[end:, start:end] deltas`` per part (``matrices[part, end:, start:end]`` is M): a block's
+        changes reach the positions after it."""
+        later, copies = len(tensor) - end, tensor.shape[1]
+        if later == 0:
+            return
+        if len(self.sizes) == 1:
+            tensor[end:].view(later, -1).addmm_(matrices[0, end:, start:end], deltas.view(end - start, -1),
+                                                 alpha=-1.0)
+            return
+        for part, (low, high) in enumerate(self.bounds):
+            change = matrices[part, end:, start:end] @ deltas[:, :, low:high].reshape(end - start, -1)
+            tensor[end:, :, low:high] -= change.view(later, copies, high - low)
+
+    def per_part(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[..., parts]``: sums of ``[..., rows]`` over each part's rows."""
+        return torch.stack([rows[..., low:high].sum(dim=-1) for low, high in self.bounds], dim=-1)
+
+
 def compensate_columns(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    quantize_column: ColumnQuantizer,
+    weights: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    quantize_block: BlockQuantizer,
     copies: int = 1,
     block_size: int = DEFAULT_BLOCK_SIZE,
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
     descent_sweeps: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPTQ column loop, then ``descent_sweeps`` sweeps of coordinate descent (see the module notes): codes
-    ``[out, in]`` (int64) and each copy's output error ``[copies]``.
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The GPTQ column loop, then ``descent_sweeps`` sweeps of coordinate descent (see the module notes), over
+    ``weights`` of one input width at once, each with its own Hessian: each weight's codes ``[out, in]`` (int64)
+    and each copy's output error per weight ``[copies, weights]``.
 
-    The error is ``||X (W - Q)^T||^2`` with the damped Hessian, returned because it falls out of the loop
-    for free (after sweeps, computed afresh from the final codes).
+    The weights' rows share every step of the loop (the reason to pass several: a pass costs a number of small
+    steps per column, whatever the rows). The error is ``||X (W - Q)^T||^2`` with the damped Hessian, returned
+    because it falls out of the loop for free (after sweeps, computed afresh from the final codes).
     """
     if isinstance(descent_sweeps, bool) or not isinstance(descent_sweeps, int) or descent_sweeps < 0:
         raise ValueError(f"descent_sweeps must be a whole number >= 0, got {descent_sweeps!r}")
-    hessian = hessian.double()
-    order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
-             else torch.arange(hessian.shape[0], device=hessian.device))
-    damped = damped_hessian(hessian[order][:, order], damp)
-    # U, the upper Cholesky factor of the damped Hessian's inverse (module notes).
-    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-    out_features, in_features = weight.shape
-    # Column-major working copies [in, copies, out]: the column being quantized and the rows of the updates
-    # below are contiguous.
-    target = weight.double().T[order].unsqueeze(1)
-    work = target.repeat(1, copies, 1)
-    codes = torch.empty(in_features, out_features, dtype=torch.int64, device=weight.device)
-    values = torch.empty_like(work)
-    errors_sum = torch.zeros(copies, dtype=torch.float64, device=weight.device)
-    columns = order.tolist()
+    parts = _Parts(weights, hessians, damp, act_order)
+    # U, the upper Cholesky factor of the damped Hessian's inverse (module notes), per part.
+    factors = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(parts.dampeds)), upper=True)
+    in_features, _, rows = parts.target.shape
+    device = parts.target.device
+    work = parts.target.repeat(1, copies, 1)
+    codes = torch.empty(in_features, rows, dtype=torch.int64, device=device)
+    # The quantized values are kept only for the descent, which starts from them.
+    values = torch.empty_like(work) if descent_sweeps else None
+    squared_errors = torch.zeros(copies, rows, dtype=torch.float64, device=device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block_errors = torch.empty(end - start, copies, out_features, dtype=torch.float64, device=weight.device)
+        quantize = quantize_block(parts.orders[start:end])
+        pivots = parts.pivots(factors, start, end)
+        block_errors = torch.empty(end - start, copies, rows, dtype=torch.float64, device=device)
         for position in range(start, end):
-            codes[position], values[position] = quantize_column(columns[position], work[position])
-            error = torch.sub(work[position], values[position], out=block_errors[position - start])
-            error /= factor[position, position]
-            work[position + 1 : end].addcmul_(factor[position, position + 1 : end, None, None], error, value=-1.0)
-        errors_sum += block_errors.pow(2).sum(dim=(0, 2))
-        work[end:].view(in_features - end, copies * out_features).addmm_(
-            factor[start:end, end:].T, block_errors.view(end - start, -1), alpha=-1.0)
-    if descent_sweeps:
-        errors_sum = _descend(target, values, codes, damped, columns, quantize_column, descent_sweeps, block_size)
-    return codes[torch.argsort(order)].T.contiguous(), errors_sum
+            codes[position], quantized = quantize(position - start, work[position])
+            if values is not None:
+                values[position] = quantized
+            error = torch.sub(work[position], quantized, out=block_errors[position - start])
+            error /= pivots[position - start]
+            work[position + 1 : end].addcmul_(parts.coupling(factors, position, end), error, value=-1.0)
+        squared_errors += block_errors.pow(2).sum(dim=0)
+        parts.reach_later(work, factors.transpose(1, 2), start, end, block_errors)
+    errors = parts.per_part(squared_errors)
+    if values is not None:
+        errors = _descend(parts, values, codes, quantize_block, descent_sweeps, block_size)
+    back = torch.argsort(parts.orders, dim=0)
+    return [codes[back[:, part], low:high].T.contiguous() for part, (low, high) in enumerate(parts.bounds)], errors
 
 
-def _descend(target: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, damped: torch.Tensor,
-             columns: list[int], quantize_column: ColumnQuantizer, sweeps: int, block_size: int) -> torch.Tensor:
+def _descend(parts: _Parts, values: torch.Tensor, codes: torch.Tensor, quantize_block: BlockQuantizer, sweeps: int,
+             block_size: int) -> torch.Tensor:
     """Coordinate-descent sweeps over ``codes``/``values`` (``[in, ...]``, in the pass's order), in place.
 
-    ``target`` is the weight ``[in, 1, out]``, ``damped`` the damped Hessian in the same order. Returns each
-    copy's error ``sum_rows e H e^T`` after the sweeps.
+    Returns each copy's error ``sum_rows e H e^T`` per part after the sweeps, ``[copies, parts]``.
     """
-    in_features, copies, out_features = values.shape
+    in_features, copies, rows = values.shape
+    hessians = parts.dampeds
+
+    def times_hessian(errors: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(hessians[part] @ errors[:, :, low:high].reshape(in_features, -1)).view(
+            in_features, copies, high - low) for part, (low, high) in enumerate(parts.bounds)], dim=-1)
+
     for _sweep in range(sweeps):
-        errors = target - values
-        gradient = (damped @ errors.view(in_features, -1)).view_as(errors)
+        gradient = times_hessian(parts.target - values)
         for start in range(0, in_features, block_size):
             end = min(start + block_size, in_features)
+            quantize = quantize_block(parts.orders[start:end])
+            pivots = parts.pivots(hessians, start, end)
             # A change of a value is minus the change of its error: the gradient moves by -change H.
-            changes = torch.empty(end - start, copies, out_features, dtype=torch.float64, device=values.device)
+            changes = torch.empty(end - start, copies, rows, dtype=torch.float64, device=values.device)
             for position in range(start, end):
-                aim = torch.addcdiv(values[position], gradient[position], damped[position, position])
-                codes[position], quantized = quantize_column(columns[position], aim)
+                aim = torch.addcdiv(values[position], gradient[position], pivots[position - start])
+                codes[position], quantized = quantize(position - start, aim)
                 torch.sub(quantized, values[position], out=changes[position - start])
                 values[position] = quantized
-                gradient[position + 1 : end].addcmul_(damped[position, position + 1 : end, None, None],
+                gradient[position + 1 : end].addcmul_(parts.coupling(hessians, position, end),
                                                        changes[position - start], value=-1.0)
-            gradient[end:].view(in_features - end, copies * out_features).addmm_(
-                damped[end:, start:end], changes.view(end - start, -1), alpha=-1.0)
-    errors = target - values
-    return (errors * (damped @ errors.view(in_features, -1)).view_as(errors)).sum(dim=(0, 2))
+            parts.reach_later(gradient, hessians, start, end, changes)
+    errors = parts.target - values
+    return parts.per_part((errors * times_hessian(errors)).sum(dim=0))
+
+
+def _check_objective(bit_weights: Mapping[int, float], code_bits: int) -> dict[int, float]:
+    """The weighted precisions (bits -> positive weight) of ``bit_weights``, or a ValueError."""
+    weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
+    if not weighted or min(bit_weights.values()) < 0:
+        raise ValueError(f"bit_weights must map precisions to non-negative weights, not all zero; "
+                         f"got {dict(bit_weights)}")
+    if min(weighted) < 1 or max(weighted) > min(code_bits, MAX_SEARCHED_BITS):
+        raise ValueError(f"weighted precisions must lie in 1..{min(code_bits, MAX_SEARCHED_BITS)} bits, "
+                         f"got {sorted(weighted)}")
+    return weighted
+
+
+def _check_gains(weight: torch.Tensor, weighted: Mapping[int, float],
+                 row_gains: Mapping[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    gains = {int(b): g.double().to(weight.device) for b, g in (row_gains or {}).items()}
+    if not set(gains) <= set(weighted):
+        raise ValueError(f"row gains apply to weighted precisions only ({sorted(weighted)}), got {sorted(gains)}")
+    if any(g.shape != weight.shape[:1] or not bool(torch.isfinite(g).all()) for g in gains.values()):
+        raise ValueError(f"row gains must be finite, one per output row ({weight.shape[0]})")
+    if max(weighted) in gains and not bool((gains[max(weighted)] > 0).all()):
+        raise ValueError("the finest weighted precision's row gains must be positive (its codes aim through them)")
+    return gains
+
+
+def shared_pass_key(in_features: int, bit_weights: Mapping[int, float]) -> tuple[int, tuple[int, ...], float]:
+    """What weights must share to have their codes chosen in one pass of :func:`nested_codes_many`: the input
+    width, the weighted precisions and the finest one's weight (the coarser weights may differ)."""
+    weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
+    return in_features, tuple(sorted(weighted)), weighted[max(weighted)] if weighted else 0.0
+
+
+def shared_passes(shapes: Sequence[tuple[int, int]], objectives: Sequence[Mapping[int, float]],
+                  budget: float = 2.0) -> list[list[int]]:
+    """Indices of the weights (``[out, in]`` shapes, their objectives) to compensate together, in order.
+
+    Weights with one :func:`shared_pass_key` join a pass while its weights hold at most ``budget`` times the
+    elements of the largest weight given: a pass's working memory grows with its rows, so the budget keeps it
+    within a small multiple of what the largest weight alone needs.
+    """
+    limit = budget * max(out * inp for out, inp in shapes)
+    passes: dict[tuple, list[list[int]]] = {}
+    for index, ((out, inp), objective) in enumerate(zip(shapes, objectives, strict=True)):
+        open_passes = passes.setdefault(shared_pass_key(inp, objective), [[]])
+        if open_passes[-1] and sum(shapes[i][0] for i in open_passes[-1]) * inp + out * inp > limit:
+            open_passes.append([])
+        open_passes[-1].append(index)
+    return sorted((indices for group in passes.values() for indices in group), key=min)
 
 
 def nested_codes(
@@ -183,84 +303,125 @@ def nested_codes(
     coordinate descent follow GPTQ's pass (module notes). Returns ``(codes, {bits: ||X (W - Q_bits)^T||^2})``
     with the damped Hessian, for every weighted precision and ``code_bits``.
     """
-    weighted = {int(b): float(w) for b, w in bit_weights.items() if w > 0}
-    if not weighted or min(bit_weights.values()) < 0:
-        raise ValueError(f"bit_weights must map precisions to non-negative weights, not all zero; "
-                         f"got {dict(bit_weights)}")
-    finest = max(weighted)
-    if min(weighted) < 1 or finest > min(code_bits, MAX_SEARCHED_BITS):
-        raise ValueError(f"weighted precisions must lie in 1..{min(code_bits, MAX_SEARCHED_BITS)} bits, "
-                         f"got {sorted(weighted)}")
-    gains = {int(b): g.double().to(weight.device) for b, g in (row_gains or {}).items()}
-    if not set(gains) <= set(weighted):
-        raise ValueError(f"row gains apply to weighted precisions only ({sorted(weighted)}), got {sorted(gains)}")
-    if any(g.shape != weight.shape[:1] or not bool(torch.isfinite(g).all()) for g in gains.values()):
-        raise ValueError(f"row gains must be finite, one per output row ({weight.shape[0]})")
-    if max(weighted) in gains and not bool((gains[max(weighted)] > 0).all()):
-        raise ValueError("the finest weighted precision's row gains must be positive (its codes aim through them)")
-    group_size = weight.shape[1] // scale.shape[1]
-    scale, zero = scale.double(), zero.double()
-    precisions = sorted(weighted)
-    coarser = len(precisions) - 1
-    options = {"dtype": torch.float64, "device": weight.device}
+    return nested_codes_many([weight], [hessian], [scale], [zero], code_bits, [bit_weights], block_size, damp,
+                             act_order, [row_gains], descent_sweeps)[0]
+
+
+def nested_codes_many(
+    weights: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    zeros: Sequence[torch.Tensor],
+    code_bits: int,
+    bit_weights: Sequence[Mapping[int, float]],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = True,
+    row_gains: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
+    descent_sweeps: int = 0,
+) -> list[tuple[torch.Tensor, dict[int, float]]]:
+    """:func:`nested_codes` of several weights in one pass: the same codes and errors as one call each.
+
+    The weights share one :func:`shared_pass_key` (an input width, the weighted precisions, the finest one's
+    weight); each has its own Hessian, group parameters, coarser weights and row gains. A pass costs a number
+    of small steps per column whatever its rows, so on a GPU one pass for the linears reading one input is
+    several times faster than one pass each (:func:`shared_passes` groups them).
+    """
+    row_gains = list(row_gains) if row_gains is not None else [None] * len(weights)
+    if not weights or not len(weights) == len(hessians) == len(scales) == len(zeros) == len(bit_weights) == len(
+            row_gains):
+        raise ValueError("nested_codes_many needs one Hessian, scale, zero, objective and gains entry per weight")
+    objectives = [_check_objective(objective, code_bits) for objective in bit_weights]
+    keys = {shared_pass_key(w.shape[1], objective) for w, objective in zip(weights, objectives, strict=True)}
+    if len(keys) > 1:
+        raise ValueError(f"weights in one pass need one input width, weighted precisions and finest weight; "
+                         f"got {sorted(keys)}")
+    gains = [_check_gains(w, objective, g) for w, objective, g in zip(weights, objectives, row_gains, strict=True)]
+    device = weights[0].device
+    options = {"dtype": torch.float64, "device": device}
+    precisions = sorted(objectives[0])
+    finest, coarser = precisions[-1], len(precisions) - 1
+    finest_weight = objectives[0][finest]
+    group_size = weights[0].shape[1] // scales[0].shape[1]
 
     # Candidates: every code of the second finest weighted precision (one empty prefix if only one is
     # weighted). Below such a prefix only the finest term varies, a convex quadratic in the code, so its
     # best finest code is the nearest level clamped into the prefix's interval: exact, at a quarter of
     # the cost of trying every finest code for the default 2/4/6/8-bit weights.
     coarse = precisions[-2] if coarser else 0
-    prefixes = torch.arange(2**coarse, device=weight.device)
+    prefixes = torch.arange(2**coarse, device=device)
     span = 2 ** (finest - coarse)
     lowest, highest = prefixes * span, prefixes * span + span - 1
+    steps = torch.tensor([2.0 ** (b - 2) for b in precisions], **options)
+    # Every weighted precision's coordinate for every finest code, so the chosen codes' values are one lookup;
+    # a candidate prefix's coarser coordinates are those of the lowest finest code below it.
+    code_coordinates = ((torch.arange(2**finest, device=device)[None] >> torch.tensor(
+        [finest - b for b in precisions], device=device)[:, None]).double() + 0.5) / steps[:, None]
+    coordinates = code_coordinates[:coarser, lowest]
+    candidate_terms = torch.cat([coordinates.pow(2), coordinates])
+
     # Each precision's value is affine in its grid coordinate a = (code + 0.5) / 2^(b-2): alpha a + beta, with
     # alpha = g s and beta = C (1 - g) - g s z per row (g = 1 without a gain, C = s (2 - z) the group's centre).
     # A coarser term lambda (alpha a + beta - x)^2 is, up to a constant the argmin ignores,
     # [lambda alpha^2, -2 lambda alpha (x - beta)] . [a^2, a]: every candidate's coarser terms are one product
-    # [rows, 2 * coarser] @ [2 * coarser, candidates]. Per group and precision, [groups, precisions, rows]:
-    steps = torch.tensor([2.0 ** (b - 2) for b in precisions], **options)
-    row_gains_all = torch.stack([gains.get(b, torch.ones(weight.shape[0], **options)) for b in precisions])
-    alphas = (row_gains_all[:, :, None] * scale).permute(2, 0, 1).contiguous()
-    betas = (scale * (2.0 - zero) * (1.0 - row_gains_all[:, :, None])).permute(2, 0, 1) - alphas * zero.T[:, None]
-    lambdas = torch.tensor([weighted[b] for b in precisions[:-1]], **options)[None, :, None]
-    squared_coefficients = lambdas * alphas[:, :-1].pow(2)
-    linear_coefficients = -2.0 * lambdas * alphas[:, :-1]
-    # Every weighted precision's coordinate for every finest code, so the chosen codes' values are one lookup;
-    # a candidate prefix's coarser coordinates are those of the lowest finest code below it.
-    code_coordinates = ((torch.arange(2**finest, device=weight.device)[None] >> torch.tensor(
-        [finest - b for b in precisions], device=weight.device)[:, None]).double() + 0.5) / steps[:, None]
-    coordinates = code_coordinates[:coarser, lowest]
-    candidate_terms = torch.cat([coordinates.pow(2), coordinates])
-    # The finest term in its own code c: alpha_f (c + 0.5) / 2^(f-2) + beta_f - x, slope and intercept per group.
-    finest_slopes = alphas[:, -1] / steps[-1]
-    finest_offsets = finest_slopes * 0.5 + betas[:, -1]
+    # [rows, 2 * coarser] @ [2 * coarser, candidates]. The finest term in its own code c is
+    # alpha_f (c + 0.5) / 2^(f-2) + beta_f - x: a slope and an intercept. All of it per group and row, the
+    # parts' rows side by side: [groups, fields, rows] with the fields below.
+    def grid_fields(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, objective: Mapping[int, float],
+                    gain: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        scale, zero = scale.double().to(device), zero.double().to(device)
+        gain_rows = torch.stack([gain.get(b, torch.ones(weight.shape[0], **options)) for b in precisions])
+        alphas = (gain_rows[:, :, None] * scale).permute(2, 0, 1)
+        betas = (scale * (2.0 - zero) * (1.0 - gain_rows[:, :, None])).permute(2, 0, 1) - alphas * zero.T[:, None]
+        lambdas = torch.tensor([objective[b] for b in precisions[:-1]], **options)[None, :, None]
+        slope = alphas[:, -1:] / steps[-1]
+        return torch.cat([alphas, betas, lambdas * alphas[:, :-1].pow(2), -2.0 * lambdas * alphas[:, :-1], slope,
+                          slope * 0.5 + betas[:, -1:], scale.T[:, None], zero.T[:, None]], dim=1)
 
-    def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        group = column // group_size
-        alpha, beta, slope = alphas[group], betas[group], finest_slopes[group]
-        coarser_rows = torch.cat([squared_coefficients[group],
-                                  linear_coefficients[group] * (values[:coarser] - beta[:coarser])])
-        # The finest precision's nearest code to its target (a positive gain keeps the value increasing in the
-        # code), clamped into each candidate's interval.
-        nearest = torch.floor((values[coarser] - beta[coarser]) / slope)[:, None]
-        leaves = torch.clamp(nearest, lowest, highest)
-        miss = torch.addcmul((finest_offsets[group] - values[coarser])[:, None], leaves, slope[:, None])
-        total = torch.mm(coarser_rows.T, candidate_terms).addcmul_(miss, miss, value=weighted[finest])
-        best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
-        quantized = torch.addcmul(beta, alpha, code_coordinates[:, best])
-        if code_bits == finest:
-            return best, quantized
-        # The unweighted finer bits: the nearest level to their own copy inside the chosen code's interval.
-        s, z = scale[:, group], zero[:, group]
-        spread = 2 ** (code_bits - finest)
-        nearest = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2))
-        codes = torch.minimum(torch.maximum(nearest, (best * spread).double()), (best * spread + spread - 1).double())
-        finer = s * ((codes + 0.5) / 2.0 ** (code_bits - 2) - z)
-        return codes.to(torch.int64), torch.cat([quantized, finer[None]])
+    fields = torch.cat([grid_fields(*problem) for problem in zip(weights, scales, zeros, objectives, gains,
+                                                                   strict=True)], dim=-1)
+    count = len(precisions)
+    alpha_at, beta_at, squared_at, linear_at = 0, count, 2 * count, 3 * count - 1
+    slope_at, offset_at, scale_at, zero_at = 4 * count - 2, 4 * count - 1, 4 * count, 4 * count + 1
+    sizes = torch.tensor([w.shape[0] for w in weights], device=device)
+    row_part = torch.repeat_interleave(torch.arange(len(weights), device=device), sizes)
+
+    def quantize_block(columns: torch.Tensor) -> ColumnQuantizer:
+        # Each row's own group at each position of the block, gathered once: [positions, fields, rows].
+        groups = (columns // group_size)[:, row_part]
+        block = fields.gather(0, groups[:, None].expand(-1, fields.shape[1], -1))
+
+        def quantize(position: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            grid = block[position]
+            alpha, beta, slope = grid[alpha_at:beta_at], grid[beta_at:squared_at], grid[slope_at]
+            coarser_rows = torch.cat([grid[squared_at:linear_at],
+                                      grid[linear_at:slope_at] * (values[:coarser] - beta[:coarser])])
+            # The finest precision's nearest code to its target (a positive gain keeps the value increasing in
+            # the code), clamped into each candidate's interval.
+            nearest = torch.floor((values[coarser] - beta[coarser]) / slope)[:, None]
+            leaves = torch.clamp(nearest, lowest, highest)
+            miss = torch.addcmul((grid[offset_at] - values[coarser])[:, None], leaves, slope[:, None])
+            total = torch.mm(coarser_rows.T, candidate_terms).addcmul_(miss, miss, value=finest_weight)
+            best = leaves.gather(-1, torch.argmin(total, dim=-1, keepdim=True)).squeeze(-1).to(torch.int64)
+            quantized = torch.addcmul(beta, alpha, code_coordinates[:, best])
+            if code_bits == finest:
+                return best, quantized
+            # The unweighted finer bits: the nearest level to their own copy inside the chosen code's interval.
+            s, z = grid[scale_at], grid[zero_at]
+            spread = 2 ** (code_bits - finest)
+            nearest = torch.floor((values[-1] / s + z) * 2.0 ** (code_bits - 2))
+            codes = torch.minimum(torch.maximum(nearest, (best * spread).double()),
+                                  (best * spread + spread - 1).double())
+            finer = s * ((codes + 0.5) / 2.0 ** (code_bits - 2) - z)
+            return codes.to(torch.int64), torch.cat([quantized, finer[None]])
+
+        return quantize
 
     tracked = precisions if code_bits == finest else [*precisions, code_bits]
-    codes, errors = compensate_columns(weight, hessian, quantize_column, len(tracked), block_size, damp, act_order,
+    codes, errors = compensate_columns(weights, hessians, quantize_block, len(tracked), block_size, damp, act_order,
                                        descent_sweeps)
-    return codes, dict(zip(tracked, errors.tolist(), strict=True))
+    return [(part_codes, dict(zip(tracked, errors[:, part].tolist(), strict=True)))
+            for part, part_codes in enumerate(codes)]
 
 
 def minmax_gptq_weight(
@@ -286,12 +447,17 @@ def minmax_gptq_weight(
     scale = torch.maximum((w_max - w_min) / top, floor)
     zero = torch.round(-w_min / scale)
 
-    def quantize_column(column: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, z = scale[:, column // group_size], zero[:, column // group_size]
-        codes = torch.clamp(torch.round(values[0] / s) + z, 0, top)
-        return codes.to(torch.int64), ((codes - z) * s).unsqueeze(0)
+    def quantize_block(columns: torch.Tensor) -> ColumnQuantizer:
+        groups = (columns[:, 0] // group_size).tolist()
 
-    codes, _ = compensate_columns(weight, hessian, quantize_column, 1, block_size, damp, act_order)
+        def quantize(position: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s, z = scale[:, groups[position]], zero[:, groups[position]]
+            codes = torch.clamp(torch.round(values[0] / s) + z, 0, top)
+            return codes.to(torch.int64), ((codes - z) * s).unsqueeze(0)
+
+        return quantize
+
+    (codes,), _ = compensate_columns([weight], [hessian], quantize_block, 1, block_size, damp, act_order)
     s = scale.repeat_interleave(group_size, dim=-1)
     z = zero.repeat_interleave(group_size, dim=-1)
     return ((codes.double() - z) * s).to(weight.dtype)

@@ -15,8 +15,9 @@ import torch
 
 from mobiquant.calibration import CalibrationConfig, TrainableSlicedLinear, calibrate_block
 from mobiquant.calibration.block import truncation_errors
+from mobiquant.calibration.trainable import fix_codes
 from mobiquant.evaluation import rtn_quantize
-from mobiquant.gptq import minmax_gptq_weight, nested_codes
+from mobiquant.gptq import minmax_gptq_weight, nested_codes, nested_codes_many, shared_passes
 from mobiquant.slicing import SlicedWeight, dequantize_codes, fit_row_gains, full_codes, slice_weight, unpack_codes
 from tests.test_method import heavy_tailed_block, linear_inputs, one_slice_block_error
 
@@ -326,6 +327,65 @@ def test_rejects_precisions_it_cannot_search() -> None:
         nested_codes(weight, torch.eye(32), sliced.scale, sliced.zero, 8, {2: 0.0})
 
 
+@pytest.mark.parametrize(("code_bits", "sweeps", "block_size"), [(8, 0, 16), (8, 1, 24), (6, 0, 7)])
+def test_weights_sharing_a_pass_get_the_codes_of_a_pass_each(code_bits: int, sweeps: int, block_size: int) -> None:
+    generator = torch.Generator().manual_seed(code_bits * 7 + sweeps)
+    torch.manual_seed(code_bits + sweeps)
+    rows = (24, 8, 40)
+    weights = [heavy_tailed(out, 96, generator) for out in rows]
+    hessians = []
+    for _ in rows:  # each its own inputs: its own activation order, factor and dampening scale
+        x = correlated_inputs(200, 96, generator)
+        hessians.append(x.T @ x)
+    hessians[1][7] = 0.0
+    hessians[1][:, 7] = 0.0  # a column no input of the second weight reaches
+    slicings = [slice_weight(w, GROUP, 4, clip=clip) for w, clip in zip(weights, (0.8, 0.9, 1.0), strict=True)]
+    finest = min(code_bits, 6)
+    # One finest weight; the coarser weights differ per weight, and one weight has row gains.
+    objectives = [{2: 4.0, 4: 24.0, finest: 8.0}, {2: 32.0, 4: 24.0, finest: 8.0}, {2: 1.0, 4: 1.0, finest: 8.0}]
+    gains = [None, {2: 0.8 + 0.4 * torch.rand(8, generator=generator, dtype=torch.float64)}, None]
+    together = nested_codes_many(weights, hessians, [s.scale for s in slicings], [s.zero for s in slicings],
+                                 code_bits, objectives, block_size=block_size, damp=0.05, row_gains=gains,
+                                 descent_sweeps=sweeps)
+    for index, (codes, errors) in enumerate(together):
+        alone, alone_errors = nested_codes(weights[index], hessians[index], slicings[index].scale,
+                                           slicings[index].zero, code_bits, objectives[index],
+                                           block_size=block_size, damp=0.05, row_gains=gains[index],
+                                           descent_sweeps=sweeps)
+        assert torch.equal(codes, alone), index
+        assert errors == pytest.approx(alone_errors, rel=1e-9), index
+    if sweeps == 0:  # and the independent OBQ reference for the first weight
+        expected, losses = reference_obq(weights[0], hessians[0], *weighted_chooser(
+            slicings[0].scale, slicings[0].zero, objectives[0], code_bits), True, damp=0.05)
+        assert torch.equal(together[0][0], expected)
+        assert list(together[0][1].values()) == pytest.approx(losses, rel=1e-9)
+
+
+def test_a_pass_refuses_weights_that_cannot_share_it() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weights = [heavy_tailed(8, 64, generator), heavy_tailed(8, 64, generator)]
+    sliced = [slice_weight(w, GROUP, 4) for w in weights]
+    scales, zeros = [s.scale for s in sliced], [s.zero for s in sliced]
+    for objectives in ([{4: 1.0, 8: 1.0}, {4: 1.0, 6: 1.0, 8: 1.0}], [{4: 1.0, 8: 1.0}, {4: 1.0, 8: 2.0}]):
+        with pytest.raises(ValueError, match="one input width, weighted precisions and finest weight"):
+            nested_codes_many(weights, [torch.eye(64)] * 2, scales, zeros, 8, objectives)
+    with pytest.raises(ValueError, match="one Hessian, scale, zero, objective and gains entry per weight"):
+        nested_codes_many(weights, [torch.eye(64)], scales, zeros, 8, [{8: 1.0}] * 2)
+
+
+def test_shared_passes_group_one_input_and_objective_within_the_memory_budget() -> None:
+    default, value = {1: 2.0, 2: 24.0, 3: 32.0, 4: 8.0}, {1: 32.0, 2: 24.0, 3: 32.0, 4: 8.0}
+    # A Llama-3-8B block: q, k, v, o, gate, up read 4096 columns, down 14336.
+    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+    objectives = [default, default, value, default, default, default, default]
+    assert shared_passes(shapes, objectives) == [[0, 1, 2, 3, 4], [5], [6]]
+    assert shared_passes(shapes, objectives, budget=1.0) == [[0, 1, 2, 3], [4], [5], [6]]
+    # Another finest weight or another set of weighted precisions is another pass.
+    objectives[2] = {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}
+    objectives[3] = {2: 1.0, 4: 8.0}
+    assert shared_passes(shapes, objectives) == [[0, 1, 4], [2], [3], [5], [6]]
+
+
 def test_calibrated_block_stores_compensated_codes_on_its_inputs_hessian() -> None:
     torch.manual_seed(21)
     arch, block, inputs, block_kwargs, _targets = heavy_tailed_block(lambda shape: heavy_tailed(
@@ -400,9 +460,9 @@ def test_gain_aware_passes_choose_the_codes_for_the_gains_and_refit_them() -> No
     weights = {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}
     bits = {2 * k: w for k, w in weights.items()}
     module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP, router_hidden=0))
-    module.fix_codes(hessian, weights, damp=0.1, row_gain_slices=2)
+    fix_codes([module], [hessian], [weights], damp=0.1, row_gain_slices=2)
     first = copy.deepcopy(module.fixed)
-    errors = module.fix_codes(hessian, weights, damp=0.1, row_gain_slices=2, gain_aware_passes=1)
+    (errors,) = fix_codes([module], [hessian], [weights], damp=0.1, row_gain_slices=2, gain_aware_passes=1)
     scale, zero = first.scale.float(), first.zero.float()
     # The same steps by hand: codes for the first codes' gains at 1 and 2 slices, then the gains of those codes.
     row_gains = {2: first.gains[0].double(), 4: first.gains[1].double()}
@@ -419,7 +479,8 @@ def test_fixed_codes_drive_the_layer_the_router_fit_and_the_checkpoint() -> None
     linear, generator = heavy_tailed_linear(5, bias=True)
     x = correlated_inputs(300, 64, generator).float()
     module = TrainableSlicedLinear(linear, CalibrationConfig(group_size=GROUP))
-    module.fix_codes(x.double().T @ x.double(), {1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}, damp=0.1, row_gain_slices=4)
+    fix_codes([module], [x.double().T @ x.double()], [{1: 4.0, 2: 24.0, 3: 32.0, 4: 2.0}], damp=0.1,
+              row_gain_slices=4)
     layer = module.to_mobilinear()
     floor = slice_weight(linear.weight.detach(), GROUP, 4, clip=(module.clip_factors()[0].detach(),
                                                                    module.clip_factors()[1].detach()))

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from mobiquant.arch import Architecture, counting_expert_tokens, summarize_linears
 from mobiquant.calibration.config import ROUTER_FIT_TOKENS, CalibrationConfig
 from mobiquant.calibration.routers import fit_router
-from mobiquant.calibration.trainable import TrainableSlicedLinear
+from mobiquant.calibration.trainable import TrainableSlicedLinear, fix_codes
 from mobiquant.clip_search import input_hessians
+from mobiquant.gptq import shared_passes
 from mobiquant.layers import MoBiLinear
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -213,11 +214,23 @@ def calibrate_block(
             layer_params, block_index, progress, on_progress,
         )
         if config.error_compensation:
-            for name, module in tqdm(trainables.items(), desc=f"block {block_index} GPTQ codes", unit="linear",
-                                     disable=not progress, leave=False):
-                errors = module.fix_codes(hessians[name], config.compensation_objective(name), config.damp,
-                                          config.row_gain_slices, config.gain_aware_passes, config.descent_sweeps)
-                losses[f"gptq {name}"] = [errors[k] for k in sorted(errors)]
+            names = list(trainables)
+            objectives = {name: config.compensation_objective(name) for name in names}
+            # The linears reading one input share a pass of the column loop, whose cost is its steps per column.
+            passes = shared_passes([tuple(trainables[name].weight.shape) for name in names],
+                                   [objectives[name] for name in names])
+            errors: dict[str, dict[int, float]] = {}
+            with tqdm(total=len(names), desc=f"block {block_index} GPTQ codes", unit="linear", disable=not progress,
+                      leave=False) as bar:
+                for indices in passes:
+                    together = [names[i] for i in indices]
+                    errors.update(zip(together, fix_codes(
+                        [trainables[name] for name in together], [hessians[name] for name in together],
+                        [objectives[name] for name in together], config.damp, config.row_gain_slices,
+                        config.gain_aware_passes, config.descent_sweeps), strict=True))
+                    bar.update(len(together))
+            for name in names:
+                losses[f"gptq {name}"] = [errors[name][k] for k in sorted(errors[name])]
             _report(on_progress, block_index, "gptq codes")
         if config.routed:
             losses["router_fit_residual"] = fit_routers_to_errors(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mobiquant.calibration.config import CalibrationConfig
 from mobiquant.clip_search import clip_logit, search_clipping
-from mobiquant.gptq import nested_codes
+from mobiquant.gptq import nested_codes_many
 from mobiquant.layers import MoBiLinear, MoBiRouter, gate_scores
 from mobiquant.slicing import (
     BITS_PER_SLICE,
@@ -56,7 +58,7 @@ class TrainableSlicedLinear(nn.Module):
         # Tokens of the last routed forward: an expert's linears serve only the tokens routed to the expert.
         self.served_tokens = 0
         self.hard_slices: torch.Tensor | None = None
-        # Set by fix_codes: the stored codes c_K with their float16 group parameters, and W_1..W_K from them.
+        # Set by take_codes: the stored codes c_K with their float16 group parameters, and W_1..W_K from them.
         self.fixed: SlicedWeight | None = None
         self._fixed_weights: list[torch.Tensor] = []
 
@@ -71,42 +73,17 @@ class TrainableSlicedLinear(nn.Module):
             self.upper_logit.copy_(clip_logit(upper))
             self.lower_logit.copy_(clip_logit(lower))
 
-    def fix_codes(self, hessian: torch.Tensor, slice_weights: dict[int, float], damp: float,
-                  row_gain_slices: int = 0, gain_aware_passes: int = 0, descent_sweeps: int = 0) -> dict[int, float]:
-        """Freeze the clipping and choose error-compensated codes for it (``mobiquant.gptq.nested_codes``),
-        then the row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``); each of
-        ``gain_aware_passes`` then chooses the codes again for the gained weights and refits the gains. Every
-        choice of codes ends with ``descent_sweeps`` sweeps of coordinate descent.
-
-        From here on the layer computes with these codes, so the router fit and its truncation errors see
-        the weights the checkpoint will hold; the clipping gets no more gradient (moving it would move
-        the grid under codes chosen for it). Returns the output error at each weighted slice count and at K
-        (of the last codes chosen, with the gains they were chosen for).
-        """
+    def frozen_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group scale and zero of the clipping as it stands, rounded as the checkpoint stores them."""
         upper, lower = (factor.detach() for factor in self.clip_factors())
-        scale, zero = round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
-        bits = {BITS_PER_SLICE * k: w for k, w in slice_weights.items()}
-        hessian = hessian.to(self.weight.device)
-        codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
-                                     damp=damp, descent_sweeps=descent_sweeps)
-        self.fixed = SlicedWeight(pack_codes(codes, self.num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
-                                  self.group_size)
-        if row_gain_slices:
-            self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
-        # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
-        # aim the coarser precisions' codes through their gains.
-        aimed = [k for k in range(1, row_gain_slices + 1) if BITS_PER_SLICE * k in bits
-                 and BITS_PER_SLICE * k < max(bits)]
-        for _pass in range(gain_aware_passes if aimed else 0):
-            gains = {BITS_PER_SLICE * k: self.fixed.gains[k - 1].double() for k in aimed}
-            codes, errors = nested_codes(self.weight, hessian, scale, zero, BITS_PER_SLICE * self.num_slices, bits,
-                                         damp=damp, row_gains=gains, descent_sweeps=descent_sweeps)
-            self.fixed.planes = pack_codes(codes, self.num_slices)
-            self.fixed.gains = fit_row_gains(self.weight, hessian, self.fixed, row_gain_slices)
-        self._fixed_weights = [self.fixed.dequantize(k) for k in range(1, self.num_slices + 1)]
+        return round_params(*scale_zero_from_range(self.w_min * lower, self.w_max * upper))
+
+    def take_codes(self, sliced: SlicedWeight) -> None:
+        """Compute with ``sliced`` from here on; the clipping gets no more gradient."""
+        self.fixed = sliced
+        self._fixed_weights = [sliced.dequantize(k) for k in range(1, self.num_slices + 1)]
         self.upper_logit.requires_grad_(False)
         self.lower_logit.requires_grad_(False)
-        return {b // BITS_PER_SLICE: error for b, error in errors.items()}
 
     def _codes_u(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         upper, lower = self.clip_factors()
@@ -162,3 +139,51 @@ class TrainableSlicedLinear(nn.Module):
         if self.router is not None:
             layer.router.load_state_dict(self.router.state_dict())
         return layer
+
+
+def fix_codes(linears: Sequence[TrainableSlicedLinear], hessians: Sequence[torch.Tensor],
+              slice_weights: Sequence[Mapping[int, float]], damp: float, row_gain_slices: int = 0,
+              gain_aware_passes: int = 0, descent_sweeps: int = 0) -> list[dict[int, float]]:
+    """Freeze each linear's clipping and choose error-compensated codes for it (``mobiquant.gptq``), then the
+    row gains of 1..``row_gain_slices`` slices for those codes (``fit_row_gains``); each of
+    ``gain_aware_passes`` then chooses the codes again for the gained weights and refits the gains. Every
+    choice of codes ends with ``descent_sweeps`` sweeps of coordinate descent.
+
+    The linears' codes are chosen in one pass (``nested_codes_many``): they need one
+    ``mobiquant.gptq.shared_pass_key`` (``shared_passes`` groups a block's linears). From here on each
+    linear computes with its codes, so the router fit and its truncation errors see the weights the
+    checkpoint will hold; the clipping gets no more gradient (moving it would move the grid under codes
+    chosen for it). Returns per linear the output error at each weighted slice count and at K (of the last
+    codes chosen, with the gains they were chosen for).
+    """
+    num_slices = linears[0].num_slices
+    if any(linear.num_slices != num_slices or linear.group_size != linears[0].group_size for linear in linears):
+        raise ValueError("linears compensated together need one slice count and group size")
+    grids = [linear.frozen_grid() for linear in linears]
+    bits = [{BITS_PER_SLICE * k: w for k, w in weights.items()} for weights in slice_weights]
+    hessians = [hessian.to(linear.weight.device) for linear, hessian in zip(linears, hessians, strict=True)]
+    weights = [linear.weight for linear in linears]
+    code_bits = BITS_PER_SLICE * num_slices
+
+    def choose(row_gains: list[dict[int, torch.Tensor]] | None) -> list[dict[int, float]]:
+        results = nested_codes_many(weights, hessians, [scale for scale, _ in grids], [zero for _, zero in grids],
+                                    code_bits, bits, damp=damp, row_gains=row_gains, descent_sweeps=descent_sweeps)
+        errors = []
+        for linear, hessian, (scale, zero), (codes, error) in zip(linears, hessians, grids, results, strict=True):
+            sliced = SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
+                                  linear.group_size)
+            if row_gain_slices:
+                sliced.gains = fit_row_gains(linear.weight, hessian, sliced, row_gain_slices)
+            linear.take_codes(sliced)
+            errors.append({b // BITS_PER_SLICE: e for b, e in error.items()})
+        return errors
+
+    errors = choose(None)
+    # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
+    # aim the coarser precisions' codes through their gains (the linears share their weighted precisions).
+    aimed = [k for k in range(1, row_gain_slices + 1) if BITS_PER_SLICE * k in bits[0]
+             and BITS_PER_SLICE * k < max(bits[0])]
+    for _pass in range(gain_aware_passes if aimed else 0):
+        errors = choose([{BITS_PER_SLICE * k: linear.fixed.gains[k - 1].double() for k in aimed}
+                         for linear in linears])
+    return errors
