@@ -142,6 +142,73 @@ class _Parts:
         return torch.stack([rows[..., low:high].sum(dim=-1) for low, high in self.bounds], dim=-1)
 
 
+def _block_pass(parts: _Parts, quantize: ColumnQuantizer, factors: torch.Tensor, pivots: torch.Tensor,
+                errors: torch.Tensor, codes: torch.Tensor, work: torch.Tensor, values: torch.Tensor | None) -> None:
+    """GPTQ's pass over one block, every tensor the block's own (``factors`` ``[parts, n, n]``, the rest ``[n, ...]``):
+    each position's codes, its scaled error into ``errors``, and the error's update of the block's later positions."""
+    size = len(work)
+    for position in range(size):
+        codes[position], quantized = quantize(position, work[position])
+        if values is not None:
+            values[position] = quantized
+        error = torch.sub(work[position], quantized, out=errors[position])
+        error /= pivots[position]
+        work[position + 1 :].addcmul_(parts.coupling(factors, position, size), error, value=-1.0)
+
+
+class _GraphedBlock:
+    """:func:`_block_pass` captured once in a CUDA graph and replayed for every block of its size.
+
+    A pass launches some twenty small kernels per column whatever the rows, so on a GPU the host's launches, not
+    the arithmetic, set its time; a replay launches a block's thousands of kernels at once. The graph reads and
+    writes buffers of its own: each block's inputs are copied in and its results out.
+    """
+
+    def __init__(self, parts: _Parts, quantize_block: BlockQuantizer, size: int, copies: int, keep_values: bool):
+        rows, count = parts.target.shape[-1], len(parts.sizes)
+        options = {"dtype": torch.float64, "device": parts.target.device}
+        self.size = size
+        self.columns = torch.zeros(size, count, dtype=torch.int64, device=options["device"])
+        self.factors = torch.eye(size, **options).repeat(count, 1, 1)
+        self.pivots = torch.ones(size, rows, **options)
+        self.errors = torch.zeros(size, copies, rows, **options)
+        self.codes = torch.zeros(size, rows, dtype=torch.int64, device=options["device"])
+        self.work = torch.zeros(size, copies, rows, **options)
+        self.values = torch.zeros(size, copies, rows, **options) if keep_values else None
+
+        def run_pass() -> None:
+            _block_pass(parts, quantize_block(self.columns), self.factors, self.pivots, self.errors, self.codes,
+                        self.work, self.values)
+
+        self.run_pass, self.graph = run_pass, None
+        if options["device"].type != "cuda":
+            return  # no graphs here: the same buffers, run eagerly
+        # Capture needs the pass to have run once outside it, on a side stream (PyTorch's CUDA graph recipe).
+        side = torch.cuda.Stream(device=options["device"])
+        side.wait_stream(torch.cuda.current_stream(options["device"]))
+        with torch.cuda.stream(side):
+            run_pass()
+        torch.cuda.current_stream(options["device"]).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            run_pass()
+
+    def run(self, columns: torch.Tensor, factors: torch.Tensor, pivots: torch.Tensor, codes: torch.Tensor,
+            work: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+        """One block's pass: its codes (and values) written to ``codes`` (``values``); returns its scaled errors
+        (the graph's buffer, valid until the next run)."""
+        for buffer, given in ((self.columns, columns), (self.factors, factors), (self.pivots, pivots),
+                              (self.work, work)):
+            buffer.copy_(given)
+        if self.graph is None:
+            self.run_pass()
+        else:
+            self.graph.replay()
+        codes.copy_(self.codes)
+        if values is not None:
+            values.copy_(self.values)
+        return self.errors
+
 def compensate_columns(
     weights: Sequence[torch.Tensor],
     hessians: Sequence[torch.Tensor],
@@ -151,6 +218,7 @@ def compensate_columns(
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
     descent_sweeps: int = 0,
+    cuda_graphs: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The GPTQ column loop, then ``descent_sweeps`` sweeps of coordinate descent (see the module notes), over
     ``weights`` of one input width at once, each with its own Hessian: each weight's codes ``[out, in]`` (int64)
@@ -158,7 +226,9 @@ def compensate_columns(
 
     The weights' rows share every step of the loop (the reason to pass several: a pass costs a number of small
     steps per column, whatever the rows). The error is ``||X (W - Q)^T||^2`` with the damped Hessian, returned
-    because it falls out of the loop for free (after sweeps, computed afresh from the final codes).
+    because it falls out of the loop for free (after sweeps, computed afresh from the final codes). With
+    ``cuda_graphs``, GPTQ's pass replays each full block from one CUDA graph captured on the weights' CUDA device
+    (the quantizer must then not read the device from the host); elsewhere the same buffers run without a graph.
     """
     if isinstance(descent_sweeps, bool) or not isinstance(descent_sweeps, int) or descent_sweeps < 0:
         raise ValueError(f"descent_sweeps must be a whole number >= 0, got {descent_sweeps!r}")
@@ -172,18 +242,18 @@ def compensate_columns(
     # The quantized values are kept only for the descent, which starts from them.
     values = torch.empty_like(work) if descent_sweeps else None
     squared_errors = torch.zeros(copies, rows, dtype=torch.float64, device=device)
+    graphed = (_GraphedBlock(parts, quantize_block, min(block_size, in_features), copies, values is not None)
+               if cuda_graphs else None)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        quantize = quantize_block(parts.orders[start:end])
-        pivots = parts.pivots(factors, start, end)
-        block_errors = torch.empty(end - start, copies, rows, dtype=torch.float64, device=device)
-        for position in range(start, end):
-            codes[position], quantized = quantize(position - start, work[position])
-            if values is not None:
-                values[position] = quantized
-            error = torch.sub(work[position], quantized, out=block_errors[position - start])
-            error /= pivots[position - start]
-            work[position + 1 : end].addcmul_(parts.coupling(factors, position, end), error, value=-1.0)
+        block = (codes[start:end], work[start:end], None if values is None else values[start:end])
+        if graphed is not None and end - start == graphed.size:
+            block_errors = graphed.run(parts.orders[start:end], factors[:, start:end, start:end],
+                                       parts.pivots(factors, start, end), *block)
+        else:
+            block_errors = torch.empty(end - start, copies, rows, dtype=torch.float64, device=device)
+            _block_pass(parts, quantize_block(parts.orders[start:end]), factors[:, start:end, start:end],
+                        parts.pivots(factors, start, end), block_errors, *block)
         squared_errors += block_errors.pow(2).sum(dim=0)
         parts.reach_later(work, factors.transpose(1, 2), start, end, block_errors)
     errors = parts.per_part(squared_errors)
@@ -319,13 +389,15 @@ def nested_codes_many(
     act_order: bool = True,
     row_gains: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
     descent_sweeps: int = 0,
+    cuda_graphs: bool = False,
 ) -> list[tuple[torch.Tensor, dict[int, float]]]:
     """:func:`nested_codes` of several weights in one pass: the same codes and errors as one call each.
 
     The weights share one :func:`shared_pass_key` (an input width, the weighted precisions, the finest one's
     weight); each has its own Hessian, group parameters, coarser weights and row gains. A pass costs a number
     of small steps per column whatever its rows, so on a GPU one pass for the linears reading one input is
-    several times faster than one pass each (:func:`shared_passes` groups them).
+    several times faster than one pass each (:func:`shared_passes` groups them). ``cuda_graphs``: see
+    :func:`compensate_columns`.
     """
     row_gains = list(row_gains) if row_gains is not None else [None] * len(weights)
     if not weights or not len(weights) == len(hessians) == len(scales) == len(zeros) == len(bit_weights) == len(
@@ -419,7 +491,7 @@ def nested_codes_many(
 
     tracked = precisions if code_bits == finest else [*precisions, code_bits]
     codes, errors = compensate_columns(weights, hessians, quantize_block, len(tracked), block_size, damp, act_order,
-                                       descent_sweeps)
+                                       descent_sweeps, cuda_graphs)
     return [(part_codes, dict(zip(tracked, errors[:, part].tolist(), strict=True)))
             for part, part_codes in enumerate(codes)]
 

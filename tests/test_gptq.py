@@ -347,6 +347,13 @@ def test_weights_sharing_a_pass_get_the_codes_of_a_pass_each(code_bits: int, swe
     together = nested_codes_many(weights, hessians, [s.scale for s in slicings], [s.zero for s in slicings],
                                  code_bits, objectives, block_size=block_size, damp=0.05, row_gains=gains,
                                  descent_sweeps=sweeps)
+    # The pass replayed from one block's buffers (a CUDA graph on a GPU) chooses the same codes.
+    replayed = nested_codes_many(weights, hessians, [s.scale for s in slicings], [s.zero for s in slicings],
+                                 code_bits, objectives, block_size=block_size, damp=0.05, row_gains=gains,
+                                 descent_sweeps=sweeps, cuda_graphs=True)
+    for (codes, errors), (replayed_codes, replayed_errors) in zip(together, replayed, strict=True):
+        assert torch.equal(codes, replayed_codes)
+        assert errors == pytest.approx(replayed_errors, rel=1e-12)
     for index, (codes, errors) in enumerate(together):
         alone, alone_errors = nested_codes(weights[index], hessians[index], slicings[index].scale,
                                            slicings[index].zero, code_bits, objectives[index],

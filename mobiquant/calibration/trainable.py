@@ -167,7 +167,8 @@ def fix_codes(linears: Sequence[TrainableSlicedLinear], hessians: Sequence[torch
 
     def choose(row_gains: list[dict[int, torch.Tensor]] | None) -> list[dict[int, float]]:
         results = nested_codes_many(weights, hessians, [scale for scale, _ in grids], [zero for _, zero in grids],
-                                    code_bits, bits, damp=damp, row_gains=row_gains, descent_sweeps=descent_sweeps)
+                                    code_bits, bits, damp=damp, row_gains=row_gains, descent_sweeps=descent_sweeps,
+                                    cuda_graphs=weights[0].is_cuda)
         errors = []
         for linear, hessian, (scale, zero), (codes, error) in zip(linears, hessians, grids, results, strict=True):
             sliced = SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
