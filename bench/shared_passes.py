@@ -84,7 +84,7 @@ def main() -> None:
         return [codes[i] for i in range(len(linears))]
 
     # A small pass first, so that neither way pays the device's and the solvers' first use.
-    small = block_linears("smollm2", 256, args.group_size, device)[1]
+    small = block_linears("smollm2", 256, 64, device)[1]
     nested_codes_many([small["weight"]] * 2, [small["hessian"]] * 2, [small["scale"]] * 2, [small["zero"]] * 2, 8,
                       [objectives[1]] * 2, damp=config.damp)
     ways = {"one pass each": each_alone, "shared passes": shared}
