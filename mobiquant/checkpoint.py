@@ -321,8 +321,10 @@ class MoBiQuantHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True
 
-    def update_weight_conversions(self, weight_conversions: list[Any], model: PreTrainedModel) -> list[Any]:
-        """None: a checkpoint stores the tensors under the names of the model it loads into.
+    def update_weight_conversions(self, weight_conversions: list[Any], model: PreTrainedModel | None = None
+                                  ) -> list[Any]:
+        """None: a checkpoint stores the tensors under the names of the model it loads into. (``model`` is
+        optional: transformers before 5.23, as on the GPU image the project checks with, passes none.)
 
         transformers renames a family's released tensors on load (Mixtral's ``block_sparse_moe`` to ``mlp``, each
         expert's weights into stacked ones) and back on save; the checkpoint's experts are linearised modules

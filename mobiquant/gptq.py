@@ -47,6 +47,12 @@ it, and ``G = E H`` is kept current with GPTQ's lazy blocks (a column's change r
 block at once and the later columns once per block). The pass's greedy choices weigh the finer
 precisions' accurate copies against the coarser ones' large errors only column by column; the sweeps
 trade them over the whole row (docs/method.md has what they move).
+
+Several weights, one pass. Every step above is per row, so weights of one input width (the linears that read
+one input) can share the loop: their rows side by side, each row with its own weight's Hessian factor, column
+order and group parameters (:func:`nested_codes_many`). The loop's cost is a fixed number of small steps per
+column whatever the rows, so on a GPU, where each step is a kernel launch, a shared pass costs about what one
+weight's pass does; there each block of columns is also captured once in a CUDA graph and replayed.
 """
 
 from __future__ import annotations

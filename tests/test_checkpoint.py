@@ -151,6 +151,19 @@ def test_either_config_hook_drops_the_guard_and_reads_the_precision(tmp_path: Pa
     assert quantizer._precision == {"slices": 2}
 
 
+def test_no_weight_renaming_whichever_way_transformers_asks(tmp_path: Path) -> None:
+    # transformers 5.23 and later pass the model to update_weight_conversions, the GPU image's 5.17 does not: either
+    # way the checkpoint's tensors keep the model's names (the hook asked with one argument failed eval on the GPU).
+    from transformers import AutoConfig
+
+    _, out = saved(tmp_path, seed=21)
+    config = AutoConfig.from_pretrained(out)
+    quantizer = checkpoint.MoBiQuantHfQuantizer(checkpoint.MoBiQuantConfig(**config.quantization_config))
+    released_names = [object()]
+    assert quantizer.update_weight_conversions(released_names) == []
+    assert quantizer.update_weight_conversions(released_names, load_checkpoint(out)) == []
+
+
 def test_import_is_light_and_registers_when_transformers_is_first_used(tmp_path: Path) -> None:
     _, out = saved(tmp_path, seed=18)
     # A checkpoint written before the install line changed: its guard is still recognised.
