@@ -196,7 +196,9 @@ class _GraphedBlock:
             run_pass()
         torch.cuda.current_stream(options["device"]).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Thread-local: blocks calibrated in other threads (on this GPU or another) go on allocating and launching
+        # while this one captures; the default, global mode would refuse their allocations.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             run_pass()
 
     def run(self, columns: torch.Tensor, factors: torch.Tensor, pivots: torch.Tensor, codes: torch.Tensor,
@@ -335,7 +337,8 @@ def shared_pass_key(in_features: int, bit_weights: Mapping[int, float]) -> tuple
 
 def shared_passes(shapes: Sequence[tuple[int, int]], objectives: Sequence[Mapping[int, float]],
                   budget: float = 2.0) -> list[list[int]]:
-    """Indices of the weights (``[out, in]`` shapes, their objectives) to compensate together, in order.
+    """Indices of the weights (``[out, in]`` shapes, their objectives: precision -> weight, in bits or in slices
+    alike) to compensate together, in order.
 
     Weights with one :func:`shared_pass_key` join a pass while its weights hold at most ``budget`` times the
     elements of the largest weight given: a pass's working memory grows with its rows, so the budget keeps it
