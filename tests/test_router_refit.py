@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,26 @@ def test_refit_routers_rank_the_tokens_by_the_changed_weights_errors(tmp_path: P
         assert layer.uniform_slices == 2
         assert not any(p.requires_grad for p in layer.router.parameters())
 
+
+
+def test_routers_fitted_together_get_the_fits_they_get_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mobiquant.calibration import routers as fits
+    from mobiquant.layers import MoBiRouter
+
+    generator = torch.Generator().manual_seed(7)
+    # Two shapes and two token counts: three batches, one of them of three routers.
+    shapes = [(48, 200), (48, 200), (80, 200), (48, 120), (48, 200)]
+    routers = [MoBiRouter(width, 4, 8, torch.Generator().manual_seed(seed)) for seed, (width, _) in enumerate(shapes)]
+    xs = [torch.randn(tokens, width, generator=generator) * (0.5 + 4 * torch.rand(tokens, 1, generator=generator))
+          for width, tokens in shapes]
+    errors = [torch.rand(len(x), 3, generator=generator).pow(3) * torch.tensor([1.0, 0.06, 0.004]) for x in xs]
+    initial, alone = copy.deepcopy(routers), copy.deepcopy(routers)
+    expected = [fits.fit_router(router, x, e) for router, x, e in zip(alone, xs, errors, strict=True)]
+    # At most two routers' tokens a batch: the batch of three is split.
+    monkeypatch.setattr(fits, "ROUTER_BATCH_ELEMENTS", 2 * 200 * 48)
+    residuals = fits.fit_routers(routers, xs, errors)
+    assert residuals == pytest.approx(expected, rel=1e-5)
+    for together, by_itself, start in zip(routers, alone, initial, strict=True):
+        for name, fitted in together.named_parameters():
+            torch.testing.assert_close(fitted, by_itself.get_parameter(name), rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(together.fc1.weight, start.fc1.weight)  # fitted, from its own start

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from mobiquant.arch import Architecture, counting_expert_tokens, summarize_linears
 from mobiquant.calibration.config import ROUTER_FIT_TOKENS, CalibrationConfig
-from mobiquant.calibration.routers import fit_router
+from mobiquant.calibration.routers import fit_routers
 from mobiquant.calibration.trainable import TrainableSlicedLinear, fix_codes
 from mobiquant.clip_search import input_hessians
 from mobiquant.gptq import shared_passes
@@ -268,8 +268,8 @@ def fit_routers_to_errors(
     block_index: int = 0,
     progress: bool = False,
 ) -> list[float]:
-    """Fit every router's logits to the log truncation error of its tokens (:func:`fit_router`, the block's
-    inputs sampled at every slice); returns each fit's residual."""
+    """Fit every router's logits to the log truncation error of its tokens (:func:`fit_routers`, the block's
+    inputs sampled at every slice); returns each fit's residual, in the order of the linears reached."""
     per_batch = max(1, math.ceil(ROUTER_FIT_TOKENS / math.ceil(len(inputs) / config.batch_size)))
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in trainables}
 
@@ -293,17 +293,16 @@ def fit_routers_to_errors(
     finally:
         for handle in handles:
             handle.remove()
-    residuals = []
-    for name, module in tqdm(trainables.items(), desc=f"block {block_index} router fit", unit="linear",
-                             disable=not progress, leave=False):
-        if not seen[name]:
-            with torch.no_grad():
-                for param in (module.router.fc2.weight, module.router.fc2.bias, module.router.norm_weight):
-                    param.zero_()
-            continue
-        x = torch.cat(seen[name]).float()
-        residuals.append(fit_router(module.router, x, truncation_errors(module, x)))
-    return residuals
+    reached = [name for name in trainables if seen[name]]
+    for name in trainables.keys() - set(reached):
+        with torch.no_grad():
+            router = trainables[name].router
+            for param in (router.fc2.weight, router.fc2.bias, router.norm_weight):
+                param.zero_()
+    xs = [torch.cat(seen.pop(name)).float() for name in reached]
+    return fit_routers([trainables[name].router for name in reached], xs,
+                       [truncation_errors(trainables[name], x) for name, x in zip(reached, xs, strict=True)],
+                       f"block {block_index} router fit" if progress else None)
 
 
 def _train_stage(
