@@ -165,19 +165,31 @@ def fix_codes(linears: Sequence[TrainableSlicedLinear], hessians: Sequence[torch
     weights = [linear.weight for linear in linears]
     code_bits = BITS_PER_SLICE * num_slices
 
-    def choose(row_gains: list[dict[int, torch.Tensor]] | None) -> list[dict[int, float]]:
+    def choose(row_gains: list[dict[int, torch.Tensor]] | None) -> tuple[list[SlicedWeight], list[dict[int, float]]]:
         results = nested_codes_many(weights, hessians, [scale for scale, _ in grids], [zero for _, zero in grids],
                                     code_bits, bits, damp=damp, row_gains=row_gains, descent_sweeps=descent_sweeps,
                                     cuda_graphs=weights[0].is_cuda)
-        errors = []
+        slicings, errors = [], []
         for linear, hessian, (scale, zero), (codes, error) in zip(linears, hessians, grids, results, strict=True):
             sliced = SlicedWeight(pack_codes(codes, num_slices), scale.to(PARAM_DTYPE), zero.to(PARAM_DTYPE),
                                   linear.group_size)
             if row_gain_slices:
                 sliced.gains = fit_row_gains(linear.weight, hessian, sliced, row_gain_slices)
-            linear.take_codes(sliced)
+            slicings.append(sliced)
             errors.append({b // BITS_PER_SLICE: e for b, e in error.items()})
-        return errors
+        return slicings, errors
+
+    slicings, errors = choose(None)
+    # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
+    # aim the coarser precisions' codes through their gains (the linears share their weighted precisions).
+    aimed = [k for k in range(1, row_gain_slices + 1) if BITS_PER_SLICE * k in bits[0]
+             and BITS_PER_SLICE * k < max(bits[0])]
+    for _pass in range(gain_aware_passes if aimed else 0):
+        slicings, errors = choose([{BITS_PER_SLICE * k: sliced.gains[k - 1].double() for k in aimed}
+                                   for sliced in slicings])
+    for linear, sliced in zip(linears, slicings, strict=True):
+        linear.take_codes(sliced)
+    return errors
 
     errors = choose(None)
     # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
