@@ -108,7 +108,7 @@ def test_routers_fitted_together_get_the_fits_they_get_alone(monkeypatch: pytest
           for width, tokens in shapes]
     errors = [torch.rand(len(x), 3, generator=generator).pow(3) * torch.tensor([1.0, 0.06, 0.004]) for x in xs]
     initial, alone = copy.deepcopy(routers), copy.deepcopy(routers)
-    expected = [fits.fit_router(router, x, e) for router, x, e in zip(alone, xs, errors, strict=True)]
+    expected = [fits.fit_routers([router], [x], [e])[0] for router, x, e in zip(alone, xs, errors, strict=True)]
     # At most two routers' tokens a batch: the batch of three is split.
     monkeypatch.setattr(fits, "ROUTER_BATCH_ELEMENTS", 2 * 200 * 48)
     residuals = fits.fit_routers(routers, xs, errors)

@@ -5,7 +5,7 @@ slice's error is about 16 times smaller). A router whose logit ``e`` predicts ``
 (token, slice) pairs by the error each removes, and a threshold on those scores spends a layer's bits where they
 remove the most output error.
 
-:func:`fit_router` is the fit. The block calibration runs it on a block's layers against the full-precision
+:func:`fit_routers` is the fit. The block calibration runs it on a block's layers against the full-precision
 weight (``mobiquant.calibration.block.fit_routers_to_errors``); :func:`refit_routers` runs it again on an
 assembled model whose weights changed after its blocks were calibrated (the end-to-end stage trains every group's
 scale and zero and the row gains, so the errors the blocks' routers learnt are no longer the layers' errors).
@@ -27,17 +27,12 @@ from mobiquant.layers import MoBiLinear, MoBiRouter
 ROUTER_BATCH_ELEMENTS = 2**28
 
 
-def fit_router(router: MoBiRouter, x: torch.Tensor, errors: torch.Tensor) -> float:
-    """Fit ``router``'s logits on the tokens ``x`` to ``log errors`` (``[tokens, K-1]``), centred: logit 0, the
-    training mask's cut, sits in the middle of the range (the errors fall with ``e``, so the fitted logits already
-    respect the nesting). Full-batch Adam from the router's current weights. Returns the mean squared fit error over
-    the targets' variance (0 is a perfect ranking, 1 no better than a constant)."""
-    return fit_routers([router], [x], [errors])[0]
-
-
 def fit_routers(routers: Sequence[MoBiRouter], xs: Sequence[torch.Tensor], errors: Sequence[torch.Tensor],
                 progress: str | None = None) -> list[float]:
-    """:func:`fit_router` of each router on its own tokens and errors; returns each fit's residual.
+    """Fit each router's logits on its tokens ``x`` to ``log errors`` (``[tokens, K-1]``), centred: logit 0, the
+    training mask's cut, sits in the middle of the range (the errors fall with ``e``, so the fitted logits already
+    respect the nesting). Full-batch Adam from the router's current weights. Returns each fit's mean squared error
+    over its targets' variance (0 is a perfect ranking, 1 no better than a constant).
 
     Routers of one shape, token count, device and dtype are fitted together: their weights stacked, their products
     batched, each with its own loss (the sum of the losses gives each router its own gradient, and Adam works per

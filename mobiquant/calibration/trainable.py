@@ -190,13 +190,3 @@ def fix_codes(linears: Sequence[TrainableSlicedLinear], hessians: Sequence[torch
     for linear, sliced in zip(linears, slicings, strict=True):
         linear.take_codes(sliced)
     return errors
-
-    errors = choose(None)
-    # The finest weighted precision's codes are its nearest levels, and its gain stays near 1: the passes
-    # aim the coarser precisions' codes through their gains (the linears share their weighted precisions).
-    aimed = [k for k in range(1, row_gain_slices + 1) if BITS_PER_SLICE * k in bits[0]
-             and BITS_PER_SLICE * k < max(bits[0])]
-    for _pass in range(gain_aware_passes if aimed else 0):
-        errors = choose([{BITS_PER_SLICE * k: linear.fixed.gains[k - 1].double() for k in aimed}
-                         for linear in linears])
-    return errors
