@@ -21,8 +21,7 @@ issue's targets as ratios, the same bounds applied to the peers themselves, and 
 
     python bench/quality.py --out bench/results/quality.json
 
-Every elastic calibration is resumable: its finished blocks are kept under ``--work-dir``. An interrupted
-``--four-bit-peers`` run's peers alone: ``--four-bit-peers-only`` (the same tokens and dampening).
+Every elastic calibration is resumable: its finished blocks are kept under ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -388,9 +387,6 @@ def main() -> None:
     parser.add_argument("--four-bit-peers", action="store_true",
                         help="full precision, the elastic checkpoint and the 4-bit peers only (GPTQ-4 on both grids, "
                         "HQQ-4): the 2- and 3-slice targets")
-    parser.add_argument("--four-bit-peers-only", action="store_true",
-                        help="full precision and the 4-bit peers only, no elastic checkpoint: the peers of an earlier "
-                        "--four-bit-peers run whose own peers were not measured")
     parser.add_argument("--end-to-end-steps", type=int, default=0,
                         help="end-to-end tuning steps after the blocks (default 0: off); the untuned uniform rows "
                         "are recorded too, from the same blocks")
@@ -456,13 +452,6 @@ def main() -> None:
         fp_nll[text] = token_nll(base, texts[text], args.eval_seqlen, args.eval_windows)
     rows.append({"method": "full precision", "setting": "fp32", "ppl": {t: ppl(n) for t, n in fp_nll.items()},
                  "bits": dict.fromkeys(texts, 32.0)})
-    if args.four_bit_peers_only:
-        damp = CalibrationConfig().damp if args.damp is None else args.damp
-        record_four_bit_peers(base, arch, samples, damp, args.group_size, timings, record)
-        save()
-        print_rows(rows)
-        print_fp_ratios(rows)
-        return
     served = token_windows(texts["python docs"][0, args.eval_windows * args.eval_seqlen :], args.samples, args.seqlen,
                            args.seed, "python docs after the evaluated windows")
     elastic_config = run_elastic(args, base, samples, timings, record, served)
